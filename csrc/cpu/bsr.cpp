@@ -1,0 +1,268 @@
+// Block-sparse (BSR) CPU ops: checks, the work split, and a portable implementation for every dtype and layout.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "../checks.h"
+#include "epilogue.h"
+#include "parallel.h"
+
+namespace sparsekern::cpu {
+namespace {
+
+// Token tile of the portable kernels: the accumulators of 8 tokens x one block row stay in L1.
+constexpr int64_t kTokTile = 8;
+
+struct BsrGeom {
+  int64_t out, in, bo, bi, n_brow, n_bcol, nnz;
+};
+
+// Strides of `values` [nnz, bo, bi], so the portable path accepts any layout.
+struct VStrides {
+  int64_t blk, o, k;
+};
+
+BsrGeom check_bsr(const at::Tensor& values, const at::Tensor& row_offsets, const at::Tensor& col_indices,
+                  int64_t out, int64_t in) {
+  TORCH_CHECK(values.dim() == 3, "values must have shape [nnz_blocks, block_rows, block_cols], got ",
+              values.sizes());
+  SK_CHECK_FLOATING(values);
+  const int64_t bo = values.size(1), bi = values.size(2), nnz = values.size(0);
+  TORCH_CHECK(bo >= 1 && bi >= 1, "block shape must be positive, got (", bo, ", ", bi, ")");
+  TORCH_CHECK(out >= 0 && in >= 0, "matrix shape must be non-negative, got [", out, ", ", in, "]");
+  TORCH_CHECK(nnz <= INT32_MAX, "at most 2^31-1 blocks are supported, got ", nnz);
+  const int64_t n_brow = (out + bo - 1) / bo, n_bcol = (in + bi - 1) / bi;
+  check_offsets(row_offsets, n_brow, nnz, "row_offsets");
+  check_indices(col_indices, nnz, n_bcol, "col_indices");
+  return {out, in, bo, bi, n_brow, n_bcol, nnz};
+}
+
+void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t out) {
+  if (!bias) return;
+  SK_CHECK_CPU(*bias);
+  SK_CHECK_SAME_DTYPE(*bias, x);
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must have shape [", out, "], got ", bias->sizes());
+}
+
+at::Tensor check_x(const at::Tensor& x, const at::Tensor& values, int64_t in, const char* name) {
+  SK_CHECK_CPU(x);
+  SK_CHECK_CPU(values);
+  TORCH_CHECK(x.dim() == 2, name, " must be 2-D [tokens, features], got shape ", x.sizes());
+  SK_CHECK_FLOATING(x);
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), name, " and values must have the same dtype, got ",
+              x.scalar_type(), " and ", values.scalar_type());
+  TORCH_CHECK(x.size(1) == in, name, " must have ", in, " features in its last dimension, got shape ", x.sizes());
+  // Rows may be strided; features must be contiguous.
+  return x.stride(1) == 1 && x.stride(0) >= x.size(1) ? x : x.contiguous();
+}
+
+VStrides vstrides(const at::Tensor& v) { return {v.stride(0), v.stride(1), v.stride(2)}; }
+
+template <typename scalar_t>
+void fwd_portable(const BsrGeom& g, const int32_t* ro, const int32_t* ci, const scalar_t* x, int64_t ldx,
+                  int64_t T, const scalar_t* w, VStrides vs, const scalar_t* bias, Act act, scalar_t* y,
+                  int64_t r0, int64_t r1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> acc(kTokTile * g.bo);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o0 = r * g.bo, ob = std::min(g.bo, g.out - o0);
+    for (int64_t t0 = 0; t0 < T; t0 += kTokTile) {
+      const int64_t tb = std::min(kTokTile, T - t0);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t p = ro[r]; p < ro[r + 1]; ++p) {
+        const int64_t i0 = int64_t(ci[p]) * g.bi, ib = std::min(g.bi, g.in - i0);
+        const scalar_t* wb = w + p * vs.blk;
+        for (int64_t t = 0; t < tb; ++t) {
+          const scalar_t* xr = x + (t0 + t) * ldx + i0;
+          acc_t* a = acc.data() + t * g.bo;
+          for (int64_t k = 0; k < ib; ++k) {
+            const acc_t xv = static_cast<acc_t>(xr[k]);
+            for (int64_t o = 0; o < ob; ++o) a[o] += xv * static_cast<acc_t>(wb[o * vs.o + k * vs.k]);
+          }
+        }
+      }
+      for (int64_t t = 0; t < tb; ++t) {
+        scalar_t* yr = y + (t0 + t) * g.out + o0;
+        const acc_t* a = acc.data() + t * g.bo;
+        for (int64_t o = 0; o < ob; ++o) {
+          acc_t v = a[o] + (bias ? static_cast<acc_t>(bias[o0 + o]) : acc_t(0));
+          yr[o] = static_cast<scalar_t>(apply_act(v, act));
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void grad_input_portable(const BsrGeom& g, const int32_t* co, const int32_t* ri, const int32_t* perm,
+                         const scalar_t* dy, int64_t lddy, int64_t T, const scalar_t* w, VStrides vs,
+                         scalar_t* dx, int64_t c0, int64_t c1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> acc(kTokTile * g.bi);
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t i0 = c * g.bi, ib = std::min(g.bi, g.in - i0);
+    for (int64_t t0 = 0; t0 < T; t0 += kTokTile) {
+      const int64_t tb = std::min(kTokTile, T - t0);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t q = co[c]; q < co[c + 1]; ++q) {
+        const int64_t o0 = int64_t(ri[q]) * g.bo, ob = std::min(g.bo, g.out - o0);
+        const scalar_t* wb = w + int64_t(perm[q]) * vs.blk;
+        for (int64_t t = 0; t < tb; ++t) {
+          const scalar_t* dyr = dy + (t0 + t) * lddy + o0;
+          acc_t* a = acc.data() + t * g.bi;
+          for (int64_t o = 0; o < ob; ++o) {
+            const acc_t gv = static_cast<acc_t>(dyr[o]);
+            for (int64_t k = 0; k < ib; ++k) a[k] += gv * static_cast<acc_t>(wb[o * vs.o + k * vs.k]);
+          }
+        }
+      }
+      for (int64_t t = 0; t < tb; ++t) {
+        scalar_t* dxr = dx + (t0 + t) * g.in + i0;
+        const acc_t* a = acc.data() + t * g.bi;
+        for (int64_t k = 0; k < ib; ++k) dxr[k] = static_cast<scalar_t>(a[k]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void sddmm_portable(const BsrGeom& g, const int32_t* ro, const int32_t* ci, const scalar_t* dy, int64_t lddy,
+                    const scalar_t* x, int64_t ldx, int64_t T, scalar_t* dw, VStrides vs, int64_t r0, int64_t r1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> acc(g.bo * g.bi);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o0 = r * g.bo, ob = std::min(g.bo, g.out - o0);
+    for (int64_t p = ro[r]; p < ro[r + 1]; ++p) {
+      const int64_t i0 = int64_t(ci[p]) * g.bi, ib = std::min(g.bi, g.in - i0);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t t = 0; t < T; ++t) {
+        const scalar_t* dyr = dy + t * lddy + o0;
+        const scalar_t* xr = x + t * ldx + i0;
+        for (int64_t o = 0; o < ob; ++o) {
+          const acc_t gv = static_cast<acc_t>(dyr[o]);
+          acc_t* a = acc.data() + o * g.bi;
+          for (int64_t k = 0; k < ib; ++k) a[k] += gv * static_cast<acc_t>(xr[k]);
+        }
+      }
+      // Entries of a ragged edge block lie outside the matrix: their gradient is exactly zero.
+      scalar_t* db = dw + p * vs.blk;
+      for (int64_t o = 0; o < g.bo; ++o)
+        for (int64_t k = 0; k < g.bi; ++k) db[o * vs.o + k * vs.k] = static_cast<scalar_t>(acc[o * g.bi + k]);
+    }
+  }
+}
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& row_offsets,
+                          const at::Tensor& col_indices, const at::Tensor& col_offsets,
+                          const at::Tensor& row_indices, const at::Tensor& block_perm, int64_t out_features,
+                          const std::optional<at::Tensor>& bias_in, c10::string_view activation) {
+  (void)col_offsets, (void)row_indices, (void)block_perm;  // used by the registered backward only
+  TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x_in.sizes());
+  const BsrGeom g = check_bsr(values, row_offsets, col_indices, out_features, x_in.size(1));
+  const at::Tensor x = check_x(x_in, values, g.in, "x");
+  check_bias(bias_in, x, g.out);
+  const Act act = static_cast<Act>(parse_activation(std::string(activation)));
+  const int64_t T = x.size(0);
+  at::Tensor y = at::empty({T, g.out}, x.options());
+  if (T == 0 || g.out == 0) return y;
+  const at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
+  const int32_t* ro = row_offsets.data_ptr<int32_t>();
+  const int32_t* ci = col_indices.data_ptr<int32_t>();
+  const auto bounds = split_rows(ro, g.n_brow, T * g.bo * g.bi, T * g.bo, at::get_num_threads());
+
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_linear_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = values.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t ldx = x.stride(0);
+    const VStrides vs = vstrides(values);
+    run_chunks(bounds, [&](int64_t r0, int64_t r1) {
+      fwd_portable<scalar_t>(g, ro, ci, xp, ldx, T, wp, vs, bp, act, yp, r0, r1);
+    });
+  });
+  return y;
+}
+
+at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& values,
+                                     const at::Tensor& col_offsets, const at::Tensor& row_indices,
+                                     const at::Tensor& block_perm, int64_t in_features) {
+  SK_CHECK_CPU(values);
+  TORCH_CHECK(dy_in.dim() == 2, "grad_out must be 2-D [tokens, out_features], got shape ", dy_in.sizes());
+  TORCH_CHECK(values.dim() == 3, "values must have shape [nnz_blocks, block_rows, block_cols], got ",
+              values.sizes());
+  const int64_t out = dy_in.size(1);
+  const BsrGeom g{out, in_features, values.size(1), values.size(2), 0, 0, values.size(0)};
+  TORCH_CHECK(g.bo >= 1 && g.bi >= 1, "block shape must be positive, got (", g.bo, ", ", g.bi, ")");
+  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
+  const int64_t n_brow = (out + g.bo - 1) / g.bo, n_bcol = (in_features + g.bi - 1) / g.bi;
+  check_offsets(col_offsets, n_bcol, g.nnz, "col_offsets");
+  check_indices(row_indices, g.nnz, n_brow, "row_indices");
+  check_indices(block_perm, g.nnz, g.nnz, "block_perm");
+  const at::Tensor dy = check_x(dy_in, values, out, "grad_out");
+  const int64_t T = dy.size(0);
+  at::Tensor dx = at::empty({T, in_features}, dy.options());
+  if (T == 0 || in_features == 0) return dx;
+  const int32_t* co = col_offsets.data_ptr<int32_t>();
+  const int32_t* ri = row_indices.data_ptr<int32_t>();
+  const int32_t* perm = block_perm.data_ptr<int32_t>();
+  const auto bounds = split_rows(co, n_bcol, T * g.bo * g.bi, T * g.bi, at::get_num_threads());
+
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "bsr_linear_grad_input_cpu", [&] {
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    const scalar_t* wp = values.data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const int64_t lddy = dy.stride(0);
+    const VStrides vs = vstrides(values);
+    run_chunks(bounds, [&](int64_t c0, int64_t c1) {
+      grad_input_portable<scalar_t>(g, co, ri, perm, dyp, lddy, T, wp, vs, dxp, c0, c1);
+    });
+  });
+  return dx;
+}
+
+at::Tensor bsr_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& values,
+                         const at::Tensor& row_offsets, const at::Tensor& col_indices) {
+  TORCH_CHECK(dy_in.dim() == 2, "grad_out must be 2-D [tokens, out_features], got shape ", dy_in.sizes());
+  TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x_in.sizes());
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "grad_out and x must have the same number of tokens, got ",
+              dy_in.size(0), " and ", x_in.size(0));
+  const BsrGeom g = check_bsr(values, row_offsets, col_indices, dy_in.size(1), x_in.size(1));
+  const at::Tensor dy = check_x(dy_in, values, g.out, "grad_out");
+  const at::Tensor x = check_x(x_in, values, g.in, "x");
+  const int64_t T = x.size(0);
+  // Same shape and strides as values, so the gradient lands in the parameter's own layout.
+  at::Tensor dw = at::empty_like(values);
+  if (g.nnz == 0) return dw;
+  const int32_t* ro = row_offsets.data_ptr<int32_t>();
+  const int32_t* ci = col_indices.data_ptr<int32_t>();
+  const auto bounds = split_rows(ro, g.n_brow, std::max<int64_t>(T, 1) * g.bo * g.bi, 0, at::get_num_threads());
+
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_sddmm_cpu", [&] {
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* dwp = dw.data_ptr<scalar_t>();
+    const int64_t lddy = dy.stride(0), ldx = x.stride(0);
+    const VStrides vs = vstrides(dw);
+    run_chunks(bounds, [&](int64_t r0, int64_t r1) {
+      sddmm_portable<scalar_t>(g, ro, ci, dyp, lddy, xp, ldx, T, dwp, vs, r0, r1);
+    });
+  });
+  return dw;
+}
+
+}  // namespace
+}  // namespace sparsekern::cpu
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("bsr_linear", &sparsekern::cpu::bsr_linear_cpu);
+  m.impl("bsr_linear_grad_input", &sparsekern::cpu::bsr_linear_grad_input_cpu);
+  m.impl("bsr_sddmm", &sparsekern::cpu::bsr_sddmm_cpu);
+}

@@ -1,0 +1,48 @@
+// Output-stage helpers shared by the portable and the vectorised CPU kernels. No torch headers: this file is
+// included by translation units compiled for AVX2/AVX-512, which must not instantiate torch's inline code.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace sparsekern::cpu {
+
+// Same numbering as sparsekern::Activation in checks.h.
+enum class Act : int { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3, Silu = 4 };
+
+template <typename T>
+inline T apply_act(T v, Act act) {
+  switch (act) {
+    case Act::Relu:
+      return v < T(0) ? T(0) : v;  // keeps NaN, as torch.relu does
+    case Act::Gelu:
+      return T(0.5) * v * (T(1) + std::erf(v * T(0.70710678118654752440)));
+    case Act::GeluTanh: {
+      const T k = T(0.79788456080286535588);  // sqrt(2/pi)
+      return T(0.5) * v * (T(1) + std::tanh(k * (v + T(0.044715) * v * v * v)));
+    }
+    case Act::Silu:
+      return v / (T(1) + std::exp(-v));
+    default:
+      return v;
+  }
+}
+
+// bfloat16 <-> float with round-to-nearest-even, NaN kept quiet (matches c10::BFloat16).
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+}  // namespace sparsekern::cpu

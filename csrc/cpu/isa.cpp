@@ -1,0 +1,95 @@
+#include "isa.h"
+
+#include <atomic>
+#include <cstdlib>
+
+namespace sparsekern::cpu {
+
+namespace {
+
+Features detect() {
+  Features f;
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+  __builtin_cpu_init();
+  f.avx2 = __builtin_cpu_supports("avx2");
+  f.fma = __builtin_cpu_supports("fma");
+  f.avx512f = __builtin_cpu_supports("avx512f");
+  f.avx512bw = __builtin_cpu_supports("avx512bw");
+  f.avx512vl = __builtin_cpu_supports("avx512vl");
+  f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
+#endif
+  return f;
+}
+
+Isa detect_best() {
+  const Features& f = features();
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.fma) return Isa::Avx512;
+  if (f.avx2 && f.fma) return Isa::Avx2;
+  return Isa::Portable;
+}
+
+bool parse(const std::string& name, Isa* out, bool* is_auto) {
+  *is_auto = false;
+  if (name == "avx512") *out = Isa::Avx512;
+  else if (name == "avx2") *out = Isa::Avx2;
+  else if (name == "portable") *out = Isa::Portable;
+  else if (name == "auto") *is_auto = true;
+  else return false;
+  return true;
+}
+
+int initial_limit() {
+  const char* env = std::getenv("SPARSEKERN_ISA");
+  Isa isa;
+  bool is_auto;
+  if (env != nullptr && parse(env, &isa, &is_auto) && !is_auto) return static_cast<int>(isa);
+  return static_cast<int>(Isa::Avx512);
+}
+
+// The cap is configuration, not kernel state: kernels read it once per call.
+std::atomic<int> g_limit{initial_limit()};
+
+}  // namespace
+
+const Features& features() {
+  static const Features f = detect();
+  return f;
+}
+
+Isa best_isa() {
+  static const Isa best = detect_best();
+  return best;
+}
+
+Isa active_isa() {
+  int limit = g_limit.load(std::memory_order_relaxed);
+  int best = static_cast<int>(best_isa());
+  return static_cast<Isa>(limit < best ? limit : best);
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+std::string set_isa_limit(const std::string& name) {
+  Isa isa;
+  bool is_auto;
+  if (!parse(name, &isa, &is_auto)) {
+    return "isa must be one of 'avx512', 'avx2', 'portable' or 'auto', got '" + name + "'";
+  }
+  if (is_auto) {
+    g_limit.store(static_cast<int>(Isa::Avx512));
+    return "";
+  }
+  if (static_cast<int>(isa) > static_cast<int>(best_isa())) {
+    return std::string("isa '") + name + "' is not supported by this CPU (best: " + isa_name(best_isa()) + ")";
+  }
+  g_limit.store(static_cast<int>(isa));
+  return "";
+}
+
+}  // namespace sparsekern::cpu

@@ -1,0 +1,91 @@
+// Every op schema of the package, one comment per op. Implementations live in cpu/ (and cuda/); fake
+// kernels and autograd are registered from Python (sparse/ops.py).
+//
+// Shapes: x [T, in]; Y [T, out]. Block-sparse weights hold `values` [nnz, bo, bi] (logical shape; the CPU
+// kernels want the physical layout [nnz, bi, bo], i.e. strides (bo*bi, 1, bo), which the weight format builds
+// once), block-row CSR metadata (row_offsets [n_brow+1], col_indices [nnz]) and the transposed, block-column
+// metadata (col_offsets [n_bcol+1], row_indices [nnz], block_perm [nnz]: the k-th block of the column order is
+// values[block_perm[k]]). Balanced weights hold values [out, n_banks, keep] and in-bank indices of the same
+// shape (uint8 when bank <= 256, else int16).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+TORCH_LIBRARY(sparsekern, m) {
+  // Y = act(X W^T + b) for a block-sparse W. The transposed metadata is not read by the forward kernel; it is
+  // part of the schema so that the registered autograd can call bsr_linear_grad_input without rebuilding it.
+  m.def(
+      "bsr_linear(Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices, Tensor col_offsets, "
+      "Tensor row_indices, Tensor block_perm, SymInt out_features, Tensor? bias=None, str activation=\"none\") "
+      "-> Tensor");
+  // dX = dY W for a block-sparse W, walking W by block columns so that each thread owns its columns of dX.
+  m.def(
+      "bsr_linear_grad_input(Tensor grad_out, Tensor values, Tensor col_offsets, Tensor row_indices, "
+      "Tensor block_perm, SymInt in_features) -> Tensor");
+  // dW[kept blocks] = (dY^T X)[kept blocks] (SDDMM). The result has the shape and strides of `values`.
+  m.def(
+      "bsr_sddmm(Tensor grad_out, Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices) -> Tensor");
+  // Y = act(X W^T + b) for a balanced-sparse W (each bank of `bank` columns keeps `keep` values).
+  m.def(
+      "balanced_linear(Tensor x, Tensor values, Tensor indices, int bank, Tensor? bias=None, "
+      "str activation=\"none\") -> Tensor");
+  // dX = dY W for a balanced-sparse W; in_features fixes the width of dX (the last bank may be ragged).
+  m.def(
+      "balanced_linear_grad_input(Tensor grad_out, Tensor values, Tensor indices, int bank, SymInt in_features) "
+      "-> Tensor");
+  // dW[o, b, k] = sum_t dY[t, o] X[t, b*bank + indices[o, b, k]] (SDDMM on the balanced pattern).
+  m.def("balanced_sddmm(Tensor grad_out, Tensor x, Tensor indices, int bank) -> Tensor");
+}
+
+namespace {
+
+PyObject* py_cpu_features(PyObject*, PyObject*) {
+  const auto& f = sparsekern::cpu::features();
+  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
+                       f.fma ? Py_True : Py_False, "avx512f", f.avx512f ? Py_True : Py_False, "avx512bw",
+                       f.avx512bw ? Py_True : Py_False, "avx512vl", f.avx512vl ? Py_True : Py_False,
+                       "avx512bf16", f.avx512bf16 ? Py_True : Py_False);
+}
+
+PyObject* py_get_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(sparsekern::cpu::isa_name(sparsekern::cpu::active_isa()));
+}
+
+PyObject* py_best_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(sparsekern::cpu::isa_name(sparsekern::cpu::best_isa()));
+}
+
+PyObject* py_set_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  std::string err = sparsekern::cpu::set_isa_limit(name);
+  if (!err.empty()) {
+    PyErr_SetString(PyExc_ValueError, err.c_str());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* py_has_cuda(PyObject*, PyObject*) {
+#ifdef SPARSEKERN_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cpu_features", py_cpu_features, METH_NOARGS, "x86 features the CPU kernels can use on this machine."},
+    {"get_isa", py_get_isa, METH_NOARGS, "The code path the CPU kernels take now: avx512, avx2 or portable."},
+    {"best_isa", py_best_isa, METH_NOARGS, "The fastest code path this CPU supports."},
+    {"set_isa", py_set_isa, METH_O,
+     "Cap the CPU code path ('avx512', 'avx2', 'portable' or 'auto'); for tests and benchmarks."},
+    {"has_cuda", py_has_cuda, METH_NOARGS, "Whether this build contains the CUDA kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sparsekern C++/CUDA kernels", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

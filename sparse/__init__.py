@@ -1,0 +1,38 @@
+"""sparsekern: block-sparse and balanced-sparse Linear layers for PyTorch (import name ``sparse``).
+
+Note: pydata's ``sparse`` package uses the same import name; install one or the other in an environment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+
+def _map_source_kernels() -> None:
+    """In a source checkout the Triton kernels live in ``kernels/`` beside this package; installed, they are
+    ``sparse/kernels``. Map the former to ``sparse.kernels`` so both layouts import the same way, without ever
+    creating a top-level ``kernels`` module (that name belongs to another PyPI package)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isdir(os.path.join(here, "kernels")) or "sparse.kernels" in sys.modules:
+        return
+    src = os.path.join(os.path.dirname(here), "kernels")
+    init = os.path.join(src, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location("sparse.kernels", init, submodule_search_locations=[src])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sparse.kernels"] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module
+
+
+_map_source_kernels()
+
+from . import _ext, reference  # noqa: E402
+from .formats import BalancedSparseWeight, BlockSparseWeight  # noqa: E402
+from .ops import linear, linear_grad_input, sddmm  # noqa: E402
+
+__all__ = ["BlockSparseWeight", "BalancedSparseWeight", "linear", "linear_grad_input", "sddmm"]
+__version__ = "0.1.0"

@@ -1,0 +1,213 @@
+"""Typed public functions over the sparse weight formats, and the torch.library registrations (fake kernels,
+autograd) of the ops whose schemas live in csrc/ops.cpp.
+
+Data flows one way: nn -> ops -> kernels. Every op takes a 2-D ``x`` [T, features]; ``linear`` accepts any
+leading dimensions and reshapes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import _ext
+from .formats import BalancedSparseWeight, BlockSparseWeight
+
+__all__ = ["linear", "linear_grad_input", "sddmm", "ACTIVATIONS"]
+
+SparseWeight = Union[BlockSparseWeight, BalancedSparseWeight]
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def _act_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
+    """d act(z) / dz applied to grad, through aten ops so it traces under torch.compile."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, z, 0)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, z, approximate="none")
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad, z, approximate="tanh")
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, z)
+    return grad
+
+
+def _register() -> None:
+    ops = torch.ops.sparsekern
+
+    @torch.library.register_fake("sparsekern::bsr_linear")
+    def _(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias=None, activation="none"):
+        torch._check(x.dim() == 2, lambda: f"x must be 2-D, got {x.dim()}-D")
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("sparsekern::bsr_linear_grad_input")
+    def _(grad_out, values, col_offsets, row_indices, block_perm, in_features):
+        return grad_out.new_empty(grad_out.shape[0], in_features)
+
+    @torch.library.register_fake("sparsekern::bsr_sddmm")
+    def _(grad_out, x, values, row_offsets, col_indices):
+        return torch.empty_like(values)
+
+    @torch.library.register_fake("sparsekern::balanced_linear")
+    def _(x, values, indices, bank, bias=None, activation="none"):
+        return x.new_empty(x.shape[0], values.shape[0])
+
+    @torch.library.register_fake("sparsekern::balanced_linear_grad_input")
+    def _(grad_out, values, indices, bank, in_features):
+        return grad_out.new_empty(grad_out.shape[0], in_features)
+
+    @torch.library.register_fake("sparsekern::balanced_sddmm")
+    def _(grad_out, x, indices, bank):
+        return x.new_empty(indices.shape)
+
+    def bsr_setup(ctx, inputs, output):
+        x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias, activation = inputs
+        ctx.activation = activation
+        ctx.out_features = out_features
+        ctx.in_features = x.shape[1]
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias)
+
+    def bsr_backward(ctx, grad):
+        x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias = ctx.saved_tensors
+        if ctx.activation != "none":
+            # Recompute the pre-activation rather than keep a second [T, out] tensor alive.
+            z = ops.bsr_linear(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
+                               ctx.out_features, bias, "none")
+            grad = _act_backward(grad, z, ctx.activation)
+        grad = grad.contiguous()
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = ops.bsr_linear_grad_input(grad, values, col_offsets, row_indices, block_perm, ctx.in_features)
+        if ctx.needs_input_grad[1]:
+            gv = ops.bsr_sddmm(grad, x, values, row_offsets, col_indices)
+        if ctx.has_bias and ctx.needs_input_grad[8]:
+            gb = grad.sum(0)
+        return gx, gv, None, None, None, None, None, None, gb, None
+
+    torch.library.register_autograd("sparsekern::bsr_linear", bsr_backward, setup_context=bsr_setup)
+
+    def bal_setup(ctx, inputs, output):
+        x, values, indices, bank, bias, activation = inputs
+        ctx.activation = activation
+        ctx.bank = bank
+        ctx.in_features = x.shape[1]
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, values, indices, bias)
+
+    def bal_backward(ctx, grad):
+        x, values, indices, bias = ctx.saved_tensors
+        if ctx.activation != "none":
+            z = ops.balanced_linear(x, values, indices, ctx.bank, bias, "none")
+            grad = _act_backward(grad, z, ctx.activation)
+        grad = grad.contiguous()
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = ops.balanced_linear_grad_input(grad, values, indices, ctx.bank, ctx.in_features)
+        if ctx.needs_input_grad[1]:
+            gv = ops.balanced_sddmm(grad, x, indices, ctx.bank)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            gb = grad.sum(0)
+        return gx, gv, None, None, gb, None
+
+    torch.library.register_autograd("sparsekern::balanced_linear", bal_backward, setup_context=bal_setup)
+
+
+if _ext.available():
+    _register()
+
+
+def _check_input(name: str, t: torch.Tensor, features: int, weight: SparseWeight) -> None:
+    """t must be a tensor [..., features] in the weight's dtype and on its device."""
+    if not isinstance(weight, (BlockSparseWeight, BalancedSparseWeight)):
+        raise TypeError(f"weight must be a BlockSparseWeight or BalancedSparseWeight, got {type(weight).__name__}")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() < 1 or t.shape[-1] != features:
+        raise ValueError(f"{name} must end in {features} features, got shape {tuple(t.shape)}")
+    if t.dtype != weight.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but the weight has {weight.dtype}; cast one of them")
+    if t.device != weight.device:
+        raise ValueError(f"{name} is on {t.device} but the weight is on {weight.device}")
+
+
+def _check_bias(bias: Optional[torch.Tensor], weight: SparseWeight) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype or bias.device != weight.device:
+        raise TypeError(f"bias must match the weight ({weight.dtype} on {weight.device}), got {bias.dtype} on {bias.device}")
+
+
+def _require_device(x: torch.Tensor) -> None:
+    _ext.require()
+    if x.device.type != "cpu":
+        raise RuntimeError(
+            f"no sparse kernel for device {x.device}: the C++ backend runs on the CPU only, and no GPU backend "
+            "is registered for this device in this build"
+        )
+
+
+def linear(
+    x: torch.Tensor, weight: SparseWeight, bias: Optional[torch.Tensor] = None, activation: str = "none"
+) -> torch.Tensor:
+    """``act(x @ W^T + bias)`` for a sparse ``W`` [out, in].
+
+    Args:
+        x: ``[..., in]`` in the weight's dtype and on its device.
+        weight: a BlockSparseWeight or BalancedSparseWeight.
+        bias: optional ``[out]``.
+        activation: one of ``"none", "relu", "gelu", "gelu_tanh", "silu"`` (as ``torch.nn.functional``),
+            applied in the kernel's output stage.
+    Returns:
+        ``[..., out]``. Differentiable with respect to ``x``, ``weight.values`` and ``bias``.
+    """
+    _check_input("x", x, weight.shape[1], weight)
+    _check_bias(bias, weight)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _require_device(x)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if isinstance(weight, BlockSparseWeight):
+        y = torch.ops.sparsekern.bsr_linear(
+            x2, weight.values, weight.row_offsets, weight.col_indices, weight.col_offsets, weight.row_indices,
+            weight.block_perm, weight.shape[0], bias, activation,
+        )
+    else:
+        y = torch.ops.sparsekern.balanced_linear(x2, weight.values, weight.indices, weight.bank, bias, activation)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def linear_grad_input(grad_out: torch.Tensor, weight: SparseWeight) -> torch.Tensor:
+    """``grad_out @ W``: ``[..., out] -> [..., in]``."""
+    _check_input("grad_out", grad_out, weight.shape[0], weight)
+    _require_device(grad_out)
+    lead = grad_out.shape[:-1]
+    g2 = grad_out.reshape(-1, weight.shape[0])
+    if isinstance(weight, BlockSparseWeight):
+        dx = torch.ops.sparsekern.bsr_linear_grad_input(
+            g2, weight.values, weight.col_offsets, weight.row_indices, weight.block_perm, weight.shape[1]
+        )
+    else:
+        dx = torch.ops.sparsekern.balanced_linear_grad_input(g2, weight.values, weight.indices, weight.bank, weight.shape[1])
+    return dx.reshape(*lead, weight.shape[1])
+
+
+def sddmm(grad_out: torch.Tensor, x: torch.Tensor, weight: SparseWeight) -> torch.Tensor:
+    """The weight gradient on the kept pattern: ``(grad_out^T @ x)`` at the stored positions, shaped like
+    ``weight.values``. ``grad_out`` [..., out], ``x`` [..., in] with the same leading dimensions."""
+    _check_input("x", x, weight.shape[1], weight)
+    _check_input("grad_out", grad_out, weight.shape[0], weight)
+    if grad_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} must share their leading dimensions")
+    _require_device(x)
+    g2 = grad_out.reshape(-1, weight.shape[0])
+    x2 = x.reshape(-1, weight.shape[1])
+    if isinstance(weight, BlockSparseWeight):
+        return torch.ops.sparsekern.bsr_sddmm(g2, x2, weight.values, weight.row_offsets, weight.col_indices)
+    return torch.ops.sparsekern.balanced_sddmm(g2, x2, weight.indices, weight.bank)
