@@ -1,5 +1,7 @@
 // Output-stage helpers shared by the portable and the vectorised CPU kernels. No torch headers: this file is
 // included by translation units compiled for AVX2/AVX-512, which must not instantiate torch's inline code.
+// Everything here has internal linkage (static): a weak symbol compiled for AVX-512 in one translation unit
+// must never be picked by the linker for the portable path.
 #pragma once
 
 #include <cmath>
@@ -12,7 +14,7 @@ namespace sparsekern::cpu {
 enum class Act : int { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3, Silu = 4 };
 
 template <typename T>
-inline T apply_act(T v, Act act) {
+static inline T apply_act(T v, Act act) {
   switch (act) {
     case Act::Relu:
       return v < T(0) ? T(0) : v;  // keeps NaN, as torch.relu does
@@ -30,14 +32,14 @@ inline T apply_act(T v, Act act) {
 }
 
 // bfloat16 <-> float with round-to-nearest-even, NaN kept quiet (matches c10::BFloat16).
-inline float bf16_to_float(uint16_t h) {
+static inline float bf16_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
 
-inline uint16_t float_to_bf16(float f) {
+static inline uint16_t float_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
