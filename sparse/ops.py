@@ -7,17 +7,18 @@ leading dimensions and reshapes.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
 from . import _ext
 from .formats import BalancedSparseWeight, BlockSparseWeight
 
-__all__ = ["linear", "linear_grad_input", "sddmm", "ACTIVATIONS"]
+__all__ = ["linear", "linear_grad_input", "sddmm", "select_backend", "backend_status", "ACTIVATIONS", "BACKENDS"]
 
 SparseWeight = Union[BlockSparseWeight, BalancedSparseWeight]
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+BACKENDS = ("cpu",)
 
 
 def _act_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -143,17 +144,40 @@ def _check_bias(bias: Optional[torch.Tensor], weight: SparseWeight) -> None:
         raise TypeError(f"bias must match the weight ({weight.dtype} on {weight.device}), got {bias.dtype} on {bias.device}")
 
 
-def _require_device(x: torch.Tensor) -> None:
-    _ext.require()
-    if x.device.type != "cpu":
-        raise RuntimeError(
-            f"no sparse kernel for device {x.device}: the C++ backend runs on the CPU only, and no GPU backend "
-            "is registered for this device in this build"
-        )
+def backend_status(device: Union[str, torch.device]) -> Dict[str, Optional[str]]:
+    """For each backend, None if it can run on ``device``, else the reason it cannot."""
+    device = torch.device(device)
+    status: Dict[str, Optional[str]] = {}
+    if not _ext.available():
+        status["cpu"] = f"the sparse._C extension did not load ({_ext._IMPORT_ERROR})"
+    elif device.type != "cpu":
+        status["cpu"] = f"runs on CPU tensors only, got device {device}"
+    else:
+        status["cpu"] = None
+    return status
+
+
+def select_backend(device: Union[str, torch.device], backend: Optional[str] = None) -> str:
+    """The backend to use on ``device``: ``backend`` if given and able, else the first able one in BACKENDS.
+    Raises one RuntimeError that lists every backend and why it refused. Call it once (e.g. when a module is
+    built), not per forward."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    status = backend_status(device)
+    candidates = [backend] if backend is not None else list(BACKENDS)
+    for name in candidates:
+        if status[name] is None:
+            return name
+    reasons = "; ".join(f"{name}: {status[name]}" for name in candidates)
+    raise RuntimeError(f"no sparse backend can run on {device}: {reasons}")
 
 
 def linear(
-    x: torch.Tensor, weight: SparseWeight, bias: Optional[torch.Tensor] = None, activation: str = "none"
+    x: torch.Tensor,
+    weight: SparseWeight,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """``act(x @ W^T + bias)`` for a sparse ``W`` [out, in].
 
@@ -163,6 +187,7 @@ def linear(
         bias: optional ``[out]``.
         activation: one of ``"none", "relu", "gelu", "gelu_tanh", "silu"`` (as ``torch.nn.functional``),
             applied in the kernel's output stage.
+        backend: one of ``BACKENDS``, or None to take the first that can run on ``x.device``.
     Returns:
         ``[..., out]``. Differentiable with respect to ``x``, ``weight.values`` and ``bias``.
     """
@@ -170,7 +195,7 @@ def linear(
     _check_bias(bias, weight)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    _require_device(x)
+    select_backend(x.device, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if isinstance(weight, BlockSparseWeight):
@@ -183,10 +208,10 @@ def linear(
     return y.reshape(*lead, weight.shape[0])
 
 
-def linear_grad_input(grad_out: torch.Tensor, weight: SparseWeight) -> torch.Tensor:
+def linear_grad_input(grad_out: torch.Tensor, weight: SparseWeight, backend: Optional[str] = None) -> torch.Tensor:
     """``grad_out @ W``: ``[..., out] -> [..., in]``."""
     _check_input("grad_out", grad_out, weight.shape[0], weight)
-    _require_device(grad_out)
+    select_backend(grad_out.device, backend)
     lead = grad_out.shape[:-1]
     g2 = grad_out.reshape(-1, weight.shape[0])
     if isinstance(weight, BlockSparseWeight):
@@ -198,14 +223,14 @@ def linear_grad_input(grad_out: torch.Tensor, weight: SparseWeight) -> torch.Ten
     return dx.reshape(*lead, weight.shape[1])
 
 
-def sddmm(grad_out: torch.Tensor, x: torch.Tensor, weight: SparseWeight) -> torch.Tensor:
+def sddmm(grad_out: torch.Tensor, x: torch.Tensor, weight: SparseWeight, backend: Optional[str] = None) -> torch.Tensor:
     """The weight gradient on the kept pattern: ``(grad_out^T @ x)`` at the stored positions, shaped like
     ``weight.values``. ``grad_out`` [..., out], ``x`` [..., in] with the same leading dimensions."""
     _check_input("x", x, weight.shape[1], weight)
     _check_input("grad_out", grad_out, weight.shape[0], weight)
     if grad_out.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} must share their leading dimensions")
-    _require_device(x)
+    select_backend(x.device, backend)
     g2 = grad_out.reshape(-1, weight.shape[0])
     x2 = x.reshape(-1, weight.shape[1])
     if isinstance(weight, BlockSparseWeight):
