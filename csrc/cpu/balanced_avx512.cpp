@@ -149,40 +149,57 @@ void store_transposed(const float* buf, int64_t rows, int64_t tb, D* dst, int64_
 inline __m512 bcast(const float* p) { return _mm512_set1_ps(*p); }
 inline __m512 bcast(const uint16_t* p) { return _mm512_set1_ps(bf16_to_float(*p)); }
 
-// R output rows (row stride row_len in w/idx) over banks [b0, b1) of the packed chunk xt; partial sums in
-// acc_buf[r * TT + t] (started from zero when first).
 // Rows ahead whose weight slice for this chunk is prefetched: a chunk visits every row for a few banks only, a
 // strided walk the hardware prefetchers miss (the weights stream from L3 when they exceed L2).
 constexpr int64_t kPrefetchRows = 8;
 
 inline void prefetch_range(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
-  _mm_prefetch(c + bytes - 1, _MM_HINT_T0);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T1);
+  _mm_prefetch(c + bytes - 1, _MM_HINT_T1);
 }
 
+// Byte offsets into the packed chunk of n kept entries of one row: (colpat[j] + idx[j]) * TT * 4, where colpat[j]
+// is the first column of entry j's bank relative to the chunk. Computed 16 at a time before the FMA loop, so the
+// loop does one 32-bit load per entry instead of a byte load, an add and a shift on its critical path.
+inline __m512i load_idx(const uint8_t* p, __mmask16 m) { return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)); }
+inline __m512i load_idx(const int16_t* p, __mmask16 m) {
+  return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p));
+}
+
+template <int TT, typename I>
+inline void entry_offsets(const I* idx, const int32_t* colpat, int64_t n, int32_t* off) {
+  constexpr int kShift = TT == 16 ? 6 : TT == 32 ? 7 : TT == 64 ? 8 : TT == 128 ? 9 : -1;
+  for (int64_t j = 0; j < n; j += L) {
+    const __mmask16 m = lane_mask(n - j);
+    const __m512i c = _mm512_add_epi32(load_idx(idx + j, m), _mm512_maskz_loadu_epi32(m, colpat + j));
+    const __m512i b = kShift >= 0 ? _mm512_slli_epi32(c, kShift) : _mm512_mullo_epi32(c, _mm512_set1_epi32(TT * 4));
+    _mm512_mask_storeu_epi32(off + j, m, b);
+  }
+}
+
+// R output rows (row stride row_len in w/idx) over the n kept entries of the current chunk (starting at entry e0 of
+// each row) against the packed chunk xt; partial sums in acc_buf[r * TT + t] (started from zero when first).
 template <int R, int NV, typename W, typename I>
-void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t b0, int64_t b1, int64_t keep, int64_t bank,
-              const float* xt, float* acc_buf, bool first) {
+void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, const int32_t* colpat,
+              int32_t* off, const float* xt, float* acc_buf, bool first) {
   constexpr int64_t TT = NV * L;
   for (int r = 0; r < R; ++r) {  // past the last row this touches other memory or none: prefetches never fault
-    prefetch_range(w + (r + kPrefetchRows) * row_len + b0 * keep, (b1 - b0) * keep * int64_t(sizeof(W)));
-    prefetch_range(idx + (r + kPrefetchRows) * row_len + b0 * keep, (b1 - b0) * keep * int64_t(sizeof(I)));
+    prefetch_range(w + (r + kPrefetchRows) * row_len + e0, n * int64_t(sizeof(W)));
+    prefetch_range(idx + (r + kPrefetchRows) * row_len + e0, n * int64_t(sizeof(I)));
   }
+  for (int r = 0; r < R; ++r) entry_offsets<TT>(idx + r * row_len + e0, colpat, n, off + r * n);
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v)
       acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * TT + v * L);
-  for (int64_t b = b0; b < b1; ++b) {
-    const float* xb = xt + (b - b0) * bank * TT;
-    const W* wb = w + b * keep;
-    const I* ib = idx + b * keep;
-    for (int64_t k = 0; k < keep; ++k) {
-      for (int r = 0; r < R; ++r) {
-        const __m512 wv = bcast(wb + r * row_len + k);
-        const float* xc = xb + static_cast<int64_t>(ib[r * row_len + k]) * TT;
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xc + v * L), acc[r][v]);
-      }
+  const char* xc0 = reinterpret_cast<const char*>(xt);
+  const W* wr = w + e0;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = bcast(wr + r * row_len + j);
+      const float* xc = reinterpret_cast<const float*>(xc0 + off[r * n + j]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xc + v * L), acc[r][v]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -191,24 +208,26 @@ void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t b0, int64_t b1,
 
 template <int NV, typename W, typename I>
 void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w, const I* idx, const W* bias,
-              Act act, W* y, int64_t o0, int64_t o1, float* xt, float* ybuf) {
+              Act act, W* y, int64_t o0, int64_t o1, float* xt, float* ybuf, int32_t* colpat, int32_t* off) {
   constexpr int64_t TT = NV * L;
   const int64_t row_len = s.n_banks * s.keep;
   const int64_t cb = bal_chunk_banks(s, TT);
+  for (int64_t j = 0; j < cb * s.keep; ++j) colpat[j] = static_cast<int32_t>((j / s.keep) * s.bank);
   for (int64_t b0 = 0; b0 < s.n_banks; b0 += cb) {
     const int64_t b1 = b0 + cb < s.n_banks ? b0 + cb : s.n_banks;
     const int64_t c0 = b0 * s.bank;
     const int64_t c1 = b1 * s.bank < s.in ? b1 * s.bank : s.in;
     pack_transposed<NV>(x + c0, ldx, tb, c1 - c0, xt);
+    const int64_t e0 = b0 * s.keep, n = (b1 - b0) * s.keep;
     // 16 accumulators: R * NV = 16 keeps the FMA latency hidden without spilling.
     constexpr int R = NV > 4 ? 2 : 4;
     int64_t o = o0;
     for (; o + R <= o1; o += R)
-      fwd_rows<R, NV>(w + o * row_len, idx + o * row_len, row_len, b0, b1, s.keep, s.bank, xt,
-                      ybuf + (o - o0) * TT, b0 == 0);
+      fwd_rows<R, NV>(w + o * row_len, idx + o * row_len, row_len, e0, n, colpat, off, xt, ybuf + (o - o0) * TT,
+                      b0 == 0);
     for (; o < o1; ++o)
-      fwd_rows<1, NV>(w + o * row_len, idx + o * row_len, row_len, b0, b1, s.keep, s.bank, xt,
-                      ybuf + (o - o0) * TT, b0 == 0);
+      fwd_rows<1, NV>(w + o * row_len, idx + o * row_len, row_len, e0, n, colpat, off, xt, ybuf + (o - o0) * TT,
+                      b0 == 0);
   }
   store_transposed<NV>(ybuf, o1 - o0, tb, y + o0, s.out, bias ? bias + o0 : nullptr, act);
 }
@@ -216,10 +235,6 @@ void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w
 // ---------------------------------------------------------------------------------------------------------------
 // Forward, few tokens (decode): per output row, 16 kept weights at a time gather their x values.
 
-inline __m512i load_idx(const uint8_t* p, __mmask16 m) { return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)); }
-inline __m512i load_idx(const int16_t* p, __mmask16 m) {
-  return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p));
-}
 inline __m512 load_w(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_w(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -265,19 +280,21 @@ void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, cons
   if (T < kGatherMaxTokens) return fwd_gather(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
   float* xt = align64(scratch);
   float* ybuf = align64(xt + bal_chunk_floats(s));
+  int32_t* colpat = reinterpret_cast<int32_t*>(align64(ybuf + (o1 - o0 + 16) * kMaxTokTile));
+  int32_t* off = colpat + bal_chunk_entries(s) + 16;
   for (int64_t t0 = 0; t0 < T; t0 += kMaxTokTile) {
     const int64_t tb = T - t0 < kMaxTokTile ? T - t0 : kMaxTokTile;
     const W* xp = x + t0 * ldx;
     W* yp = y + t0 * s.out;
     switch ((tb + L - 1) / L) {
-      case 1: fwd_tile<1>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf); break;
-      case 2: fwd_tile<2>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf); break;
-      case 3: fwd_tile<3>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf); break;
-      case 4: fwd_tile<4>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf); break;
-      case 5: fwd_tile<5>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf); break;
-      case 6: fwd_tile<6>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf); break;
-      case 7: fwd_tile<7>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf); break;
-      default: fwd_tile<8>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf); break;
+      case 1: fwd_tile<1>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 2: fwd_tile<2>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 3: fwd_tile<3>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 4: fwd_tile<4>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 5: fwd_tile<5>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 6: fwd_tile<6>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 7: fwd_tile<7>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      default: fwd_tile<8>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
     }
   }
 }
