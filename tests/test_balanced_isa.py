@@ -90,9 +90,10 @@ def test_sddmm(isa: str, dtype: torch.dtype, bank: int, keep: int, inn: int, T: 
     _check(ours, torch.gather(padded, -1, w.indices.long()), ref, dtype)
 
 
-@pytest.mark.parametrize("T", [5, 64, 200])
+@pytest.mark.parametrize("T", [3, 5, 64, 200])
 def test_forward_strided_input_and_many_rows(isa: str, T: int) -> None:
-    """Row-strided x (a column slice), enough rows for several 4-row groups plus a tail, several token tiles."""
+    """Row-strided x (a column slice), enough rows for several row groups plus a tail, several token tiles, and
+    the multi-token decode path (T = 3)."""
     gen = torch.Generator().manual_seed(T)
     w = _weight(70, 256, 32, 8, torch.float32, gen)
     x = torch.randn(T, 300, generator=gen)[:, 20:276]

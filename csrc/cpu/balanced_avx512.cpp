@@ -55,8 +55,8 @@ inline void store_n(uint16_t* p, __m512 v, int64_t n) {
 inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) { return bf16_to_float(v); }
 
-// In-register transpose of a 16x16 fp32 tile: r[i][j] -> r[j][i].
-inline void transpose16(__m512 r[16]) {
+// In-register transpose of an L x L fp32 tile: r[i][j] -> r[j][i].
+inline void transpose(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -81,7 +81,7 @@ inline void transpose16(__m512 r[16]) {
 }
 
 // out lane i = sum of the lanes of v[i].
-inline __m512 reduce16(const __m512 v[16]) {
+inline __m512 reduce(const __m512 v[16]) {
   __m512 s[8], q[4];
   for (int i = 0; i < 8; ++i)
     s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
@@ -102,13 +102,13 @@ inline float* align64(float* p) {
 template <int NV, typename S>
 void pack_transposed(const S* src, int64_t ld, int64_t tb, int64_t nc, float* dst) {
   constexpr int64_t TT = NV * L;
-  __m512 r[16];
+  __m512 r[L];
   for (int v = 0; v < NV; ++v) {
     const int64_t rows = tb - v * L;
     for (int64_t c = 0; c < nc; c += L) {
       const int64_t n = nc - c < L ? nc - c : L;
-      for (int i = 0; i < 16; ++i) r[i] = i < rows ? load_n(src + (v * L + i) * ld + c, n) : _mm512_setzero_ps();
-      transpose16(r);
+      for (int i = 0; i < L; ++i) r[i] = i < rows ? load_n(src + (v * L + i) * ld + c, n) : _mm512_setzero_ps();
+      transpose(r);
       for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(dst + (c + j) * TT + v * L, r[j]);
     }
   }
@@ -128,15 +128,15 @@ inline __m512 act_vec(__m512 v, Act act) {
 template <int NV, typename D>
 void store_transposed(const float* buf, int64_t rows, int64_t tb, D* dst, int64_t ld, const D* bias, Act act) {
   constexpr int64_t TT = NV * L;
-  __m512 r[16];
+  __m512 r[L];
   for (int64_t o = 0; o < rows; o += L) {
     const int64_t n = rows - o < L ? rows - o : L;
     const __m512 bv = bias ? load_n(bias + o, n) : _mm512_setzero_ps();
     for (int v = 0; v < NV; ++v) {
       const int64_t toks = tb - v * L;
       if (toks <= 0) break;
-      for (int i = 0; i < 16; ++i) r[i] = i < n ? _mm512_loadu_ps(buf + (o + i) * TT + v * L) : _mm512_setzero_ps();
-      transpose16(r);
+      for (int i = 0; i < L; ++i) r[i] = i < n ? _mm512_loadu_ps(buf + (o + i) * TT + v * L) : _mm512_setzero_ps();
+      transpose(r);
       for (int64_t j = 0; j < toks && j < L; ++j)
         store_n(dst + (v * L + j) * ld + o, act_vec(_mm512_add_ps(r[j], bv), act), n);
     }
@@ -233,7 +233,7 @@ void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Forward, few tokens (decode): per output row, 16 kept weights at a time gather their x values.
+// Forward, few tokens (decode): per output row, a vector of kept weights at a time gathers its x values.
 
 inline __m512 load_w(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_w(const uint16_t* p, __mmask16 m) {
@@ -282,8 +282,9 @@ void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, cons
   float* ybuf = align64(xt + bal_chunk_floats(s));
   int32_t* colpat = reinterpret_cast<int32_t*>(align64(ybuf + (o1 - o0 + 16) * kMaxTokTile));
   int32_t* off = colpat + bal_chunk_entries(s) + 16;
-  for (int64_t t0 = 0; t0 < T; t0 += kMaxTokTile) {
-    const int64_t tb = T - t0 < kMaxTokTile ? T - t0 : kMaxTokTile;
+  constexpr int64_t kTile = 8 * L;
+  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+    const int64_t tb = T - t0 < kTile ? T - t0 : kTile;
     const W* xp = x + t0 * ldx;
     W* yp = y + t0 * s.out;
     switch ((tb + L - 1) / L) {
@@ -336,7 +337,7 @@ void grad_input_tile(const BalShape& s, const W* dy, int64_t lddy, int64_t tb, c
 template <typename W, typename I>
 void grad_input(const BalShape& s, const W* dy, int64_t lddy, int64_t T, const W* w, const I* idx, W* dx,
                 int64_t b0, int64_t b1, float* scratch) {
-  constexpr int64_t kTile = 64;
+  constexpr int64_t kTile = 4 * L;
   float* dxt = align64(scratch);
   float* dyt = align64(dxt + bal_chunk_floats(s));
   for (int64_t t0 = 0; t0 < T; t0 += kTile) {
@@ -353,20 +354,25 @@ void grad_input(const BalShape& s, const W* dy, int64_t lddy, int64_t T, const W
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Weight gradient (SDDMM): per token tile and bank chunk, 16 kept entries of a row at a time form 16 token-vector
-// products that one transpose-add tree reduces to 16 sums.
+// Weight gradient (SDDMM): per token tile and bank chunk, L kept entries of a row at a time form L token-vector
+// products that one transpose-add tree reduces to L sums.
+
+// acc[0, n) += the first n lanes of v.
+inline void add_n(float* acc, __m512 v, int64_t n) {
+  const __mmask16 m = lane_mask(n);
+  _mm512_mask_storeu_ps(acc, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc), v));
+}
 
 template <int NV>
 inline void sddmm_group(const float* xt, const int64_t* off, const __m512 d[NV], float* acc, int64_t n) {
-  __m512 p[16];
-  for (int e = 0; e < 16; ++e) {
+  __m512 p[L];
+  for (int e = 0; e < L; ++e) {
     const float* xc = xt + off[e];
     __m512 a = _mm512_mul_ps(d[0], _mm512_loadu_ps(xc));
     for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(d[v], _mm512_loadu_ps(xc + v * L), a);
     p[e] = a;
   }
-  const __mmask16 m = lane_mask(n);
-  _mm512_mask_storeu_ps(acc, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc), reduce16(p)));
+  add_n(acc, reduce(p), n);
 }
 
 template <int NV, typename S, typename I>
@@ -389,9 +395,9 @@ void sddmm_tile(const BalShape& s, const S* dy, int64_t lddy, const S* x, int64_
       int64_t e = 0;
       for (int64_t b = 0; b < b1 - b0; ++b)
         for (int64_t k = 0; k < s.keep; ++k, ++e) off[e] = (b * s.bank + static_cast<int64_t>(ir[e])) * TT;
-      for (int64_t j = n_el; j < ((n_el + 15) & ~int64_t(15)); ++j) off[j] = 0;  // pad: a valid column, masked off
+      for (int64_t j = n_el; j < (n_el + L - 1) / L * L; ++j) off[j] = 0;  // pad: a valid column, masked off
       float* ar = acc + (o - o0) * row_len + b0 * s.keep;
-      for (int64_t j = 0; j < n_el; j += 16) sddmm_group<NV>(xt, off + j, d, ar + j, n_el - j);
+      for (int64_t j = 0; j < n_el; j += L) sddmm_group<NV>(xt, off + j, d, ar + j, n_el - j);
     }
   }
 }
@@ -405,7 +411,7 @@ void sddmm(const BalShape& s, const S* dy, int64_t lddy, const S* x, int64_t ldx
   float* dyt = align64(xt + chunk);
   int64_t* off = reinterpret_cast<int64_t*>(align64(dyt + (o1 - o0 + 16) * kMaxTokTile));
   float* acc = align64(reinterpret_cast<float*>(off + chunk / 4 + 32));
-  constexpr int64_t kTile = 64;
+  constexpr int64_t kTile = 4 * L;
   std::memset(acc, 0, sizeof(float) * (o1 - o0) * row_len);
   for (int64_t t0 = 0; t0 < T; t0 += kTile) {
     const int64_t tb = T - t0 < kTile ? T - t0 : kTile;
