@@ -42,16 +42,20 @@ static inline int64_t bal_chunk_floats(const BalShape& s) {
   return kChunkFloats > s.bank * kMaxTokTile ? kChunkFloats : s.bank * kMaxTokTile;
 }
 
-// Most kept entries of one row in one chunk (any tile): bounds the per-row offset arrays.
+// Most kept entries of one row in one chunk (any tile, the smallest being 8 tokens): bounds the per-row offset
+// arrays.
 static inline int64_t bal_chunk_entries(const BalShape& s) {
-  return bal_chunk_banks(s, 16) * s.keep;
+  return bal_chunk_banks(s, 8) * s.keep;
 }
+
+// Most output rows one forward micro-kernel call handles at once (AVX2, 8-token tiles).
+constexpr int64_t kMaxRowGroup = 8;
 
 // Scratch (in floats, 64-byte alignments included) one thread needs: forward for `rows` output rows, grad_input
 // with rows = out, sddmm see below.
 static inline int64_t bal_scratch_floats(const BalShape& s, int64_t rows) {
   const int64_t row_len = s.n_banks * s.keep;
-  const int64_t tiles = bal_chunk_floats(s) + (rows + 16) * kMaxTokTile + 5 * (bal_chunk_entries(s) + 16) + 128;
+  const int64_t tiles = bal_chunk_floats(s) + (rows + 16) * kMaxTokTile + (kMaxRowGroup + 1) * (bal_chunk_entries(s) + 16) + 128;
   const int64_t gather = kGatherMaxTokens * s.in + row_len + 64;
   return tiles > gather ? tiles : gather;
 }
