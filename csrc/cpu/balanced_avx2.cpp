@@ -237,9 +237,10 @@ void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w
 // ---------------------------------------------------------------------------------------------------------------
 // Forward, few tokens (decode): per output row, a vector of kept weights at a time gathers its x values.
 
-template <typename W, typename I>
-void fwd_gather(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias,
-                Act act, W* y, int64_t o0, int64_t o1, float* scratch) {
+// T is a template parameter so that the accumulators stay in registers.
+template <int T, typename W, typename I>
+void fwd_gather(const BalShape& s, const W* x, int64_t ldx, const W* w, const I* idx, const W* bias, Act act, W* y,
+                int64_t o0, int64_t o1, float* scratch) {
   const int64_t row_len = s.n_banks * s.keep;
   // colbase[j]: first column of the bank of kept entry j; xf: the T token rows as fp32.
   int32_t* colbase = reinterpret_cast<int32_t*>(scratch);
@@ -252,19 +253,19 @@ void fwd_gather(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* 
     }
   const int64_t full = row_len / L * L;
   for (int64_t o = o0; o < o1; ++o) {
-    __m256 acc[kGatherMaxTokens];
-    for (int64_t t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    __m256 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
     const W* wr = w + o * row_len;
     const I* ir = idx + o * row_len;
     for (int64_t j = 0; j < full; j += L) {
       const __m256i col = _mm256_add_epi32(load_idx8(ir + j),
                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colbase + j)));
       const __m256 wv = load_n(wr + j, L);
-      for (int64_t t = 0; t < T; ++t)
+      for (int t = 0; t < T; ++t)
         acc[t] = _mm256_fmadd_ps(wv, _mm256_i32gather_ps(xf + t * s.in, col, 4), acc[t]);
     }
     const float bv = bias ? to_f32(bias[o]) : 0.0f;
-    for (int64_t t = 0; t < T; ++t) {
+    for (int t = 0; t < T; ++t) {
       float sum = hsum(acc[t]);
       for (int64_t j = full; j < row_len; ++j) sum += to_f32(wr[j]) * xf[t * s.in + colbase[j] + ir[j]];
       store_n(y + t * s.out + o, _mm256_set1_ps(apply_act(sum + bv, act)), 1);
@@ -275,7 +276,10 @@ void fwd_gather(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* 
 template <typename W, typename I>
 void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act,
          W* y, int64_t o0, int64_t o1, float* scratch) {
-  if (T < kGatherMaxTokens) return fwd_gather(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
+  static_assert(kGatherMaxTokens == 4, "fwd_gather is instantiated for T = 1, 2, 3");
+  if (T == 1) return fwd_gather<1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+  if (T == 2) return fwd_gather<2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+  if (T == 3) return fwd_gather<3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
   float* xt = align64(scratch);
   float* ybuf = align64(xt + bal_chunk_floats(s));
   int32_t* colpat = reinterpret_cast<int32_t*>(align64(ybuf + (o1 - o0 + 16) * kMaxTokTile));

@@ -12,7 +12,8 @@
 //    4 output rows are interleaved so that 16 independent accumulators hide the FMA latency.
 //  - Partial sums per chunk go to a per-thread buffer [rows, tile]; the last chunk transposes them into Y in
 //    registers, adding bias and the activation.
-//  - T below kGatherMaxTokens (decode) gathers x instead: the weight stream, not the FMAs, is the bound there.
+//  - T below kGatherMaxTokens (decode) picks x per kept entry instead (permutes of 32-column windows on AVX-512,
+//    gathers on AVX2): the weight stream, not the FMAs, is the bound there.
 #pragma once
 
 #include <cstdint>
@@ -56,7 +57,7 @@ constexpr int64_t kMaxRowGroup = 8;
 static inline int64_t bal_scratch_floats(const BalShape& s, int64_t rows) {
   const int64_t row_len = s.n_banks * s.keep;
   const int64_t tiles = bal_chunk_floats(s) + (rows + 16) * kMaxTokTile + (kMaxRowGroup + 1) * (bal_chunk_entries(s) + 16) + 128;
-  const int64_t gather = kGatherMaxTokens * s.in + row_len + 64;
+  const int64_t gather = kGatherMaxTokens * (s.in + 128) + row_len + 96;
   return tiles > gather ? tiles : gather;
 }
 
