@@ -67,13 +67,15 @@ class SparseLinear(nn.Module):
     activation: str
     backend: Optional[str]
 
-    def _init_common(self, weight, bias: Optional[torch.Tensor], activation: str, backend: Optional[str]) -> None:
+    def _init_common(self, weight, activation: str, backend: Optional[str]) -> None:
         self.in_features = int(weight.shape[1])
         self.out_features = int(weight.shape[0])
         self.activation = _check_activation(activation)
         if backend is not None and backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS} or None, got {backend!r}")
         self._backend_request = backend
+
+    def _init_bias(self, weight, bias: Optional[torch.Tensor]) -> None:
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
@@ -199,9 +201,10 @@ class BlockSparseLinear(SparseLinear):
         self._setup(weight, None if b is None else b.to(device), activation, backend)
 
     def _setup(self, weight: BlockSparseWeight, bias: Optional[torch.Tensor], activation: str, backend: Optional[str]) -> None:
-        self._init_common(weight, bias, activation, backend)
+        self._init_common(weight, activation, backend)
         self.block: Tuple[int, int] = weight.block
         self.values = nn.Parameter(weight.values.detach())  # keeps the physical layout (no copy)
+        self._init_bias(weight, bias)
         for name in _BLOCK_META:
             self.register_buffer(name, getattr(weight, name))
         self.register_buffer("pattern_info", torch.tensor([*weight.shape, *weight.block], dtype=torch.int64,
@@ -297,10 +300,11 @@ class BalancedSparseLinear(SparseLinear):
         self._setup(weight, None if b is None else b.to(device), activation, backend)
 
     def _setup(self, weight: BalancedSparseWeight, bias: Optional[torch.Tensor], activation: str, backend: Optional[str]) -> None:
-        self._init_common(weight, bias, activation, backend)
+        self._init_common(weight, activation, backend)
         self.bank = weight.bank
         self.keep = weight.keep
         self.values = nn.Parameter(weight.values.detach())
+        self._init_bias(weight, bias)
         self.register_buffer("indices", weight.indices)
         self.register_buffer("pattern_info", torch.tensor([*weight.shape, weight.bank, weight.keep], dtype=torch.int64,
                                                           device=weight.values.device))

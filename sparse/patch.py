@@ -253,19 +253,22 @@ def _filter_fn(spec: Optional[Filter], what: str, names: List[str]) -> Optional[
 
 
 # ---- timing --------------------------------------------------------------------------------------------------------
-def _median_ms(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> float:
-    """Median wall time of ``fn(x)`` in ms after two warm-up calls (which also settle lazy initialisation)."""
+def _time_pair(dense_fn: Callable[[torch.Tensor], torch.Tensor], sparse_fn: Callable[[torch.Tensor], torch.Tensor],
+               x: torch.Tensor, repeats: int) -> Tuple[float, float]:
+    """Median wall times (ms) of ``dense_fn(x)`` and ``sparse_fn(x)`` after two warm-up calls each. The two are
+    timed alternately, so that load from other processes hits both alike."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times = []
+    times: Tuple[List[float], List[float]] = ([], [])
     with torch.no_grad():
         for i in range(repeats + 2):
-            sync()
-            t0 = time.perf_counter()
-            fn(x)
-            sync()
-            if i >= 2:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            for fn, out in ((dense_fn, times[0]), (sparse_fn, times[1])):
+                sync()
+                t0 = time.perf_counter()
+                fn(x)
+                sync()
+                if i >= 2:
+                    out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 # ---- the patcher ---------------------------------------------------------------------------------------------------
@@ -279,6 +282,11 @@ def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
             seen.add(id(m))
             out.append((name, m))
     return out
+
+
+def _tied_elsewhere(model: nn.Module, m: nn.Module, param_names: Dict[int, List[str]]) -> List[str]:
+    """Names of parameters outside ``m`` that are ``m.weight`` itself (tied weights, e.g. GPT-2's lm_head)."""
+    return [n for n in param_names.get(id(m.weight), ()) if model.get_submodule(n.rpartition(".")[0]) is not m]
 
 
 def _resolve_pattern_args(pattern: str, sparsity: Optional[float], block, bank: int, keep: Optional[int]) -> Dict[str, Any]:
@@ -383,6 +391,9 @@ def sparsify(
         if unknown:
             raise ValueError(f"masks name layers that are not Linear layers of the model: {unknown}")
     mha_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    param_names: Dict[int, List[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), []).append(pname)
 
     layers: List[LayerReport] = []
     selected: Dict[int, str] = {}
@@ -402,6 +413,9 @@ def sparsify(
             rep.reason = "not matched by include"
         elif exc is not None and exc(name, m):
             rep.reason = "matched by exclude"
+        elif _tied_elsewhere(model, m, param_names):
+            rep.reason = (f"weight is tied to {', '.join(_tied_elsewhere(model, m, param_names))} "
+                          "(pruning it would change those too)")
         elif masks is not None and name not in masks:
             rep.reason = "no mask given"
         elif W.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -445,8 +459,7 @@ def sparsify(
                 dense_fn = (lambda t, m=m, a=getattr(act_parent, act_attr): a(m(t)))
             else:
                 dense_fn = m
-            rep.dense_ms = _median_ms(dense_fn, x, repeats)
-            rep.sparse_ms = _median_ms(sp, x, repeats)
+            rep.dense_ms, rep.sparse_ms = _time_pair(dense_fn, sp, x, repeats)
         if skip_if_slower and rep.sparse_ms > rep.dense_ms:
             rep.status = KEPT_DENSE
             rep.reason = f"sparse {rep.sparse_ms:.3f} ms > dense {rep.dense_ms:.3f} ms"
@@ -464,7 +477,7 @@ def sparsify(
     _replace_everywhere(model, replacements)
 
     threads = torch.get_num_threads()
-    timing = (f"median of {repeats} forward calls after 2 warm-ups on a random [{sample_tokens}, in] input in "
+    timing = (f"median of {repeats} forward calls (dense and sparse alternating) after 2 warm-ups on a random [{sample_tokens}, in] input in "
               f"the layer's dtype, {threads} threads; dense = the original layer"
               + (" followed by its activation when fused" if fuse_activations else "")) if sample_tokens else ""
     settings = {
