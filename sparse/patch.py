@@ -437,6 +437,7 @@ def sparsify(
     replacements: Dict[int, nn.Module] = {}
     fit_errors: List[str] = []
     applied: List[Fusion] = []
+    pending: List[Tuple[nn.Module, str, FusedActivation]] = []  # applied with the replacements, after every check
     for name, (m, rep) in by_name.items():
         act, act_parent, act_attr = fusions.get(name, ("none", None, None))
         mask = masks.get(name) if masks is not None else None
@@ -471,10 +472,12 @@ def sparsify(
             prefix = next(n for n, mod in model.named_modules() if mod is act_parent)
             replaced = f"{prefix}.{act_attr}" if prefix else act_attr
             applied.append(Fusion(linear=name, replaced=replaced, activation=act))
-            setattr(act_parent, act_attr, FusedActivation(name, act))
+            pending.append((act_parent, act_attr, FusedActivation(name, act)))
     if fit_errors and not replacements and not any(r.status == KEPT_DENSE for r in layers):
         raise ValueError(f"the {pattern} pattern {args} fits none of the selected layers: " + "; ".join(fit_errors[:4]))
     _replace_everywhere(model, replacements)
+    for parent, attr, fused in pending:
+        setattr(parent, attr, fused)
 
     threads = torch.get_num_threads()
     timing = (f"median of {repeats} forward calls (dense and sparse alternating) after 2 warm-ups on a random [{sample_tokens}, in] input in "
