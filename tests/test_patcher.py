@@ -40,6 +40,12 @@ def tiny_gpt2(lm_head=False):
     return (transformers.GPT2LMHeadModel if lm_head else transformers.GPT2Model)(cfg).eval()
 
 
+def tiny_llama():
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaModel(cfg).eval()
+
+
 def masked_dense(dense: nn.Module, sparsified: nn.Module) -> nn.Module:
     """A copy of the dense model whose weights are the sparsified model's (pruned entries zero)."""
     ref = copy.deepcopy(dense)
@@ -117,8 +123,9 @@ def test_all_minilm_l6_v2_matches_masked_dense(monkeypatch):
 
 def test_fused_activations_equal_unfused():
     torch.manual_seed(3)
+    activations = {tiny_bert: "gelu", tiny_gpt2: "gelu_tanh", tiny_llama: "silu"}
     for make, n_fusions, slot in ((tiny_bert, 2, "encoder.layer.0.intermediate.intermediate_act_fn"),
-                                  (tiny_gpt2, 2, "h.0.mlp.act")):
+                                  (tiny_gpt2, 2, "h.0.mlp.act"), (tiny_llama, 1, "layers.0.mlp.act_fn")):
         dense = make()
         unfused, fused = copy.deepcopy(dense), copy.deepcopy(dense)
         sparse.sparsify(unfused, "block", 0.5, block=16, skip_if_slower=False, sample_tokens=0)
@@ -127,7 +134,7 @@ def test_fused_activations_equal_unfused():
         assert len(report.fusions) == n_fusions and report.fusions[0].replaced == slot
         assert isinstance(fused.get_submodule(slot), FusedActivation)
         linear = fused.get_submodule(report.fusions[0].linear)
-        assert linear.activation == ("gelu" if make is tiny_bert else "gelu_tanh")
+        assert linear.activation == activations[make]
         assert report.layer(report.fusions[0].linear).activation == linear.activation
         ref = masked_dense(dense, unfused)
         ref64 = hidden(copy.deepcopy(ref).double(), IDS)
