@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .formats import BalancedSparseWeight, BlockSparseWeight, _check_sparsity
+from .formats import BlockSparseWeight, _check_sparsity
 from .nn import BalancedSparseLinear, BlockSparseLinear, SparseLinear, _is_conv1d, dense_nbytes, dense_weight_of
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport", "Fusion", "FusedActivation", "activation_name", "Filter"]
@@ -452,7 +452,6 @@ def sparsify(
         rep.pattern = pattern
         rep.sparsity = sp.sparsity
         rep.bytes_after = sp.nbytes
-        rep.activation = act
         if sample_tokens:
             W = dense_weight_of(m)
             x = torch.randn(sample_tokens, rep.shape[1], dtype=W.dtype, device=W.device)
@@ -466,7 +465,11 @@ def sparsify(
             rep.reason = f"sparse {rep.sparse_ms:.3f} ms > dense {rep.dense_ms:.3f} ms"
             continue
         sp.train(m.training)
+        sp.values.requires_grad_(m.weight.requires_grad)  # a frozen layer stays frozen
+        if sp.bias is not None:
+            sp.bias.requires_grad_(m.bias.requires_grad)
         rep.status = CONVERTED
+        rep.activation = act
         replacements[id(m)] = sp
         if act_parent is not None:
             prefix = next(n for n, mod in model.named_modules() if mod is act_parent)

@@ -147,8 +147,11 @@ def test_sequential_mlp_fusions():
     dense = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.GELU(approximate="tanh"),
                           nn.Linear(128, 64), nn.SiLU(), nn.Linear(64, 10), nn.Tanh())
     model = copy.deepcopy(dense)
+    model[2].requires_grad_(False)
     report = sparse.sparsify(model, "balanced", keep=4, bank=16, skip_if_slower=False, sample_tokens=0,
                              fuse_activations=True)
+    assert not model[2].values.requires_grad and not model[2].bias.requires_grad  # frozen stays frozen
+    assert model[0].values.requires_grad
     assert [(f.linear, f.replaced, f.activation) for f in report.fusions] == [
         ("0", "1", "relu"), ("2", "3", "gelu_tanh"), ("4", "5", "silu")]  # Tanh has no fused form
     assert isinstance(model[7], nn.Tanh) and model[6].activation == "none"
