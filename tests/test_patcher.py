@@ -14,17 +14,9 @@ from torch import nn
 import sparse
 from sparse.nn import BalancedSparseLinear, BlockSparseLinear, SparseLinear
 from sparse.patch import CONVERTED, KEPT_DENSE, SKIPPED, FusedActivation
+from tests.helpers import assert_close_to_ref
 
 transformers = pytest.importorskip("transformers")
-
-
-def assert_close_to_ref(ours: torch.Tensor, dense: torch.Tensor, ref64: torch.Tensor) -> None:
-    """Our error against the float64 reference is at most twice that of the dense model in the same dtype, plus
-    a tiny floor."""
-    floor = 4 * torch.finfo(ours.dtype).eps * (1.0 + ref64.abs().max().item())
-    err = (ours.double() - ref64).abs().max().item()
-    err_dense = (dense.double() - ref64).abs().max().item()
-    assert err <= 2 * err_dense + floor, f"error {err:.3g} vs dense {err_dense:.3g} (floor {floor:.2g})"
 
 
 def tiny_bert(layers=2, **kw):
@@ -65,7 +57,7 @@ def hidden(model, ids):
 
 def check_against_masked_dense(dense, sparsified, run):
     ref = masked_dense(dense, sparsified)
-    assert_close_to_ref(run(sparsified), run(ref), run(copy.deepcopy(ref).double()))
+    assert_close_to_ref(run(sparsified), run(copy.deepcopy(ref).double()), run(ref))
 
 
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -138,8 +130,8 @@ def test_fused_activations_equal_unfused():
         assert report.layer(report.fusions[0].linear).activation == linear.activation
         ref = masked_dense(dense, unfused)
         ref64 = hidden(copy.deepcopy(ref).double(), IDS)
-        assert_close_to_ref(hidden(fused, IDS), hidden(ref, IDS), ref64)
-        assert_close_to_ref(hidden(fused, IDS), hidden(unfused, IDS), ref64)
+        assert_close_to_ref(hidden(fused, IDS), ref64, hidden(ref, IDS))
+        assert_close_to_ref(hidden(fused, IDS), ref64, hidden(unfused, IDS))
 
 
 def test_sequential_mlp_fusions():
@@ -262,7 +254,7 @@ def test_copies_and_bfloat16():
     assert len(layers) == 13 and all(m.values.dtype == torch.bfloat16 and m.values.stride()[1] == 1 for m in layers)
     ref = masked_dense(dense, model)
     ref64 = hidden(copy.deepcopy(ref).double(), IDS)
-    assert_close_to_ref(hidden(bf, IDS), hidden(copy.deepcopy(ref).to(torch.bfloat16), IDS), ref64)
+    assert_close_to_ref(hidden(bf, IDS), ref64, hidden(copy.deepcopy(ref).to(torch.bfloat16), IDS))
 
 
 def test_torch_compile_fullgraph_equals_eager():
