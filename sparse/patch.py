@@ -454,7 +454,9 @@ def sparsify(
         rep.bytes_after = sp.nbytes
         if sample_tokens:
             W = dense_weight_of(m)
-            x = torch.randn(sample_tokens, rep.shape[1], dtype=W.dtype, device=W.device)
+            # A private generator: timing must not move the caller's random stream.
+            gen = torch.Generator(W.device).manual_seed(0)
+            x = torch.randn(sample_tokens, rep.shape[1], dtype=W.dtype, device=W.device, generator=gen)
             if act_parent is not None:
                 dense_fn = (lambda t, m=m, a=getattr(act_parent, act_attr): a(m(t)))
             else:
