@@ -15,6 +15,7 @@ from torch import nn
 
 from . import ops
 from .formats import BalancedSparseWeight, BlockSparseWeight
+from .formats import _kernel_layout as _block_kernel_layout
 
 __all__ = ["BlockSparseLinear", "BalancedSparseLinear", "SparseLinear"]
 
@@ -163,6 +164,10 @@ class SparseLinear(nn.Module):
             error_msgs.append(f"{prefix}: the stored pattern is invalid: {exc}")
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # load_state_dict(assign=True) puts the stored tensor itself in place, in whatever layout it was saved.
+        laid_out = self._kernel_layout(self.values.detach())
+        if laid_out.stride() != self.values.stride():
+            self.values = nn.Parameter(laid_out, requires_grad=self.values.requires_grad)
 
 
 class BlockSparseLinear(SparseLinear):
@@ -243,6 +248,10 @@ class BlockSparseLinear(SparseLinear):
         weight = BlockSparseWeight.from_dense(W.detach(), block, sparsity=sparsity, mask=mask)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls.from_weight(weight, bias, activation=activation, backend=backend)
+
+    @staticmethod
+    def _kernel_layout(values: torch.Tensor) -> torch.Tensor:
+        return _block_kernel_layout(values)
 
     @property
     def weight_format(self) -> BlockSparseWeight:
@@ -341,6 +350,10 @@ class BalancedSparseLinear(SparseLinear):
         weight = BalancedSparseWeight.from_dense(W.detach(), bank, keep, mask=mask)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls.from_weight(weight, bias, activation=activation, backend=backend)
+
+    @staticmethod
+    def _kernel_layout(values: torch.Tensor) -> torch.Tensor:
+        return values.contiguous()
 
     @property
     def weight_format(self) -> BalancedSparseWeight:

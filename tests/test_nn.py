@@ -177,6 +177,12 @@ def test_state_dict_round_trip(kind):
         assert torch.equal(v, sd[k]), k
     x = torch.randn(5, 64)
     assert torch.equal(fresh(x), m(x))
+    # assign=True installs the stored tensors themselves; saved files hold values in the logical layout.
+    plain = {k: v.contiguous() for k, v in sd.items()}
+    assigned = make(kind, 64, 48, activation="silu")
+    assigned.load_state_dict(plain, assign=True)
+    assert is_kernel_layout(assigned) and isinstance(assigned.values, nn.Parameter)
+    assert torch.equal(assigned(x), m(x))
 
 
 def test_load_state_dict_rejects_other_configurations_and_corrupt_patterns():
