@@ -186,7 +186,7 @@ class GradualPruner:
         include: Any = None,
         exclude: Any = None,
     ) -> None:
-        from .patch import _candidates, _filter_fn
+        from .patch import _candidates, _filter_fn, _tied_elsewhere
 
         if pattern not in PRUNE_PATTERNS:
             raise ValueError(f"pattern must be one of {PRUNE_PATTERNS}, got {pattern!r}")
@@ -208,10 +208,17 @@ class GradualPruner:
         names = [n for n, _ in cands]
         inc = _filter_fn(include, "include", names)
         exc = _filter_fn(exclude, "exclude", names)
+        param_names: Dict[int, List[str]] = {}
+        for pname, p in model.named_parameters(remove_duplicate=False):
+            param_names.setdefault(id(p), []).append(pname)
         self.layers: Dict[str, nn.Module] = {}
         self.skipped: Dict[str, str] = {}
         for name, m in cands:
             if id(m) in mha_out or (inc is not None and not inc(name, m)) or (exc is not None and exc(name, m)):
+                continue
+            tied = _tied_elsewhere(model, m, param_names)
+            if tied:
+                self.skipped[name] = f"weight is tied to {', '.join(tied)}"
                 continue
             try:  # a layer the final pattern does not fit stays dense
                 self._mask_for(dense_weight_of(m), None, self.final_sparsity)

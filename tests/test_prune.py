@@ -265,3 +265,28 @@ def test_head_pruning_needs_bert_style_attention():
     with pytest.raises(ValueError, match="no .loss"):
         model = tiny_classifier()
         prune.head_importance(model, [{"input_ids": torch.randint(0, 100, (2, 5))}])
+
+
+def test_gradual_pruner_on_gpt2_conv1d():
+    torch.manual_seed(8)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=1, n_head=4, n_positions=32, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    pruner = prune.GradualPruner(model, 0.5, end_step=2, frequency=1, pattern="block", block=16, method="movement")
+    assert pruner.skipped == {"lm_head": "weight is tied to transformer.wte.weight"}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 100, (2, 8))
+    for _ in range(2):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        pruner.step()
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert c_fc.weight.shape == (64, 256) and pruner.masks["transformer.h.0.mlp.c_fc"].shape == (256, 64)
+    assert not c_fc.weight.t()[~pruner.masks["transformer.h.0.mlp.c_fc"]].any()
+    model.eval()
+    dense = copy.deepcopy(model)
+    report = pruner.compact(model, skip_if_slower=False, sample_tokens=0)
+    assert len(report.converted) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits)
