@@ -84,22 +84,24 @@ class SparseLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _choose_backend(self) -> None:
-        """Picks the backend for the values' device. When none can run there (e.g. a module on ``meta``), the
-        choice is deferred: forward raises the error that lists each backend and why it refused."""
+    def _refresh(self) -> None:
+        """After construction, a move or a load: picks the backend for the values' device and builds the format
+        object that forward passes to the kernels (once, not per call). When no backend can run on the device
+        (e.g. ``meta``), the choice is deferred: forward raises the error that lists each backend's reason."""
         try:
             self.backend = ops.select_backend(self.values.device, self._backend_request)
         except RuntimeError:
             self.backend = None
+        self._format = self.weight_format
 
     def _apply(self, fn, recurse: bool = True):
         module = super()._apply(fn, recurse)
-        self._choose_backend()
+        self._refresh()
         return module
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._choose_backend()  # the unpickling process may have other backends than the pickling one
+        self._refresh()  # the unpickling process may have other backends than the pickling one
 
     @property
     def weight_format(self):  # pragma: no cover - overridden
@@ -109,7 +111,10 @@ class SparseLinear(nn.Module):
         """``activation(x W^T + bias)``: ``[..., in_features] -> [..., out_features]``."""
         if self.backend is None:
             ops.select_backend(self.values.device, self._backend_request)  # raises, naming each backend's reason
-        return ops.linear(x, self.weight_format, self.bias, self.activation, backend=self.backend)
+        weight = self._format
+        if weight.values is not self.values:  # the parameter was replaced by hand
+            weight = self.weight_format
+        return ops.linear(x, weight, self.bias, self.activation, backend=self.backend)
 
     def to_linear(self) -> nn.Linear:
         """An equivalent dense ``nn.Linear`` (same dtype and device; pruned weights are zeros).
@@ -168,6 +173,7 @@ class SparseLinear(nn.Module):
         laid_out = self._kernel_layout(self.values.detach())
         if laid_out.stride() != self.values.stride():
             self.values = nn.Parameter(laid_out, requires_grad=self.values.requires_grad)
+        self._refresh()
 
 
 class BlockSparseLinear(SparseLinear):
@@ -214,7 +220,7 @@ class BlockSparseLinear(SparseLinear):
             self.register_buffer(name, getattr(weight, name))
         self.register_buffer("pattern_info", torch.tensor([*weight.shape, *weight.block], dtype=torch.int64,
                                                           device=weight.values.device))
-        self._choose_backend()
+        self._refresh()
 
     @classmethod
     def from_weight(
@@ -317,7 +323,7 @@ class BalancedSparseLinear(SparseLinear):
         self.register_buffer("indices", weight.indices)
         self.register_buffer("pattern_info", torch.tensor([*weight.shape, weight.bank, weight.keep], dtype=torch.int64,
                                                           device=weight.values.device))
-        self._choose_backend()
+        self._refresh()
 
     @classmethod
     def from_weight(

@@ -216,6 +216,14 @@ def test_extra_repr_and_properties():
     assert m.weight_format.values.data_ptr() == m.values.data_ptr()
 
 
+def test_replaced_parameter_is_used():
+    torch.manual_seed(10)
+    m = BlockSparseLinear(64, 32, block=16, bias=False)
+    x = torch.randn(3, 64)
+    m.values = nn.Parameter(2 * m.values.detach())
+    torch.testing.assert_close(m(x), x @ m.weight_format.to_dense().t())
+
+
 def test_meta_device_defers_the_backend_error():
     m = BlockSparseLinear(64, 64, block=16, device="meta")
     assert m.values.is_meta and m.backend is None
