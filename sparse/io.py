@@ -80,7 +80,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
             continue
         if ident is not None:
             seen[ident] = key
-        tensors[key] = t.detach().contiguous()
+        tensors[key] = t.detach().to("cpu").contiguous()
     save_file(tensors, os.path.join(path, TENSORS_FILE))
 
     dtype = _main_dtype(model)
