@@ -338,3 +338,16 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="no nn.Linear or Conv1D"):
         sparse.sparsify(nn.Sequential(nn.ReLU()), "block", 0.5, **common)
     assert not any(isinstance(m, SparseLinear) for m in model.modules())  # failed calls changed nothing
+
+
+def test_torch_compile_fullgraph_training_step_equals_eager():
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    sparse.sparsify(model, "balanced", keep=4, bank=16, skip_if_slower=False, sample_tokens=0, fuse_activations=True)
+    x = torch.randn(2, 7, 64)
+    model(x).square().sum().backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.compile(model, fullgraph=True)(x).square().sum().backward()
+    for g, p in zip(eager, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
