@@ -407,6 +407,8 @@ def sparsify(
         layers.append(rep)
         if isinstance(m, SparseLinear):
             rep.reason = "already sparse"
+        elif isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
+            rep.reason = f"{type(m).__name__} overrides nn.Linear.forward; a sparse layer would drop that behaviour"
         elif id(m) in mha_out:
             rep.reason = "nn.MultiheadAttention reads out_proj.weight directly instead of calling it"
         elif inc is not None and not inc(name, m):

@@ -200,6 +200,17 @@ def test_include_exclude_and_predicates():
     assert again.layer("encoder.layer.0.intermediate.dense").reason == "already sparse"
 
 
+def test_linear_subclass_with_own_forward_is_skipped():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(32, 32), nn.Linear(32, 32))
+    report = sparse.sparsify(model, "block", 0.5, block=16, skip_if_slower=False, sample_tokens=0)
+    assert "Scaled overrides nn.Linear.forward" in report.layer("0").reason
+    assert type(model[0]) is Scaled and isinstance(model[1], BlockSparseLinear)
+
+
 def test_multihead_attention_out_proj_is_skipped():
     class Block(nn.Module):
         def __init__(self):
