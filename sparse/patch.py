@@ -1,6 +1,6 @@
 """The patcher: replaces a model's dense Linear layers by sparse ones, in place, and reports what it did.
 
-``sparsify`` handles ``nn.Linear`` (and subclasses) and transformers' ``Conv1D`` (GPT-2; weight stored
+``sparsify`` handles ``nn.Linear`` (and subclasses that keep its forward) and transformers' ``Conv1D`` (GPT-2; weight stored
 ``[in, out]``). With ``skip_if_slower`` each layer's dense and sparse forward are timed on a sample input in the
 layer's dtype and device, and a layer whose sparse version measures slower stays dense. With
 ``fuse_activations`` a Linear directly followed by a supported activation (BERT's ``intermediate.dense`` +
@@ -85,6 +85,9 @@ class Fusion:
 
 @dataclass
 class SparsifyReport:
+    """What ``sparsify`` did: one LayerReport per Linear-like layer of the model (in module order), the
+    activations it fused, and its settings, including how latency was measured (``settings["timing"]``)."""
+
     layers: List[LayerReport] = field(default_factory=list)
     fusions: List[Fusion] = field(default_factory=list)
     settings: Dict[str, Any] = field(default_factory=dict)
@@ -186,15 +189,14 @@ def activation_name(act: Any) -> Optional[str]:
     if isinstance(act, nn.Module):
         cls = type(act)
         if cls.__module__.startswith("transformers.") and cls.__name__ in _HF_ACTIVATIONS:
-            if cls.__name__ == "GELUActivation" and getattr(act, "act", F.gelu) is not F.gelu:
-                return "gelu"  # the pure-Python erf formula: the same function
+            # Their pure-Python variants (use_gelu_python, ...) compute the same functions.
             return _HF_ACTIVATIONS[cls.__name__]
         return None
     if act in (F.relu, torch.relu):
         return "relu"
     if act is F.gelu:
         return "gelu"
-    if act in (F.silu,):
+    if act is F.silu:
         return "silu"
     return None
 
@@ -212,6 +214,11 @@ def _find_fusions(model: nn.Module, selected: Dict[int, str]) -> Dict[str, Tuple
     """For each selected Linear (by name) whose output feeds only a fusable activation:
     name -> (activation, parent of the activation slot, slot attribute)."""
     found: Dict[str, Tuple[str, nn.Module, str]] = {}
+    uses: Dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    # A Linear registered at several places may feed other layers too: the activation would reach them.
+    selected = {i: n for i, n in selected.items() if uses.get(i, 0) == 1}
     for parent in model.modules():
         if isinstance(parent, nn.Sequential):
             children = list(parent._modules.items())

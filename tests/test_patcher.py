@@ -147,6 +147,11 @@ def test_sequential_mlp_fusions():
     assert [(f.linear, f.replaced, f.activation) for f in report.fusions] == [
         ("0", "1", "relu"), ("2", "3", "gelu_tanh"), ("4", "5", "silu")]  # Tanh has no fused form
     assert isinstance(model[7], nn.Tanh) and model[6].activation == "none"
+    shared = nn.Linear(16, 16)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    assert sparse.sparsify(twice, "block", 0.5, block=8, skip_if_slower=False, sample_tokens=0,
+                           fuse_activations=True).fusions == []  # its output also feeds the end of the model
+    assert twice[0] is twice[2] and isinstance(twice[0], BlockSparseLinear) and twice[0].activation == "none"
     x = torch.randn(3, 5, 64)
     check_against_masked_dense(dense, model, lambda m: m(x.to(next(m.parameters()).dtype)).detach())
 
