@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
+from . import prune
 from .formats import BalancedSparseWeight, BlockSparseWeight
 from .nn import BalancedSparseLinear, BlockSparseLinear, SparseLinear
 from .patch import FusedActivation
@@ -52,7 +53,6 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
 
     ``load`` restores it exactly onto a freshly built dense model of the same architecture."""
     from safetensors.torch import save_file
-    from . import prune  # pruned heads are recorded by prune.prune_heads
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -72,6 +72,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     tensors: Dict[str, torch.Tensor] = {}
     tied: Dict[str, str] = {}
     seen: Dict[tuple, str] = {}
+    storages = set()
     for key, t in state.items():
         # Tied parameters (e.g. GPT-2's lm_head and wte) are one tensor under two names: store it once.
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else None
@@ -80,7 +81,12 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
             continue
         if ident is not None:
             seen[ident] = key
-        tensors[key] = t.detach().to("cpu").contiguous()
+        out = t.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share memory; other views of an already stored storage are copied.
+        if out.numel() and out.untyped_storage().data_ptr() in storages:
+            out = out.clone()
+        storages.add(out.untyped_storage().data_ptr())
+        tensors[key] = out
     save_file(tensors, os.path.join(path, TENSORS_FILE))
 
     dtype = _main_dtype(model)
@@ -96,9 +102,12 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(meta, f, indent=1)
     config = getattr(model, "config", None)
+    config_path = os.path.join(path, CONFIG_FILE)
     if config is not None and hasattr(config, "to_json_string"):
-        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        with open(config_path, "w") as f:
             f.write(config.to_json_string())
+    elif os.path.exists(config_path):
+        os.remove(config_path)  # a stale config from an earlier save would describe another model
 
 
 def _build_model(model_or_config: Any, path: str, meta: Dict[str, Any]) -> nn.Module:
@@ -130,7 +139,6 @@ def load(model_or_config: Any, path: Union[str, os.PathLike]) -> nn.Module:
         equal to the saved one (cast to the saved dtype, on the device of the given model's parameters).
     """
     from safetensors.torch import load_file
-    from . import prune
 
     path = os.fspath(path)
     meta_path = os.path.join(path, META_FILE)
