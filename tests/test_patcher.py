@@ -367,3 +367,23 @@ def test_torch_compile_fullgraph_training_step_equals_eager():
     torch.compile(model, fullgraph=True)(x).square().sum().backward()
     for g, p in zip(eager, model.parameters()):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_save_load_views_sharing_memory(tmp_path):
+    class WithView(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(32, 32)
+            self.register_buffer("row", self.a.weight.detach()[0])  # a view of the weight's memory
+
+        def forward(self, x):
+            return self.a(x) + self.row
+
+    torch.manual_seed(16)
+    model = WithView()
+    sparse.sparsify(model, "block", 0.5, block=16, skip_if_slower=False, sample_tokens=0)
+    sparse.save(model, tmp_path)
+    loaded = sparse.load(WithView(), tmp_path)
+    assert torch.equal(loaded.row, model.row) and isinstance(loaded.a, BlockSparseLinear)
+    x = torch.randn(3, 32)
+    assert torch.equal(loaded(x), model(x))
