@@ -374,16 +374,18 @@ def test_save_load_views_sharing_memory(tmp_path):
         def __init__(self):
             super().__init__()
             self.a = nn.Linear(32, 32)
-            self.register_buffer("row", self.a.weight.detach()[0])  # a view of the weight's memory
+            self.b = nn.Linear(32, 32)
+            self.register_buffer("row", self.a.weight.detach()[1])  # a view of a's weight memory
 
         def forward(self, x):
-            return self.a(x) + self.row
+            return self.b(self.a(x) + self.row)
 
     torch.manual_seed(16)
     model = WithView()
-    sparse.sparsify(model, "block", 0.5, block=16, skip_if_slower=False, sample_tokens=0)
+    sparse.sparsify(model, "block", 0.5, block=16, include="b", skip_if_slower=False, sample_tokens=0)
     sparse.save(model, tmp_path)
     loaded = sparse.load(WithView(), tmp_path)
-    assert torch.equal(loaded.row, model.row) and isinstance(loaded.a, BlockSparseLinear)
+    assert torch.equal(loaded.row, model.row) and torch.equal(loaded.a.weight, model.a.weight)
+    assert isinstance(loaded.b, BlockSparseLinear)
     x = torch.randn(3, 32)
     assert torch.equal(loaded(x), model(x))
