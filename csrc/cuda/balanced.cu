@@ -9,7 +9,6 @@
 #include <algorithm>
 
 #include "common.cuh"
-#include "kernels.cuh"
 
 namespace sparsekern::cuda {
 namespace {

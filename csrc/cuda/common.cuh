@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "kernels.h"
+
 // Returns from the enclosing function with the error of a failed CUDA runtime call.
 #define SK_CUDA_TRY(call)                        \
   do {                                           \
@@ -21,12 +23,6 @@
 #define SK_LAUNCH_CHECK() SK_CUDA_TRY(cudaGetLastError())
 
 namespace sparsekern::cuda {
-
-// Element type of a tensor, as the launcher passes it (the kernels are templated on the C++ type).
-enum class DType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
-
-// Same numbering as sparsekern::Activation in checks.h.
-enum class Act : int { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3, Silu = 4 };
 
 // Accumulation type: fp32 for every 16/32-bit type, fp64 for fp64 (as at::opmath_type).
 template <typename T> struct AccT { using type = float; };

@@ -14,7 +14,6 @@
 #include <algorithm>
 
 #include "common.cuh"
-#include "kernels.cuh"
 #include "nm24_layout.h"
 
 namespace sparsekern::cuda {
