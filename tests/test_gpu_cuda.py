@@ -164,6 +164,17 @@ def test_cuda_ops_pass_opcheck():
     torch.library.opcheck(ops.balanced_sddmm, (g, x, b.indices, 32))
 
 
+def test_nm24_ops_pass_opcheck_and_compile():
+    w = _balanced((64, 128), 4, 2, torch.bfloat16)
+    x = _rand(9, 128, dtype=torch.bfloat16)
+    utils = ("test_schema", "test_faketensor")  # inference-only ops: no autograd registered
+    torch.library.opcheck(ops.nm24_pack, (w.values, w.indices), test_utils=utils)
+    pv, pm = ops.nm24_pack(w.values, w.indices)
+    torch.library.opcheck(ops.nm24_linear, (x, pv, pm, None, "relu"), test_utils=utils)
+    compiled = torch.compile(lambda x: ops.nm24_linear(x, pv, pm, None, "relu"), fullgraph=True)
+    torch.testing.assert_close(compiled(x), ops.nm24_linear(x, pv, pm, None, "relu"), rtol=0, atol=0)
+
+
 def test_cuda_autograd_gradcheck_float64():
     w = _block((24, 20), (8, 4), 0.4, torch.float64)
     x = _rand(3, 20, dtype=torch.float64).requires_grad_()

@@ -279,6 +279,27 @@ at::Tensor nm24_linear_cuda(const at::Tensor& x_in, const at::Tensor& pv, const 
   return y;
 }
 
+// Shape-only (Meta) kernels of the two CUDA-only ops, for fake tensors (torch.compile, opcheck). They live here
+// rather than in sparse/ops.py because the ops exist only in CUDA builds.
+std::tuple<at::Tensor, at::Tensor> nm24_pack_meta(const at::Tensor& values, const at::Tensor& indices) {
+  (void)indices;
+  TORCH_CHECK(values.dim() == 3 && values.size(2) == 2, "nm24_pack: values must be [out, in/4, 2], got ",
+              values.sizes());
+  const int64_t out = values.size(0), in = values.size(1) * 4;
+  TORCH_CHECK(nm24::shape_ok(out, in), "nm24_pack: out_features must be a multiple of 16 and in_features of 64, got ",
+              out, " x ", in);
+  return {at::empty({out / 16, in / 32, 32, 8}, values.options()),
+          at::empty({out / 16, in / 64, 32}, values.options().dtype(at::kInt))};
+}
+
+at::Tensor nm24_linear_meta(const at::Tensor& x, const at::Tensor& pv, const at::Tensor& pm,
+                            const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  (void)pm, (void)bias, (void)activation;
+  TORCH_CHECK(x.dim() == 2 && pv.dim() == 4, "nm24_linear: x must be 2-D and packed_values 4-D, got ", x.sizes(),
+              " and ", pv.sizes());
+  return at::empty({x.size(0), pv.size(0) * 16}, x.options());
+}
+
 }  // namespace
 }  // namespace sparsekern::cuda
 
@@ -300,4 +321,9 @@ TORCH_LIBRARY_IMPL(sparsekern, CUDA, m) {
   m.impl("balanced_sddmm", &sparsekern::cuda::balanced_sddmm_cuda);
   m.impl("nm24_pack", &sparsekern::cuda::nm24_pack_cuda);
   m.impl("nm24_linear", &sparsekern::cuda::nm24_linear_cuda);
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, Meta, m) {
+  m.impl("nm24_pack", &sparsekern::cuda::nm24_pack_meta);
+  m.impl("nm24_linear", &sparsekern::cuda::nm24_linear_meta);
 }
