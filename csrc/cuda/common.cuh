@@ -108,12 +108,21 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// mma.sp::ordered_metadata (PTX ISA 8.5, CUDA 12.5+) is the form ptxas recommends; it requires the two indices of
+// each group in increasing order, which the balanced format guarantees (indices sorted per bank). Older
+// toolkits only know the plain form, with the same operands.
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 5))
+#define SK_MMA_SP "mma.sp::ordered_metadata"
+#else
+#define SK_MMA_SP "mma.sp"
+#endif
+
 // D += A B for one m16n8k32 tile with a 2:4-sparse A (16 x 16 compressed values + 2-bit indices in `meta`).
 // SEL is the sparsity selector: which pair of threads of each quad supplies the metadata (0: lanes 0,1; 1: 2,3).
 template <int SEL>
 __device__ __forceinline__ void mma_sp_16832_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t meta) {
   asm volatile(
-      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "
+      SK_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "
       "{%0,%1,%2,%3}, %12, %13;\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(meta), "n"(SEL));
@@ -121,7 +130,7 @@ __device__ __forceinline__ void mma_sp_16832_f16(float (&d)[4], const uint32_t (
 template <int SEL>
 __device__ __forceinline__ void mma_sp_16832_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t meta) {
   asm volatile(
-      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "
+      SK_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "
       "{%0,%1,%2,%3}, %12, %13;\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(meta), "n"(SEL));
