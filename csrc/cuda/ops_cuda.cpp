@@ -139,8 +139,8 @@ at::Tensor bsr_sddmm_cuda(const at::Tensor& dy_in, const at::Tensor& x_in, const
   check_meta(row_offsets, values, (s.out + s.bo - 1) / s.bo + 1, "row_offsets");
   check_meta(col_indices, values, s.nnz, "col_indices");
   const c10::cuda::CUDAGuard guard(x.device());
-  // The gradient has the shape and strides of values (the parameter's own layout).
-  at::Tensor dw = at::empty_strided(values.sizes(), {s.bo * s.bi, 1, s.bo}, values.options());
+  // The gradient has the shape and strides of values (the parameter's own layout, which the kernels write).
+  at::Tensor dw = at::empty_like(values);
   check_launch(bsr_sddmm(dtype_of(x), s, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
                          row_offsets.data_ptr<int32_t>(), col_indices.data_ptr<int32_t>(), dw.data_ptr(),
                          c10::cuda::getCurrentCUDAStream()),
