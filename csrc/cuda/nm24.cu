@@ -84,20 +84,19 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   auto load_stage = [&](int s, int ks) {
     uint16_t* As = stage_a(s);
-    // Packed A: per row tile, the two k-tiles of this stage are 1 KiB contiguous in global memory.
+    // Packed A: per row tile, the two k-tiles of this stage are 1 KiB contiguous in global memory. Row tiles
+    // past the matrix load the last real tile instead of zeros: zero metadata would repeat index 0, which
+    // mma.sp::ordered_metadata does not allow; those output rows are never stored.
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int c = tid + j * kThreads, mt_l = c >> 6, off = c & 63;
-      const int64_t mt = m0 / 16 + mt_l;
-      const bool ok = mt < MT;
-      const uint16_t* src = pv + ((ok ? mt : 0) * KT + 2 * int64_t(ks)) * 256 + off * 8;
-      cp_async16(As + mt_l * 512 + off * 8, src, ok ? 16 : 0);
+      const int64_t mt = min(m0 / 16 + mt_l, MT - 1);
+      cp_async16(As + mt_l * 512 + off * 8, pv + (mt * KT + 2 * int64_t(ks)) * 256 + off * 8, 16);
     }
     if (tid < kMT * 8) {
       const int mt_l = tid >> 3, off = tid & 7;
-      const int64_t mt = m0 / 16 + mt_l;
-      const bool ok = mt < MT;
-      cp_async16(stage_m(s) + mt_l * 32 + off * 4, pm + ((ok ? mt : 0) * KP + ks) * 32 + off * 4, ok ? 16 : 0);
+      const int64_t mt = min(m0 / 16 + mt_l, MT - 1);
+      cp_async16(stage_m(s) + mt_l * 32 + off * 4, pm + (mt * KP + ks) * 32 + off * 4, 16);
     }
     T* Xs = stage_x(s);
 #pragma unroll
