@@ -328,12 +328,14 @@ cudaError_t dispatch16(DType dt, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-}  // namespace
-
+// Whether the tensor-core kernels take this problem: 16-bit types, whole 32-wide sub-tiles in every block, and
+// 16-byte cp.async chunks that never straddle a matrix edge or a misaligned address.
 bool bsr_tc_supported(DType dt, const BsrShape& s, int64_t ld_a, const void* a, const void* c) {
   return (dt == DType::F16 || dt == DType::BF16) && s.bo % 32 == 0 && s.bi % 32 == 0 && s.in % 8 == 0 &&
          s.out % 8 == 0 && ld_a % 8 == 0 && aligned16(a) && aligned16(c);
 }
+
+}  // namespace
 
 cudaError_t bsr_linear(DType dt, const BsrShape& s, const void* x, int64_t ldx, const void* values,
                        const int32_t* row_offsets, const int32_t* col_indices, const void* bias, Act act, void* y,

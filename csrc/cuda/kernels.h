@@ -23,9 +23,6 @@ struct BsrShape {
   int64_t T, out, in, bo, bi, nnz;
 };
 
-// Whether the tensor-core path takes this problem (fp16/bf16 only; see bsr.cu for the conditions).
-bool bsr_tc_supported(DType dt, const BsrShape& s, int64_t ld_a, const void* a, const void* c);
-
 // y [T, out] = act(x W^T + bias). bias may be null.
 cudaError_t bsr_linear(DType dt, const BsrShape& s, const void* x, int64_t ldx, const void* values,
                        const int32_t* row_offsets, const int32_t* col_indices, const void* bias, Act act, void* y,
