@@ -158,9 +158,10 @@ def test_sequential_mlp_fusions():
 
 def test_skip_if_slower_follows_the_measurement():
     torch.manual_seed(5)
-    model = tiny_bert(layers=1)
+    dense = tiny_bert(layers=1)
+    model = copy.deepcopy(dense)
     rng = torch.get_rng_state()
-    report = sparse.sparsify(model, "block", 0.5, block=16, sample_tokens=16, repeats=3)
+    report = sparse.sparsify(model, "block", 0.5, block=16, sample_tokens=16, repeats=3, fuse_activations=True)
     assert torch.equal(torch.get_rng_state(), rng)  # timing inputs come from a private generator
     assert "median of 3" in report.settings["timing"]
     for r in report.layers:
@@ -170,6 +171,10 @@ def test_skip_if_slower_follows_the_measurement():
             assert r.status == KEPT_DENSE and type(module) is nn.Linear and "sparse" in r.reason
         else:
             assert r.status == CONVERTED and isinstance(module, BlockSparseLinear)
+    fused = {f.linear for f in report.fusions}
+    assert fused == {r.name for r in report.converted if r.name.endswith("intermediate.dense")}
+    # Whatever mix of dense and sparse layers the measurement chose, the model computes the same function.
+    check_against_masked_dense(dense, model, lambda m: hidden(m, IDS))
 
 
 def test_report_contents():
