@@ -25,7 +25,7 @@ computes the dense [BLOCK_O, BANK] tile of dY^T X on the tensor cores and gather
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -37,45 +37,52 @@ __all__ = ["balanced_linear", "balanced_linear_grad_input", "balanced_sddmm", "C
 
 # ---- autotune configurations ------------------------------------------------------------------------------
 # A starting point, UNMEASURED: no GPU was available when these were written (2026-11-29). Chosen from tile
-# shapes so that each compiles on sm_80 and sm_90 without spills and inside shared memory (checked by
-# tests/test_triton_compile.py). benchmarks/gpu_triton.py must measure, per arch, bank 64 / keep 16 at
-# T=4096 on the three Llama shapes, which config wins, and prune the rest here with the numbers.
-# Keyed on T, N, K and (BANK, KEEP).
-CONFIGS: Dict[str, Dict[int, List[triton.Config]]] = {
+# shapes and kept only if each compiles on sm_80 and sm_90 without spills and inside shared memory (checked
+# by tests/test_triton_compile.py). benchmarks/gpu_triton.py must measure, per arch, bank 64 / keep 16 at
+# T=4096 on the three Llama shapes, which config wins, and the rest be pruned here with the numbers.
+# Keyed on T, N, K and (BANK, keep). Sets per (arch, element bits) as in bsr.py: fp32 gets smaller tiles.
+CONFIGS: Dict[str, Dict[Tuple[int, int], List[triton.Config]]] = {
     # Forward: BLOCK_T tokens x BLOCK_O outputs per program. The decompress is paid once per BLOCK_T tokens,
     # so BLOCK_T is large; BLOCK_O 64 keeps the decompressed [BANK, BLOCK_O] tile at 32 registers/thread.
     "fwd": {
-        80: [
+        (80, 16): [
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 128}, num_warps=8, num_stages=3),
         ],
-        90: [
+        (90, 16): [
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_T": 256, "BLOCK_O": 64}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 128}, num_warps=8, num_stages=3),
         ],
+        # fp32: the 16-bit tiles spilled 0.2-6 KB here (compile test, sm_90).
+        (80, 32): [triton.Config({"BLOCK_T": 64, "BLOCK_O": 32}, num_warps=4, num_stages=2)],
+        (90, 32): [triton.Config({"BLOCK_T": 64, "BLOCK_O": 32}, num_warps=4, num_stages=2)],
     },
     # Input gradient: BLOCK_T tokens x one bank per program, looping over BLOCK_O outputs (the dot's K).
     "grad_input": {
-        80: [
+        (80, 16): [
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 32}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 64}, num_warps=4, num_stages=3),
         ],
-        90: [
+        (90, 16): [
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_T": 256, "BLOCK_O": 64}, num_warps=8, num_stages=3),
         ],
+        (80, 32): [triton.Config({"BLOCK_T": 64, "BLOCK_O": 32}, num_warps=4, num_stages=2)],
+        (90, 32): [triton.Config({"BLOCK_T": 64, "BLOCK_O": 32}, num_warps=4, num_stages=2)],
     },
     # SDDMM: BLOCK_O outputs x one bank per program, looping over BLOCK_T tokens (the dot's K).
     "sddmm": {
-        80: [
+        (80, 16): [
             triton.Config({"BLOCK_O": 64, "BLOCK_T": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_O": 128, "BLOCK_T": 32}, num_warps=4, num_stages=3),
         ],
-        90: [
+        (90, 16): [
             triton.Config({"BLOCK_O": 64, "BLOCK_T": 64}, num_warps=4, num_stages=4),
             triton.Config({"BLOCK_O": 128, "BLOCK_T": 64}, num_warps=8, num_stages=3),
         ],
+        (80, 32): [triton.Config({"BLOCK_O": 64, "BLOCK_T": 32}, num_warps=4, num_stages=3)],
+        (90, 32): [triton.Config({"BLOCK_O": 64, "BLOCK_T": 32}, num_warps=4, num_stages=3)],
     },
 }
 # CPU tensors (TRITON_INTERPRET=1 only): one small config keeps the interpreter fast.
@@ -85,24 +92,26 @@ _INTERPRET_CONFIG = {"BLOCK_T": 16, "BLOCK_O": 16}
 # ---- kernels ------------------------------------------------------------------------------------------------
 @triton.jit
 def _decompress(values_ptr, indices_ptr, offs_o, o_mask, b, offs_c,
-                stride_vo, stride_vb, stride_vj, stride_io, stride_ib, stride_ij, KEEP: tl.constexpr):
-    """The dense [BLOCK_O, BANK_P] slice of W for outputs offs_o and bank b (zeros off the pattern)."""
+                stride_vo, stride_vb, stride_vj, stride_io, stride_ib, stride_ij, keep):
+    """The dense [BANK_P, BLOCK_O] slice of W^T for outputs offs_o and bank b (zeros off the pattern).
+    Outputs lie along the tile's fast axis so each thread holds few of them: the per-output value and index
+    vectors (and their 64-bit addresses) then cost a few registers, not one per row of the tile."""
     v_row = values_ptr + offs_o.to(tl.int64) * stride_vo + b * stride_vb
     i_row = indices_ptr + offs_o.to(tl.int64) * stride_io + b * stride_ib
-    w = tl.zeros((offs_o.shape[0], offs_c.shape[0]), dtype=values_ptr.dtype.element_ty)
-    for j in range(KEEP):
+    w = tl.zeros((offs_c.shape[0], offs_o.shape[0]), dtype=values_ptr.dtype.element_ty)
+    for j in range(keep):
         v = tl.load(v_row + j * stride_vj, mask=o_mask, other=0.0)
         idx = tl.load(i_row + j * stride_ij, mask=o_mask, other=0).to(tl.int32)
-        w = tl.where(offs_c[None, :] == idx[:, None], v[:, None], w)
+        w = tl.where(offs_c[:, None] == idx[None, :], v[None, :], w)
     return w
 
 
 @triton.jit
 def _balanced_linear_kernel(
     x_ptr, values_ptr, indices_ptr, bias_ptr, y_ptr,
-    T, N, K, n_banks,
+    T, N, K, n_banks, keep,
     stride_xt, stride_xk, stride_vo, stride_vb, stride_vj, stride_io, stride_ib, stride_ij, stride_yt, stride_yn,
-    BANK: tl.constexpr, KEEP: tl.constexpr, BANK_P: tl.constexpr,
+    BANK: tl.constexpr, BANK_P: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -122,8 +131,8 @@ def _balanced_linear_kernel(
         c_mask = (offs_c < BANK) & (cols < K)
         xt = tl.load(x_rows + cols[None, :] * stride_xk, mask=t_mask[:, None] & c_mask[None, :], other=0.0)
         w = _decompress(values_ptr, indices_ptr, offs_o, o_mask, b, offs_c,
-                        stride_vo, stride_vb, stride_vj, stride_io, stride_ib, stride_ij, KEEP)
-        acc = tl.dot(xt, tl.trans(w), acc, input_precision=PRECISION)
+                        stride_vo, stride_vb, stride_vj, stride_io, stride_ib, stride_ij, keep)
+        acc = tl.dot(xt, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
     acc = _activation(acc, ACTIVATION)
@@ -134,9 +143,9 @@ def _balanced_linear_kernel(
 @triton.jit
 def _balanced_grad_input_kernel(
     g_ptr, values_ptr, indices_ptr, dx_ptr,
-    T, N, K, n_banks,
+    T, N, K, n_banks, keep,
     stride_gt, stride_gn, stride_vo, stride_vb, stride_vj, stride_io, stride_ib, stride_ij, stride_dt, stride_dk,
-    BANK: tl.constexpr, KEEP: tl.constexpr, BANK_P: tl.constexpr, PRECISION: tl.constexpr,
+    BANK: tl.constexpr, BANK_P: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """dX[t tile, bank b], looping over output tiles."""
@@ -154,8 +163,8 @@ def _balanced_grad_input_kernel(
         o_mask = offs_o < N
         gt = tl.load(g_rows + offs_o[None, :] * stride_gn, mask=t_mask[:, None] & o_mask[None, :], other=0.0)
         w = _decompress(values_ptr, indices_ptr, offs_o, o_mask, b, offs_c,
-                        stride_vo, stride_vb, stride_vj, stride_io, stride_ib, stride_ij, KEEP)
-        acc = tl.dot(gt, w, acc, input_precision=PRECISION)
+                        stride_vo, stride_vb, stride_vj, stride_io, stride_ib, stride_ij, keep)
+        acc = tl.dot(gt, tl.trans(w), acc, input_precision=PRECISION)
     dx = dx_ptr + offs_t.to(tl.int64)[:, None] * stride_dt + cols[None, :] * stride_dk
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=t_mask[:, None] & c_mask[None, :])
 
@@ -163,9 +172,9 @@ def _balanced_grad_input_kernel(
 @triton.jit
 def _balanced_sddmm_kernel(
     g_ptr, x_ptr, indices_ptr, dv_ptr,
-    T, N, K, n_banks,
+    T, N, K, n_banks, keep,
     stride_gt, stride_gn, stride_xt, stride_xk, stride_io, stride_ib, stride_ij, stride_vo, stride_vb, stride_vj,
-    BANK: tl.constexpr, KEEP: tl.constexpr, BANK_P: tl.constexpr, KEEP_P: tl.constexpr, PRECISION: tl.constexpr,
+    BANK: tl.constexpr, BANK_P: tl.constexpr, KEEP_P: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """dW[o tile, bank b, :]: the dense tile of dY^T X over all tokens, then its KEEP kept entries per row."""
@@ -187,7 +196,7 @@ def _balanced_sddmm_kernel(
                      mask=t_mask[:, None] & c_mask[None, :], other=0.0)  # X [BLOCK_T, BANK_P]
         acc = tl.dot(gt, xt, acc, input_precision=PRECISION)
     offs_j = tl.arange(0, KEEP_P)
-    keep_mask = o_mask[:, None] & (offs_j < KEEP)[None, :]
+    keep_mask = o_mask[:, None] & (offs_j < keep)[None, :]
     o64 = offs_o.to(tl.int64)[:, None]
     idx = tl.load(indices_ptr + o64 * stride_io + b * stride_ib + offs_j[None, :] * stride_ij,
                   mask=keep_mask, other=0).to(tl.int32)
@@ -196,8 +205,8 @@ def _balanced_sddmm_kernel(
     tl.store(dv, kept.to(dv_ptr.dtype.element_ty), mask=keep_mask)
 
 
-def _autotuned(kernel, configs: Dict[int, List[triton.Config]]) -> Dict[int, triton.runtime.Autotuner]:
-    return {arch: triton.autotune(configs=cfgs, key=["T", "N", "K", "BANK", "KEEP"])(kernel) for arch, cfgs in configs.items()}
+def _autotuned(kernel, configs: Dict[Tuple[int, int], List[triton.Config]]) -> Dict[Tuple[int, int], triton.runtime.Autotuner]:
+    return {k: triton.autotune(configs=cfgs, key=["T", "N", "K", "BANK", "keep"])(kernel) for k, cfgs in configs.items()}
 
 
 _TUNED = {
@@ -266,10 +275,10 @@ def balanced_linear(
     if T == 0:
         return y
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(N, meta["BLOCK_O"]),)  # noqa: E731
-    args = (x, values, indices, bias if bias is not None else y, y, T, N, K, n_banks,
+    args = (x, values, indices, bias if bias is not None else y, y, T, N, K, n_banks, keep,
             x.stride(0), x.stride(1), *values.stride(), *indices.stride(), y.stride(0), y.stride(1))
-    _launch(_balanced_linear_kernel, _TUNED["fwd"], _INTERPRET_CONFIG, x.device, grid, args, config,
-            BANK=bank, KEEP=keep, BANK_P=_pad(bank), HAS_BIAS=bias is not None,
+    _launch(_balanced_linear_kernel, _TUNED["fwd"], _INTERPRET_CONFIG, x.device, x.dtype, grid, args, config,
+            BANK=bank, BANK_P=_pad(bank), HAS_BIAS=bias is not None,
             ACTIVATION=ACTIVATION_CODES[activation], PRECISION=_precision(x.dtype))
     return y
 
@@ -291,10 +300,10 @@ def balanced_linear_grad_input(
     if T == 0:
         return dx
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * n_banks,)  # noqa: E731
-    args = (grad_out, values, indices, dx, T, N, in_features, n_banks,
+    args = (grad_out, values, indices, dx, T, N, in_features, n_banks, keep,
             grad_out.stride(0), grad_out.stride(1), *values.stride(), *indices.stride(), dx.stride(0), dx.stride(1))
-    _launch(_balanced_grad_input_kernel, _TUNED["grad_input"], _INTERPRET_CONFIG, grad_out.device, grid, args, config,
-            BANK=bank, KEEP=keep, BANK_P=_pad(bank), PRECISION=_precision(grad_out.dtype))
+    _launch(_balanced_grad_input_kernel, _TUNED["grad_input"], _INTERPRET_CONFIG, grad_out.device, grad_out.dtype, grid, args, config,
+            BANK=bank, BANK_P=_pad(bank), PRECISION=_precision(grad_out.dtype))
     return dx
 
 
@@ -321,9 +330,9 @@ def balanced_sddmm(
         raise ValueError(f"grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} must have the same number of tokens")
     T, K = x.shape
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_O"]) * n_banks,)  # noqa: E731
-    args = (grad_out, x, indices, dv, T, N, K, n_banks,
+    args = (grad_out, x, indices, dv, T, N, K, n_banks, keep,
             grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), *indices.stride(), *dv.stride())
-    _launch(_balanced_sddmm_kernel, _TUNED["sddmm"], _INTERPRET_CONFIG, x.device, grid, args, config,
-            BANK=bank, KEEP=keep, BANK_P=_pad(bank), KEEP_P=triton.next_power_of_2(keep),
+    _launch(_balanced_sddmm_kernel, _TUNED["sddmm"], _INTERPRET_CONFIG, x.device, x.dtype, grid, args, config,
+            BANK=bank, BANK_P=_pad(bank), KEEP_P=triton.next_power_of_2(keep),
             PRECISION=_precision(x.dtype))
     return dv

@@ -28,7 +28,7 @@ fp16/bf16/fp32 inputs, fp32 accumulation; fp32 uses tf32 only when the caller al
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -41,43 +41,63 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ---- autotune configurations ------------------------------------------------------------------------------
 # A starting point, UNMEASURED: no GPU was available when these were written (2026-11-29). They were chosen
-# from the tile shapes alone so that every one compiles without spills and within shared memory on both
-# targets (tests/test_triton_compile.py checks that). benchmarks/gpu_triton.py must measure, per arch, which
-# config wins for T=4096 at block 32 and 64 and d=0.1..0.5, and prune the losers here with the numbers.
-# Only BLOCK_T (tokens per program) is tuned: the other tile sides are the weight's block.
+# from the tile shapes alone and kept only if they compile without spills and within shared memory for both
+# targets (tests/test_triton_compile.py checks every one). benchmarks/gpu_triton.py must measure, per arch,
+# which config wins for T=4096 at block 32 and 64 and d=0.1..0.5, and the losers be pruned here with the
+# numbers. Only BLOCK_T (tokens per program) is tuned: the other tile sides are the weight's block.
 # Keyed on T, N, K and the block (BO, BI): the best BLOCK_T depends on how many programs fill the GPU
 # (T/BLOCK_T x block rows) and on the K-loop length (blocks per row).
-CONFIGS: Dict[str, Dict[int, List[triton.Config]]] = {
+# Sets are per (arch, element bits): fp32 runs the dot on the CUDA cores (ieee) or as tf32 with twice the
+# bytes per tile, so it gets smaller tiles; the 16-bit tiles spill there (seen in the compile test).
+CONFIGS: Dict[str, Dict[Tuple[int, int], List[triton.Config]]] = {
     "fwd": {
-        # sm_80: 108 SMs, 164 KiB smem, no wgmma. 64-128 tokens x a 32/64 block keeps 4 warps busy with
-        # mma.sync; 3 stages hide the indirect (col_indices) loads.
-        80: [
+        # sm_80: 108 SMs, 164 KiB smem, mma.sync. 64-128 tokens x a 32/64 block keeps 4-8 warps busy;
+        # 3-4 stages hide the indirect (col_indices) loads.
+        (80, 16): [
             triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_T": 128}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_T": 128}, num_warps=8, num_stages=4),
         ],
         # sm_90: 132 SMs, 227 KiB smem, wgmma wants M >= 64 per warpgroup; 128-256 tokens give one or two
-        # warpgroups a full M, 4 stages of a 256x64 bf16 tile fit well inside 227 KiB.
-        90: [
+        # warpgroups a full M, and 3-4 stages of a 256x64 bf16 tile fit well inside 227 KiB.
+        (90, 16): [
             triton.Config({"BLOCK_T": 128}, num_warps=4, num_stages=4),
             triton.Config({"BLOCK_T": 128}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_T": 256}, num_warps=8, num_stages=3),
+        ],
+        # fp32: 128x64 fp32 at 4 warps spilled 2.4 KB on sm_90 (compile test); 64 tokens, or 128 on 8 warps.
+        (80, 32): [
+            triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_T": 128}, num_warps=8, num_stages=3),
+        ],
+        (90, 32): [
+            triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_T": 128}, num_warps=8, num_stages=3),
         ],
     },
 }
 # grad input has the forward's shape with the roles of rows and columns swapped: same starting set.
 CONFIGS["grad_input"] = CONFIGS["fwd"]
 # SDDMM reduces over tokens: BLOCK_T is the K of its dot, the output tile is the block. Longer token steps
-# (64-128) amortise the loop; 3-4 stages keep loads of dY^T and X in flight.
+# (64-128) amortise the loop; 3-4 stages keep loads of dY^T and X in flight. fp32 at 128 tokens x 4 stages
+# needs 193 KiB of shared memory (compile test), over sm_80's 163 KiB: fp32 steps are 32-64 tokens.
 CONFIGS["sddmm"] = {
-    80: [
+    (80, 16): [
         triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_T": 128}, num_warps=4, num_stages=3),
     ],
-    90: [
+    (90, 16): [
         triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_T": 128}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_T": 128}, num_warps=8, num_stages=3),
+    ],
+    (80, 32): [
+        triton.Config({"BLOCK_T": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3),
+    ],
+    (90, 32): [
+        triton.Config({"BLOCK_T": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=4),
     ],
 }
 # CPU tensors (TRITON_INTERPRET=1 only) have nothing to tune: one small config keeps the interpreter fast.
@@ -223,8 +243,8 @@ def _bsr_sddmm_kernel(
     tl.store(dv, acc.to(dv_ptr.dtype.element_ty), mask=(offs_o < BO)[:, None] & (offs_i < BI)[None, :])
 
 
-def _autotuned(kernel, configs: Dict[int, List[triton.Config]]) -> Dict[int, triton.runtime.Autotuner]:
-    return {arch: triton.autotune(configs=cfgs, key=["T", "N", "K", "BO", "BI"])(kernel) for arch, cfgs in configs.items()}
+def _autotuned(kernel, configs: Dict[Tuple[int, int], List[triton.Config]]) -> Dict[Tuple[int, int], triton.runtime.Autotuner]:
+    return {k: triton.autotune(configs=cfgs, key=["T", "N", "K", "BO", "BI"])(kernel) for k, cfgs in configs.items()}
 
 
 _TUNED = {
@@ -245,16 +265,21 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _launch(kernel, tuned: Dict[int, object], interpret: Dict[str, int], device: torch.device, grid, args: tuple,
-            config: Optional[triton.Config], **meta) -> None:
+def config_key(device: torch.device, dtype: torch.dtype) -> Tuple[int, int]:
+    """The CONFIGS entry for a CUDA device and dtype: (90 from major 9 up else 80, element bits)."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return (90 if major >= 9 else 80, 32 if dtype == torch.float32 else 16)
+
+
+def _launch(kernel, tuned: Dict[Tuple[int, int], object], interpret: Dict[str, int], device: torch.device,
+            dtype: torch.dtype, grid, args: tuple, config: Optional[triton.Config], **meta) -> None:
     """Launches ``kernel`` with ``config`` if given (a fixed choice, e.g. for benchmarks); else on CUDA its
-    autotuned version for the arch (sm_90 set from major 9 up, sm_80 set below); else (CPU tensors, only
-    under TRITON_INTERPRET=1) with the ``interpret`` meta-parameters."""
+    autotuned version for the arch and dtype; else (CPU tensors, only under TRITON_INTERPRET=1) with the
+    ``interpret`` meta-parameters."""
     if config is not None:
         meta = {**meta, **config.all_kwargs()}
     elif device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        kernel = tuned[90 if major >= 9 else 80]
+        kernel = tuned[config_key(device, dtype)]
     else:
         meta = {**meta, **interpret}
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
@@ -315,7 +340,7 @@ def bsr_linear(
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * n_brow,)  # noqa: E731
     args = (x, values, row_offsets, col_indices, bias if bias is not None else y, y, T, out_features, K,
             x.stride(0), x.stride(1), values.stride(0), values.stride(1), values.stride(2), y.stride(0), y.stride(1))
-    _launch(_bsr_linear_kernel, _TUNED["fwd"], _INTERPRET_CONFIG, x.device, grid, args, config, BO=bo, BI=bi, BO_P=_pad(bo), BI_P=_pad(bi),
+    _launch(_bsr_linear_kernel, _TUNED["fwd"], _INTERPRET_CONFIG, x.device, x.dtype, grid, args, config, BO=bo, BI=bi, BO_P=_pad(bo), BI_P=_pad(bi),
             HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation], PRECISION=_precision(x.dtype))
     return y
 
@@ -346,7 +371,7 @@ def bsr_linear_grad_input(
     args = (grad_out, values, col_offsets, row_indices, block_perm, dx, T, N, in_features,
             grad_out.stride(0), grad_out.stride(1), values.stride(0), values.stride(1), values.stride(2),
             dx.stride(0), dx.stride(1))
-    _launch(_bsr_grad_input_kernel, _TUNED["grad_input"], _INTERPRET_CONFIG, grad_out.device, grid, args, config, BO=bo, BI=bi, BO_P=_pad(bo), BI_P=_pad(bi),
+    _launch(_bsr_grad_input_kernel, _TUNED["grad_input"], _INTERPRET_CONFIG, grad_out.device, grad_out.dtype, grid, args, config, BO=bo, BI=bi, BO_P=_pad(bo), BI_P=_pad(bi),
             PRECISION=_precision(grad_out.dtype))
     return dx
 
@@ -379,6 +404,6 @@ def bsr_sddmm(
         return dv
     args = (grad_out, x, row_offsets, col_indices, dv, T, N, K, n_brow,
             grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), dv.stride(0), dv.stride(1), dv.stride(2))
-    _launch(_bsr_sddmm_kernel, _TUNED["sddmm"], _INTERPRET_CONFIG, x.device, (nnz,), args, config, BO=bo, BI=bi, BO_P=_pad(bo), BI_P=_pad(bi),
+    _launch(_bsr_sddmm_kernel, _TUNED["sddmm"], _INTERPRET_CONFIG, x.device, x.dtype, (nnz,), args, config, BO=bo, BI=bi, BO_P=_pad(bo), BI_P=_pad(bi),
             PRECISION=_precision(x.dtype))
     return dv
