@@ -147,6 +147,7 @@ def _check_bias(bias: Optional[torch.Tensor], weight: SparseWeight) -> None:
         raise TypeError(f"bias must match the weight ({weight.dtype} on {weight.device}), got {bias.dtype} on {bias.device}")
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing the import
 def _triton_import_error() -> Optional[str]:
     """None if the Triton backend's ops are registered (importing them on first use), else why not."""
     try:
