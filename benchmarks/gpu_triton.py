@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import platform
 import sys
 import time
@@ -24,9 +25,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-import sparse  # noqa: F401  (maps sparse.kernels)
-from sparse.formats import BalancedSparseWeight, BlockSparseWeight
-from sparse.kernels import balanced, bsr
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import sparse  # noqa: E402,F401  (maps sparse.kernels)
+from sparse.formats import BalancedSparseWeight, BlockSparseWeight  # noqa: E402
+from sparse.kernels import balanced, bsr  # noqa: E402
 
 SHAPES = {"attn 4096x4096": (4096, 4096), "mlp up 11008x4096": (11008, 4096), "mlp down 4096x11008": (4096, 11008)}
 DENSITIES = (0.5, 0.25, 0.1)

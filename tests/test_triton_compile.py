@@ -20,7 +20,7 @@ import os
 import re
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import pytest
 
@@ -148,17 +148,33 @@ def compile_all(arch: int, workdir: str) -> List[dict]:
     return rows
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_every_kernel_and_config_compiles_within_limits(arch: int, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def compiled_rows(tmp_path_factory) -> Iterator[Dict[int, subprocess.Popen]]:
+    """Starts one child per arch, both at once (the work is ptxas and MLIR passes, one core each)."""
+    tmp = tmp_path_factory.mktemp("triton_compile")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # nothing cached outside the tmp dir
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+    env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # nothing cached outside the tmp dir
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(arch), str(tmp_path)],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    procs = {}
+    for arch in SMEM_LIMIT:
+        workdir = tmp / f"sm_{arch}"
+        workdir.mkdir()
+        procs[arch] = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(arch), str(workdir)], env=env,
+                                       cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("arch", sorted(SMEM_LIMIT))
+def test_every_kernel_and_config_compiles_within_limits(arch: int, compiled_rows) -> None:
+    out, err = compiled_rows[arch].communicate(timeout=600)
+    assert compiled_rows[arch].returncode == 0, err[-4000:]
+    rows = json.loads(out.strip().splitlines()[-1])
 
     from sparse.kernels import balanced, bsr
 
