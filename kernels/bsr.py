@@ -19,9 +19,8 @@ minimum) and the edges are masked.
 Programs:
     forward      one per (token tile, block row), looping over the row's blocks with tl.dot.
     grad input   one per (token tile, block column), over the transposed metadata.
-    SDDMM        one per kept block, reducing over all tokens with tl.dot; the block's row is found by a
-                 binary search of row_offsets (log2(rows) scalar loads, nothing next to the T loop), so the
-                 op keeps the CPU op's schema.
+    SDDMM        one per chunk of up to GROUP consecutive blocks of a block row (grouped: the row's dY^T
+                 tile is loaded once for all of them), reducing over all tokens with tl.dot.
 fp16/bf16/fp32 inputs, fp32 accumulation; fp32 uses tf32 only when the caller allows it (the launchers pass
 ``torch.backends.cuda.matmul.allow_tf32``).
 """
@@ -78,30 +77,36 @@ CONFIGS: Dict[str, Dict[Tuple[int, int], List[triton.Config]]] = {
 }
 # grad input has the forward's shape with the roles of rows and columns swapped: same starting set.
 CONFIGS["grad_input"] = CONFIGS["fwd"]
-# SDDMM reduces over tokens: BLOCK_T is the K of its dot, the output tile is the block. Longer token steps
-# (64-128) amortise the loop; 3-4 stages keep loads of dY^T and X in flight. fp32 at 128 tokens x 4 stages
-# needs 193 KiB of shared memory (compile test), over sm_80's 163 KiB: fp32 steps are 32-64 tokens.
+# SDDMM reduces over tokens: BLOCK_T is the K of its dot; its output tile is GROUP blocks of one block row
+# side by side ([BO, GROUP*BI]). GROUP raises the data reuse: per byte fetched from L2 a 64x64 block does
+# 2*64*64*G / (2*(64 + 64*G)) FLOP, 32 at G=1, 43 at G=2, 51 at G=4 (the forward's ceiling is BO = 64).
+# 3-4 stages keep loads of dY^T and X in flight; 8 warps hold the [64, 256] fp32 accumulator of G=4 in 64
+# registers a thread.
 CONFIGS["sddmm"] = {
     (80, 16): [
-        triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_T": 128}, num_warps=8, num_stages=3),  # 4 warps spilled 8 B on sm_80
+        triton.Config({"BLOCK_T": 64, "GROUP": 2}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 64, "GROUP": 4}, num_warps=8, num_stages=3),
     ],
     (90, 16): [
-        triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_T": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_T": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 64, "GROUP": 2}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_T": 64, "GROUP": 4}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 128, "GROUP": 2}, num_warps=8, num_stages=3),
     ],
+    # fp32: half the tokens per step (twice the bytes); fp32 at 128 tokens x 4 stages needed 193 KiB of
+    # shared memory, over sm_80's 163 KiB (compile test).
     (80, 32): [
-        triton.Config({"BLOCK_T": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 32, "GROUP": 1}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 32, "GROUP": 2}, num_warps=8, num_stages=3),
     ],
     (90, 32): [
-        triton.Config({"BLOCK_T": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_T": 32, "GROUP": 1}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 32, "GROUP": 2}, num_warps=8, num_stages=3),
     ],
 }
-# CPU tensors (TRITON_INTERPRET=1 only) have nothing to tune: one small config keeps the interpreter fast.
+# CPU tensors (TRITON_INTERPRET=1 only) have nothing to tune: one small config keeps the interpreter fast
+# (GROUP 2 so that chunks of several blocks, partly past a row's end, are exercised).
 _INTERPRET_CONFIG = {"BLOCK_T": 16}
+_INTERPRET_SDDMM = {"BLOCK_T": 16, "GROUP": 2}
 
 
 # ---- kernels ------------------------------------------------------------------------------------------------
@@ -204,43 +209,44 @@ def _bsr_grad_input_kernel(
 @triton.jit
 def _bsr_sddmm_kernel(
     g_ptr, x_ptr, row_offsets_ptr, col_indices_ptr, dv_ptr,
-    T, N, K, n_brow,
+    T, N, K, n_bcol,
     stride_gt, stride_gn, stride_xt, stride_xk, stride_vn, stride_vo, stride_vi,
     BO: tl.constexpr, BI: tl.constexpr, BO_P: tl.constexpr, BI_P: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """dW[k] = dY[:, block row]^T X[:, block column] for one kept block k."""
-    k = tl.program_id(0)
-    # The block row: the largest r with row_offsets[r] <= k (empty rows share an offset with the next one).
-    lo = 0
-    hi = n_brow
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if tl.load(row_offsets_ptr + mid) <= k:
-            lo = mid
-        else:
-            hi = mid
-    r = lo
-    c = tl.load(col_indices_ptr + k)
+    """dW of up to GROUP consecutive blocks k..k+GROUP-1 of one block row r, as one dot:
+    dY[:, r]^T [X[:, c_k] ... X[:, c_k+GROUP-1]], so each dY^T tile is loaded once per GROUP blocks."""
+    pid = tl.program_id(0)
+    # Chunks of GROUP blocks per row, sized for a full row (the host cannot know the longest row without
+    # reading row_offsets): chunks past the row's end run no iterations and store nothing.
+    n_chunks = tl.cdiv(n_bcol, GROUP)
+    r = pid // n_chunks
+    first = tl.load(row_offsets_ptr + r) + (pid % n_chunks) * GROUP
+    count = tl.load(row_offsets_ptr + r + 1) - first
     offs_o = tl.arange(0, BO_P)
-    offs_i = tl.arange(0, BI_P)
+    offs_j = tl.arange(0, GROUP * BI_P)
+    g = offs_j // BI_P  # which block of the chunk
+    i = offs_j % BI_P  # column inside it
+    g_mask = g < count
+    c = tl.load(col_indices_ptr + first + g, mask=g_mask, other=0)
     out_cols = r * BO + offs_o
-    in_cols = c * BI + offs_i
+    in_cols = c * BI + i
     o_mask = (offs_o < BO) & (out_cols < N)
-    i_mask = (offs_i < BI) & (in_cols < K)
-    acc = tl.zeros((BO_P, BI_P), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    j_mask = g_mask & (i < BI) & (in_cols < K)
+    acc = tl.zeros((BO_P, GROUP * BI_P), dtype=tl.float32)
+    t_end = tl.where(count > 0, T, 0)
+    for t0 in range(0, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < T
         t64 = offs_t.to(tl.int64)
         gt = tl.load(g_ptr + t64[None, :] * stride_gt + out_cols[:, None] * stride_gn,
                      mask=o_mask[:, None] & t_mask[None, :], other=0.0)  # dY^T [BO, BLOCK_T]
         xt = tl.load(x_ptr + t64[:, None] * stride_xt + in_cols[None, :] * stride_xk,
-                     mask=t_mask[:, None] & i_mask[None, :], other=0.0)  # X [BLOCK_T, BI]
+                     mask=t_mask[:, None] & j_mask[None, :], other=0.0)  # [X_c1 .. X_cG] [BLOCK_T, GROUP*BI]
         acc = tl.dot(gt, xt, acc, input_precision=PRECISION)
     # Positions of an edge block outside the matrix get 0 (their loads were masked), like the reference.
-    dv = dv_ptr + k.to(tl.int64) * stride_vn + offs_o[:, None] * stride_vo + offs_i[None, :] * stride_vi
-    tl.store(dv, acc.to(dv_ptr.dtype.element_ty), mask=(offs_o < BO)[:, None] & (offs_i < BI)[None, :])
+    dv = dv_ptr + (first + g).to(tl.int64)[None, :] * stride_vn + offs_o[:, None] * stride_vo + i[None, :] * stride_vi
+    tl.store(dv, acc.to(dv_ptr.dtype.element_ty), mask=(offs_o < BO)[:, None] & (g_mask & (i < BI))[None, :])
 
 
 def _autotuned(kernel, configs: Dict[Tuple[int, int], List[triton.Config]]) -> Dict[Tuple[int, int], triton.runtime.Autotuner]:
@@ -401,8 +407,10 @@ def bsr_sddmm(
     dv = torch.empty_like(values)
     if nnz == 0:
         return dv
-    args = (grad_out, x, row_offsets, col_indices, dv, T, N, K, n_brow,
+    n_bcol = -(-K // bi)
+    grid = lambda meta: (n_brow * triton.cdiv(n_bcol, meta["GROUP"]),)  # noqa: E731
+    args = (grad_out, x, row_offsets, col_indices, dv, T, N, K, n_bcol,
             grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), dv.stride(0), dv.stride(1), dv.stride(2))
-    _launch(_bsr_sddmm_kernel, _TUNED["sddmm"], _INTERPRET_CONFIG, x.device, x.dtype, (nnz,), args, config, BO=bo, BI=bi, BO_P=_pad(bo), BI_P=_pad(bi),
-            PRECISION=_precision(x.dtype))
+    _launch(_bsr_sddmm_kernel, _TUNED["sddmm"], _INTERPRET_SDDMM, x.device, x.dtype, grid, args, config,
+            BO=bo, BI=bi, BO_P=_pad(bo), BI_P=_pad(bi), PRECISION=_precision(x.dtype))
     return dv
