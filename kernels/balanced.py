@@ -96,7 +96,9 @@ def _decompress(values_ptr, indices_ptr, offs_o, o_mask, b, offs_c,
                 stride_vo, stride_vb, stride_vj, stride_io, stride_ib, stride_ij, keep):
     """The dense [BANK_P, BLOCK_O] slice of W^T for outputs offs_o and bank b (zeros off the pattern).
     Outputs lie along the tile's fast axis so each thread holds few of them: the per-output value and index
-    vectors (and their 64-bit addresses) then cost a few registers, not one per row of the tile."""
+    vectors (and their 64-bit addresses) then cost a few registers, not one per row of the tile. (Built as
+    [BLOCK_O, BANK_P] the bf16 forward used 255 registers and spilled 576 B on sm_90; this way, 185 and none:
+    compile test, 2026-11-29.)"""
     v_row = values_ptr + offs_o.to(tl.int64) * stride_vo + b * stride_vb
     i_row = indices_ptr + offs_o.to(tl.int64) * stride_io + b * stride_ib
     w = tl.zeros((offs_c.shape[0], offs_o.shape[0]), dtype=values_ptr.dtype.element_ty)
