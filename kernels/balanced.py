@@ -11,14 +11,18 @@ same shape, the column of each value inside its bank, strictly increasing. Strid
 may be ragged (K not a multiple of BANK); banks are padded to a power of two >= 16 and masked.
 
 Approach: decompress to a tile, then a dense tl.dot. Each program builds, per bank, the dense
-[BANK, BLOCK_O] slice of W in registers (KEEP compare-and-selects per element) and multiplies it on the
+[BANK, BLOCK_O] slice of W^T in registers (KEEP compare-and-selects per element) and multiplies it on the
 tensor cores. The alternative, gathering KEEP columns of X per output and reducing with FMAs, does d x the
-dense FLOPs but all of them on the CUDA cores (about 1/15 of Hopper's bf16 tensor-core rate) plus KEEP
-scattered loads per output; the decompress costs BLOCK_O x BANK x KEEP selects per BLOCK_T tokens, i.e.
-BANK/BLOCK_T of the gather's CUDA-core work, so with BLOCK_T >= 128 it is the cheaper of the two on sm_90
-whenever T >= BANK (prefill and training). Its price: the dot itself runs at dense FLOPs, so this kernel is
-bounded by cuBLAS's speed at the same shape (estimate, unmeasured), well short of the 1.5x target at
-bank 64 / keep 16. A gather kernel would win for decode-size T < BANK (not built).
+dense FLOPs but all of them on the CUDA cores plus KEEP scattered loads per output; the decompress costs
+BLOCK_O x BANK x KEEP selects per BLOCK_T tokens, i.e. BANK/BLOCK_T of the gather's CUDA-core work, so with
+BLOCK_T >= 128 it is the cheaper of the two whenever T >= BANK (prefill and training).
+Expected speed (an estimate, UNMEASURED: no GPU yet). Per bank and program the dot costs
+BLOCK_T x BLOCK_O x BANK tensor-core FMAs (~2048 per clock per SM on H100/H200, bf16) and the decompress
+2 x KEEP x BLOCK_O x BANK CUDA-core operations (128 lanes per clock per SM): the decompress takes
+KEEP x 32 / BLOCK_T times the dot's time, 2x at KEEP 16 and BLOCK_T 256, and the dot itself runs at dense
+FLOPs. So bank 64 / keep 16 should land near a third of cuBLAS's speed, far from the issue's 1.5x; balanced
+sparsity needs a different instruction mix (sparse tensor cores for 2:4, or weights reordered so outputs
+share columns) to beat dense at large T. A gather kernel would win for decode-size T < BANK (not built).
 The input gradient decompresses the same tiles (dX needs W column slices, a natural dense dot); the SDDMM
 computes the dense [BLOCK_O, BANK] tile of dY^T X on the tensor cores and gathers the KEEP kept entries.
 """
@@ -42,11 +46,13 @@ __all__ = ["balanced_linear", "balanced_linear_grad_input", "balanced_sddmm", "C
 # T=4096 on the three Llama shapes, which config wins, and the rest be pruned here with the numbers.
 # Keyed on T, N, K and (BANK, keep). Sets per (arch, element bits) as in bsr.py: fp32 gets smaller tiles.
 CONFIGS: Dict[str, Dict[Tuple[int, int], List[triton.Config]]] = {
-    # Forward: BLOCK_T tokens x BLOCK_O outputs per program. The decompress is paid once per BLOCK_T tokens,
-    # so BLOCK_T is large; BLOCK_O 64 keeps the decompressed [BANK, BLOCK_O] tile at 32 registers/thread.
+    # Forward: BLOCK_T tokens x BLOCK_O outputs per program. The decompress is paid once per BLOCK_T tokens
+    # (see the docstring), so BLOCK_T is as large as registers allow: 512 tokens spilled 80-184 B on 8 and
+    # 16 warps (sm_90, compile test); BLOCK_O 64 keeps the decompressed tile at 32 registers a thread.
     "fwd": {
         (80, 16): [
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_T": 256, "BLOCK_O": 64}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 128}, num_warps=8, num_stages=3),
         ],
         (90, 16): [
@@ -59,15 +65,18 @@ CONFIGS: Dict[str, Dict[Tuple[int, int], List[triton.Config]]] = {
         (80, 32): [triton.Config({"BLOCK_T": 64, "BLOCK_O": 32}, num_warps=8, num_stages=2)],
         (90, 32): [triton.Config({"BLOCK_T": 64, "BLOCK_O": 32}, num_warps=4, num_stages=2)],
     },
-    # Input gradient: BLOCK_T tokens x one bank per program, looping over BLOCK_O outputs (the dot's K).
+    # Input gradient: BLOCK_T tokens x one bank per program, looping over BLOCK_O outputs (the dot's K). Same
+    # decompress-per-BLOCK_T trade-off; here 512 tokens on 8 warps compile clean on sm_90 (252 registers).
     "grad_input": {
         (80, 16): [
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 32}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_T": 256, "BLOCK_O": 64}, num_warps=8, num_stages=3),
         ],
         (90, 16): [
             triton.Config({"BLOCK_T": 128, "BLOCK_O": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_T": 256, "BLOCK_O": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_T": 512, "BLOCK_O": 64}, num_warps=8, num_stages=2),
         ],
         (80, 32): [triton.Config({"BLOCK_T": 64, "BLOCK_O": 32}, num_warps=4, num_stages=2)],
         (90, 32): [triton.Config({"BLOCK_T": 64, "BLOCK_O": 32}, num_warps=4, num_stages=2)],
