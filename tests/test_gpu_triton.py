@@ -13,6 +13,7 @@ from sparse import reference
 from sparse.formats import BalancedSparseWeight, BlockSparseWeight
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytest.importorskip("sparse.triton_backend")  # registers torch.ops.sparsekern.triton_*
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.sparsekern
