@@ -28,11 +28,12 @@ import pytest
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # Shapes of the benchmark's targets: 4096x4096, T=4096, block 64, balanced bank 64 keep 16.
 T, N, K, BLOCK, BANK, KEEP = 4096, 4096, 4096, 64, 64, 16
-DTYPES = ("float16", "bfloat16", "float32")
+# fp32 twice: exact (ieee, the dot on the CUDA cores) and with torch.backends.cuda.matmul.allow_tf32 (tf32).
+DTYPES = ("float16", "bfloat16", "float32", "float32+tf32")
 
 
 def _bits(dtype_name: str) -> int:
-    return 32 if dtype_name == "float32" else 16
+    return 32 if dtype_name.startswith("float32") else 16
 
 
 def _capture_launches(arch: int) -> List[dict]:
@@ -57,7 +58,8 @@ def _capture_launches(arch: int) -> List[dict]:
     torch.library.wrap_triton, saved = _Capture, torch.library.wrap_triton
     try:
         for name in DTYPES:
-            dtype = getattr(torch, name)
+            dtype = getattr(torch, name.split("+")[0])
+            torch.backends.cuda.matmul.allow_tf32 = name.endswith("+tf32")
             meta = dict(device="meta", dtype=dtype)
             x, g = torch.empty(T, K, **meta), torch.empty(T, N, **meta)
             bias = torch.empty(N, **meta)
@@ -83,6 +85,7 @@ def _capture_launches(arch: int) -> List[dict]:
                     launches[-1].update(family=family, op=op, config=i, dtype=name, config_kwargs=config.kwargs)
     finally:
         torch.library.wrap_triton = saved
+        torch.backends.cuda.matmul.allow_tf32 = False
     assert all(isinstance(launch["kernel"], triton.runtime.JITFunction) for launch in launches)
     return launches
 
@@ -181,10 +184,10 @@ def test_every_kernel_and_config_compiles_within_limits(arch: int, compiled_rows
     expected = sum(len(m.CONFIGS[op][(arch, _bits(d))]) for m in (bsr, balanced) for op in ("fwd", "grad_input", "sddmm") for d in DTYPES)
     assert len(rows) == expected
     print(f"\nsm_{arch}: T={T}, {N}x{K}, block {BLOCK}, bank {BANK} keep {KEEP}; shared limit {SMEM_LIMIT[arch]} B")
-    print(f"{'kernel':<20}{'cfg':>4} {'dtype':<9}{'tile':<28}{'warps':>6}{'stages':>7}{'regs':>6}{'spill B':>8}{'shared B':>10}")
+    print(f"{'kernel':<20}{'cfg':>4} {'dtype':<13}{'tile':<28}{'warps':>6}{'stages':>7}{'regs':>6}{'spill B':>8}{'shared B':>10}")
     for r in rows:
         tile = ",".join(f"{k}={v}" for k, v in r["tile"].items())
-        print(f"{r['kernel']:<20}{r['config']:>4} {r['dtype']:<9}{tile:<28}{r['num_warps']:>6}{r['num_stages']:>7}"
+        print(f"{r['kernel']:<20}{r['config']:>4} {r['dtype']:<13}{tile:<28}{r['num_warps']:>6}{r['num_stages']:>7}"
               f"{r['regs']:>6}{r['spill_bytes']:>8}{r['shared']:>10}")
     spilled = [r for r in rows if r["spill_bytes"]]
     too_big = [r for r in rows if r["shared"] > SMEM_LIMIT[arch]]
