@@ -37,9 +37,23 @@ DTYPE = torch.bfloat16
 
 
 def bench(fn: Callable[[], object]) -> float:
-    """Median milliseconds of ``fn`` (triton.testing.do_bench: L2 flushed between runs)."""
+    """Median milliseconds of ``fn`` (triton.testing.do_bench: L2 flushed between runs). A call slower than
+    50 ms (a slow fallback path) is timed 3 times instead, to keep the whole run within its few minutes."""
     import triton.testing
 
+    fn()  # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    if time.perf_counter() - start > 0.05:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[1]
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
