@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,25 +83,9 @@ def torch_bsr_times(W: torch.Tensor, block: int, x: torch.Tensor) -> Dict[str, O
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--csv", default="gpu_triton.csv", help="output CSV path")
-    parser.add_argument("--tokens", type=int, default=4096)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/gpu_triton.py needs a CUDA device")
-    import triton
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    dev = torch.device("cuda")
-    T = args.tokens
-    env = {
-        "gpu": torch.cuda.get_device_name(dev), "capability": "%d.%d" % torch.cuda.get_device_capability(dev),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-    }
+def run(T: int, dev: torch.device, shapes: Dict[str, Tuple[int, int]], env: Dict[str, str]) -> List[dict]:
+    """Every case on ``dev``, T tokens, bf16; one row per case (printed as it is measured)."""
     rows: List[dict] = []
-    start = time.time()
     g = torch.Generator(device=dev).manual_seed(0)
 
     def add(op: str, shape: str, pattern: str, density: float, ours: float, dense: float, target: float, err: float, **extra):
@@ -114,7 +98,7 @@ def main() -> None:
 
     print(f"{env['gpu']} (sm_{env['capability']}), torch {env['torch']}, triton {env['triton']}, bf16, T={T}")
     print(f"{'op':<12}{'shape':<22}{'pattern':<16}{'d':>6}{'ours ms':>9}{'cuBLAS':>9}{'speedup':>9}{'target':>8}  vs torch BSR")
-    for shape_name, (N, K) in SHAPES.items():
+    for shape_name, (N, K) in shapes.items():
         x = torch.randn(T, K, device=dev, dtype=DTYPE, generator=g)
         gy = torch.randn(T, N, device=dev, dtype=DTYPE, generator=g)
         W = torch.randn(N, K, device=dev, dtype=DTYPE, generator=g) / K**0.5
@@ -153,8 +137,29 @@ def main() -> None:
         t = bench(lambda: balanced.balanced_sddmm(gy, x, wb.indices, 64))
         add("sddmm", shape_name, "balanced 64/16", wb.density, t, t_dw, 0.7 / wb.density, rel_err(dv, reference.gather(gy.t() @ x, wb)))
         del x, gy, W, wb, Wp
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csv", default="gpu_triton.csv", help="output CSV path")
+    parser.add_argument("--tokens", type=int, default=4096)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu_triton.py needs a CUDA device")
+    import triton
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+    env = {
+        "gpu": torch.cuda.get_device_name(dev), "capability": "%d.%d" % torch.cuda.get_device_capability(dev),
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": str(torch.version.cuda),
+        "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+    start = time.time()
+    rows = run(args.tokens, dev, SHAPES, env)
     fields = list(dict.fromkeys(k for row in rows for k in row))
     with open(args.csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
