@@ -19,9 +19,11 @@ __all__ = ["linear", "linear_grad_input", "sddmm", "select_backend", "backend_st
 
 SparseWeight = Union[BlockSparseWeight, BalancedSparseWeight]
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
-BACKENDS = ("cpu", "triton")
+# In order of preference: on a GPU Triton comes first (the CUDA C++ kernels are unmeasured against it so far).
+BACKENDS = ("cpu", "triton", "cuda")
 # Every backend implements the C++ schemas of csrc/ops.cpp; its ops are torch.ops.sparsekern.<prefix><op>.
-_OP_PREFIX = {"cpu": "", "triton": "triton_"}
+# "cpu" and "cuda" share the op names: the dispatcher picks the kernel by the tensors' device.
+_OP_PREFIX = {"cpu": "", "triton": "triton_", "cuda": ""}
 
 
 def _act_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -173,6 +175,14 @@ def backend_status(device: Union[str, torch.device]) -> Dict[str, Optional[str]]
         status["triton"] = "no CUDA device is available (torch.cuda.is_available() is False)"
     else:
         status["triton"] = _triton_import_error()
+    if device.type != "cuda":
+        status["cuda"] = f"runs on CUDA tensors only, got device {device}"
+    elif not _ext.available():
+        status["cuda"] = f"the sparse._C extension did not load ({_ext._IMPORT_ERROR})"
+    elif not _ext.require().has_cuda():
+        status["cuda"] = "this build of sparse._C has no CUDA kernels (reinstall with a CUDA torch and CUDA_HOME set)"
+    else:
+        status["cuda"] = None
     return status
 
 
