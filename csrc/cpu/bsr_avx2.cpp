@@ -129,7 +129,9 @@ void fwd_tile(const BsrFwdArgs& a, int64_t r, int64_t oc, int64_t nv, int64_t t0
   const E* bias = a.bias ? static_cast<const E*>(a.bias) + o0 : nullptr;
   E* y = static_cast<E*>(a.y) + t0 * a.out + o0;
   const Act act = static_cast<Act>(a.act);
+#pragma GCC unroll 16
   for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) finish<E>(acc[t][v], bias ? bias + 8 * v : nullptr, act, y + t * a.out + 8 * v, nv - 8 * v);
 }
 
@@ -244,6 +246,7 @@ void sddmm_group(const BsrSddmmArgs& a, int64_t o0, int64_t nv, int64_t xk0, flo
       acc[j][1] = _mm256_fmadd_ps(g1, xv, acc[j][1]);
     }
   }
+#pragma GCC unroll 16
   for (int j = 0; j < KG; ++j) {
     _mm256_store_ps(acck + j * kLd, acc[j][0]);
     _mm256_store_ps(acck + j * kLd + 8, acc[j][1]);

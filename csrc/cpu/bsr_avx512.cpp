@@ -76,7 +76,7 @@ inline void store_f32(uint16_t* p, __m512 v, __mmask16 m) {
 // Output stage of one 16-wide vector: + bias, activation, masked store. relu keeps NaN (max(0, v) returns v
 // when v is NaN); the transcendental activations go through the scalar apply_act shared with the portable path.
 template <typename E>
-inline void finish(__m512 v, const E* bias, Act act, E* dst, __mmask16 m) {
+__attribute__((always_inline)) inline void finish(__m512 v, const E* bias, Act act, E* dst, __mmask16 m) {
   if (bias) v = _mm512_add_ps(v, load_f32(bias, m));
   if (act == Act::Relu) {
     v = _mm512_max_ps(_mm512_setzero_ps(), v);
@@ -90,18 +90,31 @@ inline void finish(__m512 v, const E* bias, Act act, E* dst, __mmask16 m) {
 }
 
 // ---------------------------------------------------------------- forward
+// Always inlined: a call taking the accumulator array by reference would keep it in memory (stored every k).
 template <typename E, int V, int TT>
-inline void fwd_epilogue(const BsrFwdArgs& a, __m512 (&acc)[TT][V], int64_t r, const __mmask16* m, int64_t t0) {
+__attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m512 (&acc)[TT][V], int64_t r, const __mmask16* m, int64_t t0) {
   const int64_t o0 = r * a.bo;
   const E* bias = a.bias ? static_cast<const E*>(a.bias) + o0 : nullptr;
   E* y = static_cast<E*>(a.y) + t0 * a.out + o0;
   const Act act = static_cast<Act>(a.act);
+#pragma GCC unroll 16
   for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) finish<E>(acc[t][v], bias ? bias + 16 * v : nullptr, act, y + t * a.out + 16 * v, m[v]);
 }
 
+// The X lines of the next kept block (of this row, or of the next tile once at the row's last block): block columns are scattered, so the hardware prefetchers do
+// not see them coming, and with T in the hundreds X lives in L3.
+template <int TT, typename E>
+__attribute__((always_inline)) inline void prefetch_x(const E* xb, int64_t ldx, int64_t bytes) {
+  const char* c = reinterpret_cast<const char*>(xb);
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t)
+    for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(c + t * ldx * int64_t(sizeof(E)) + l, _MM_HINT_T0);
+}
+
 template <int V, int TT>
-void fwd_tile_f32(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t0) {
+void fwd_tile_f32(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t0, const void* xnext) {
   const float* x = static_cast<const float*>(a.x) + t0 * a.ldx;
   const float* w = static_cast<const float*>(a.w);
   const int64_t bo = a.bo, ldx = a.ldx, blk = a.bo * a.bi;
@@ -110,10 +123,13 @@ void fwd_tile_f32(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t0
   for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
-  for (int64_t p = a.row_offsets[r]; p < a.row_offsets[r + 1]; ++p) {
+  const int64_t pend = a.row_offsets[r + 1];
+  for (int64_t p = a.row_offsets[r]; p < pend; ++p) {
     const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
     const float* wk = w + p * blk;
     const float* xk = x + i0;
+    const float* xn = p + 1 < pend ? x + int64_t(a.col_indices[p + 1]) * a.bi : static_cast<const float*>(xnext);
+    if (xn) prefetch_x<TT>(xn, ldx, a.bi * 4);
     for (int64_t k = 0; k < ib; ++k, wk += bo, ++xk) {
       __m512 wv[V];
 #pragma GCC unroll 4
@@ -136,13 +152,14 @@ inline uint32_t load_pair(const uint16_t* p) {
 }
 
 template <int V, int TT>
-void fwd_tile_bf16(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t0) {
+void fwd_tile_bf16(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t0, const void* xnext) {
   constexpr int U = (V + 1) / 2;  // 32-lane row loads per W column
   const uint16_t* x = static_cast<const uint16_t*>(a.x) + t0 * a.ldx;
   const uint16_t* w = static_cast<const uint16_t*>(a.w);
   const int64_t bo = a.bo, ldx = a.ldx, blk = a.bo * a.bi;
   const int64_t ob = min64(bo, a.out - r * bo);
   __mmask32 mr[U];
+#pragma GCC unroll 16
   for (int u = 0; u < U; ++u) mr[u] = mask32(ob - 32 * u);
   const __m512i lo = _mm512_load_si512(kPairLo), hi = _mm512_load_si512(kPairHi);
   __m512 acc[TT][V];
@@ -150,10 +167,13 @@ void fwd_tile_bf16(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t
   for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
-  for (int64_t p = a.row_offsets[r]; p < a.row_offsets[r + 1]; ++p) {
+  const int64_t pend = a.row_offsets[r + 1];
+  for (int64_t p = a.row_offsets[r]; p < pend; ++p) {
     const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
     const uint16_t* wk = w + p * blk;
     const uint16_t* xk = x + i0;
+    const uint16_t* xn = p + 1 < pend ? x + int64_t(a.col_indices[p + 1]) * a.bi : static_cast<const uint16_t*>(xnext);
+    if (xn) prefetch_x<TT>(xn, ldx, a.bi * 2);
     int64_t k = 0;
     for (; k + 1 < ib; k += 2, wk += 2 * bo, xk += 2) {
       __m512i wv[V];
@@ -173,13 +193,16 @@ void fwd_tile_bf16(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t
     }
     if (k < ib) {  // odd tail: pair the last feature with zeros (never read past the row or the block)
       __m512i wv[V];
+#pragma GCC unroll 16
       for (int u = 0; u < U; ++u) {
         const __m512i ra = _mm512_maskz_loadu_epi16(mr[u], wk + 32 * u);
         wv[2 * u] = _mm512_permutex2var_epi16(ra, lo, _mm512_setzero_si512());
         if (2 * u + 1 < V) wv[2 * u + 1] = _mm512_permutex2var_epi16(ra, hi, _mm512_setzero_si512());
       }
+#pragma GCC unroll 16
       for (int t = 0; t < TT; ++t) {
         const __m512i xv = _mm512_set1_epi32(int(uint32_t(xk[t * ldx])));
+#pragma GCC unroll 16
         for (int v = 0; v < V; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], (__m512bh)wv[v], (__m512bh)xv);
       }
     }
@@ -193,24 +216,43 @@ constexpr int fwd_tile_tokens() {
   return V <= 2 ? 8 : V == 3 ? 6 : 5;
 }
 
+// Block rows are walked in panels whose W fits in half the L2 (1 MiB per core on Zen 4/5): per token tile, every
+// row of the panel runs while the tile's X rows stay in L1 and the panel's W in L2. A dense row of in = 3072 is
+// a panel by itself (X is then streamed from L3 once per row); at high sparsity a thread's whole slice of W is
+// one panel and X is read once.
+constexpr int64_t kPanelBytes = 512 * 1024;
+
 template <int V, bool Bf16>
 void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
   constexpr int TT = fwd_tile_tokens<V>();
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t ob = min64(a.bo, a.out - r * a.bo);
-    __mmask16 m[V];
-    for (int v = 0; v < V; ++v) m[v] = mask16(ob - 16 * v);
+  const int64_t row_bytes = a.bo * a.bi * (Bf16 ? 2 : 4);
+  for (int64_t p0 = r0, p1; p0 < r1; p0 = p1) {
+    p1 = p0 + 1;
+    while (p1 < r1 && int64_t(a.row_offsets[p1 + 1] - a.row_offsets[p0]) * row_bytes <= kPanelBytes) ++p1;
     int64_t t0 = 0;
-    auto tile = [&](auto tt) {
+    // X of the first block of the tile that runs after (r, t0), prefetched during the last block of (r, t0).
+    auto first_x = [&](int64_t rr, int64_t tt0) -> const void* {
+      if (tt0 >= a.T || a.row_offsets[rr] == a.row_offsets[rr + 1]) return nullptr;
+      return static_cast<const char*>(a.x) +
+             (tt0 * a.ldx + int64_t(a.col_indices[a.row_offsets[rr]]) * a.bi) * (Bf16 ? 2 : 4);
+    };
+    auto tiles = [&](auto tt) {
       constexpr int N = decltype(tt)::value;
-      if constexpr (Bf16) {
-        fwd_tile_bf16<V, N>(a, r, m, t0);
-      } else {
-        fwd_tile_f32<V, N>(a, r, m, t0);
+      for (int64_t r = p0; r < p1; ++r) {
+        const void* xnext = r + 1 < p1 ? first_x(r + 1, t0) : first_x(p0, t0 + N);
+        const int64_t ob = min64(a.bo, a.out - r * a.bo);
+        __mmask16 m[V];
+#pragma GCC unroll 16
+        for (int v = 0; v < V; ++v) m[v] = mask16(ob - 16 * v);
+        if constexpr (Bf16) {
+          fwd_tile_bf16<V, N>(a, r, m, t0, xnext);
+        } else {
+          fwd_tile_f32<V, N>(a, r, m, t0, xnext);
+        }
       }
     };
-    for (; t0 + TT <= a.T; t0 += TT) tile(Int<TT>{});
-    if (t0 < a.T) dispatch_upto<TT - 1>(a.T - t0, tile);
+    for (; t0 + TT <= a.T; t0 += TT) tiles(Int<TT>{});
+    if (t0 < a.T) dispatch_upto<TT - 1>(a.T - t0, tiles);
   }
 }
 
@@ -289,6 +331,7 @@ void gi_cols(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t i0 = c * a.bi, ib = min64(a.bi, a.in - i0);
     __mmask16 m[V];
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) m[v] = mask16(ib - 16 * v);
     for (int64_t tc = 0; tc < a.T; tc += kGiChunk) {
       const int64_t tn = min64(kGiChunk, a.T - tc);
@@ -326,6 +369,7 @@ void gi_cols(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
       }
       E* dx = static_cast<E*>(a.dx) + tc * a.in + i0;
       for (int64_t t = 0; t < tn; ++t)
+#pragma GCC unroll 16
         for (int v = 0; v < V; ++v) {
           const __m512 s = first ? _mm512_setzero_ps() : _mm512_load_ps(accb + t * kBsrFastMaxBlock + 16 * v);
           store_f32(dx + t * a.in + 16 * v, s, m[v]);
@@ -373,7 +417,9 @@ void sddmm_group_f32(const BsrSddmmArgs& a, const __mmask16* m, const __mmask16*
       for (int v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(g[v], xv, acc[j][v]);
     }
   }
+#pragma GCC unroll 16
   for (int j = 0; j < KG; ++j)
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(dwk + j * a.bo + 16 * v, mb[v], acc[j][v]);
 }
 
@@ -385,6 +431,7 @@ constexpr int64_t kSdPairs = 16;
 template <int U>
 inline void interleave_rows(const uint16_t* ra, const uint16_t* rb, int64_t n, uint32_t* out) {
   const __m512i lo = _mm512_load_si512(kPairLo), hi = _mm512_load_si512(kPairHi);
+#pragma GCC unroll 16
   for (int u = 0; u < U; ++u) {
     const __mmask32 mk = mask32(n - 32 * u);
     const __m512i va = _mm512_maskz_loadu_epi16(mk, ra + 32 * u);
@@ -427,10 +474,12 @@ void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
   E* dw = static_cast<E*>(a.dw);
   const int64_t blk = a.bo * a.bi;
   __mmask16 mb[V];
+#pragma GCC unroll 16
   for (int v = 0; v < V; ++v) mb[v] = mask16(a.bo - 16 * v);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o0 = r * a.bo, ob = min64(a.bo, a.out - o0);
     __mmask16 m[V];
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) m[v] = mask16(ob - 16 * v);
     for (int64_t p = a.row_offsets[r]; p < a.row_offsets[r + 1]; ++p) {
       const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
@@ -458,6 +507,7 @@ void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
           first = false;
         }
         for (int64_t k = 0; k < a.bi; ++k)
+#pragma GCC unroll 16
           for (int v = 0; v < V; ++v) {
             const __m512 s = k < ib && !first ? _mm512_load_ps(acc + k * kBsrFastMaxBlock + 16 * v) : _mm512_setzero_ps();
             store_f32(dwb + k * a.bo + 16 * v, s, mb[v]);
@@ -470,6 +520,7 @@ void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
         }
         // Features of a ragged edge block outside the matrix get an exact zero gradient.
         for (int64_t k = ib; k < a.bi; ++k)
+#pragma GCC unroll 16
           for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(dwb + k * a.bo + 16 * v, mb[v], _mm512_setzero_ps());
       }
     }
