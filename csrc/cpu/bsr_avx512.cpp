@@ -113,6 +113,17 @@ __attribute__((always_inline)) inline void prefetch_x(const E* xb, int64_t ldx, 
     for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(c + t * ldx * int64_t(sizeof(E)) + l, _MM_HINT_T0);
 }
 
+// With one or two tokens the forward streams W from memory (batch-1 decode, cold weights) at a few cycles per
+// column; the hardware prefetchers ramp up too slowly for that, so W is fetched kWLead bytes ahead (the row's
+// blocks, then the next row's, are contiguous), about one memory latency of consumption.
+constexpr int64_t kWLead = 16384;
+
+template <typename E>
+__attribute__((always_inline)) inline void prefetch_w(const E* wk, int64_t bytes) {
+  const char* c = reinterpret_cast<const char*>(wk) + kWLead;
+  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(c + l, _MM_HINT_T0);
+}
+
 template <int V, int TT>
 void fwd_tile_f32(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t0, const void* xnext) {
   const float* x = static_cast<const float*>(a.x) + t0 * a.ldx;
@@ -131,6 +142,7 @@ void fwd_tile_f32(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t0
     const float* xn = p + 1 < pend ? x + int64_t(a.col_indices[p + 1]) * a.bi : static_cast<const float*>(xnext);
     if (xn) prefetch_x<TT>(xn, ldx, a.bi * 4);
     for (int64_t k = 0; k < ib; ++k, wk += bo, ++xk) {
+      if constexpr (TT <= 2) prefetch_w(wk, bo * 4);
       __m512 wv[V];
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) wv[v] = _mm512_maskz_loadu_ps(m[v], wk + 16 * v);
@@ -176,6 +188,7 @@ void fwd_tile_bf16(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t
     if (xn) prefetch_x<TT>(xn, ldx, a.bi * 2);
     int64_t k = 0;
     for (; k + 1 < ib; k += 2, wk += 2 * bo, xk += 2) {
+      if constexpr (TT <= 2) prefetch_w(wk, 2 * bo * 2);
       __m512i wv[V];
 #pragma GCC unroll 2
       for (int u = 0; u < U; ++u) {
