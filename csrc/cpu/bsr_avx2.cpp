@@ -109,11 +109,23 @@ void fwd_tile(const BsrFwdArgs& a, int64_t r, int64_t oc, int64_t nv, int64_t t0
   for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 2
     for (int v = 0; v < V; ++v) acc[t][v] = _mm256_setzero_ps();
-  for (int64_t p = a.row_offsets[r]; p < a.row_offsets[r + 1]; ++p) {
+  const int64_t pend = a.row_offsets[r + 1];
+  for (int64_t p = a.row_offsets[r]; p < pend; ++p) {
     const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
     const E* wk = w + p * blk;
     const E* xk = x + i0;
+    if (p + 1 < pend) {  // the next block's X lines: scattered columns are invisible to the hardware prefetchers
+      const char* xn = reinterpret_cast<const char*>(x + int64_t(a.col_indices[p + 1]) * a.bi);
+#pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t)
+        for (int64_t l = 0; l < a.bi * int64_t(sizeof(E)); l += 64)
+          _mm_prefetch(xn + t * ldx * int64_t(sizeof(E)) + l, _MM_HINT_T0);
+    }
     for (int64_t k = 0; k < ib; ++k, wk += bo, ++xk) {
+      if constexpr (TT <= 2) {  // streaming W for one or two tokens: fetch it ahead (see bsr_avx512.cpp)
+        for (int64_t l = 0; l < 8 * V * int64_t(sizeof(E)); l += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(wk) + 16384 + l, _MM_HINT_T0);
+      }
       __m256 wv[V];
 #pragma GCC unroll 2
       for (int v = 0; v < V; ++v) wv[v] = load8(wk + 8 * v, nv - 8 * v);
@@ -135,18 +147,25 @@ void fwd_tile(const BsrFwdArgs& a, int64_t r, int64_t oc, int64_t nv, int64_t t0
     for (int v = 0; v < V; ++v) finish<E>(acc[t][v], bias ? bias + 8 * v : nullptr, act, y + t * a.out + 8 * v, nv - 8 * v);
 }
 
+// Row panels whose W fits in half the L2, walked per token tile (see bsr_avx512.cpp).
+constexpr int64_t kPanelBytes = 512 * 1024;
+
 template <typename E, int V>
 void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
   constexpr int TT = V == 1 ? 8 : 6;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t ob = min64(a.bo, a.out - r * a.bo);
-    for (int64_t oc = 0; oc < ob; oc += 8 * V) {
-      const int64_t nv = min64(8 * V, ob - oc);
-      int64_t t0 = 0;
-      auto tile = [&](auto tt) { fwd_tile<E, V, decltype(tt)::value>(a, r, oc, nv, t0); };
-      for (; t0 + TT <= a.T; t0 += TT) tile(Int<TT>{});
-      if (t0 < a.T) dispatch_upto<TT - 1>(a.T - t0, tile);
-    }
+  const int64_t row_bytes = a.bo * a.bi * int64_t(sizeof(E));
+  for (int64_t p0 = r0, p1; p0 < r1; p0 = p1) {
+    p1 = p0 + 1;
+    while (p1 < r1 && int64_t(a.row_offsets[p1 + 1] - a.row_offsets[p0]) * row_bytes <= kPanelBytes) ++p1;
+    int64_t t0 = 0;
+    auto tiles = [&](auto tt) {
+      for (int64_t r = p0; r < p1; ++r) {
+        const int64_t ob = min64(a.bo, a.out - r * a.bo);
+        for (int64_t oc = 0; oc < ob; oc += 8 * V) fwd_tile<E, V, decltype(tt)::value>(a, r, oc, min64(8 * V, ob - oc), t0);
+      }
+    };
+    for (; t0 + TT <= a.T; t0 += TT) tiles(Int<TT>{});
+    if (t0 < a.T) dispatch_upto<TT - 1>(a.T - t0, tiles);
   }
 }
 

@@ -11,6 +11,8 @@
 // (w[k][o], w[k+1][o]) pairs and multiplied with the broadcast pair (x[t][k], x[t][k+1]) by vdpbf16ps.
 #if defined(__x86_64__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+// GCC 12 flags the deliberately undefined vector inside its own masked-load intrinsics (avx512fintrin.h).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <immintrin.h>
 
