@@ -115,9 +115,9 @@ __attribute__((always_inline)) inline void prefetch_x(const E* xb, int64_t ldx, 
     for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(c + t * ldx * int64_t(sizeof(E)) + l, _MM_HINT_T0);
 }
 
-// With one or two tokens the forward streams W from memory (batch-1 decode, cold weights) at a few cycles per
-// column; the hardware prefetchers ramp up too slowly for that, so W is fetched kWLead bytes ahead (the row's
-// blocks, then the next row's, are contiguous), about one memory latency of consumption.
+// When W is streamed from L3 or memory (the first token tile of a panel; every tile with one or two tokens, as
+// in batch-1 decode with cold weights) the hardware prefetchers ramp up too slowly, so W is fetched kWLead bytes
+// ahead (the row's blocks, then the next row's, are contiguous), about one memory latency of consumption.
 constexpr int64_t kWLead = 16384;
 
 template <typename E>
@@ -137,6 +137,8 @@ void fwd_tile_f32(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t0
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
   const int64_t pend = a.row_offsets[r + 1];
+  // W comes from L3 or memory in the first token tile of a panel (t0 = 0) and always for one or two tokens.
+  const bool stream_w = TT <= 2 || t0 == 0;
   for (int64_t p = a.row_offsets[r]; p < pend; ++p) {
     const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
     const float* wk = w + p * blk;
@@ -144,7 +146,7 @@ void fwd_tile_f32(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t0
     const float* xn = p + 1 < pend ? x + int64_t(a.col_indices[p + 1]) * a.bi : static_cast<const float*>(xnext);
     if (xn) prefetch_x<TT>(xn, ldx, a.bi * 4);
     for (int64_t k = 0; k < ib; ++k, wk += bo, ++xk) {
-      if constexpr (TT <= 2) prefetch_w(wk, bo * 4);
+      if (stream_w) prefetch_w(wk, bo * 4);
       __m512 wv[V];
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) wv[v] = _mm512_maskz_loadu_ps(m[v], wk + 16 * v);
@@ -182,6 +184,8 @@ void fwd_tile_bf16(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
   const int64_t pend = a.row_offsets[r + 1];
+  // W comes from L3 or memory in the first token tile of a panel (t0 = 0) and always for one or two tokens.
+  const bool stream_w = TT <= 2 || t0 == 0;
   for (int64_t p = a.row_offsets[r]; p < pend; ++p) {
     const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
     const uint16_t* wk = w + p * blk;
@@ -190,7 +194,7 @@ void fwd_tile_bf16(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t
     if (xn) prefetch_x<TT>(xn, ldx, a.bi * 2);
     int64_t k = 0;
     for (; k + 1 < ib; k += 2, wk += 2 * bo, xk += 2) {
-      if constexpr (TT <= 2) prefetch_w(wk, 2 * bo * 2);
+      if (stream_w) prefetch_w(wk, 2 * bo * 2);
       __m512i wv[V];
 #pragma GCC unroll 2
       for (int u = 0; u < U; ++u) {
