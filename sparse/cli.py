@@ -99,6 +99,13 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
                         "Default: %(default)s.")
     p.add_argument("--keep", type=_positive_int, default=None,
                    help="balanced pattern: weights kept per bank, in [1, bank]; overrides --sparsity.")
+    p.add_argument("--prune-method", choices=("sparsegpt", "magnitude"), default="sparsegpt",
+                   help="how the kept weights are chosen. sparsegpt: one Transformer block at a time, from the "
+                        "Hessian of each layer's inputs on --calibration sentences, with the pruned weights' error "
+                        "moved onto the kept ones (Frantar & Alistarh, 2023); magnitude: largest |w| (balanced) or "
+                        "tile L2 norm (block), weights unchanged. Default: %(default)s.")
+    p.add_argument("--calibration", type=_positive_int, default=256,
+                   help="sparsegpt: training sentences used to measure the layers' inputs. Default: %(default)s.")
     p.add_argument("--recover-seconds", type=_non_negative_float, default=d.get("recover_seconds", 0.0),
                    help="wall-clock budget of the accuracy recovery (distillation from the dense model on "
                         "standard-library docstring sentences); 0 skips it. Default: %(default)s.")
@@ -109,6 +116,10 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
     p.add_argument("--max-length", type=_positive_int, default=64,
                    help="distillation: longest tokenised sentence (tokens); longer ones are truncated. "
                         "Default: %(default)s.")
+    p.add_argument("--embedding-loss-weight", type=_non_negative_float, default=0.0,
+                   help="distillation: weight of an extra loss on the sentence embeddings (cosine distance to the "
+                        "teacher's plus the difference of the in-batch similarity matrices); 0 uses the hidden-state "
+                        "loss alone. Default: %(default)s.")
     p.add_argument("--heldout", type=_positive_int, default=500,
                    help="held-out sentences for the accuracy metrics (never trained on). Default: %(default)s.")
     p.add_argument("--seq", type=_positive_int, default=128,
@@ -345,19 +356,29 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
     log(f"text: {len(text.train)} training and {len(text.heldout)} held-out sentences from standard-library docstrings")
     reference = evaluate.embed(teacher, tokenizer, text.heldout)
 
-    masks = distill.compute_masks(layers, args.pattern, sparsity=args.sparsity, block=args.block, bank=args.bank,
-                                  keep=pattern_args.get("keep"))
-    distill.apply_masks(layers, masks)
+    t_prune = time.monotonic()
+    if args.prune_method == "sparsegpt":
+        masks = distill.reconstruct(student, tokenizer, text.train[:args.calibration], layers, args.pattern,
+                                    sparsity=args.sparsity, block=args.block, bank=args.bank,
+                                    keep=pattern_args.get("keep"), max_length=args.max_length, progress=args.progress)
+    else:
+        masks = distill.compute_masks(layers, args.pattern, sparsity=args.sparsity, block=args.block, bank=args.bank,
+                                      keep=pattern_args.get("keep"))
+        distill.apply_masks(layers, masks)
+    pruning = {"method": args.prune_method, "seconds": time.monotonic() - t_prune}
+    if args.prune_method == "sparsegpt":
+        pruning["calibration_sentences"] = min(args.calibration, len(text.train))
     accuracy = {"before_recovery": evaluate.agreement(reference, evaluate.embed(student, tokenizer, text.heldout))}
-    log(f"one-shot pruning: cosine {accuracy['before_recovery']['cosine']:.4f}, "
-        f"top-1 agreement {accuracy['before_recovery']['top1_agreement']:.3f}")
+    log(f"one-shot pruning ({args.prune_method}, {pruning['seconds']:.0f} s): cosine "
+        f"{accuracy['before_recovery']['cosine']:.4f}, top-1 agreement {accuracy['before_recovery']['top1_agreement']:.3f}")
 
     recovery: Dict[str, Any] = {"seconds_budget": args.recover_seconds}
     if args.recover_seconds > 0:
         stats = distill.distill(student, teacher, tokenizer, text.train, masks, seconds=args.recover_seconds,
                                 lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-                                progress=args.progress)
+                                embedding_weight=args.embedding_loss_weight, progress=args.progress)
         recovery.update(stats, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                        embedding_loss_weight=args.embedding_loss_weight,
                         method="distillation from the dense model: sum over layers of the hidden-state MSE "
                                "(padding excluded), AdamW, dense weights with fixed masks re-applied every step")
         for p in student.parameters():
@@ -419,6 +440,7 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
             "speedup_batch8": lat[best_dense]["batch8_ms"] / lat[best_sparse]["batch8_ms"],
         },
         "layers": swap.to_dict(),
+        "pruning": pruning,
         "accuracy": accuracy,
         "recovery": recovery,
         "versions": info()["versions"],
@@ -484,6 +506,10 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
         f"{acc['after_recovery']['top1_agreement']:.3f} |",
         "",
     ]
+    pr = r["pruning"]
+    lines.append(f"Pruning: {pr['method']}" + (f" on {pr['calibration_sentences']} calibration sentences"
+                                                if "calibration_sentences" in pr else "")
+                 + f", {pr['seconds']:.0f} s.")
     rec = r["recovery"]
     if rec.get("steps"):
         lines.append(f"Recovery: {rec['steps']} steps in {rec['seconds']:.0f} s (budget {rec['seconds_budget']:.0f} s), "
