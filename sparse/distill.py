@@ -217,18 +217,6 @@ def _hidden_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequenc
     return loss
 
 
-def _embedding_loss(student_last: torch.Tensor, teacher_last: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """On the sentence embeddings (mean-pooled, normalised) the metrics measure: the mean cosine distance to the
-    teacher's, plus the squared difference of the in-batch similarity matrices summed per sentence, which is
-    what nearest-neighbour retrieval depends on."""
-    m = attention_mask.unsqueeze(-1).to(student_last.dtype)
-    es = F.normalize((student_last * m).sum(1) / m.sum(1), dim=-1)
-    et = F.normalize((teacher_last * m).sum(1) / m.sum(1), dim=-1)
-    cos = (1 - (es * et).sum(-1)).mean()
-    rel = (es @ es.t() - et @ et.t()).pow(2).sum(-1).mean()
-    return cos + rel
-
-
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -241,7 +229,6 @@ def distill(
     batch_size: int = 32,
     max_length: int = 64,
     seed: int = 0,
-    embedding_weight: float = 0.0,
     max_steps: Optional[int] = None,
     progress: bool = True,
     on_step: Optional[Callable[[int, float], None]] = None,
@@ -305,8 +292,6 @@ def distill(
             s_hidden = student(**enc, output_hidden_states=True).hidden_states
             # hidden_states[0] is the embedding output, which pruning the encoder does not change.
             loss = _hidden_loss(s_hidden[1:], t_hidden[1:], enc["attention_mask"])
-            if embedding_weight:
-                loss = loss + embedding_weight * _embedding_loss(s_hidden[-1], t_hidden[-1], enc["attention_mask"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
