@@ -1,4 +1,5 @@
-"""Pruning masks on dense Linear weights, and accuracy recovery by distillation from the dense model.
+"""Pruning a model's dense Linear weights (by magnitude, or by SparseGPT's layer-wise reconstruction), and
+accuracy recovery by distillation from the dense model.
 
 Recovery trains with dense, masked weights (fast on a CPU: MKL/oneDNN dense GEMMs and no sparse backward) and
 only at the end are the sparse modules swapped in, built from the same masks. The recipe, measured on
@@ -9,43 +10,17 @@ step; teacher = the dense model; loss = sum over layers of the MSE between stude
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["block_mask", "balanced_mask", "prunable_linears", "compute_masks", "apply_masks", "reconstruct", "distill"]
+from . import prune
 
-
-def block_mask(W: torch.Tensor, block: int, sparsity: float) -> torch.Tensor:
-    """Bool [out, in]: the ``(block, block)`` tiles of largest L2 norm, dropping ``floor(sparsity * n_tiles)``
-    of them (the rule of ``BlockSparseWeight.from_dense``; edge tiles may be ragged)."""
-    out, inn = W.shape
-    nbr, nbc = -(-out // block), -(-inn // block)
-    padded = F.pad(W.detach().float(), (0, nbc * block - inn, 0, nbr * block - out))
-    norms = padded.reshape(nbr, block, nbc, block).pow(2).sum(dim=(1, 3)).flatten()
-    n_keep = nbr * nbc - int(math.floor(sparsity * nbr * nbc + 1e-9))
-    keep = torch.zeros(nbr * nbc, dtype=torch.bool, device=W.device)
-    keep[torch.sort(norms, descending=True, stable=True).indices[:n_keep]] = True
-    tiles = keep.reshape(nbr, 1, nbc, 1).expand(nbr, block, nbc, block).reshape(nbr * block, nbc * block)
-    return tiles[:out, :inn].contiguous()
-
-
-def balanced_mask(W: torch.Tensor, bank: int, keep: int) -> torch.Tensor:
-    """Bool [out, in]: the ``keep`` largest-|w| entries of every bank of ``bank`` consecutive columns
-    (the rule of ``BalancedSparseWeight.from_dense``; ``bank`` must divide ``in``)."""
-    out, inn = W.shape
-    if inn % bank:
-        raise ValueError(f"bank={bank} does not divide in_features={inn}")
-    score = W.detach().abs().float().reshape(out, inn // bank, bank)
-    idx = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :keep]
-    mask = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
-    return mask.reshape(out, inn)
+__all__ = ["prunable_linears", "compute_masks", "apply_masks", "reconstruct", "distill"]
 
 
 def prunable_linears(model: nn.Module, prefix: str = "encoder.") -> Dict[str, nn.Linear]:
@@ -57,14 +32,14 @@ def prunable_linears(model: nn.Module, prefix: str = "encoder.") -> Dict[str, nn
 def compute_masks(layers: Dict[str, nn.Linear], pattern: str, *, sparsity: float, block: int = 32, bank: int = 32,
                   keep: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """One bool mask [out, in] per layer, by magnitude. ``pattern`` is ``"block"`` (tiles of ``block``, a
-    ``sparsity`` fraction dropped) or ``"balanced"`` (``keep`` of every ``bank``; default
+    ``sparsity`` fraction dropped, by L2 norm) or ``"balanced"`` (``keep`` of every ``bank``; default
     ``round(bank * (1 - sparsity))``)."""
     masks = {}
     for name, m in layers.items():
         if pattern == "block":
-            masks[name] = block_mask(m.weight, block, sparsity)
+            masks[name] = prune.block_mask(m.weight, block, sparsity)
         elif pattern == "balanced":
-            masks[name] = balanced_mask(m.weight, bank, keep if keep is not None else round(bank * (1 - sparsity)))
+            masks[name] = prune.balanced_mask(m.weight, bank, keep if keep is not None else round(bank * (1 - sparsity)))
         else:
             raise ValueError(f"pattern must be 'block' or 'balanced', got {pattern!r}")
     return masks
@@ -86,7 +61,7 @@ def _obs_prune(W: torch.Tensor, H: torch.Tensor, pattern: str, *, sparsity: floa
 
     balanced: every bank picks its ``keep`` weights when the walk reaches it, by the saliency
     ``w^2 / [H^-1]_cc^2``. block: tiles are chosen up front by their summed saliency (a tile spans 32 columns, so
-    it cannot be chosen column by column), keeping the count rule of :func:`block_mask`."""
+    it cannot be chosen column by column), with the count rule of :func:`sparse.prune.block_mask`."""
     W = W.detach().double().clone()
     H = H.double().clone()
     out, inn = W.shape
@@ -97,14 +72,7 @@ def _obs_prune(W: torch.Tensor, H: torch.Tensor, pattern: str, *, sparsity: floa
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     diag = torch.diag(Hinv)
     if pattern == "block":
-        nbr, nbc = -(-out // block), -(-inn // block)
-        sal = F.pad(W.pow(2) / diag.pow(2), (0, nbc * block - inn, 0, nbr * block - out))
-        norms = sal.reshape(nbr, block, nbc, block).sum(dim=(1, 3)).flatten()
-        n_keep = nbr * nbc - int(math.floor(sparsity * nbr * nbc + 1e-9))
-        kept = torch.zeros(nbr * nbc, dtype=torch.bool)
-        kept[torch.sort(norms, descending=True, stable=True).indices[:n_keep]] = True
-        mask = kept.reshape(nbr, 1, nbc, 1).expand(nbr, block, nbc, block).reshape(nbr * block, nbc * block)[:out, :inn]
-        mask = mask.contiguous()
+        mask = prune.block_mask(W, block, sparsity, scores=W.pow(2) / diag.pow(2))
     else:
         mask = torch.zeros(out, inn, dtype=torch.bool)
     step = bank * max(1, 128 // bank) if pattern == "balanced" else 128
@@ -231,7 +199,6 @@ def distill(
     seed: int = 0,
     max_steps: Optional[int] = None,
     progress: bool = True,
-    on_step: Optional[Callable[[int, float], None]] = None,
 ) -> Dict[str, float]:
     """Trains ``student`` (in place) to reproduce ``teacher``'s hidden states on ``sentences`` for ``seconds`` of
     wall time, keeping the weights outside ``masks`` (``{Linear name in student: bool [out, in]}``) at zero.
@@ -301,8 +268,6 @@ def distill(
                     m.weight.mul_(float_masks[name])
             steps += 1
             losses.append(loss.item())
-            if on_step is not None:
-                on_step(steps, losses[-1])
             if bar is not None:
                 now = min(round(time.monotonic() - start), bar.total)
                 bar.set_postfix_str(f"step {steps}, loss {losses[-1]:.4f}", refresh=False)

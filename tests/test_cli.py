@@ -246,20 +246,51 @@ def test_mean_pool_and_agreement():
         evaluate.agreement(ref, cand[:3])
 
 
-def test_masks_follow_the_format_rules():
+@pytest.mark.parametrize("pattern", ["balanced", "block"])
+def test_sparsegpt_layer_beats_magnitude_on_its_inputs(pattern):
     torch.manual_seed(0)
-    W = torch.randn(96, 64)
-    m = distill.block_mask(W, 32, 0.5)
-    tiles = m.reshape(3, 32, 2, 32).permute(0, 2, 1, 3)
-    assert bool(((tiles.all(dim=(2, 3))) | (~tiles.any(dim=(2, 3)))).all())  # whole tiles
-    assert int(tiles.all(dim=(2, 3)).sum()) == 6 - 3
-    ref = sparse.BlockSparseWeight.from_dense(W, 32, sparsity=0.5).to_dense() != 0
-    assert torch.equal(m, ref)
-    b = distill.balanced_mask(W, 16, 4)
-    assert bool((b.reshape(96, 4, 16).sum(-1) == 4).all())
-    assert torch.equal(b, sparse.BalancedSparseWeight.from_dense(W, 16, 4).to_dense() != 0)
-    with pytest.raises(ValueError, match="does not divide"):
-        distill.balanced_mask(W, 48, 4)
+    X = torch.randn(2000, 16) @ torch.randn(16, 64) + 0.1 * torch.randn(2000, 64)  # correlated features
+    W = torch.randn(48, 64)
+    W_new, mask = distill._obs_prune(W, X.double().t() @ X.double(), pattern, sparsity=0.5, block=16, bank=16, keep=8)
+    if pattern == "balanced":
+        assert bool((mask.reshape(48, 4, 16).sum(-1) == 8).all())
+        magnitude = sparse.prune.balanced_mask(W, 16, 8)
+    else:
+        tiles = mask.reshape(3, 16, 4, 16).permute(0, 2, 1, 3)
+        assert bool((tiles.all(dim=(2, 3)) | ~tiles.any(dim=(2, 3))).all())  # whole tiles
+        assert int(tiles.all(dim=(2, 3)).sum()) == 6
+        magnitude = sparse.prune.block_mask(W, 16, 0.5)
+    assert not W_new[~mask].any()
+    err = (X.double() @ (W_new - W.double()).t()).norm()
+    err_magnitude = (X @ (W * magnitude - W).t()).norm()
+    assert err < 0.7 * err_magnitude
+
+
+def test_reconstruct_prunes_every_block_and_stays_closer_than_magnitude(tiny_model):
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    dense = transformers.AutoModel.from_pretrained(tiny_model).eval()
+    text = corpus.load(n_heldout=64)
+    enc = tok(text.heldout, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    pruned = {}
+    for method in ("sparsegpt", "magnitude"):
+        model = transformers.AutoModel.from_pretrained(tiny_model).eval()
+        layers = distill.prunable_linears(model)
+        if method == "sparsegpt":
+            masks = distill.reconstruct(model, tok, text.train[:128], layers, "balanced", sparsity=0.75, bank=32,
+                                        progress=False)
+        else:
+            masks = distill.compute_masks(layers, "balanced", sparsity=0.75, bank=32)
+            distill.apply_masks(layers, masks)
+        assert sorted(masks) == sorted(layers)
+        for name, m in layers.items():
+            assert bool((masks[name].reshape(m.out_features, -1, 32).sum(-1) == 8).all())
+            assert not m.weight[~masks[name]].any()
+        pruned[method] = model
+    with torch.no_grad():
+        t = dense(**enc, output_hidden_states=True).hidden_states
+        loss = {k: distill._hidden_loss(m(**enc, output_hidden_states=True).hidden_states[1:], t[1:],
+                                        enc["attention_mask"]).item() for k, m in pruned.items()}
+    assert loss["sparsegpt"] < loss["magnitude"]
 
 
 def test_distill_keeps_masks_and_lowers_the_loss(tiny_model):
@@ -271,7 +302,7 @@ def test_distill_keeps_masks_and_lowers_the_loss(tiny_model):
     masks = distill.compute_masks(layers, "balanced", sparsity=0.5, bank=32)
     distill.apply_masks(layers, masks)
     text = corpus.load(n_heldout=32)
-    enc = tok(text.heldout, padding=True, return_tensors="pt")
+    enc = tok(text.heldout, padding=True, truncation=True, max_length=64, return_tensors="pt")
 
     def loss() -> float:
         with torch.no_grad():
