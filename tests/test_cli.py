@@ -90,12 +90,15 @@ def _check_report(report: dict, n_layers: int) -> None:
 def test_sparsify_block_with_recovery(tiny_model, tmp_path, capsys):
     out = str(tmp_path / "out")
     rc, stdout, err = _run(capsys, "sparsify", "--model", tiny_model, "--pattern", "block", "--block", "32",
-                           "--sparsity", "0.5", "--recover-seconds", "2", "--no-skip-if-slower", "--out", out, *FAST)
+                           "--sparsity", "0.5", "--recover-seconds", "2", "--no-skip-if-slower", "--fuse-activations",
+                           "--out", out, *FAST)
     assert rc == 0, err
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     _check_report(report, n_layers=2 * 6)
     assert report["recovery"]["steps"] >= 1
+    fused = report["layers"]["fusions"]
+    assert sorted(f["linear"] for f in fused) == [f"encoder.layer.{i}.intermediate.dense" for i in range(2)]
     with open(os.path.join(out, "report.md")) as f:
         md = f.read()
     assert md.strip() == stdout.strip()
