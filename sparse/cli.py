@@ -318,8 +318,7 @@ def _latency(models: Dict[str, Any], vocab_size: int, seq: int, batches: Sequenc
         bar = tqdm(total=len(batches) * (rounds + 2), desc="timing", unit="round", leave=False)
     try:
         for b in batches:
-            ids = torch.randint(1000, vocab_size, (b, seq), generator=gen) if vocab_size > 1000 else \
-                torch.randint(0, vocab_size, (b, seq), generator=gen)
+            ids = torch.randint(0, vocab_size, (b, seq), generator=gen)
             mask = torch.ones(b, seq, dtype=torch.long)
             calls = {name: (lambda m=m: m(input_ids=ids, attention_mask=mask)) for name, m in models.items()}
             med = time_forward(calls, rounds=rounds, warmup=2, progress=(bar.update if bar is not None else None))
@@ -393,7 +392,7 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
     dense = copy.deepcopy(teacher).to(dtype).eval()
     swap = sparse.sparsify(student, args.pattern, pattern_args["sparsity"] if args.pattern == "block" else None,
                            block=args.block, bank=args.bank, keep=pattern_args.get("keep"),
-                           masks={name: m for name, m in masks.items()}, skip_if_slower=args.skip_if_slower,
+                           masks=masks, skip_if_slower=args.skip_if_slower,
                            fuse_activations=args.fuse_activations, sample_tokens=8 * args.seq, repeats=10)
     accuracy["after_recovery"] = evaluate.agreement(reference, evaluate.embed(student, tokenizer, text.heldout))
     accuracy["after_recovery_measured_on"] = f"the saved sparse model ({args.dtype})"
