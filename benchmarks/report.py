@@ -210,6 +210,20 @@ def e2e_table(rows: List[Row]) -> str:
     return "\n".join(out + [""])
 
 
+def other_table(rows: List[Row]) -> str:
+    """Rows of benchmarks without targets here (e.g. the GPU ones): time and ratio against their own baseline."""
+    other = [r for r in rows if r["bench"] not in ("cpu_ops", "e2e_bert")]
+    if not other:
+        return ""
+    out = ["## Other benchmarks", "", "| bench | op | backend | format | block | dtype | shape | tokens | sparsity | "
+           "median ms | baseline | ratio | ideal |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in other:
+        out.append(f"| {r['bench']} | {r['op']} | {r['backend']} | {r['format']} | {r['block']} | {r['dtype']} | "
+                   f"{r['shape']} | {r['tokens']} | {float(r['sparsity']):.2f} | {1e3 * float(r['median_s']):.3f} | "
+                   f"{r['baseline']} | {float(r['ratio']):.2f}x | {float(r['ideal_ratio']):.1f}x |")
+    return "\n".join(out + [""])
+
+
 def machine_line(rows: List[Row]) -> str:
     if not rows:
         return ""
@@ -226,6 +240,7 @@ def summary_markdown(rows: List[Row], skipped: Sequence[str] = ()) -> str:
         parts += ["## CPU kernel targets (issue 3)", ""] + [t.markdown() for t in t3]
     if t6:
         parts += ["## End-to-end targets (issue 6)", ""] + [t.markdown() for t in t6] + [e2e_table(rows)]
+    parts.append(other_table(rows))
     if skipped:
         parts += ["## Contenders that could not run", ""] + [f"- {s}" for s in skipped] + [""]
     return "\n".join(parts)
@@ -239,9 +254,12 @@ def write_report(rows: List[Row], out_dir: str, skipped: Sequence[str] = (), plo
         f.write(summary_markdown(rows, skipped))
     paths = [path]
     if plots:
-        from .plots import write_plots
-
-        paths += write_plots(rows, out_dir)
+        try:
+            from .plots import write_plots
+        except ImportError as exc:  # e.g. a GPU machine without matplotlib: the CSV and summary still stand
+            print(f"plots left out: {exc}", file=sys.stderr)
+        else:
+            paths += write_plots(rows, out_dir)
     return paths
 
 
