@@ -216,7 +216,7 @@ def contenders_for(case: Case, p: Preset, skipped: List[str]) -> List[Contender]
         copies = cold_copies(w.nbytes, p.cold_cache_factor) if cold else 1
         if case.op == "linear":
             ours = B.ours_linear(w, X, copies, via_api=spec in p.api_specs)
-            if spec in p.scaling_specs and case.threads > 1 and not cold:
+            if spec in p.scaling_specs and case.threads > 1 and not cold and dtype == torch.float32:
                 ours.append(B.with_threads(ours[0], 1))
             cs += ours
             if spec in p.torch_sparse_specs and dtype == torch.float32:

@@ -186,13 +186,13 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                 cs.append(Contender(f"{pattern}:{s}:{dt}", make(m.train() if training else m.eval(), ids), info))
             base.train(training)
             ok = []
-            for c in cs:  # the first call also triggers torch.compile; a contender that fails is reported, not fatal
+            for c in cs:  # the warm-up call (it compiles too); a contender that fails is reported, not fatal
                 try:
                     c.fn()
                     ok.append(c)
                 except Exception as exc:
                     skipped.append(f"{op} batch {batch} {c.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-            timings = measure(ok, rounds=p.rounds, min_sample_s=0.0, warmup=1, presample_call=False)
+            timings = measure(ok, rounds=p.rounds, min_sample_s=0.0, warmup=0, presample_call=False)
             base.eval()
             common = {"op": op, "shape": shape, "tokens": batch * SEQ, "threads": p.threads, "weights": "hot",
                       "out_features": base.config.hidden_size, "in_features": base.config.hidden_size}

@@ -203,7 +203,7 @@ def measure(
     """Times every contender, interleaved, and returns its per-call median and p10/p90 over ``rounds`` samples.
 
     Each contender first runs ``warmup`` calls, then one calibration call fixes how many calls one sample holds
-    (enough for ``min_sample_s``, so timer resolution does not matter). In each round the contenders take turns,
+    (enough for ``min_sample_s``, so timer resolution does not matter; ``min_sample_s=0``: one call, no calibration). In each round the contenders take turns,
     in an order rotated by one per round; each sample is preceded by one untimed call of the same contender
     (``presample_call``; worth leaving out only for calls long enough to be their own steady state).
     """
@@ -217,6 +217,9 @@ def measure(
     for c in contenders:
         for _ in range(warmup):
             c.fn()
+        if min_sample_s <= 0:  # one call per sample: no calibration needed
+            inner[c.name] = 1
+            continue
         sync()
         t0 = time.perf_counter()
         c.fn()

@@ -8,6 +8,8 @@ import os
 from collections import defaultdict
 from typing import Dict, List, Tuple
 
+import numpy as np
+
 Row = Dict[str, object]
 
 
@@ -90,7 +92,8 @@ def break_even_plot(rows: List[Row], path: str) -> bool:
     ncol = min(3, len(keys))
     nrow = -(-len(keys) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.2 * nrow), squeeze=False)
-    cmap = plt.get_cmap("viridis")
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("lightgrey")
     for k, key in enumerate(keys):
         ax = axes[k // ncol][k % ncol]
         cells = panels[key]
@@ -101,11 +104,11 @@ def break_even_plot(rows: List[Row], path: str) -> bool:
             for b, t in enumerate(toks):
                 wins = [sp for sp, ratio in cells.get((s, t), []) if ratio > 1.0]
                 tested = cells.get((s, t), [])
-                val = min(wins) if wins else (float("nan") if not tested else 1.0)
+                val = min(wins) if wins else float("nan")  # never beats dense (or untested): grey
                 grid[a][b] = val
                 text = "-" if not tested else (f"{val:.2f}" if wins else "none")
                 ax.text(b, a, text, ha="center", va="center", fontsize=8, color="w" if wins and val < 0.6 else "k")
-        ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+        ax.imshow(np.ma.masked_invalid(np.array(grid)), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_xticks(range(len(toks)), [str(t) for t in toks])
         ax.set_yticks(range(len(shapes)), shapes)
         ax.set_xlabel("tokens")

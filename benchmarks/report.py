@@ -63,6 +63,21 @@ class Table:
         return "\n".join(out + [""])
 
 
+NOISY = 2.0  # p90/p10 of a contender's samples above this: the machine was busy during the measurement
+
+
+def noise(*rows: Row) -> str:
+    """' (noisy: p90/p10 = x)' when any of ``rows`` has samples spread more than NOISY, else ''."""
+    spread = max(float(r["p90_s"]) / max(float(r["p10_s"]), 1e-12) for r in rows)
+    return f" (noisy: p90/p10 {spread:.1f})" if spread > NOISY else ""
+
+
+def _baseline_row(r: Row, rows: List[Row]) -> Row:
+    label = str(r["baseline"])
+    name = label[len("best_dense("):-1] if label.startswith("best_dense(") else label
+    return next((x for x in rows if x["backend"] == name), r)
+
+
 def _case_label(r: Row) -> str:
     return f"{r['shape']} T={r['tokens']} {r['dtype']} {r['threads']}t {r['weights']}"
 
@@ -85,7 +100,8 @@ def _fwd_ratio_table(
             d = nominal(float(r["density"]), densities)
             if d is None or target(d) is None:
                 continue
-            t.add(_case_label(r), f"{fmt} {block} d={float(r['density']):.3f}", target(d), float(r["ratio"]), str(r["baseline"]))
+            t.add(_case_label(r), f"{fmt} {block} d={float(r['density']):.3f}", target(d), float(r["ratio"]),
+                  str(r["baseline"]) + noise(r, _baseline_row(r, rows)))
     return t
 
 
@@ -110,7 +126,8 @@ def issue3_tables(rows: List[Row]) -> List[Table]:
             target = {"bank32/keep16": 1.5, "bank32/keep8": 3.0, "bank32/keep4": 6.0}.get(str(r["block"]))
             if target is None or r["tokens"] < 16 or r["shape"] not in BERT_SHAPES:
                 continue
-            bal.add(_case_label(r), f"balanced {r['block']}", target, float(r["ratio"]), str(r["baseline"]))
+            bal.add(_case_label(r), f"balanced {r['block']}", target, float(r["ratio"]),
+                    str(r["baseline"]) + noise(r, _baseline_row(r, rows)))
     tables.append(bal)
     tables.append(_fwd_ratio_table(
         cases, "bf16 block 32x32 forward: >= 0.8/d against the best dense bf16", "bfloat16", "bsr", "32x32",
@@ -126,7 +143,7 @@ def issue3_tables(rows: List[Row]) -> List[Table]:
                 continue
             byte_ratio = float(dense[0]["weight_bytes"]) / float(r["weight_bytes"])
             cold.add(_case_label(r), f"{r['format']} {r['block']} d={float(r['density']):.3f}", 0.8 * byte_ratio,
-                     float(r["ratio"]), f"bytes ratio {byte_ratio:.2f}")
+                     float(r["ratio"]), f"bytes ratio {byte_ratio:.2f}" + noise(r, _baseline_row(r, rows)))
     tables.append(cold)
 
     grads = Table("Input and weight gradient, block 32x32, T=512: >= 0.75/d against dense dY@W and dY^T@X",
@@ -136,7 +153,8 @@ def issue3_tables(rows: List[Row]) -> List[Table]:
             if r["op"] not in ("grad_input", "sddmm") or r["block"] != "32x32" or r["tokens"] != 512:
                 continue
             d = float(r["density"])
-            grads.add(_case_label(r), f"{r['op']} d={d:.3f}", 0.75 / d, float(r["ratio"]), str(r["baseline"]))
+            grads.add(_case_label(r), f"{r['op']} d={d:.3f}", 0.75 / d, float(r["ratio"]),
+                      str(r["baseline"]) + noise(r, _baseline_row(r, rows)))
     tables.append(grads)
 
     ts = Table("Against torch.sparse (best of CSR and BSR, fast call form, same nonzeros), fp32: >= 5x",
@@ -146,12 +164,12 @@ def issue3_tables(rows: List[Row]) -> List[Table]:
             if r["op"] != "linear" or r["dtype"] != "float32" or r["format"] != "bsr":
                 continue
             rivals = [x for x in rows if x["backend"] == "torch.sparse" and x["density"] == r["density"]
-                      and x["block"] in ("", r["block"])]
+                      and x["block"] in ("", r["block"]) and x["threads"] == r["threads"]]
             if not rivals:
                 continue
             best = min(rivals, key=lambda x: float(x["median_s"]))
             ts.add(_case_label(r), f"bsr {r['block']} d={float(r['density']):.3f}", 5.0,
-                   float(best["median_s"]) / float(r["median_s"]), f"vs {best['format']}")
+                   float(best["median_s"]) / float(r["median_s"]), f"vs {best['format']}" + noise(r, best))
     tables.append(ts)
 
     sc = Table("Thread scaling 1 -> 2 threads at T >= 16: parallel efficiency >= 90%",
@@ -165,7 +183,8 @@ def issue3_tables(rows: List[Row]) -> List[Table]:
             if not two:
                 continue
             eff = float(one["median_s"]) / (2.0 * float(two[0]["median_s"]))
-            sc.add(_case_label(two[0]), f"{one['format']} {one['block']} d={float(one['density']):.3f}", 0.9, eff)
+            sc.add(_case_label(two[0]), f"{one['format']} {one['block']} d={float(one['density']):.3f}", 0.9, eff,
+                   noise(one, two[0]).strip())
     tables.append(sc)
     return tables
 
@@ -186,11 +205,11 @@ def issue6_tables(rows: List[Row]) -> List[Table]:
             vs_eager = float(eager["median_s"]) / float(r["median_s"])
             if r["op"] == "bert_forward":
                 best = min(dense.values(), key=lambda x: float(x["median_s"]))
-                fwd.add(_case_label(r), "bsr 32x32 90% vs eager fp32", 6.0, vs_eager)
+                fwd.add(_case_label(r), "bsr 32x32 90% vs eager fp32", 6.0, vs_eager, noise(r, eager).strip())
                 fwd.add(_case_label(r), "bsr 32x32 90% vs best dense", 3.5, float(best["median_s"]) / float(r["median_s"]),
-                        f"best: {best['backend']}")
+                        f"best: {best['backend']}" + noise(r, best))
             elif r["op"] == "bert_train_step":
-                train.add(_case_label(r), "bsr 32x32 90% vs eager fp32", 3.0, vs_eager)
+                train.add(_case_label(r), "bsr 32x32 90% vs eager fp32", 3.0, vs_eager, noise(r, eager).strip())
     return [fwd, train]
 
 
@@ -233,7 +252,9 @@ def machine_line(rows: List[Row]) -> str:
 
 
 def summary_markdown(rows: List[Row], skipped: Sequence[str] = ()) -> str:
-    parts = ["# sparsekern benchmark summary", "", machine_line(rows), ""]
+    parts = ["# sparsekern benchmark summary", "", machine_line(rows), "",
+             f"Ratios compare rows timed together in one case (interleaved medians). A detail marked noisy had its "
+             f"samples spread by more than {NOISY:.0f}x (p90/p10): the machine was busy; rerun before trusting it.", ""]
     t3 = issue3_tables(rows) if any(r["bench"] == "cpu_ops" for r in rows) else []
     t6 = issue6_tables(rows) if any(r["bench"] == "e2e_bert" for r in rows) else []
     if t3:

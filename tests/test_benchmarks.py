@@ -84,9 +84,10 @@ def _check_case_ratios_e2e(rows):
 def test_measure_interleaves_in_steady_state():
     calls = []
     cs = [Contender(n, (lambda n=n: calls.append(n))) for n in "abc"]
-    t = harness.measure(cs, rounds=4, min_sample_s=0.0, warmup=1)
+    t = harness.measure(cs, rounds=4, min_sample_s=1e-9, warmup=1)
     assert set(t) == {"a", "b", "c"} and all(x.repeats == 4 for x in t.values())
-    timed = calls[6:]  # after warm-up + calibration (2 calls each); then per sample: 1 untimed + 1 timed call
+    assert calls[:6] == list("aabbcc"), "warm-up and calibration of each contender come first"
+    timed = calls[6:]  # then per sample: 1 untimed + 1 timed call (1e-9 s asks for one call per sample)
     order = [timed[i] for i in range(0, len(timed), 2)]
     assert timed[0::2] == timed[1::2], "each sample must follow an untimed call of the same contender"
     assert order == list("abc" "bca" "cab" "abc"), "rounds must interleave contenders in a rotating order"
