@@ -8,7 +8,7 @@ BUILT := $(VENV)/.ext-built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: all build test demo bench fuzz test-asan check-install clean
+.PHONY: all build test demo bench check-install clean
 
 all: build
 
@@ -40,3 +40,6 @@ bench: $(BUILT)
 
 clean:
 	rm -rf build dist *.egg-info sparse/_C*.so $(BUILT)
+
+check-install: $(BUILT)
+	PY=$(abspath $(PY)) scripts/check_install.sh
