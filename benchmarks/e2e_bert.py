@@ -28,6 +28,7 @@ import sparse
 from .harness import Contender, make_rows, measure, threads, write_csv
 
 SEQ = 128
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -155,12 +156,15 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
     base = build_model(p.config)
     shape = f"BERT-base seq {SEQ}" if p.config is None else f"BERT {p.config} seq {SEQ}"
     jobs = [("bert_forward", b) for b in p.batches] + [("bert_train_step", b) for b in p.train_batches]
-    sparse_models: Dict[Tuple[str, float, str], nn.Module] = {}
-    for pattern in p.patterns:
-        for s in p.sparsities:
-            sparse_models[(pattern, s, "float32")] = sparsify(base, pattern, s)
+    wanted = [(pattern, s, "float32") for pattern in p.patterns for s in p.sparsities]
     if p.bf16_sparse and "block" in p.patterns:
-        sparse_models[("block", 0.9, "bfloat16")] = sparsify(base, "block", 0.9).to(torch.bfloat16)
+        wanted.append(("block", 0.9, "bfloat16"))
+    sparse_models: Dict[Tuple[str, float, str], nn.Module] = {}
+    for key in wanted:
+        try:
+            sparse_models[key] = sparsify(base, key[0], key[1]).to(DTYPE[key[2]])
+        except Exception as exc:  # one pattern that cannot be built must not lose the others
+            skipped.append(f"sparsify {key}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
     bar = tqdm(jobs, desc="e2e_bert", unit="case", disable=not progress, file=sys.stderr)
     with threads(p.threads):

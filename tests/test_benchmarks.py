@@ -140,3 +140,17 @@ def test_main_rejects_unknown_suite():
 
     with pytest.raises(SystemExit):
         run.main(["--suite", "nope"])
+
+
+def test_importable_as_sparse_benchmarks():
+    """``python -m sparse bench`` reaches the harness as ``sparse.benchmarks.main`` in a checkout and installed."""
+    import sparse
+    import sparse.benchmarks
+    import sparse.benchmarks.harness
+
+    assert callable(sparse.benchmarks.main)
+    here = os.path.dirname(os.path.abspath(sparse.__file__))
+    origin = os.path.abspath(sparse.benchmarks.__file__)
+    assert origin in (os.path.join(here, "benchmarks", "__init__.py"),
+                      os.path.join(os.path.dirname(here), "benchmarks", "__init__.py"))
+    assert sparse.benchmarks.harness.COLUMNS == COLUMNS
