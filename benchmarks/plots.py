@@ -92,8 +92,7 @@ def break_even_plot(rows: List[Row], path: str) -> bool:
     ncol = min(3, len(keys))
     nrow = -(-len(keys) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.2 * nrow), squeeze=False)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     for k, key in enumerate(keys):
         ax = axes[k // ncol][k % ncol]
         cells = panels[key]
