@@ -200,16 +200,17 @@ def issue6_tables(rows: List[Row]) -> List[Table]:
         for r in rows:
             if r["format"] != "bsr" or r["block"] != "32x32" or nominal(float(r["density"]), [0.1]) is None:
                 continue
-            if r["tokens"] != 8 * 128 or eager is None or r["dtype"] != "float32":
+            if r["tokens"] != 8 * 128 or eager is None:
                 continue
             vs_eager = float(eager["median_s"]) / float(r["median_s"])
             if r["op"] == "bert_forward":
                 best = min(dense.values(), key=lambda x: float(x["median_s"]))
-                fwd.add(_case_label(r), "bsr 32x32 90% vs eager fp32", 6.0, vs_eager, noise(r, eager).strip())
-                fwd.add(_case_label(r), "bsr 32x32 90% vs best dense", 3.5, float(best["median_s"]) / float(r["median_s"]),
-                        f"best: {best['backend']}" + noise(r, best))
+                fwd.add(_case_label(r), f"{r['backend']} bsr 32x32 90% vs eager fp32", 6.0, vs_eager, noise(r, eager).strip())
+                fwd.add(_case_label(r), f"{r['backend']} bsr 32x32 90% vs best dense", 3.5,
+                        float(best["median_s"]) / float(r["median_s"]), f"best: {best['backend']}" + noise(r, best))
             elif r["op"] == "bert_train_step":
-                train.add(_case_label(r), "bsr 32x32 90% vs eager fp32", 3.0, vs_eager, noise(r, eager).strip())
+                train.add(_case_label(r), f"{r['backend']} bsr 32x32 90% vs eager fp32", 3.0, vs_eager,
+                          noise(r, eager).strip())
     return [fwd, train]
 
 
@@ -223,7 +224,8 @@ def e2e_table(rows: List[Row]) -> str:
     for case_rows in by_case(e2e).values():
         eager = next((r for r in case_rows if r["backend"] == "eager_fp32"), None)
         for r in case_rows:
-            what = str(r["backend"]) if r["format"] == "dense" else f"{r['format']} {r['block']} s={float(r['sparsity']):.2f}"
+            what = str(r["backend"]) if r["format"] == "dense" else (
+                f"{r['backend']} {r['format']} {r['block']} s={float(r['sparsity']):.2f}")
             sp = f"{float(eager['median_s']) / float(r['median_s']):.2f}x" if eager else ""
             out.append(f"| {r['op']} | {r['tokens']} | {what} | {r['dtype']} | {1e3 * float(r['median_s']):.1f} | {sp} |")
     return "\n".join(out + [""])
