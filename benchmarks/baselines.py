@@ -193,3 +193,46 @@ def build_weight(W: torch.Tensor, spec: Sequence, dtype: torch.dtype) -> SparseW
     else:
         raise ValueError(f"unknown weight spec {spec!r}: expected ('bsr', block, sparsity) or ('balanced', bank, keep)")
     return w if dtype == W.dtype else w.to(dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU baselines (for benchmarks/gpu_*.py; time them with harness.measure(..., device="cuda"))
+# ---------------------------------------------------------------------------------------------------------------
+def gpu_linear_baselines(
+    W: torch.Tensor, X: torch.Tensor, Wd: Optional[torch.Tensor] = None, block: int = 32,
+    skipped: Optional[List[str]] = None,
+) -> List[Contender]:
+    """Dense and sparse torch baselines on a CUDA device, all computing ``X @ W^T`` in X's dtype.
+
+    - ``cublas``: ``F.linear`` (dense reference, ``dense_ref=True``).
+    - ``torch_bsr``: ``F.linear(X, Wd as sparse_bsr)``; for fp16/bf16 torch runs its Triton BSR kernels.
+    - ``semi_structured_2:4``: ``torch.sparse.to_sparse_semi_structured`` of ``W`` pruned 2:4 by magnitude (fp16/
+      bf16, shapes the CUTLASS/cuSPARSELt kernels accept; left out otherwise).
+    ``Wd`` is the pruned dense weight of the sparse contender being compared (default: no BSR baseline). Why a
+    baseline could not be built is appended to ``skipped``. (Written for the GPU benchmarks; not run on a GPU yet.)
+    """
+    W = W.to(device=X.device, dtype=X.dtype)
+    info = {"format": "dense", "block": "", "density": 1.0, "weight_bytes": dense_bytes(W)}
+    out = [Contender("cublas", lambda: F.linear(X, W), {**info, "backend": "cublas", "dense_ref": True})]
+    if Wd is not None:
+        Wb = Wd.to(device=X.device, dtype=X.dtype).to_sparse_bsr((block, block))
+        density = Wb.values().numel() / W.numel()
+        out.append(Contender("torch_bsr", lambda: F.linear(X, Wb), {
+            "format": "torch_bsr", "block": f"{block}x{block}", "density": density, "backend": "torch.sparse(triton)",
+            "weight_bytes": Wb.values().numel() * Wb.element_size() + (Wb.col_indices().numel() + Wb.crow_indices().numel()) * 8,
+        }))
+    if X.dtype in (torch.float16, torch.bfloat16):
+        try:
+            groups = W.abs().reshape(W.shape[0], -1, 4)
+            keep = groups.topk(2, dim=-1).indices
+            mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True).reshape(W.shape)
+            W24 = torch.sparse.to_sparse_semi_structured(W * mask)
+            F.linear(X, W24)
+            out.append(Contender("semi_structured", lambda: F.linear(X, W24), {
+                "format": "semi_structured_2:4", "block": "2:4", "density": 0.5, "backend": "torch.sparse.semi_structured",
+                "weight_bytes": dense_bytes(W) // 2 + dense_bytes(W) // 16,  # values + ~2 bits of metadata each
+            }))
+        except (RuntimeError, ValueError, NotImplementedError) as exc:  # shape or GPU the 2:4 kernels refuse
+            if skipped is not None:
+                skipped.append(f"semi_structured 2:4 {tuple(W.shape)} {X.dtype}: {type(exc).__name__}: {str(exc)[:160]}")
+    return out
