@@ -39,6 +39,7 @@ class Preset:
     patterns: List[str]  # "block" (32x32) | "balanced" (bank 32)
     compile: bool
     bf16_sparse: bool  # also a 90% block-32 model in bf16
+    train_patterns: List[str]  # patterns also timed for the training step
     rounds: int
     threads: int = 2
     config: Optional[Dict[str, int]] = None  # BertConfig overrides (None: BERT-base)
@@ -46,12 +47,12 @@ class Preset:
 
 PRESETS: Dict[str, Preset] = {
     "quick": Preset(batches=[8], train_batches=[8], sparsities=[0.9], patterns=["block", "balanced"], compile=True,
-                    bf16_sparse=True, rounds=3),
+                    bf16_sparse=True, train_patterns=["block"], rounds=3),
     "full": Preset(batches=[1, 8], train_batches=[8], sparsities=[0.5, 0.75, 0.9], patterns=["block", "balanced"],
-                   compile=True, bf16_sparse=True, rounds=5),
+                   compile=True, bf16_sparse=True, train_patterns=["block", "balanced"], rounds=5),
     # Seconds-long run for the smoke test: a toy 1-layer encoder, no torch.compile (numbers mean nothing).
     "tiny": Preset(batches=[1], train_batches=[1], sparsities=[0.75], patterns=["block", "balanced"], compile=False,
-                   bf16_sparse=False, rounds=2,
+                   bf16_sparse=False, train_patterns=["block", "balanced"], rounds=2,
                    config=dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256,
                                vocab_size=512)),
 }
@@ -154,7 +155,7 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                     except Exception as exc:  # an inductor failure must not lose the rest of the run
                         skipped.append(f"{op} batch {batch} torch.compile: {type(exc).__name__}: {str(exc)[:160]}")
             for (pattern, s, dt, fuse), m in sparse_models.items():
-                if training and dt != "float32":
+                if training and (dt != "float32" or pattern not in p.train_patterns):
                     continue
                 info = {**_pattern_info(pattern, s), "backend": "sparse.sparsify" + ("(fused gelu)" if fuse else ""),
                         "dtype": dt}
