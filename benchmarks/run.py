@@ -33,7 +33,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.report:
         from .harness import read_csv
 
-        rows = [r for path in args.report for r in read_csv(path)]
+        rows = []
+        for path in args.report:
+            try:
+                rows += read_csv(path)
+            except ValueError as exc:  # e.g. a GPU benchmark with its own columns: summarise the others
+                print(f"left out of the summary: {exc}", file=sys.stderr)
         for path in write_report(rows, args.out):
             print(f"wrote {path}")
         return 0
