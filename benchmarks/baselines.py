@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse
-from sparse import BalancedSparseWeight, BlockSparseWeight
+from sparse import BalancedSparseWeight, BlockSparseWeight, reference
 
 from .harness import Contender, cycling
 
@@ -58,12 +58,13 @@ def dense_linear(W: torch.Tensor, X: torch.Tensor, copies: int = 1) -> List[Cont
     W = W.to(X.dtype)
     Ws = _copies(W, copies, torch.clone)
     info = {"format": "dense", "block": "", "density": 1.0, "weight_bytes": dense_bytes(W), "dense_ref": True}
-    out = [Contender("F.linear", cycling(Ws, lambda w: F.linear(X, w)), {**info, "backend": "F.linear"})]
+    ref = F.linear(X.double(), W.double())
+    out = [Contender("F.linear", cycling(Ws, lambda w: F.linear(X, w)), {**info, "backend": "F.linear"}, ref)]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in Ws]
     out.append(
         Contender(
             "onednn", cycling(packed, lambda p: torch.ops.mkldnn._linear_pointwise(X, p, None, "none", [], "")),
-            {**info, "backend": "onednn_prepacked"},
+            {**info, "backend": "onednn_prepacked"}, ref,
         )
     )
     return out
@@ -81,9 +82,10 @@ def ours_linear(w: SparseWeight, X: torch.Tensor, copies: int = 1, *, via_api: b
     else:
         op = torch.ops.sparsekern.balanced_linear.default
         raw = lambda v: op(X, v.values, v.indices, v.bank, None, "none")
-    out = [Contender(name, cycling(ws, raw), {**info, "backend": "sparsekern"})]
+    ref = reference.linear(X, w)
+    out = [Contender(name, cycling(ws, raw), {**info, "backend": "sparsekern"}, ref)]
     if via_api:
-        out.append(Contender(name + ":api", cycling(ws, lambda v: sparse.linear(X, v)), {**info, "backend": "sparse.linear"}))
+        out.append(Contender(name + ":api", cycling(ws, lambda v: sparse.linear(X, v)), {**info, "backend": "sparse.linear"}, ref))
     return out
 
 
@@ -100,7 +102,7 @@ def with_threads(c: Contender, n: int) -> Contender:
         finally:
             torch.set_num_threads(prev)
 
-    return Contender(f"{c.name}@{n}t", run, {**c.info, "threads": n})
+    return Contender(f"{c.name}@{n}t", run, {**c.info, "threads": n}, c.expected, c.as_result)
 
 
 def torch_sparse_linear(
@@ -116,9 +118,11 @@ def torch_sparse_linear(
     nbytes = sum(t.numel() * t.element_size() for t in (Ws0.values(), Ws0.crow_indices(), Ws0.col_indices()))
     Ws = _copies(Ws0, copies, torch.clone)
     info = {"format": fmt, "block": "" if block is None else f"{block}x{block}", "weight_bytes": nbytes, "backend": "torch.sparse"}
-    out = [Contender(f"{fmt}:{tag}", cycling(Ws, lambda w: torch.mm(w, X.t().contiguous()).t()), info)]
+    ref = F.linear(X.double(), Wd.double())
+    out = [Contender(f"{fmt}:{tag}", cycling(Ws, lambda w: torch.mm(w, X.t().contiguous()).t()), info, ref)]
     if user_form:
-        out.append(Contender(f"{fmt}:{tag}:F.linear", cycling(Ws, lambda w: F.linear(X, w)), {**info, "backend": "torch.sparse:F.linear"}))
+        out.append(Contender(f"{fmt}:{tag}:F.linear", cycling(Ws, lambda w: F.linear(X, w)),
+                             {**info, "backend": "torch.sparse:F.linear"}, ref))
     return out
 
 
@@ -131,7 +135,8 @@ def scipy_linear(Wd: torch.Tensor, X: torch.Tensor, tag: str, copies: int = 1) -
     Xt = np.ascontiguousarray(X.float().numpy().T)
     nbytes = W0.data.nbytes + W0.indices.nbytes + W0.indptr.nbytes
     info = {"format": "csr", "block": "", "weight_bytes": nbytes, "backend": "scipy"}
-    return [Contender(f"scipy:{tag}", cycling(Ws, lambda w: w @ Xt), info)]
+    ref = F.linear(X.double(), Wd.double())
+    return [Contender(f"scipy:{tag}", cycling(Ws, lambda w: w @ Xt), info, ref, lambda y: torch.from_numpy(y).t())]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,11 +147,12 @@ def dense_grad_input(W: torch.Tensor, dY: torch.Tensor) -> List[Contender]:
     W = W.to(dY.dtype)
     Wt_packed = torch.ops.mkldnn._reorder_linear_weight(W.t().contiguous(), None)
     info = {"format": "dense", "block": "", "density": 1.0, "weight_bytes": dense_bytes(W), "dense_ref": True}
+    ref = dY.double() @ W.double()
     return [
-        Contender("mm", lambda: torch.mm(dY, W), {**info, "backend": "torch.mm"}),
+        Contender("mm", lambda: torch.mm(dY, W), {**info, "backend": "torch.mm"}, ref),
         Contender(
             "onednn", lambda: torch.ops.mkldnn._linear_pointwise(dY, Wt_packed, None, "none", [], ""),
-            {**info, "backend": "onednn_prepacked"},
+            {**info, "backend": "onednn_prepacked"}, ref,
         ),
     ]
 
@@ -160,13 +166,13 @@ def ours_grad_input(w: SparseWeight, dY: torch.Tensor) -> List[Contender]:
     else:
         op = torch.ops.sparsekern.balanced_linear_grad_input.default
         fn = lambda: op(dY, w.values, w.indices, w.bank, w.shape[1])
-    return [Contender(name, fn, {**info, "backend": "sparsekern"})]
+    return [Contender(name, fn, {**info, "backend": "sparsekern"}, reference.linear_grad_input(dY, w))]
 
 
 def dense_sddmm(W: torch.Tensor, dY: torch.Tensor, X: torch.Tensor) -> List[Contender]:
     """The dense weight gradient ``dY^T @ X`` [out, in]."""
     info = {"format": "dense", "block": "", "density": 1.0, "weight_bytes": dense_bytes(W.to(X.dtype)), "dense_ref": True}
-    return [Contender("mm", lambda: torch.mm(dY.t(), X), {**info, "backend": "torch.mm"})]
+    return [Contender("mm", lambda: torch.mm(dY.t(), X), {**info, "backend": "torch.mm"}, dY.double().t() @ X.double())]
 
 
 def ours_sddmm(w: SparseWeight, dY: torch.Tensor, X: torch.Tensor) -> List[Contender]:
@@ -178,7 +184,7 @@ def ours_sddmm(w: SparseWeight, dY: torch.Tensor, X: torch.Tensor) -> List[Conte
     else:
         op = torch.ops.sparsekern.balanced_sddmm.default
         fn = lambda: op(dY, X, w.indices, w.bank)
-    return [Contender(name, fn, {**info, "backend": "sparsekern"})]
+    return [Contender(name, fn, {**info, "backend": "sparsekern"}, reference.sddmm(dY, X, w))]
 
 
 def build_weight(W: torch.Tensor, spec: Sequence, dtype: torch.dtype) -> SparseWeight:

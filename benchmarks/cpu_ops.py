@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import baselines as B
-from .harness import Contender, cold_copies, make_rows, measure, threads, write_csv
+from .harness import Contender, cold_copies, make_rows, measure, result_error, threads, write_csv
 
 # (out_features, in_features) of the Linear layers of each model.
 SHAPES: Dict[str, List[Tuple[int, int]]] = {
@@ -182,14 +182,24 @@ def _usable(spec: Spec, shape: Tuple[int, int]) -> bool:
     return bank <= shape[1] and keep <= last
 
 
+# Largest error accepted, relative to the largest |output| of the float64 reference: a sanity check that every
+# contender computes the product it is timed for (the tests check accuracy properly).
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
+
+
 def _try(c: Contender, skipped: List[str], case: Case) -> bool:
-    """Runs a contender once; one that raises is left out of the case and listed in the summary."""
+    """Runs a contender once and checks its result; one that raises or is wrong is left out of the case and
+    listed in the summary (a wrong kernel must not show up as a fast one)."""
     try:
-        c.fn()
-        return True
+        err = result_error(c, c.fn())
     except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
         skipped.append(f"{case.id} {c.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
         return False
+    if err is not None and not err <= TOLERANCE[case.dtype]:
+        skipped.append(f"{case.id} {c.name}: WRONG RESULT, max error {err:.2e} of max |reference| "
+                       f"(tolerance {TOLERANCE[case.dtype]:.0e})")
+        return False
+    return True
 
 
 def contenders_for(case: Case, p: Preset, skipped: List[str]) -> List[Contender]:

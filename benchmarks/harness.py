@@ -156,12 +156,25 @@ def cold_copies(weight_bytes: int, factor: float = 2.0) -> int:
 @dataclass
 class Contender:
     """One way of computing a case. ``fn()`` runs one call; cold contenders cycle their weight copies inside
-    ``fn`` (see :func:`cycling`). ``info`` holds the row columns that describe it (backend, format, block,
-    sparsity, density, weight_bytes, ...)."""
+    ``fn`` (see :func:`cycling`; the first call uses the first copy). ``info`` holds the row columns that describe
+    it (backend, format, block, sparsity, density, weight_bytes, ...)."""
 
     name: str
     fn: Callable[[], Any]
     info: Dict[str, Any] = field(default_factory=dict)
+    expected: Optional[torch.Tensor] = None  # what fn() must return (e.g. the float64 reference), checked once
+    as_result: Optional[Callable[[Any], torch.Tensor]] = None  # reads fn()'s output in ``expected``'s layout
+
+
+def result_error(c: Contender, out: Any) -> Optional[float]:
+    """max |out - expected| / max |expected| for a contender with ``expected``, else None."""
+    if c.expected is None:
+        return None
+    got = (c.as_result(out) if c.as_result is not None else out).double().cpu()
+    ref = c.expected.double().cpu()
+    if got.shape != ref.shape:
+        return float("inf")
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 @dataclass

@@ -37,6 +37,7 @@ def _check_case_ratios(rows):
 def test_cpu_ops_tiny_csv_schema_and_ratios(tmp_path):
     p = cpu_ops.PRESETS["tiny"]
     rows, skipped = cpu_ops.run(p, str(tmp_path), progress=False)
+    assert not [s for s in skipped if "WRONG RESULT" in s], skipped
     back = harness.read_csv(os.path.join(tmp_path, "cpu_ops.csv"))
     assert len(back) == len(rows) > 0
     with open(os.path.join(tmp_path, "cpu_ops.csv")) as f:
@@ -154,3 +155,13 @@ def test_importable_as_sparse_benchmarks():
     assert origin in (os.path.join(here, "benchmarks", "__init__.py"),
                       os.path.join(os.path.dirname(here), "benchmarks", "__init__.py"))
     assert sparse.benchmarks.harness.COLUMNS == COLUMNS
+
+
+def test_a_wrong_contender_is_left_out_not_timed():
+    case = cpu_ops.Case("linear", (4, 4), 2, "float32", 1, "hot")
+    ref = torch.ones(2, 4, dtype=torch.float64)
+    skipped = []
+    assert cpu_ops._try(Contender("right", lambda: torch.ones(2, 4), {}, ref), skipped, case)
+    assert not cpu_ops._try(Contender("wrong", lambda: torch.ones(2, 4) * 1.01, {}, ref), skipped, case)
+    assert not cpu_ops._try(Contender("transposed", lambda: torch.ones(4, 2), {}, ref), skipped, case)
+    assert len(skipped) == 2 and all("WRONG RESULT" in s for s in skipped)
