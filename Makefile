@@ -36,5 +36,28 @@ demo: $(BUILT)
 bench: $(BUILT)
 	$(PY) -m benchmarks.cpu_ops
 
+# Deliberate, slow runs (outside `make test`). `fuzz`: the property and fuzz tests under the long hypothesis
+# profile (FUZZ_EXAMPLES examples per test). `test-asan`: the extension rebuilt with AddressSanitizer and
+# UBSan in a copy under build-asan/ (the in-place build is untouched), then the op tests run against it.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(BUILT)
+	HYPOTHESIS_PROFILE=long SPARSEKERN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
+		tests/test_property.py tests/test_fuzz_formats.py
+
+ASAN_DIR := build-asan
+ASAN_TESTS ?= tests/test_fuzz_formats.py tests/test_property.py tests/test_numerics.py tests/test_threads.py \
+	tests/test_scale.py
+test-asan: $(DEPS)
+	mkdir -p $(ASAN_DIR)/src
+	tar cf - --exclude='_C*.so' --exclude=__pycache__ setup.py pyproject.toml csrc sparse kernels \
+		| tar xf - -C $(ASAN_DIR)/src
+	cd $(ASAN_DIR)/src && SPARSEKERN_SANITIZE=1 SPARSEKERN_CUDA=0 MAX_JOBS=2 $(abspath $(PY)) setup.py build_ext \
+		--inplace --build-temp ../tmp > ../build.log 2>&1 || (tail -30 ../build.log; exit 1)
+	# -P: the checkout itself must not shadow the sanitized copy on sys.path.
+	PYTHONPATH=$(abspath $(ASAN_DIR)/src) LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		sh -c '$(PY) -P -c "import sparse._C as c; assert \"$(ASAN_DIR)\" in c.__file__, c.__file__" && \
+		$(PY) -P -m pytest -q -p no:cacheprovider $(ASAN_TESTS)'
+
 clean:
-	rm -rf build dist *.egg-info sparse/_C*.so $(BUILT)
+	rm -rf build dist *.egg-info sparse/_C*.so $(BUILT) $(ASAN_DIR)
