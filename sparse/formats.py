@@ -15,6 +15,7 @@ import torch
 __all__ = ["BlockSparseWeight", "BalancedSparseWeight"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_MAX_BLOCKS = 2**31 - 1  # row_offsets and col_indices are int32
 
 
 def _check_weight_matrix(W: torch.Tensor) -> None:
@@ -80,6 +81,11 @@ class BlockSparseWeight:
             raise ValueError(f"shape must be (out_features, in_features), got {tuple(shape)}")
         self.shape: Tuple[int, int] = (int(shape[0]), int(shape[1]))
         self.block: Tuple[int, int] = (int(values.shape[1]), int(values.shape[2]))
+        # Checked before anything divides by the block or re-lays out the values.
+        if min(self.block) < 1:
+            raise ValueError(f"values must hold blocks of positive shape, got block {self.block}")
+        if values.shape[0] > _MAX_BLOCKS:
+            raise ValueError(f"at most {_MAX_BLOCKS} blocks are supported (int32 offsets), got {values.shape[0]}")
         self.values = _kernel_layout(values)
         self.row_offsets = row_offsets
         self.col_indices = col_indices
