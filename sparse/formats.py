@@ -37,6 +37,11 @@ def _check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
+def _contiguous(t):
+    """Index tensors as the kernels read them (a strided view is copied); anything else is left for validate."""
+    return t.contiguous() if isinstance(t, torch.Tensor) else t
+
+
 def _kernel_layout(values: torch.Tensor) -> torch.Tensor:
     """``values`` [nnz, bo, bi] re-laid out as each block stored input-major (strides (bo*bi, 1, bo)).
 
@@ -87,15 +92,15 @@ class BlockSparseWeight:
         if values.shape[0] > _MAX_BLOCKS:
             raise ValueError(f"at most {_MAX_BLOCKS} blocks are supported (int32 offsets), got {values.shape[0]}")
         self.values = _kernel_layout(values)
-        self.row_offsets = row_offsets
-        self.col_indices = col_indices
+        self.row_offsets = _contiguous(row_offsets)
+        self.col_indices = _contiguous(col_indices)
         if col_offsets is None or row_indices is None or block_perm is None:
             if validate:
                 self._validate_csr()
             col_offsets, row_indices, block_perm = self._transpose_metadata()
-        self.col_offsets = col_offsets
-        self.row_indices = row_indices
-        self.block_perm = block_perm
+        self.col_offsets = _contiguous(col_offsets)
+        self.row_indices = _contiguous(row_indices)
+        self.block_perm = _contiguous(block_perm)
         if validate:
             self.validate()
 
