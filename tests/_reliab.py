@@ -186,7 +186,7 @@ def balanced_grad_input_raw(dy, values, indices, bank: int, inn: int) -> torch.T
     cols = _balanced_columns(indices, bank)
     T, out = dy.shape
     contrib = dy.double()[:, :, None] * values.double().reshape(out, -1)[None]
-    return torch.zeros(T, inn, dtype=torch.float64).index_add_(1, cols.flatten(), contrib.reshape(T, -1))
+    return torch.zeros(T, inn, dtype=torch.float64).index_add_(1, cols.flatten(), contrib.reshape(T, cols.numel()))
 
 
 def balanced_sddmm_raw(dy, x, indices, bank: int) -> torch.Tensor:
