@@ -207,6 +207,16 @@ def gather_pattern(weight, full: torch.Tensor) -> torch.Tensor:
     return blocks[weight._block_rows(), weight.col_indices.long()]
 
 
+def with_values(weight, values: torch.Tensor):
+    """The same pattern holding other values (no copy when BSR values already have the kernel layout, so a leaf
+    that requires grad stays the weight's values)."""
+    if isinstance(weight, BalancedSparseWeight):
+        return BalancedSparseWeight(values, weight.indices, weight.bank, weight.shape[1], validate=False)
+    return BlockSparseWeight(values, weight.row_offsets, weight.col_indices, weight.shape,
+                             col_offsets=weight.col_offsets, row_indices=weight.row_indices,
+                             block_perm=weight.block_perm, validate=False)
+
+
 def block_weight(out: int, inn: int, block, density: float, dtype: torch.dtype, seed: int,
                  scale: float = 1.0) -> BlockSparseWeight:
     """A random BlockSparseWeight whose block grid keeps each block with probability ``density``."""

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import sparse
-from sparse import BalancedSparseWeight, BlockSparseWeight, reference
+from sparse import reference
 from sparse._ext import available
 
 import _reliab as R
@@ -54,16 +54,6 @@ def _assert_same_specials(got: torch.Tensor, want: torch.Tensor, reduce_len: int
     assert err <= tol, f"{what}: finite entries off by {err:.3e} > {tol:.3e}"
 
 
-def _with_values(weight, values: torch.Tensor):
-    """The same pattern with other values (BSR values keep their kernel layout)."""
-    if isinstance(weight, BlockSparseWeight):
-        v = weight.values.clone(memory_format=torch.preserve_format).copy_(values)
-        return BlockSparseWeight(v, weight.row_offsets, weight.col_indices, weight.shape,
-                                 col_offsets=weight.col_offsets, row_indices=weight.row_indices,
-                                 block_perm=weight.block_perm, validate=False)
-    return BalancedSparseWeight(values, weight.indices, weight.bank, weight.shape[1], validate=False)
-
-
 def _weights(dtype: torch.dtype):
     yield R.block_weight(23, 37, (4, 8), 0.6, dtype, seed=1)  # ragged edges, explicit zeros kept in blocks
     yield R.block_weight(64, 32, (16, 16), 0.5, dtype, seed=2)
@@ -78,7 +68,7 @@ def test_nan_inf_propagate_like_the_reference(dtype, where):
         mask = R.structural_mask(clean)
         weight = clean
         if where != "input":
-            weight = _with_values(clean, _sprinkle(clean.values.contiguous(), seed=wi))
+            weight = R.with_values(clean, _sprinkle(clean.values.contiguous(), seed=wi))
         W = R.dense(weight)
         T = 11
         x = R.randn((T, inn), dtype, seed=10 + wi)

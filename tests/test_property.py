@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sparse
-from sparse import BalancedSparseWeight, BlockSparseWeight, reference
+from sparse import reference
 from sparse._ext import available
 
 import _reliab as R
@@ -35,16 +35,6 @@ LEADS = st.one_of(
     st.sampled_from([(0,), (3, 0), (9,), (16,), (33,), (97,)]),
 )
 DENSITY = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0))
-
-
-def _weight_with_grad(weight):
-    """The same weight with its values a fresh leaf that requires grad (kernel layout kept)."""
-    v = weight.values.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
-    if isinstance(weight, BlockSparseWeight):
-        return BlockSparseWeight(v, weight.row_offsets, weight.col_indices, weight.shape,
-                                 col_offsets=weight.col_offsets, row_indices=weight.row_indices,
-                                 block_perm=weight.block_perm, validate=False), v
-    return BalancedSparseWeight(v, weight.indices, weight.bank, weight.shape[1], validate=False), v
 
 
 def check_every_op(weight, lead, x_layout: str, g_layout: str, with_bias: bool, act: str, seed: int) -> None:
@@ -95,7 +85,8 @@ def check_every_op(weight, lead, x_layout: str, g_layout: str, with_bias: bool, 
             sd = sparse.sddmm(gl, xl, weight)
             R.check_rule(sd, sd_ref, sd_dense, sd_terms, dtype, T, f"sddmm {tag}")
 
-            wg, v = _weight_with_grad(weight)
+            v = weight.values.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+            wg = R.with_values(weight, v)
             xa = xl.detach().requires_grad_(True)
             ba = bias.detach().requires_grad_(True) if bias is not None else None
             sparse.linear(xa, wg, ba, act).backward(gl)
