@@ -91,6 +91,10 @@ class BlockSparseWeight:
             raise ValueError(f"values must hold blocks of positive shape, got block {self.block}")
         if values.shape[0] > _MAX_BLOCKS:
             raise ValueError(f"at most {_MAX_BLOCKS} blocks are supported (int32 offsets), got {values.shape[0]}")
+        if max(self.n_block_rows, self.n_block_cols) > _MAX_BLOCKS:
+            # The transposed metadata would wrap when stored as int32, after allocating one entry per block column.
+            raise ValueError(f"the block grid {self.n_block_rows}x{self.n_block_cols} of shape {self.shape} and block "
+                             f"{self.block} exceeds {_MAX_BLOCKS} block rows or columns (int32 indices)")
         self.values = _kernel_layout(values)
         self.row_offsets = _contiguous(row_offsets)
         self.col_indices = _contiguous(col_indices)
