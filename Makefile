@@ -8,7 +8,7 @@ BUILT := $(VENV)/.ext-built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: all build test demo bench fuzz test-asan check-install clean
+.PHONY: all build test demo bench check-install clean
 
 all: build
 
@@ -53,11 +53,15 @@ test-asan: $(DEPS)
 		| tar xf - -C $(ASAN_DIR)/src
 	cd $(ASAN_DIR)/src && SPARSEKERN_SANITIZE=1 SPARSEKERN_CUDA=0 MAX_JOBS=2 $(abspath $(PY)) setup.py build_ext \
 		--inplace --build-temp ../tmp > ../build.log 2>&1 || (tail -30 ../build.log; exit 1)
-	# -P: the checkout itself must not shadow the sanitized copy on sys.path.
+	# -P and --import-mode=append: the checkout must not shadow the sanitized copy on sys.path
+	# (tests/test_fuzz_formats.py checks SPARSEKERN_EXPECT_BUILD against the loaded sparse._C).
 	PYTHONPATH=$(abspath $(ASAN_DIR)/src) LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
 		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-		sh -c '$(PY) -P -c "import sparse._C as c; assert \"$(ASAN_DIR)\" in c.__file__, c.__file__" && \
-		$(PY) -P -m pytest -q -p no:cacheprovider $(ASAN_TESTS)'
+		SPARSEKERN_EXPECT_BUILD=$(abspath $(ASAN_DIR)/src) \
+		$(PY) -P -m pytest -q -p no:cacheprovider --import-mode=append $(ASAN_TESTS)
 
 clean:
 	rm -rf build dist *.egg-info sparse/_C*.so $(BUILT) $(ASAN_DIR)
+
+check-install: $(BUILT)
+	PY=$(abspath $(PY)) scripts/check_install.sh

@@ -2,12 +2,14 @@
 
 The C++ CPU sources are always built (OpenMP, -O3, C++17, baseline ISA: AVX2/AVX-512 kernels are chosen at run
 time). CUDA sources are added only when torch has CUDA and CUDA_HOME exists; SPARSEKERN_CUDA=1 forces them,
-SPARSEKERN_CUDA=0 leaves them out. SPARSEKERN_SANITIZE=1 builds with AddressSanitizer and UBSan.
+SPARSEKERN_CUDA=0 leaves them out. CUDA targets come from TORCH_CUDA_ARCH_LIST (default "8.0;9.0"; 8.0 is the
+minimum: the kernels use cp.async, ldmatrix and mma.sp). SPARSEKERN_SANITIZE=1 builds with AddressSanitizer and UBSan.
 Install with `pip install --no-build-isolation .` so the extension compiles against the torch you run.
 """
 
 import glob
 import os
+import re
 
 import torch
 from setuptools import setup
@@ -42,6 +44,12 @@ def _extension():
     if not _want_cuda():
         return CppExtension("sparse._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # The kernels use cp.async, ldmatrix and mma.sp (sm_80+); an older target would fail deep inside nvcc.
+    # Named architectures ("Ampere", ...) are left to torch.
+    old = [a for a in arch.replace(",", ";").replace(" ", ";").split(";")
+           if re.fullmatch(r"\d+\.\d+[af]?(\+PTX)?", a) and float(re.match(r"\d+\.\d+", a).group()) < 8.0]
+    if old:
+        raise RuntimeError(f"TORCH_CUDA_ARCH_LIST={arch!r} has {old}: the CUDA kernels need compute capability 8.0+")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     return CUDAExtension(
         "sparse._C",

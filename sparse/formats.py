@@ -47,8 +47,7 @@ def _kernel_layout(values: torch.Tensor) -> torch.Tensor:
 
     The CPU kernels read a block column by column (all outputs of one input feature are contiguous); the
     logical shape stays [nnz, bo, bi], so element-wise code (optimizers, casts) sees an ordinary tensor."""
-    nnz, bo, bi = values.shape
-    if values.stride() == (bo * bi, 1, bo) or nnz == 0:
+    if values.transpose(1, 2).is_contiguous():
         return values
     return values.transpose(1, 2).contiguous().transpose(1, 2)
 
@@ -290,7 +289,8 @@ class BlockSparseWeight:
         if self.shape[0] % self.block[0] or self.shape[1] % self.block[1]:
             raise ValueError(f"torch.sparse_bsr needs the block {self.block} to divide the shape {self.shape}")
         return torch.sparse_bsr_tensor(
-            self.row_offsets, self.col_indices, self.values.contiguous(), self.shape, dtype=self.values.dtype
+            self.row_offsets, self.col_indices, self.values.contiguous(), self.shape, dtype=self.values.dtype,
+            check_invariants=True,
         )
 
     def to(self, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> "BlockSparseWeight":

@@ -40,14 +40,17 @@ def linear_grad_input(grad_out: torch.Tensor, weight: SparseWeight) -> torch.Ten
     return grad_out.double() @ weight.to_dense().double()
 
 
-def sddmm(grad_out: torch.Tensor, x: torch.Tensor, weight: SparseWeight) -> torch.Tensor:
-    """(grad_out^T x) at the stored positions, shaped like weight.values, in float64."""
-    full = grad_out.reshape(-1, weight.shape[0]).double().t() @ x.reshape(-1, weight.shape[1]).double()
+def gather(full: torch.Tensor, weight: SparseWeight) -> torch.Tensor:
+    """The entries of a dense [out, in] matrix at the weight's stored positions, shaped like weight.values."""
     if isinstance(weight, BalancedSparseWeight):
         out, inn = weight.shape
         padded = F.pad(full, (0, weight.n_banks * weight.bank - inn)).reshape(out, weight.n_banks, weight.bank)
         return torch.gather(padded, -1, weight.indices.long())
-    bo, bi = weight.block
-    blocks = BlockSparseWeight._blocked(full, bo, bi)
-    rows = weight._block_rows()
-    return blocks[rows, weight.col_indices.long()]
+    blocks = BlockSparseWeight._blocked(full, *weight.block)
+    return blocks[weight._block_rows(), weight.col_indices.long()]
+
+
+def sddmm(grad_out: torch.Tensor, x: torch.Tensor, weight: SparseWeight) -> torch.Tensor:
+    """(grad_out^T x) at the stored positions, shaped like weight.values, in float64."""
+    full = grad_out.reshape(-1, weight.shape[0]).double().t() @ x.reshape(-1, weight.shape[1]).double()
+    return gather(full, weight)

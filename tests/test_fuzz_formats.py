@@ -17,6 +17,7 @@ Run in the sanitizer build by ``make test-asan``; ``make fuzz`` runs many more e
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ import sparse
 from sparse import BalancedSparseWeight, BlockSparseWeight, reference
 from sparse._ext import available
 
-import _reliab as R
+from tests import _reliab as R
 
 pytestmark = pytest.mark.skipif(not available(), reason="sparse._C not built")
 
@@ -251,6 +252,17 @@ def test_fuzz_balanced(data):
          lambda: OPS.balanced_sddmm(a["grad_out"], a["x"], a["indices"], a["bank"]),
          lambda: R.balanced_sddmm_raw(a["grad_out"], a["x"], a["indices"], a["bank"])),
     ])
+
+def test_running_the_expected_build():
+    """``make test-asan`` sets SPARSEKERN_EXPECT_BUILD: the session must use that (sanitized) sparse._C, not the
+    checkout's own build. Without the variable, any build will do."""
+    import sparse._C as c
+
+    want = os.environ.get("SPARSEKERN_EXPECT_BUILD")
+    if not want:
+        pytest.skip("SPARSEKERN_EXPECT_BUILD not set (only make test-asan sets it)")
+    assert os.path.dirname(os.path.dirname(os.path.abspath(c.__file__))) == os.path.abspath(want), c.__file__
+
 
 def test_constructors_reject_non_tensors():
     """Arbitrary Python objects in place of tensors and sizes."""

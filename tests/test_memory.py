@@ -18,7 +18,7 @@ import torch
 import sparse
 from sparse._ext import available
 
-import _reliab as R
+from tests import _reliab as R
 
 pytestmark = [
     pytest.mark.skipif(not available(), reason="sparse._C not built"),

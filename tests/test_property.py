@@ -25,7 +25,7 @@ import sparse
 from sparse import reference
 from sparse._ext import available
 
-import _reliab as R
+from tests import _reliab as R
 
 pytestmark = pytest.mark.skipif(not available(), reason="sparse._C not built")
 

@@ -1,0 +1,63 @@
+// Host entry points of the CUDA kernels: raw device pointers, a cudaStream_t, and a cudaError_t back (from the
+// launch itself or from cudaGetLastError after it). Shapes and layouts are checked by the caller (ops_cuda.cpp);
+// the metadata (offsets, indices) is trusted: the weight formats validate it once, when the weight is built.
+#pragma once
+
+// Host-only declarations (no device code), so that the torch launcher compiled by the host compiler can
+// include it.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace sparsekern::cuda {
+
+// Element type of a tensor, as the launcher passes it (the kernels are templated on the C++ type).
+enum class DType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
+
+// Same numbering as sparsekern::Activation in checks.h.
+enum class Act : int { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3, Silu = 4 };
+
+// ---- block-sparse (bsr.cu) ---------------------------------------------------------------------------------
+// values: [nnz, bo, bi] with strides (bo*bi, 1, bo) (each block stored input-major). x rows are `ldx` apart.
+struct BsrShape {
+  int64_t T, out, in, bo, bi, nnz;
+};
+
+// y [T, out] = act(x W^T + bias). bias may be null.
+cudaError_t bsr_linear(DType dt, const BsrShape& s, const void* x, int64_t ldx, const void* values,
+                       const int32_t* row_offsets, const int32_t* col_indices, const void* bias, Act act, void* y,
+                       cudaStream_t stream);
+// dx [T, in] = dy W, walking W by block columns.
+cudaError_t bsr_linear_grad_input(DType dt, const BsrShape& s, const void* dy, int64_t lddy, const void* values,
+                                  const int32_t* col_offsets, const int32_t* row_indices, const int32_t* block_perm,
+                                  void* dx, cudaStream_t stream);
+// dw (layout of values) = (dy^T x) at the kept blocks.
+cudaError_t bsr_sddmm(DType dt, const BsrShape& s, const void* dy, int64_t lddy, const void* x, int64_t ldx,
+                      const int32_t* row_offsets, const int32_t* col_indices, void* dw, cudaStream_t stream);
+
+// ---- balanced, any bank/keep (balanced.cu) -------------------------------------------------------------------
+// values, indices: [out, n_banks, keep] contiguous; indices uint8 (idx16 = false) or int16 (idx16 = true).
+struct BalShape {
+  int64_t T, out, in, bank, n_banks, keep;
+};
+
+cudaError_t balanced_linear(DType dt, const BalShape& s, const void* x, int64_t ldx, const void* values,
+                            const void* indices, bool idx16, const void* bias, Act act, void* y,
+                            cudaStream_t stream);
+cudaError_t balanced_linear_grad_input(DType dt, const BalShape& s, const void* dy, int64_t lddy,
+                                       const void* values, const void* indices, bool idx16, void* dx,
+                                       cudaStream_t stream);
+cudaError_t balanced_sddmm(DType dt, const BalShape& s, const void* dy, int64_t lddy, const void* x, int64_t ldx,
+                           const void* indices, bool idx16, void* dw, cudaStream_t stream);
+
+// ---- 2:4 on sparse tensor cores (nm24.cu; layout in nm24_layout.h) --------------------------------------------
+// Packs values [out, in/4, 2] (16-bit elements, any 16-bit type: the bits are copied) and uint8 indices of the
+// same shape into packed_values [out/16, in/32, 32, 8] and packed_meta [out/16, in/64, 32] (uint32).
+cudaError_t nm24_pack(int64_t out, int64_t in, const uint16_t* values, const uint8_t* indices,
+                      uint16_t* packed_values, uint32_t* packed_meta, cudaStream_t stream);
+// y [T, out] = act(x W^T + bias) for fp16/bf16 (dt), x rows `ldx` apart (ldx % 8 == 0, 16-byte aligned).
+cudaError_t nm24_linear(DType dt, int64_t T, int64_t out, int64_t in, const void* x, int64_t ldx,
+                        const uint16_t* packed_values, const uint32_t* packed_meta, const void* bias, Act act,
+                        void* y, cudaStream_t stream);
+
+}  // namespace sparsekern::cuda

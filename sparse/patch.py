@@ -1,0 +1,511 @@
+"""The patcher: replaces a model's dense Linear layers by sparse ones, in place, and reports what it did.
+
+``sparsify`` handles ``nn.Linear`` (and subclasses that keep its forward) and transformers' ``Conv1D`` (GPT-2; weight stored
+``[in, out]``). With ``skip_if_slower`` each layer's dense and sparse forward are timed on a sample input in the
+layer's dtype and device, and a layer whose sparse version measures slower stays dense. With
+``fuse_activations`` a Linear directly followed by a supported activation (BERT's ``intermediate.dense`` +
+``intermediate_act_fn``, GPT-2's ``mlp.c_fc`` + ``act``, Llama-style ``gate_proj`` + ``act_fn``, and
+``nn.Sequential`` neighbours) gets the activation inside the sparse kernel, and the activation's slot is taken
+by a ``FusedActivation`` (an identity that records the move).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .formats import BlockSparseWeight, _check_sparsity
+from .nn import BalancedSparseLinear, BlockSparseLinear, SparseLinear, _is_conv1d, dense_nbytes, dense_weight_of
+
+__all__ = ["sparsify", "SparsifyReport", "LayerReport", "Fusion", "FusedActivation", "activation_name", "Filter"]
+
+PATTERNS = ("block", "balanced")
+# A filter: a glob or a list of globs on the dotted module name, or a predicate (name, module) -> bool.
+Filter = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+CONVERTED = "converted"
+KEPT_DENSE = "kept-dense-because-slower"
+SKIPPED = "skipped"
+
+
+class FusedActivation(nn.Identity):
+    """Takes the place of an activation that now runs inside the output stage of the sparse layer ``fused_into``."""
+
+    def __init__(self, fused_into: str, activation: str) -> None:
+        super().__init__()
+        self.fused_into = fused_into
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        return f"{self.activation} runs inside {self.fused_into!r}"
+
+
+@dataclass
+class LayerReport:
+    """One Linear-like layer of the model and what the patcher did with it. Shapes are ``(out, in)``; latencies
+    in milliseconds (median of the timed repeats), None when not measured."""
+
+    name: str
+    kind: str
+    shape: Tuple[int, int]
+    dtype: str
+    status: str
+    reason: str = ""
+    pattern: Optional[str] = None
+    sparsity: Optional[float] = None
+    bytes_before: int = 0
+    bytes_after: Optional[int] = None
+    dense_ms: Optional[float] = None
+    sparse_ms: Optional[float] = None
+    activation: str = "none"
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if self.dense_ms is None or not self.sparse_ms:
+            return None
+        return self.dense_ms / self.sparse_ms
+
+
+@dataclass
+class Fusion:
+    """An activation moved into a sparse layer's output stage: ``replaced`` now holds a FusedActivation."""
+
+    linear: str
+    replaced: str
+    activation: str
+
+
+@dataclass
+class SparsifyReport:
+    """What ``sparsify`` did: one LayerReport per Linear-like layer of the model (in module order), the
+    activations it fused, and its settings, including how latency was measured (``settings["timing"]``)."""
+
+    layers: List[LayerReport] = field(default_factory=list)
+    fusions: List[Fusion] = field(default_factory=list)
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def converted(self) -> List[LayerReport]:
+        return [layer for layer in self.layers if layer.status == CONVERTED]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        """Bytes of all listed layers after patching (dense size for those left dense)."""
+        return sum(layer.bytes_after if layer.status == CONVERTED else layer.bytes_before for layer in self.layers)
+
+    def layer(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r} in the report")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-serialisable data."""
+        return {
+            "settings": dict(self.settings),
+            "layers": [dict(asdict(layer), shape=list(layer.shape), speedup=layer.speedup) for layer in self.layers],
+            "fusions": [asdict(f) for f in self.fusions],
+            "summary": {
+                "layers": len(self.layers),
+                "converted": len(self.converted),
+                "kept_dense_because_slower": sum(layer.status == KEPT_DENSE for layer in self.layers),
+                "skipped": sum(layer.status == SKIPPED for layer in self.layers),
+                "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after,
+            },
+        }
+
+    def to_markdown(self) -> str:
+        """A summary line, the timing method, one table row per layer, then the fusions."""
+
+        def ms(v: Optional[float]) -> str:
+            return "" if v is None else f"{v:.3f}"
+
+        s = self.settings
+        lines = [
+            f"Sparsified {len(self.converted)} of {len(self.layers)} Linear layers "
+            f"({s.get('pattern')}, {s.get('pattern_args')}): {self.bytes_before / 2**20:.2f} MiB -> "
+            f"{self.bytes_after / 2**20:.2f} MiB.",
+        ]
+        if s.get("timing"):
+            lines.append(f"Latency: {s['timing']}.")
+        lines += [
+            "",
+            "| layer | kind | shape (out, in) | dtype | pattern | sparsity | KiB before | KiB after | dense ms | sparse ms | speedup | activation | status |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.layers:
+            status = r.status + (f": {r.reason}" if r.reason else "")
+            after = "" if r.bytes_after is None else f"{r.bytes_after / 1024:.1f}"
+            sparsity = "" if r.sparsity is None else f"{r.sparsity:.3f}"
+            speed = "" if r.speedup is None else f"{r.speedup:.2f}x"
+            lines.append(
+                f"| {r.name} | {r.kind} | {r.shape[0]}x{r.shape[1]} | {r.dtype} | {r.pattern or ''} | {sparsity} | "
+                f"{r.bytes_before / 1024:.1f} | {after} | {ms(r.dense_ms)} | {ms(r.sparse_ms)} | {speed} | "
+                f"{r.activation} | {status} |"
+            )
+        if self.fusions:
+            lines += ["", "Fused activations:", ""]
+            lines += [f"- `{f.replaced}` ({f.activation}) into `{f.linear}`" for f in self.fusions]
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+# ---- activations ------------------------------------------------------------------------------------------------
+# transformers' activation classes, by name so that sparse does not import transformers.
+_HF_ACTIVATIONS = {
+    "GELUActivation": "gelu",
+    "NewGELUActivation": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+    "SiLUActivation": "silu",
+}
+
+
+def activation_name(act: Any) -> Optional[str]:
+    """The kernel activation (``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``) equal to ``act`` (a module or
+    function), or None when it has no fused equivalent."""
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if isinstance(act, nn.SiLU):
+        return "silu"
+    if isinstance(act, nn.Module):
+        cls = type(act)
+        if cls.__module__.startswith("transformers.") and cls.__name__ in _HF_ACTIVATIONS:
+            # Their pure-Python variants (use_gelu_python, ...) compute the same functions.
+            return _HF_ACTIVATIONS[cls.__name__]
+        return None
+    if act in (F.relu, torch.relu):
+        return "relu"
+    if act is F.gelu:
+        return "gelu"
+    if act is F.silu:
+        return "silu"
+    return None
+
+
+# (class-name suffix of the parent, Linear attribute, activation attribute): the parent's forward applies the
+# activation to the Linear's output and uses that output nowhere else.
+_FUSABLE_PAIRS = (
+    ("Intermediate", "dense", "intermediate_act_fn"),  # BERT, RoBERTa, ... : act(dense(x))
+    ("MLP", "c_fc", "act"),  # GPT-2: c_proj(act(c_fc(x)))
+    ("MLP", "gate_proj", "act_fn"),  # Llama-style gated MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x))
+)
+
+
+def _find_fusions(model: nn.Module, selected: Dict[int, str]) -> Dict[str, Tuple[str, nn.Module, str]]:
+    """For each selected Linear (by name) whose output feeds only a fusable activation:
+    name -> (activation, parent of the activation slot, slot attribute)."""
+    found: Dict[str, Tuple[str, nn.Module, str]] = {}
+    uses: Dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    # A Linear registered at several places may feed other layers too: the activation would reach them.
+    selected = {i: n for i, n in selected.items() if uses.get(i, 0) == 1}
+    for parent in model.modules():
+        if isinstance(parent, nn.Sequential):
+            children = list(parent._modules.items())
+            for (_, a), (key, b) in zip(children, children[1:]):
+                if a is not None and id(a) in selected and activation_name(b) is not None:
+                    found[selected[id(a)]] = (activation_name(b), parent, key)
+            continue
+        cls = type(parent).__name__
+        for suffix, lin_attr, act_attr in _FUSABLE_PAIRS:
+            lin = parent._modules.get(lin_attr)
+            if not cls.endswith(suffix) or lin is None or id(lin) not in selected:
+                continue
+            act = getattr(parent, act_attr, None)
+            if activation_name(act) is not None:
+                found[selected[id(lin)]] = (activation_name(act), parent, act_attr)
+    return found
+
+
+# ---- filters -------------------------------------------------------------------------------------------------------
+def _pattern_matches(pattern: str, name: str) -> bool:
+    """A glob on the full dotted name, or on any trailing part of it: ``"pooler.dense"``, ``"*attention*"``,
+    ``"c_fc"`` (every ``...c_fc``), ``"encoder.layer.0.*"``."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def _filter_fn(spec: Optional[Filter], what: str, names: List[str]) -> Optional[Callable[[str, nn.Module], bool]]:
+    if spec is None:
+        return None
+    if callable(spec):
+        return spec
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{what} must be a glob string, a non-empty list of glob strings or a callable, got {spec!r}")
+    for p in patterns:
+        if not any(_pattern_matches(p, n) for n in names):
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(f"{what} pattern {p!r} matches no Linear layer of the model; the layers are: {shown}")
+    return lambda name, module: any(_pattern_matches(p, name) for p in patterns)
+
+
+# ---- timing --------------------------------------------------------------------------------------------------------
+def _time_pair(dense_fn: Callable[[torch.Tensor], torch.Tensor], sparse_fn: Callable[[torch.Tensor], torch.Tensor],
+               x: torch.Tensor, repeats: int) -> Tuple[float, float]:
+    """Median wall times (ms) of ``dense_fn(x)`` and ``sparse_fn(x)`` after two warm-up calls each. The two are
+    timed alternately, so that load from other processes hits both alike."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    times: Tuple[List[float], List[float]] = ([], [])
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            for fn, out in ((dense_fn, times[0]), (sparse_fn, times[1])):
+                sync()
+                t0 = time.perf_counter()
+                fn(x)
+                sync()
+                if i >= 2:
+                    out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+# ---- the patcher ---------------------------------------------------------------------------------------------------
+def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    seen = set()
+    out = []
+    for name, m in model.named_modules():
+        if id(m) in seen:
+            continue
+        if isinstance(m, (nn.Linear, SparseLinear)) or _is_conv1d(m):
+            seen.add(id(m))
+            out.append((name, m))
+    return out
+
+
+def _tied_elsewhere(model: nn.Module, m: nn.Module, param_names: Dict[int, List[str]]) -> List[str]:
+    """Names of parameters outside ``m`` that are ``m.weight`` itself (tied weights, e.g. GPT-2's lm_head)."""
+    return [n for n in param_names.get(id(m.weight), ()) if model.get_submodule(n.rpartition(".")[0]) is not m]
+
+
+def _resolve_pattern_args(pattern: str, sparsity: Optional[float], block, bank: int, keep: Optional[int]) -> Dict[str, Any]:
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+    if pattern == "block":
+        sparsity = _check_sparsity(0.5 if sparsity is None else sparsity)
+        BlockSparseWeight._parse_block(block, (1 << 30, 1 << 30))  # type/positivity only; fit is per layer
+        return {"block": block if isinstance(block, int) else tuple(block), "sparsity": sparsity}
+    if isinstance(bank, bool) or not isinstance(bank, int) or bank < 1:
+        raise ValueError(f"bank must be a positive int, got {bank!r}")
+    if keep is None:
+        sparsity = _check_sparsity(0.5 if sparsity is None else sparsity)
+        keep = round(bank * (1 - sparsity))
+        if keep < 1:
+            raise ValueError(f"sparsity={sparsity} keeps round({bank} * (1 - {sparsity})) = 0 of each bank of {bank}")
+    else:
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= bank:
+            raise ValueError(f"keep must be an int in [1, bank={bank}], got {keep!r}")
+        if sparsity is not None and abs(_check_sparsity(sparsity) - (1 - keep / bank)) > 0.5 / bank:
+            raise ValueError(f"sparsity={sparsity} disagrees with keep={keep} of bank={bank} (sparsity {1 - keep / bank:.4f}); give one")
+    return {"bank": bank, "keep": keep}
+
+
+def _build(pattern: str, layer: nn.Module, args: Dict[str, Any], mask: Optional[torch.Tensor], activation: str) -> SparseLinear:
+    if pattern == "block":
+        if mask is not None:
+            return BlockSparseLinear.from_linear(layer, block=args["block"], mask=mask, activation=activation)
+        return BlockSparseLinear.from_linear(layer, block=args["block"], sparsity=args["sparsity"], activation=activation)
+    return BalancedSparseLinear.from_linear(layer, bank=args["bank"], keep=args["keep"], mask=mask, activation=activation)
+
+
+def _replace_everywhere(model: nn.Module, replacements: Dict[int, nn.Module]) -> None:
+    """Points every parent that holds a replaced module at its replacement (a module may be shared)."""
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                parent._modules[key] = replacements[id(child)]
+
+
+def sparsify(
+    model: nn.Module,
+    pattern: str = "block",
+    sparsity: Optional[float] = None,
+    *,
+    block: Union[int, Sequence[int]] = 32,
+    bank: int = 32,
+    keep: Optional[int] = None,
+    include: Optional[Filter] = None,
+    exclude: Optional[Filter] = None,
+    skip_if_slower: bool = True,
+    fuse_activations: bool = False,
+    sample_tokens: int = 128,
+    repeats: int = 5,
+    masks: Optional[Dict[str, torch.Tensor]] = None,
+) -> SparsifyReport:
+    """Replaces the model's matching ``nn.Linear`` / ``Conv1D`` layers by sparse ones, in place.
+
+    Args:
+        model: any ``nn.Module`` (Hugging Face Transformers models, ``nn.Sequential`` MLPs, ...).
+        pattern: ``"block"`` (BlockSparseLinear: the blocks of largest L2 norm are kept) or ``"balanced"``
+            (BalancedSparseLinear: the ``keep`` largest-magnitude weights of each bank).
+        sparsity: fraction dropped, in [0, 1); default 0.5. For ``"balanced"`` it sets
+            ``keep = round(bank * (1 - sparsity))`` unless ``keep`` is given.
+        block: block size (int or ``(rows, cols)``); bank, keep: balanced parameters.
+        include, exclude: which layers (by dotted module name): a glob, a list of globs (each must match some
+            layer, see ``_pattern_matches``), or a predicate ``(name, module) -> bool``. Default: all layers.
+        skip_if_slower: time each layer dense and sparse on a sample input ``[sample_tokens, in]`` in its
+            dtype (median of ``repeats`` runs after two warm-ups) and keep it dense when sparse measures slower.
+        fuse_activations: move a Linear's following activation into the sparse kernel (see the module doc).
+        sample_tokens: rows of the timing input; 0 disables timing (then ``skip_if_slower`` must be False).
+        masks: optional ``{layer name: bool mask}`` (``[out, in]``, or the block grid for ``"block"``); those
+            layers are built from their mask instead of by magnitude, and only they are converted.
+    Returns:
+        A SparsifyReport listing every Linear-like layer with its status: converted, kept dense because slower,
+        or skipped with the reason.
+    Raises:
+        ValueError for an unknown pattern, sparsity out of range, a filter that matches nothing, or a block/bank
+        that fits none of the selected layers.
+    """
+    args = _resolve_pattern_args(pattern, sparsity, block, bank, keep)
+    if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 0:
+        raise ValueError(f"sample_tokens must be an int >= 0, got {sample_tokens!r}")
+    if skip_if_slower and sample_tokens == 0:
+        raise ValueError("skip_if_slower=True needs a timing input: sample_tokens must be >= 1")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear) or _is_conv1d(model):
+        raise TypeError("sparsify patches the layers inside a model; for a single layer use "
+                        "BlockSparseLinear.from_linear or BalancedSparseLinear.from_linear")
+
+    candidates = _candidates(model)
+    names = [n for n, _ in candidates]
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layer to sparsify")
+    inc = _filter_fn(include, "include", names)
+    exc = _filter_fn(exclude, "exclude", names)
+    if masks is not None:
+        unknown = sorted(set(masks) - set(names))
+        if unknown:
+            raise ValueError(f"masks name layers that are not Linear layers of the model: {unknown}")
+    mha_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    param_names: Dict[int, List[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), []).append(pname)
+
+    layers: List[LayerReport] = []
+    selected: Dict[int, str] = {}
+    by_name: Dict[str, Tuple[nn.Module, LayerReport]] = {}
+    for name, m in candidates:
+        W = m.values if isinstance(m, SparseLinear) else dense_weight_of(m)
+        shape = (m.out_features, m.in_features) if isinstance(m, SparseLinear) else (int(W.shape[0]), int(W.shape[1]))
+        kind = type(m).__name__
+        rep = LayerReport(name=name, kind=kind, shape=shape, dtype=str(W.dtype).replace("torch.", ""), status=SKIPPED,
+                          bytes_before=m.nbytes if isinstance(m, SparseLinear) else dense_nbytes(m))
+        layers.append(rep)
+        if isinstance(m, SparseLinear):
+            rep.reason = "already sparse"
+        elif isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
+            rep.reason = f"{type(m).__name__} overrides nn.Linear.forward; a sparse layer would drop that behaviour"
+        elif id(m) in mha_out:
+            rep.reason = "nn.MultiheadAttention reads out_proj.weight directly instead of calling it"
+        elif inc is not None and not inc(name, m):
+            rep.reason = "not matched by include"
+        elif exc is not None and exc(name, m):
+            rep.reason = "matched by exclude"
+        elif _tied_elsewhere(model, m, param_names):
+            rep.reason = (f"weight is tied to {', '.join(_tied_elsewhere(model, m, param_names))} "
+                          "(pruning it would change those too)")
+        elif masks is not None and name not in masks:
+            rep.reason = "no mask given"
+        elif W.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            rep.reason = f"dtype {W.dtype} is not a floating type the kernels support"
+        else:
+            status = ops.backend_status(W.device)
+            if all(v is not None for v in status.values()):
+                rep.reason = "no backend: " + "; ".join(f"{k}: {v}" for k, v in status.items())
+            else:
+                selected[id(m)] = name
+                by_name[name] = (m, rep)
+    if not selected:
+        if inc is not None or masks is not None:
+            raise ValueError("the include filter / masks select no convertible layer: "
+                             + "; ".join(f"{r.name}: {r.reason}" for r in layers[:8]))
+        raise ValueError("no layer can be converted: " + "; ".join(f"{r.name}: {r.reason}" for r in layers[:8]))
+
+    fusions = _find_fusions(model, selected) if fuse_activations else {}
+    replacements: Dict[int, nn.Module] = {}
+    fit_errors: List[str] = []
+    applied: List[Fusion] = []
+    pending: List[Tuple[nn.Module, str, FusedActivation]] = []  # applied with the replacements, after every check
+    for name, (m, rep) in by_name.items():
+        act, act_parent, act_attr = fusions.get(name, ("none", None, None))
+        mask = masks.get(name) if masks is not None else None
+        try:
+            sp = _build(pattern, m, args, mask, act)
+        except ValueError as err:
+            if mask is not None:
+                raise ValueError(f"layer {name!r}: {err}") from err
+            rep.reason = str(err)
+            fit_errors.append(f"{name} {rep.shape[0]}x{rep.shape[1]}: {err}")
+            continue
+        rep.pattern = pattern
+        rep.sparsity = sp.sparsity
+        rep.bytes_after = sp.nbytes
+        if sample_tokens:
+            W = dense_weight_of(m)
+            # A private generator: timing must not move the caller's random stream.
+            gen = torch.Generator(W.device).manual_seed(0)
+            x = torch.randn(sample_tokens, rep.shape[1], dtype=W.dtype, device=W.device, generator=gen)
+            if act_parent is not None:
+                dense_fn = (lambda t, m=m, a=getattr(act_parent, act_attr): a(m(t)))
+            else:
+                dense_fn = m
+            rep.dense_ms, rep.sparse_ms = _time_pair(dense_fn, sp, x, repeats)
+        if skip_if_slower and rep.sparse_ms > rep.dense_ms:
+            rep.status = KEPT_DENSE
+            rep.reason = f"sparse {rep.sparse_ms:.3f} ms > dense {rep.dense_ms:.3f} ms"
+            continue
+        sp.train(m.training)
+        sp.values.requires_grad_(m.weight.requires_grad)  # a frozen layer stays frozen
+        if sp.bias is not None:
+            sp.bias.requires_grad_(m.bias.requires_grad)
+        rep.status = CONVERTED
+        rep.activation = act
+        replacements[id(m)] = sp
+        if act_parent is not None:
+            prefix = next(n for n, mod in model.named_modules() if mod is act_parent)
+            replaced = f"{prefix}.{act_attr}" if prefix else act_attr
+            applied.append(Fusion(linear=name, replaced=replaced, activation=act))
+            pending.append((act_parent, act_attr, FusedActivation(name, act)))
+    if fit_errors and not replacements and not any(r.status == KEPT_DENSE for r in layers):
+        raise ValueError(f"the {pattern} pattern {args} fits none of the selected layers: " + "; ".join(fit_errors[:4]))
+    _replace_everywhere(model, replacements)
+    for parent, attr, fused in pending:
+        setattr(parent, attr, fused)
+
+    threads = torch.get_num_threads()
+    timing = (f"median of {repeats} forward calls (dense and sparse alternating) after 2 warm-ups on a random [{sample_tokens}, in] input in "
+              f"the layer's dtype, {threads} threads; dense = the original layer"
+              + (" followed by its activation when fused" if fuse_activations else "")) if sample_tokens else ""
+    settings = {
+        "pattern": pattern,
+        "pattern_args": args,
+        "skip_if_slower": skip_if_slower,
+        "fuse_activations": fuse_activations,
+        "sample_tokens": sample_tokens,
+        "repeats": repeats,
+        "timing": timing,
+        "torch": torch.__version__,
+        "threads": threads,
+    }
+    return SparsifyReport(layers=layers, fusions=applied, settings=settings)

@@ -1,0 +1,213 @@
+"""The CUDA kernels (csrc/cuda) against the float64 reference, on a GPU. Skipped without one.
+
+The ops are called through torch.ops.sparsekern: the CUDA implementations are registered for the CUDA dispatch
+key, so CUDA tensors reach them directly. Tolerance: tests/helpers.py (<= 2x dense torch's error + a floor).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparse  # noqa: F401  (loads the extension and registers fake kernels + autograd)
+from sparse import BalancedSparseWeight, BlockSparseWeight, reference
+from sparse import _ext
+from tests.helpers import assert_close_to_ref
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not _ext.available() or not _ext.require().has_cuda(),
+    reason="needs a CUDA GPU and sparse._C built with CUDA (SPARSEKERN_CUDA=1)",
+)
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
+ops = torch.ops.sparsekern
+DEV = "cuda"
+
+
+def _data(shape, dtype, seed):
+    """Normal samples; in float64 rounded to multiples of 1/256 in [-8, 8], so that every product and partial
+    sum is exact and any reduction order (ours, cuBLAS, the reference) gives the same bits: the tolerance
+    rule's floor (4 ulp) is otherwise below float64's reduction-order noise at a few hundred features, while
+    an indexing bug still shows as a large error."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*shape, generator=g)
+    if dtype == torch.float64:
+        t = ((t.double() * 256).round() / 256).clamp(-8, 8)
+    return t
+
+
+def _block(shape, block, sparsity, dtype, seed=0):
+    w = BlockSparseWeight.from_dense(_data(shape, dtype, seed), block=block, sparsity=sparsity)
+    return w.to(device=DEV, dtype=dtype)
+
+
+def _balanced(shape, bank, keep, dtype, seed=0):
+    w = BalancedSparseWeight.from_dense(_data(shape, dtype, seed), bank=bank, keep=keep)
+    return w.to(device=DEV, dtype=dtype)
+
+
+def _rand(*shape, dtype, seed=1):
+    return _data(shape, dtype, seed).to(device=DEV, dtype=dtype)
+
+
+def _bsr_fwd(w, x, bias, act):
+    return ops.bsr_linear(x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm,
+                          w.shape[0], bias, act)
+
+
+def _check_all(w, x, bias, act, fwd, grad_input, sddmm):
+    Wd = w.to_dense()
+    y = fwd(w, x, bias, act)
+    assert_close_to_ref(y, reference.linear(x, w, bias, act), reference.activation(F.linear(x, Wd, bias), act),
+                        f"forward {w} act={act}")
+    g = _rand(x.shape[0], w.shape[0], dtype=x.dtype, seed=2)
+    assert_close_to_ref(grad_input(g, w), reference.linear_grad_input(g, w), g @ Wd, f"grad_input {w}")
+    dw = sddmm(g, x, w)
+    assert dw.shape == w.values.shape and dw.stride() == w.values.stride()
+    assert_close_to_ref(dw, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), f"sddmm {w}")
+
+
+# Tensor-core path (fp16/bf16, blocks multiple of 32, features multiple of 8), ragged edges included, and the
+# SIMT fallback (other blocks).
+BLOCK_CASES = [((256, 192), 32, 0.5), ((192, 256), 64, 0.5), ((200, 136), 32, 0.4), ((128, 96), (64, 32), 0.5),
+               ((96, 64), 16, 0.7), ((70, 45), (32, 1), 0.8), ((136, 200), (32, 64), 0.6)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,block,sparsity", BLOCK_CASES)
+@pytest.mark.parametrize("T", [1, 7, 97, 300])
+def test_bsr_ops_match_reference(dtype, shape, block, sparsity, T):
+    w = _block(shape, block, sparsity, dtype)
+    x = _rand(T, shape[1], dtype=dtype)
+    bias = _rand(shape[0], dtype=dtype, seed=3)
+    gi = lambda g, w: ops.bsr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, w.shape[1])
+    sd = lambda g, x, w: ops.bsr_sddmm(g, x, w.values, w.row_offsets, w.col_indices)
+    _check_all(w, x, bias, "none", _bsr_fwd, gi, sd)
+    _check_all(w, x, None, "gelu", _bsr_fwd, gi, sd)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_bsr_epilogue_every_activation(act, dtype):
+    w = _block((192, 256), 64, 0.5, dtype)
+    x, bias = _rand(77, 256, dtype=dtype), _rand(192, dtype=dtype, seed=3)
+    y = _bsr_fwd(w, x, bias, act)
+    dense = reference.activation(F.linear(x, w.to_dense(), bias), act)
+    assert_close_to_ref(y, reference.linear(x, w, bias, act), dense, f"act={act}")
+
+
+def test_bsr_strided_rows_empty_rows_and_empty_input():
+    w = _block((256, 128), 32, 0.9, torch.bfloat16)  # most block rows empty: bias-only outputs
+    wide = _rand(50, 200, dtype=torch.bfloat16)
+    x = wide[:, 8:136]  # row stride 200, features contiguous
+    bias = _rand(256, dtype=torch.bfloat16, seed=3)
+    y = _bsr_fwd(w, x, bias, "relu")
+    assert_close_to_ref(y, reference.linear(x, w, bias, "relu"), F.relu(F.linear(x, w.to_dense(), bias)), "strided")
+    assert _bsr_fwd(w, x[:0], bias, "none").shape == (0, 256)
+    empty = BlockSparseWeight.from_dense(torch.randn(64, 64), block=32, mask=torch.zeros(2, 2, dtype=torch.bool))
+    empty = empty.to(device=DEV, dtype=torch.float16)
+    xe = _rand(9, 64, dtype=torch.float16)
+    torch.testing.assert_close(_bsr_fwd(empty, xe, None, "none"), torch.zeros(9, 64, device=DEV, dtype=torch.float16))
+
+
+BALANCED_CASES = [((48, 64), 32, 16), ((33, 70), 32, 4), ((64, 128), 4, 2), ((17, 128), 64, 16), ((9, 21), 8, 3),
+                  ((16, 700), 300, 7)]  # the last: int16 indices, ragged last bank
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,bank,keep", BALANCED_CASES)
+@pytest.mark.parametrize("T", [1, 7, 97])
+def test_balanced_ops_match_reference(dtype, shape, bank, keep, T):
+    w = _balanced(shape, bank, keep, dtype)
+    x = _rand(T, shape[1], dtype=dtype)
+    bias = _rand(shape[0], dtype=dtype, seed=3)
+    fwd = lambda w, x, b, a: ops.balanced_linear(x, w.values, w.indices, w.bank, b, a)
+    gi = lambda g, w: ops.balanced_linear_grad_input(g, w.values, w.indices, w.bank, w.shape[1])
+    sd = lambda g, x, w: ops.balanced_sddmm(g, x, w.indices, w.bank)
+    _check_all(w, x, bias, "none", fwd, gi, sd)
+    _check_all(w, x, None, "silu", fwd, gi, sd)
+
+
+# 2:4 on sparse tensor cores: packed once, then used.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("out,inn", [(16, 64), (64, 128), (48, 192), (256, 512)])
+@pytest.mark.parametrize("T", [1, 7, 97, 300])
+def test_nm24_linear_matches_reference(dtype, out, inn, T):
+    w = _balanced((out, inn), 4, 2, dtype)
+    pv, pm = ops.nm24_pack(w.values, w.indices)
+    assert pv.shape == (out // 16, inn // 32, 32, 8) and pm.shape == (out // 16, inn // 64, 32)
+    x, bias = _rand(T, inn, dtype=dtype), _rand(out, dtype=dtype, seed=3)
+    for b, act in ((None, "none"), (bias, "gelu_tanh"), (bias, "relu")):
+        y = ops.nm24_linear(x, pv, pm, b, act)
+        dense = reference.activation(F.linear(x, w.to_dense(), b), act)
+        assert_close_to_ref(y, reference.linear(x, w, b, act), dense, f"nm24 {out}x{inn} T={T} act={act}")
+
+
+def test_nm24_strided_input_and_bad_shapes():
+    w = _balanced((64, 128), 4, 2, torch.bfloat16)
+    pv, pm = ops.nm24_pack(w.values, w.indices)
+    wide = _rand(33, 136, dtype=torch.bfloat16)
+    x = wide[:, 3:131]  # misaligned rows: the launcher copies them
+    y = ops.nm24_linear(x, pv, pm, None, "none")
+    assert_close_to_ref(y, reference.linear(x, w), F.linear(x, w.to_dense()), "strided")
+    odd = _balanced((24, 128), 4, 2, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.nm24_pack(odd.values, odd.indices)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        ops.nm24_pack(w.values.float(), w.indices)
+    with pytest.raises(RuntimeError, match="features"):
+        ops.nm24_linear(_rand(4, 64, dtype=torch.bfloat16), pv, pm, None, "none")
+
+
+def test_cuda_ops_pass_opcheck():
+    w = _block((64, 96), 32, 0.5, torch.float32)
+    x = _rand(5, 96, dtype=torch.float32)
+    g = _rand(5, 64, dtype=torch.float32, seed=2)
+    torch.library.opcheck(ops.bsr_linear, (x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices,
+                                           w.block_perm, 64, None, "relu"))
+    torch.library.opcheck(ops.bsr_linear_grad_input, (g, w.values, w.col_offsets, w.row_indices, w.block_perm, 96))
+    torch.library.opcheck(ops.bsr_sddmm, (g, x, w.values, w.row_offsets, w.col_indices))
+    b = _balanced((64, 96), 32, 8, torch.float32)
+    torch.library.opcheck(ops.balanced_linear, (x, b.values, b.indices, 32, None, "silu"))
+    torch.library.opcheck(ops.balanced_linear_grad_input, (g, b.values, b.indices, 32, 96))
+    torch.library.opcheck(ops.balanced_sddmm, (g, x, b.indices, 32))
+
+
+def test_nm24_ops_pass_opcheck_and_compile():
+    w = _balanced((64, 128), 4, 2, torch.bfloat16)
+    x = _rand(9, 128, dtype=torch.bfloat16)
+    utils = ("test_schema", "test_faketensor")  # inference-only ops: no autograd registered
+    torch.library.opcheck(ops.nm24_pack, (w.values, w.indices), test_utils=utils)
+    pv, pm = ops.nm24_pack(w.values, w.indices)
+    torch.library.opcheck(ops.nm24_linear, (x, pv, pm, None, "relu"), test_utils=utils)
+    compiled = torch.compile(lambda x: ops.nm24_linear(x, pv, pm, None, "relu"), fullgraph=True)
+    torch.testing.assert_close(compiled(x), ops.nm24_linear(x, pv, pm, None, "relu"), rtol=0, atol=0)
+
+
+def test_cuda_autograd_gradcheck_float64():
+    w = _block((24, 20), (8, 4), 0.4, torch.float64)
+    x = _rand(3, 20, dtype=torch.float64).requires_grad_()
+    v = w.values.detach().clone().requires_grad_()
+    bias = _rand(24, dtype=torch.float64, seed=3).requires_grad_()
+    f = lambda x, v, b: ops.bsr_linear(x, v, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices,
+                                       w.block_perm, 24, b, "gelu")
+    assert torch.autograd.gradcheck(f, (x, v, bias))
+    bw = _balanced((10, 24), 8, 3, torch.float64)
+    xb = _rand(3, 24, dtype=torch.float64).requires_grad_()
+    bv = bw.values.detach().clone().requires_grad_()
+    bb = _rand(10, dtype=torch.float64, seed=3).requires_grad_()
+    fb = lambda x, v, b: ops.balanced_linear(x, v, bw.indices, 8, b, "silu")
+    assert torch.autograd.gradcheck(fb, (xb, bv, bb))
+
+
+def test_bad_input_is_reported():
+    w = _block((64, 64), 32, 0.5, torch.float16)
+    with pytest.raises(RuntimeError, match="activation"):
+        _bsr_fwd(w, _rand(3, 64, dtype=torch.float16), None, "tanh")
+    with pytest.raises(RuntimeError, match="same dtype"):
+        _bsr_fwd(w, _rand(3, 64, dtype=torch.float32), None, "none")
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[64\]"):
+        _bsr_fwd(w, _rand(3, 64, dtype=torch.float16), _rand(63, dtype=torch.float16), "none")
+    b = _balanced((16, 64), 32, 8, torch.float16)
+    with pytest.raises(RuntimeError, match="banks"):  # 100 features need 4 banks of 32, the weight has 2
+        ops.balanced_linear(_rand(3, 100, dtype=torch.float16), b.values, b.indices, 32, None, "none")

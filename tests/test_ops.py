@@ -1,0 +1,292 @@
+"""Every op against the float64 reference; opcheck, gradcheck, torch.compile; clear errors on bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparse
+from sparse import BalancedSparseWeight, BlockSparseWeight, reference
+from tests.helpers import assert_close_to_ref
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+ops = torch.ops.sparsekern
+
+
+def _block(shape, block, sparsity, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return BlockSparseWeight.from_dense(torch.randn(*shape, generator=g), block=block, sparsity=sparsity).to(dtype=dtype)
+
+
+def _balanced(shape, bank, keep, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return BalancedSparseWeight.from_dense(torch.randn(*shape, generator=g), bank=bank, keep=keep).to(dtype=dtype)
+
+
+def _check_forward(w, x, bias, act):
+    y = sparse.linear(x, w, bias, act)
+    ref = reference.linear(x, w, bias, act)
+    dense = reference.activation(F.linear(x, w.to_dense(), bias), act)
+    assert_close_to_ref(y, ref, dense, f"forward {w} act={act}")
+
+
+def _check_backward_ops(w, x):
+    g = torch.randn(*x.shape[:-1], w.shape[0]).to(x.dtype)
+    dx = sparse.linear_grad_input(g, w)
+    dense_w = w.to_dense()
+    assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ dense_w, f"grad_input {w}")
+    dw = sparse.sddmm(g, x, w)
+    assert dw.shape == w.values.shape and dw.stride() == w.values.stride()
+    # the dense path in the working dtype: the full product, then the reference's gather
+    dense_dw = reference.gather(g.reshape(-1, w.shape[0]).t() @ x.reshape(-1, w.shape[1]), w)
+    assert_close_to_ref(dw, reference.sddmm(g, x, w), dense_dw, f"sddmm {w}")
+
+
+BLOCK_CASES = [((64, 96), 32, 0.5), ((96, 64), 16, 0.7), ((40, 56), 8, 0.5), ((128, 64), 64, 0.5),
+               ((70, 45), (32, 1), 0.8), ((37, 70), (1, 32), 0.6), ((30, 22), 4, 0.5), ((50, 45), (16, 8), 0.3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,block,sparsity", BLOCK_CASES)
+@pytest.mark.parametrize("T", [1, 7, 97])
+def test_block_ops_match_reference(dtype, shape, block, sparsity, T):
+    w = _block(shape, block, sparsity, dtype)
+    x = torch.randn(T, shape[1]).to(dtype)
+    bias = torch.randn(shape[0]).to(dtype)
+    _check_forward(w, x, bias, "none")
+    _check_forward(w, x, None, "none")
+    _check_backward_ops(w, x)
+
+
+BALANCED_CASES = [((48, 64), 32, 16), ((33, 70), 32, 4), ((20, 16), 4, 2), ((17, 128), 64, 16), ((9, 21), 8, 3),
+                  ((6, 610), 300, 7)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,bank,keep", BALANCED_CASES)
+@pytest.mark.parametrize("T", [1, 7, 97])
+def test_balanced_ops_match_reference(dtype, shape, bank, keep, T):
+    w = _balanced(shape, bank, keep, dtype)
+    x = torch.randn(T, shape[1]).to(dtype)
+    bias = torch.randn(shape[0]).to(dtype)
+    _check_forward(w, x, bias, "none")
+    _check_forward(w, x, None, "none")
+    _check_backward_ops(w, x)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_activations(act, dtype):
+    x = torch.randn(13, 64).to(dtype)
+    bias = torch.randn(48).to(dtype)
+    _check_forward(_block((48, 64), 16, 0.5, dtype), x, bias, act)
+    _check_forward(_balanced((48, 64), 16, 4, dtype), x, bias, act)
+
+
+@pytest.mark.parametrize("make", [lambda: _block((48, 64), 16, 0.5, torch.float32),
+                                  lambda: _balanced((48, 64), 16, 8, torch.float32)])
+def test_3d_and_noncontiguous_inputs(make):
+    w = make()
+    x3 = torch.randn(3, 5, 64)
+    _check_forward(w, x3, None, "none")
+    xt = torch.randn(64, 11).t()  # features strided
+    assert not xt.is_contiguous()
+    _check_forward(w, xt, None, "none")
+    xs = torch.randn(11, 128)[:, ::2]  # every other feature
+    _check_forward(w, xs, None, "none")
+    xr = torch.randn(22, 64)[::2]  # row-strided
+    _check_forward(w, xr, None, "none")
+    _check_backward_ops(w, x3)
+
+
+def test_empty_rows_zero_and_dense_weights():
+    W = torch.randn(48, 64)
+    grid = torch.ones(3, 4, dtype=torch.bool)
+    grid[1] = False
+    x = torch.randn(9, 64)
+    bias = torch.randn(48)
+    for mask in (grid, torch.zeros(3, 4, dtype=torch.bool), torch.ones(3, 4, dtype=torch.bool)):
+        w = BlockSparseWeight.from_dense(W, block=16, mask=mask)
+        _check_forward(w, x, bias, "relu")
+        _check_backward_ops(w, x)
+    y = sparse.linear(x, BlockSparseWeight.from_dense(W, block=16, mask=torch.zeros(3, 4, dtype=torch.bool)), bias)
+    assert torch.equal(y, bias.expand(9, 48))
+
+
+def test_empty_token_batch():
+    w = _block((48, 64), 16, 0.5, torch.float32)
+    assert sparse.linear(torch.randn(0, 64), w).shape == (0, 48)
+    b = _balanced((48, 64), 16, 8, torch.float32)
+    assert sparse.linear(torch.randn(2, 0, 64), b).shape == (2, 0, 48)
+
+
+def _block_args(w, x, bias=None, act="none"):
+    return (x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, w.shape[0], bias, act)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck_block(with_bias):
+    w = _block((40, 48), 16, 0.5, torch.float32)
+    x = torch.randn(5, 48, requires_grad=True)
+    w.values.requires_grad_()
+    bias = torch.randn(40, requires_grad=True) if with_bias else None
+    torch.library.opcheck(ops.bsr_linear, _block_args(w, x, bias, "gelu"))
+    g = torch.randn(5, 40)
+    torch.library.opcheck(ops.bsr_linear_grad_input, (g, w.values.detach(), w.col_offsets, w.row_indices, w.block_perm, 48))
+    torch.library.opcheck(ops.bsr_sddmm, (g, x.detach(), w.values.detach(), w.row_offsets, w.col_indices))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck_balanced(with_bias):
+    w = _balanced((40, 48), 16, 4, torch.float32)
+    x = torch.randn(5, 48, requires_grad=True)
+    values = w.values.clone().requires_grad_()
+    bias = torch.randn(40, requires_grad=True) if with_bias else None
+    torch.library.opcheck(ops.balanced_linear, (x, values, w.indices, 16, bias, "silu"))
+    g = torch.randn(5, 40)
+    torch.library.opcheck(ops.balanced_linear_grad_input, (g, w.values, w.indices, 16, 48))
+    torch.library.opcheck(ops.balanced_sddmm, (g, x.detach(), w.indices, 16))
+
+
+@pytest.mark.parametrize("act", ["none", "gelu", "relu"])
+def test_gradcheck_block(act):
+    w = _block((20, 24), (8, 4), 0.4, torch.float64)
+    x = torch.randn(3, 24, dtype=torch.float64, requires_grad=True)
+    # keep pre-activations away from ReLU's kink, where finite differences are not the derivative
+    bias = (torch.randn(20, dtype=torch.float64) + 0.1).requires_grad_()
+    values = w.values.detach().clone().requires_grad_()
+    f = lambda x_, v_, b_: ops.bsr_linear(x_, v_, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices,
+                                          w.block_perm, 20, b_, act)
+    assert torch.autograd.gradcheck(f, (x, values, bias))
+
+
+@pytest.mark.parametrize("act", ["none", "silu", "gelu_tanh"])
+def test_gradcheck_balanced(act):
+    w = _balanced((10, 22), 8, 3, torch.float64)
+    x = torch.randn(4, 22, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    values = w.values.detach().clone().requires_grad_()
+    f = lambda x_, v_, b_: ops.balanced_linear(x_, v_, w.indices, 8, b_, act)
+    assert torch.autograd.gradcheck(f, (x, values, bias))
+
+
+def test_autograd_through_linear_matches_dense():
+    w = _block((48, 64), 16, 0.5, torch.float32)
+    w.values.requires_grad_()
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    bias = torch.randn(48, requires_grad=True)
+    y = sparse.linear(x, w, bias, "gelu")
+    g = torch.randn_like(y)
+    y.backward(g)
+    xd, Wd, bd = x.detach().double().requires_grad_(), w.to_dense().detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    F.gelu(F.linear(xd, Wd, bd)).backward(g.double())
+    torch.testing.assert_close(x.grad, xd.grad.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bias.grad, bd.grad.float(), rtol=1e-4, atol=1e-5)
+    expect = reference.sddmm(_gelu_grad(xd, Wd, bd, g), x.detach(), w)
+    torch.testing.assert_close(w.values.grad, expect.float(), rtol=1e-4, atol=1e-4)
+
+
+def _gelu_grad(xd, Wd, bd, g):
+    """dL/dz for L = <g, gelu(z)>, z = x W^T + b, as [T, out] (float64)."""
+    z = F.linear(xd.detach(), Wd.detach(), bd.detach()).requires_grad_()
+    F.gelu(z).backward(g.double())
+    return z.grad.reshape(-1, z.shape[-1])
+
+
+@pytest.mark.parametrize("make", [lambda: _block((48, 64), 16, 0.5, torch.float32),
+                                  lambda: _balanced((48, 64), 16, 8, torch.float32)])
+def test_torch_compile_fullgraph_matches_eager(make):
+    torch._dynamo.reset()
+    w = make()
+    bias = torch.randn(48)
+
+    def step(x, values):
+        w.values = values
+        return sparse.linear(x, w, bias, "gelu").square().sum()
+
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    v = w.values.detach().clone().requires_grad_()
+    loss = step(x, v)
+    gx, gv = torch.autograd.grad(loss, (x, v))
+    compiled = torch.compile(step, fullgraph=True)
+    loss_c = compiled(x, v)
+    gx_c, gv_c = torch.autograd.grad(loss_c, (x, v))
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(gx_c, gx)
+    torch.testing.assert_close(gv_c, gv)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+
+def test_linear_rejects_bad_arguments():
+    w = _block((48, 64), 16, 0.5, torch.float32)
+    with pytest.raises(ValueError, match="must end in 64 features"):
+        sparse.linear(torch.randn(3, 63), w)
+    with pytest.raises(TypeError, match="dtype torch.float64 but the weight has torch.float32"):
+        sparse.linear(torch.randn(3, 64, dtype=torch.float64), w)
+    with pytest.raises(ValueError, match="is on meta but the weight is on cpu"):
+        sparse.linear(torch.randn(3, 64, device="meta"), w)
+    with pytest.raises(ValueError, match=r"bias must have shape \(48,\)"):
+        sparse.linear(torch.randn(3, 64), w, torch.randn(47))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        sparse.linear(torch.randn(3, 64), w, None, "tanh")
+    with pytest.raises(TypeError, match="weight must be a BlockSparseWeight"):
+        sparse.linear(torch.randn(3, 64), torch.randn(48, 64))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sparse.linear(torch.randn(3, 64), w, backend="opencl")
+    with pytest.raises(ValueError, match="share their leading dimensions"):
+        sparse.sddmm(torch.randn(4, 48), torch.randn(3, 64), w)
+
+
+def test_ops_reject_malformed_metadata_without_crashing():
+    """The C++ ops check what keeps memory safe, even when called directly with hand-built metadata."""
+    w = _block((48, 64), 16, 0.5, torch.float32)
+    x = torch.randn(3, 64)
+    base = list(_block_args(w, x))
+
+    def call(**changes):
+        args = list(base)
+        names = ["x", "values", "row_offsets", "col_indices", "col_offsets", "row_indices", "block_perm", "out"]
+        for k, v in changes.items():
+            args[names.index(k)] = v
+        return ops.bsr_linear(*args)
+
+    bad_ci = w.col_indices.clone(); bad_ci[0] = 4
+    with pytest.raises(RuntimeError, match=r"col_indices\[0\] = 4 is out of range \[0, 4\)"):
+        call(col_indices=bad_ci)
+    neg = w.col_indices.clone(); neg[1] = -3
+    with pytest.raises(RuntimeError, match="out of range"):
+        call(col_indices=neg)
+    with pytest.raises(RuntimeError, match="row_offsets must have shape"):
+        call(row_offsets=w.row_offsets[:-1])
+    big = w.row_offsets.clone(); big[-1] = 1000
+    with pytest.raises(RuntimeError, match="must equal the number of stored blocks"):
+        call(row_offsets=big)
+    dec = w.row_offsets.clone(); dec[1] = dec[2] + 1
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        call(row_offsets=dec)
+    with pytest.raises(RuntimeError, match="must be int32"):
+        call(row_offsets=w.row_offsets.long())
+    with pytest.raises(RuntimeError, match="same dtype"):
+        call(x=x.double())
+    with pytest.raises(RuntimeError, match="out of range"):  # x too narrow for the pattern's block columns
+        call(x=torch.randn(3, 16))
+    g = torch.randn(3, 48)
+    bad_perm = w.block_perm.clone(); bad_perm[0] = 10**6
+    with pytest.raises(RuntimeError, match="block_perm"):
+        ops.bsr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, bad_perm, 64)
+    bad_rows = w.row_indices.clone(); bad_rows[-1] = 3
+    with pytest.raises(RuntimeError, match="row_indices"):
+        ops.bsr_linear_grad_input(g, w.values, w.col_offsets, bad_rows, w.block_perm, 64)
+
+    b = _balanced((48, 64), 16, 4, torch.float32)
+    idx = b.indices.clone(); idx[5, 3, 1] = 16
+    with pytest.raises(RuntimeError, match=r"indices\[5, 3, 1\] = 16 is out of range \[0, 16\)"):
+        ops.balanced_linear(x, b.values, idx, 16)
+    with pytest.raises(RuntimeError, match="banks"):
+        ops.balanced_linear(torch.randn(3, 80), b.values, b.indices, 16)
+    with pytest.raises(RuntimeError, match="uint8 or int16"):
+        ops.balanced_linear(x, b.values, b.indices.int(), 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.balanced_sddmm(g, x, idx, 16)
+    with pytest.raises(RuntimeError, match="activation must be one of"):
+        ops.balanced_linear(x, b.values, b.indices, 16, None, "tanh")
