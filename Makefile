@@ -55,7 +55,8 @@ test-asan: $(DEPS)
 		--inplace --build-temp ../tmp > ../build.log 2>&1 || (tail -30 ../build.log; exit 1)
 	# -P and --import-mode=append: the checkout must not shadow the sanitized copy on sys.path
 	# (tests/test_fuzz_formats.py checks SPARSEKERN_EXPECT_BUILD against the loaded sparse._C).
-	PYTHONPATH=$(abspath $(ASAN_DIR)/src) LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	# libstdc++ preloaded too: python does not link it, and ASan must find the real __cxa_throw at start-up.
+	PYTHONPATH=$(abspath $(ASAN_DIR)/src) LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		SPARSEKERN_EXPECT_BUILD=$(abspath $(ASAN_DIR)/src) \
 		$(PY) -P -m pytest -q -p no:cacheprovider --import-mode=append $(ASAN_TESTS)
