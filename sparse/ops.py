@@ -7,6 +7,7 @@ leading dimensions and reshapes.
 
 from __future__ import annotations
 
+import importlib
 from typing import Dict, Optional, Union
 
 import torch
@@ -18,7 +19,11 @@ __all__ = ["linear", "linear_grad_input", "sddmm", "select_backend", "backend_st
 
 SparseWeight = Union[BlockSparseWeight, BalancedSparseWeight]
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
-BACKENDS = ("cpu",)
+# In order of preference: on a GPU Triton comes first (the CUDA C++ kernels are unmeasured against it so far).
+BACKENDS = ("cpu", "triton", "cuda")
+# Every backend implements the C++ schemas of csrc/ops.cpp; its ops are torch.ops.sparsekern.<prefix><op>.
+# "cpu" and "cuda" share the op names: the dispatcher picks the kernel by the tensors' device.
+_OP_PREFIX = {"cpu": "", "triton": "triton_", "cuda": ""}
 
 
 def _act_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -162,6 +167,16 @@ def _check_bias(bias: Optional[torch.Tensor], weight: SparseWeight) -> None:
         raise TypeError(f"bias must match the weight ({weight.dtype} on {weight.device}), got {bias.dtype} on {bias.device}")
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing the import
+def _triton_import_error() -> Optional[str]:
+    """None if the Triton backend's ops are registered (importing them on first use), else why not."""
+    try:
+        importlib.import_module(".triton_backend", __package__)
+    except ImportError as exc:
+        return f"triton is not importable ({exc}); pip install triton"
+    return None
+
+
 def backend_status(device: Union[str, torch.device]) -> Dict[str, Optional[str]]:
     """For each backend, None if it can run on ``device``, else the reason it cannot."""
     device = torch.device(device)
@@ -172,7 +187,26 @@ def backend_status(device: Union[str, torch.device]) -> Dict[str, Optional[str]]
         status["cpu"] = f"runs on CPU tensors only, got device {device}"
     else:
         status["cpu"] = None
+    if device.type != "cuda":
+        status["triton"] = f"runs on CUDA tensors only, got device {device}"
+    elif not torch.cuda.is_available():
+        status["triton"] = "no CUDA device is available (torch.cuda.is_available() is False)"
+    else:
+        status["triton"] = _triton_import_error()
+    if device.type != "cuda":
+        status["cuda"] = f"runs on CUDA tensors only, got device {device}"
+    elif not _ext.available():
+        status["cuda"] = f"the sparse._C extension did not load ({_ext._IMPORT_ERROR})"
+    elif not _ext.require().has_cuda():
+        status["cuda"] = "this build of sparse._C has no CUDA kernels (reinstall with a CUDA torch and CUDA_HOME set)"
+    else:
+        status["cuda"] = None
     return status
+
+
+def _op(backend: str, name: str):
+    """The op ``name`` (e.g. "bsr_linear") of ``backend``."""
+    return getattr(torch.ops.sparsekern, _OP_PREFIX[backend] + name)
 
 
 def select_backend(device: Union[str, torch.device], backend: Optional[str] = None) -> str:
@@ -213,31 +247,31 @@ def linear(
     _check_bias(bias, weight)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    select_backend(x.device, backend)
+    backend = select_backend(x.device, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if isinstance(weight, BlockSparseWeight):
-        y = torch.ops.sparsekern.bsr_linear(
+        y = _op(backend, "bsr_linear")(
             x2, weight.values, weight.row_offsets, weight.col_indices, weight.col_offsets, weight.row_indices,
             weight.block_perm, weight.shape[0], bias, activation,
         )
     else:
-        y = torch.ops.sparsekern.balanced_linear(x2, weight.values, weight.indices, weight.bank, bias, activation)
+        y = _op(backend, "balanced_linear")(x2, weight.values, weight.indices, weight.bank, bias, activation)
     return y.reshape(*lead, weight.shape[0])
 
 
 def linear_grad_input(grad_out: torch.Tensor, weight: SparseWeight, backend: Optional[str] = None) -> torch.Tensor:
     """``grad_out @ W``: ``[..., out] -> [..., in]``."""
     _check_input("grad_out", grad_out, weight.shape[0], weight)
-    select_backend(grad_out.device, backend)
+    backend = select_backend(grad_out.device, backend)
     lead = grad_out.shape[:-1]
     g2 = grad_out.reshape(-1, weight.shape[0])
     if isinstance(weight, BlockSparseWeight):
-        dx = torch.ops.sparsekern.bsr_linear_grad_input(
+        dx = _op(backend, "bsr_linear_grad_input")(
             g2, weight.values, weight.col_offsets, weight.row_indices, weight.block_perm, weight.shape[1]
         )
     else:
-        dx = torch.ops.sparsekern.balanced_linear_grad_input(g2, weight.values, weight.indices, weight.bank, weight.shape[1])
+        dx = _op(backend, "balanced_linear_grad_input")(g2, weight.values, weight.indices, weight.bank, weight.shape[1])
     return dx.reshape(*lead, weight.shape[1])
 
 
@@ -248,9 +282,9 @@ def sddmm(grad_out: torch.Tensor, x: torch.Tensor, weight: SparseWeight, backend
     _check_input("grad_out", grad_out, weight.shape[0], weight)
     if grad_out.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} must share their leading dimensions")
-    select_backend(x.device, backend)
+    backend = select_backend(x.device, backend)
     g2 = grad_out.reshape(-1, weight.shape[0])
     x2 = x.reshape(-1, weight.shape[1])
     if isinstance(weight, BlockSparseWeight):
-        return torch.ops.sparsekern.bsr_sddmm(g2, x2, weight.values, weight.row_offsets, weight.col_indices)
-    return torch.ops.sparsekern.balanced_sddmm(g2, x2, weight.indices, weight.bank)
+        return _op(backend, "bsr_sddmm")(g2, x2, weight.values, weight.row_offsets, weight.col_indices)
+    return _op(backend, "balanced_sddmm")(g2, x2, weight.indices, weight.bank)

@@ -5,11 +5,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 #include <optional>
 #include <vector>
 
 #include "../checks.h"
+#include "balanced_kernels.h"
 #include "epilogue.h"
+#include "isa.h"
 #include "parallel.h"
 
 namespace sparsekern::cpu {
@@ -22,14 +26,30 @@ struct BalGeom {
   int64_t width(int64_t b) const { return std::min(bank, in - b * bank); }
 };
 
+// Runs on every call, so the common case is one branch-free pass the compiler vectorises (the indices of all but
+// the last bank share one bound); the slow loop only looks for the first bad entry to name it.
 template <typename idx_t>
 void check_index_range(const at::Tensor& indices, const BalGeom& g) {
-  const idx_t* p = indices.data_ptr<idx_t>();
+  using uidx_t = std::make_unsigned_t<idx_t>;  // negative int16 values become large: one compare checks both ends
+  const uidx_t* p = static_cast<const uidx_t*>(indices.data_ptr());
+  const int64_t full = (g.n_banks - 1) * g.keep, row = g.n_banks * g.keep;
+  const uidx_t bank = static_cast<uidx_t>(std::min<int64_t>(g.bank, std::numeric_limits<uidx_t>::max()));
+  const uidx_t last = static_cast<uidx_t>(g.width(g.n_banks - 1));
+  bool bad = g.bank > std::numeric_limits<uidx_t>::max();  // uint8 with bank 256: every value fits; re-check slowly
+  for (int64_t o = 0; o < g.out && !bad; ++o) {
+    const uidx_t* r = p + o * row;
+    uidx_t m = 0;
+    for (int64_t j = 0; j < full; ++j) m |= static_cast<uidx_t>(r[j] >= bank);
+    for (int64_t j = full; j < row; ++j) m |= static_cast<uidx_t>(r[j] >= last);
+    bad = m != 0;
+  }
+  if (!bad) return;
+  const idx_t* q = indices.data_ptr<idx_t>();
   for (int64_t o = 0; o < g.out; ++o) {
     for (int64_t b = 0; b < g.n_banks; ++b) {
       const int64_t w = g.width(b);
       for (int64_t k = 0; k < g.keep; ++k) {
-        const int64_t v = p[(o * g.n_banks + b) * g.keep + k];
+        const int64_t v = q[(o * g.n_banks + b) * g.keep + k];
         TORCH_CHECK(v >= 0 && v < w, "indices[", o, ", ", b, ", ", k, "] = ", v, " is out of range [0, ", w,
                     ") for bank ", b, " of width ", w);
       }
@@ -144,6 +164,32 @@ void sddmm_portable(const BalGeom& g, const scalar_t* dy, int64_t lddy, const sc
   }
 }
 
+// Per-thread scratch for the vectorised kernels, kept across calls: a fresh buffer of this size (up to a few MiB)
+// would be page-faulted in on every call.
+float* thread_scratch(int64_t floats) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < floats) {
+    buf.clear();
+    buf.shrink_to_fit();
+    buf.resize(floats);
+  }
+  return buf.data();
+}
+
+// The vectorised kernels cover float32 and bfloat16 on x86-64 CPUs with AVX2+FMA or AVX-512.
+bool use_fast_path(at::ScalarType dt) {
+#if defined(__x86_64__)
+  return (dt == at::kFloat || dt == at::kBFloat16) && active_isa() != Isa::Portable;
+#else
+  (void)dt;
+  return false;
+#endif
+}
+
+BalShape bal_shape(const BalGeom& g, at::ScalarType dt, at::ScalarType it) {
+  return BalShape{g.out, g.in, g.bank, g.n_banks, g.keep, dt == at::kBFloat16, it == at::kShort};
+}
+
 // Calls fn(scalar_t{}, idx_t{}) for the tensors' dtypes; fn reads the types back with decltype.
 template <typename F>
 void dispatch_types(at::ScalarType dt, at::ScalarType it, const F& fn) {
@@ -170,6 +216,23 @@ at::Tensor balanced_linear_cpu(const at::Tensor& x_in, const at::Tensor& values,
   at::Tensor y = at::empty({T, g.out}, x.options());
   if (T == 0 || g.out == 0) return y;
   const auto bounds = split_rows(nullptr, g.out, 1, 0, at::get_num_threads());
+#if defined(__x86_64__)
+  if (use_fast_path(x.scalar_type())) {
+    const BalShape s = bal_shape(g, x.scalar_type(), indices.scalar_type());
+    const bool avx512 = active_isa() == Isa::Avx512;
+    run_chunks(bounds, [&](int64_t o0, int64_t o1) {
+      float* scratch = thread_scratch(bal_scratch_floats(s, o1 - o0));
+      const void* bp = bias.defined() ? bias.data_ptr() : nullptr;
+      if (avx512)
+        balanced_fwd_avx512(s, x.data_ptr(), x.stride(0), T, values.data_ptr(), indices.data_ptr(), bp,
+                            static_cast<int>(act), y.data_ptr(), o0, o1, scratch);
+      else
+        balanced_fwd_avx2(s, x.data_ptr(), x.stride(0), T, values.data_ptr(), indices.data_ptr(), bp,
+                          static_cast<int>(act), y.data_ptr(), o0, o1, scratch);
+    });
+    return y;
+  }
+#endif
   dispatch_types(x.scalar_type(), indices.scalar_type(), [&](auto s_tag, auto i_tag) {
     using scalar_t = decltype(s_tag);
     using idx_t = decltype(i_tag);
@@ -195,6 +258,22 @@ at::Tensor balanced_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Ten
   at::Tensor dx = at::empty({T, g.in}, dy.options());
   if (T == 0) return dx;
   const auto bounds = split_rows(nullptr, g.n_banks, 1, 0, at::get_num_threads());
+#if defined(__x86_64__)
+  if (use_fast_path(dy.scalar_type())) {
+    const BalShape s = bal_shape(g, dy.scalar_type(), indices.scalar_type());
+    const bool avx512 = active_isa() == Isa::Avx512;
+    run_chunks(bounds, [&](int64_t b0, int64_t b1) {
+      float* scratch = thread_scratch(bal_scratch_floats(s, g.out));
+      if (avx512)
+        balanced_grad_input_avx512(s, dy.data_ptr(), dy.stride(0), T, values.data_ptr(), indices.data_ptr(),
+                                   dx.data_ptr(), b0, b1, scratch);
+      else
+        balanced_grad_input_avx2(s, dy.data_ptr(), dy.stride(0), T, values.data_ptr(), indices.data_ptr(),
+                                 dx.data_ptr(), b0, b1, scratch);
+    });
+    return dx;
+  }
+#endif
   dispatch_types(dy.scalar_type(), indices.scalar_type(), [&](auto s_tag, auto i_tag) {
     using scalar_t = decltype(s_tag);
     using idx_t = decltype(i_tag);
@@ -228,6 +307,22 @@ at::Tensor balanced_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, c
   at::Tensor dw = at::empty(indices.sizes(), x.options());
   if (g.out == 0) return dw;
   const auto bounds = split_rows(nullptr, g.out, 1, 0, at::get_num_threads());
+#if defined(__x86_64__)
+  if (use_fast_path(x.scalar_type())) {
+    const BalShape s = bal_shape(g, x.scalar_type(), indices.scalar_type());
+    const bool avx512 = active_isa() == Isa::Avx512;
+    run_chunks(bounds, [&](int64_t o0, int64_t o1) {
+      float* scratch = thread_scratch(bal_sddmm_scratch_floats(s, o1 - o0));
+      if (avx512)
+        balanced_sddmm_avx512(s, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), T, indices.data_ptr(),
+                              dw.data_ptr(), o0, o1, scratch);
+      else
+        balanced_sddmm_avx2(s, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), T, indices.data_ptr(),
+                            dw.data_ptr(), o0, o1, scratch);
+    });
+    return dw;
+  }
+#endif
   dispatch_types(x.scalar_type(), indices.scalar_type(), [&](auto s_tag, auto i_tag) {
     using scalar_t = decltype(s_tag);
     using idx_t = decltype(i_tag);

@@ -1,0 +1,540 @@
+// AVX-512 balanced-sparse kernels (plan in balanced_kernels.h). Compiled with a target pragma inside a baseline
+// x86-64 build: no torch or STL headers here, helpers have internal linkage, and only the entry points (whose
+// names carry the ISA) are external. AVX512_BF16 is not used: bf16 is widened to fp32 in registers (a shift),
+// which keeps this path valid on every AVX-512 CPU that best_isa() accepts (F, BW, VL + FMA).
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "balanced_kernels.h"
+#include "epilogue.h"
+
+namespace sparsekern::cpu {
+namespace {
+
+constexpr int L = 16;  // fp32 lanes per vector
+
+inline __mmask16 lane_mask(int64_t n) {
+  return n >= L ? __mmask16(0xFFFF) : (n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u));
+}
+
+// First n (<= 16) elements of a row as fp32, zeros after.
+inline __m512 load_n(const float* p, int64_t n) {
+  return n >= L ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lane_mask(n), p);
+}
+inline __m512 load_n(const uint16_t* p, int64_t n) {
+  const __m256i h = n >= L ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                           : _mm256_maskz_loadu_epi16(lane_mask(n), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Round to nearest even, NaN kept quiet: the same rule as float_to_bf16 in epilogue.h.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x0040));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline void store_n(float* p, __m512 v, int64_t n) {
+  if (n >= L) _mm512_storeu_ps(p, v);
+  else _mm512_mask_storeu_ps(p, lane_mask(n), v);
+}
+inline void store_n(uint16_t* p, __m512 v, int64_t n) {
+  const __m256i h = to_bf16(v);
+  if (n >= L) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  else _mm256_mask_storeu_epi16(p, lane_mask(n), h);
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) { return bf16_to_float(v); }
+
+// In-register transpose of an L x L fp32 tile: r[i][j] -> r[j][i].
+inline void transpose(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+  }
+}
+
+// out lane i = sum of the lanes of v[i].
+inline __m512 reduce(const __m512 v[16]) {
+  __m512 s[8], q[4];
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int m = 0; m < 4; ++m)
+    q[m] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * m], s[2 * m + 1], 0x44),
+                         _mm512_shuffle_ps(s[2 * m], s[2 * m + 1], 0xEE));
+  const __m512 r01 = _mm512_add_ps(_mm512_shuffle_f32x4(q[0], q[1], 0x88), _mm512_shuffle_f32x4(q[0], q[1], 0xDD));
+  const __m512 r23 = _mm512_add_ps(_mm512_shuffle_f32x4(q[2], q[3], 0x88), _mm512_shuffle_f32x4(q[2], q[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xDD));
+}
+
+inline float* align64(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
+// Packs rows [0, tb) x columns [0, nc) of src (row stride ld) transposed into dst[c * TT + t], TT = NV * 16,
+// fp32, tokens tb..TT-1 zero-filled.
+template <int NV, typename S>
+void pack_transposed(const S* src, int64_t ld, int64_t tb, int64_t nc, float* dst) {
+  constexpr int64_t TT = NV * L;
+  __m512 r[L];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t rows = tb - v * L;
+    for (int64_t c = 0; c < nc; c += L) {
+      const int64_t n = nc - c < L ? nc - c : L;
+      for (int i = 0; i < L; ++i) r[i] = i < rows ? load_n(src + (v * L + i) * ld + c, n) : _mm512_setzero_ps();
+      transpose(r);
+      for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(dst + (c + j) * TT + v * L, r[j]);
+    }
+  }
+}
+
+inline __m512 act_vec(__m512 v, Act act) {
+  if (act == Act::None) return v;
+  if (act == Act::Relu) return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                                   _mm512_setzero_ps());  // keeps NaN, as torch.relu does
+  alignas(64) float tmp[L];
+  _mm512_store_ps(tmp, v);
+  for (int i = 0; i < L; ++i) tmp[i] = apply_act(tmp[i], act);
+  return _mm512_load_ps(tmp);
+}
+
+// buf[r * TT + t] (rows x tb, fp32) -> dst[t * ld + r], adding bias[r] (may be null) and the activation.
+template <int NV, typename D>
+void store_transposed(const float* buf, int64_t rows, int64_t tb, D* dst, int64_t ld, const D* bias, Act act) {
+  constexpr int64_t TT = NV * L;
+  __m512 r[L];
+  for (int64_t o = 0; o < rows; o += L) {
+    const int64_t n = rows - o < L ? rows - o : L;
+    const __m512 bv = bias ? load_n(bias + o, n) : _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
+      const int64_t toks = tb - v * L;
+      if (toks <= 0) break;
+      for (int i = 0; i < L; ++i) r[i] = i < n ? _mm512_loadu_ps(buf + (o + i) * TT + v * L) : _mm512_setzero_ps();
+      transpose(r);
+      for (int64_t j = 0; j < toks && j < L; ++j)
+        store_n(dst + (v * L + j) * ld + o, act_vec(_mm512_add_ps(r[j], bv), act), n);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward, token tiles.
+
+inline __m512 bcast(const float* p) { return _mm512_set1_ps(*p); }
+inline __m512 bcast(const uint16_t* p) { return _mm512_set1_ps(bf16_to_float(*p)); }
+
+// Rows ahead whose weight slice for this chunk is prefetched: a chunk visits every row for a few banks only, a
+// strided walk the hardware prefetchers miss (the weights stream from L3 when they exceed L2).
+constexpr int64_t kPrefetchRows = 8;
+
+inline void prefetch_range(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T1);
+  _mm_prefetch(c + bytes - 1, _MM_HINT_T1);
+}
+
+// Byte offsets into the packed chunk of n kept entries of one row: (colpat[j] + idx[j]) * TT * 4, where colpat[j]
+// is the first column of entry j's bank relative to the chunk. Computed 16 at a time before the FMA loop, so the
+// loop does one 32-bit load per entry instead of a byte load, an add and a shift on its critical path.
+inline __m512i load_idx(const uint8_t* p, __mmask16 m) { return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)); }
+inline __m512i load_idx(const int16_t* p, __mmask16 m) {
+  return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p));
+}
+
+template <int TT, typename I>
+inline void entry_offsets(const I* idx, const int32_t* colpat, int64_t n, int32_t* off) {
+  constexpr int kShift = TT == 16 ? 6 : TT == 32 ? 7 : TT == 64 ? 8 : TT == 128 ? 9 : -1;
+  for (int64_t j = 0; j < n; j += L) {
+    const __mmask16 m = lane_mask(n - j);
+    const __m512i c = _mm512_add_epi32(load_idx(idx + j, m), _mm512_maskz_loadu_epi32(m, colpat + j));
+    const __m512i b = kShift >= 0 ? _mm512_slli_epi32(c, kShift) : _mm512_mullo_epi32(c, _mm512_set1_epi32(TT * 4));
+    _mm512_mask_storeu_epi32(off + j, m, b);
+  }
+}
+
+// R output rows (row stride row_len in w/idx) over the n kept entries of the current chunk (starting at entry e0 of
+// each row) against the packed chunk xt; partial sums in acc_buf[r * TT + t] (started from zero when first).
+template <int R, int NV, typename W, typename I>
+void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, const int32_t* colpat,
+              int32_t* off, const float* xt, float* acc_buf, bool first) {
+  constexpr int64_t TT = NV * L;
+  for (int r = 0; r < R; ++r) {  // past the last row this touches other memory or none: prefetches never fault
+    prefetch_range(w + (r + kPrefetchRows) * row_len + e0, n * int64_t(sizeof(W)));
+    prefetch_range(idx + (r + kPrefetchRows) * row_len + e0, n * int64_t(sizeof(I)));
+  }
+  for (int r = 0; r < R; ++r) entry_offsets<TT>(idx + r * row_len + e0, colpat, n, off + r * n);
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * TT + v * L);
+  const char* xc0 = reinterpret_cast<const char*>(xt);
+  const W* wr = w + e0;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = bcast(wr + r * row_len + j);
+      const float* xc = reinterpret_cast<const float*>(xc0 + off[r * n + j]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xc + v * L), acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc_buf + r * TT + v * L, acc[r][v]);
+}
+
+template <int NV, typename W, typename I>
+void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w, const I* idx, const W* bias,
+              Act act, W* y, int64_t o0, int64_t o1, float* xt, float* ybuf, int32_t* colpat, int32_t* off) {
+  constexpr int64_t TT = NV * L;
+  const int64_t row_len = s.n_banks * s.keep;
+  const int64_t cb = bal_chunk_banks(s, TT);
+  for (int64_t j = 0; j < cb * s.keep; ++j) colpat[j] = static_cast<int32_t>((j / s.keep) * s.bank);
+  for (int64_t b0 = 0; b0 < s.n_banks; b0 += cb) {
+    const int64_t b1 = b0 + cb < s.n_banks ? b0 + cb : s.n_banks;
+    const int64_t c0 = b0 * s.bank;
+    const int64_t c1 = b1 * s.bank < s.in ? b1 * s.bank : s.in;
+    pack_transposed<NV>(x + c0, ldx, tb, c1 - c0, xt);
+    const int64_t e0 = b0 * s.keep, n = (b1 - b0) * s.keep;
+    // Up to 16 accumulators (R * NV) hide the FMA latency without spilling (8 rows at NV = 1 measured no faster).
+    constexpr int R = NV > 4 ? 2 : 4;
+    int64_t o = o0;
+    for (; o + R <= o1; o += R)
+      fwd_rows<R, NV>(w + o * row_len, idx + o * row_len, row_len, e0, n, colpat, off, xt, ybuf + (o - o0) * TT,
+                      b0 == 0);
+    for (; o < o1; ++o)
+      fwd_rows<1, NV>(w + o * row_len, idx + o * row_len, row_len, e0, n, colpat, off, xt, ybuf + (o - o0) * TT,
+                      b0 == 0);
+  }
+  store_transposed<NV>(ybuf, o1 - o0, tb, y + o0, s.out, bias ? bias + o0 : nullptr, act);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward, few tokens (decode): per output row, a vector of kept weights at a time gathers its x values.
+
+inline __m512 load_w(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_w(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// Kept entries are sorted by column along a row (sorted within a bank, banks in order), so 16 consecutive entries
+// usually span fewer than 128 columns: one to four two-source permutes over 32-column windows of x pick their x
+// values, several times cheaper than a gather. Wider spans (wide banks with few entries) gather.
+template <int NW>
+inline __m512 pick(const float* xw, __m512i rel) {
+  __m512 g = _mm512_permutex2var_ps(_mm512_loadu_ps(xw), rel, _mm512_loadu_ps(xw + 16));
+  for (int k = 1; k < NW; ++k) {
+    const __mmask16 in_k = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(rel, 5), _mm512_set1_epi32(k));
+    g = _mm512_mask_mov_ps(g, in_k, _mm512_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), rel,
+                                                           _mm512_loadu_ps(xw + 32 * k + 16)));
+  }
+  return g;
+}
+
+template <int NW, int T>
+inline void fwd_small_group(const float* xf, int64_t ldf, int64_t first, __m512i rel, __m512 wv, __mmask16 m,
+                            __m512 acc[T]) {
+  for (int t = 0; t < T; ++t)
+    acc[t] = _mm512_mask3_fmadd_ps(wv, pick<NW>(xf + t * ldf + first, rel), acc[t], m);
+}
+
+// T is a template parameter so that the accumulators stay in registers.
+template <int T, typename W, typename I>
+void fwd_gather(const BalShape& s, const W* x, int64_t ldx, const W* w, const I* idx, const W* bias, Act act, W* y,
+                int64_t o0, int64_t o1, float* scratch) {
+  const int64_t row_len = s.n_banks * s.keep;
+  // colbase[j]: first column of the bank of kept entry j; xf: the T token rows as fp32, each followed by 128
+  // zeros so that every permute window starting inside the row can be loaded.
+  int32_t* colbase = reinterpret_cast<int32_t*>(scratch);
+  float* xf = align64(scratch + row_len + 16);
+  const int64_t ldf = s.in + 128;
+  for (int64_t j = 0; j < row_len; ++j) colbase[j] = static_cast<int32_t>((j / s.keep) * s.bank);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < s.in; c += L) {
+      const int64_t n = s.in - c < L ? s.in - c : L;
+      store_n(xf + t * ldf + c, load_n(x + t * ldx + c, n), n);
+    }
+    std::memset(xf + t * ldf + s.in, 0, 128 * sizeof(float));
+  }
+  for (int64_t o = o0; o < o1; ++o) {
+    __m512 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+    const W* wr = w + o * row_len;
+    const I* ir = idx + o * row_len;
+    for (int64_t j = 0; j < row_len; j += L) {
+      // The weights stream once per call (cold in decode): run ahead of the demand loads.
+      _mm_prefetch(reinterpret_cast<const char*>(wr + j) + 2048, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ir + j) + 1024, _MM_HINT_T0);
+      const int64_t nv = row_len - j < L ? row_len - j : L;
+      const __mmask16 m = lane_mask(nv);
+      const __m512i col = _mm512_add_epi32(load_idx(ir + j, m), _mm512_maskz_loadu_epi32(m, colbase + j));
+      const __m512 wv = load_w(wr + j, m);
+      const int64_t first = colbase[j] + static_cast<int64_t>(ir[j]);
+      const int64_t span = colbase[j + nv - 1] + static_cast<int64_t>(ir[j + nv - 1]) - first;
+      const __m512i rel = _mm512_sub_epi32(col, _mm512_set1_epi32(static_cast<int32_t>(first)));
+      if (span < 32) fwd_small_group<1, T>(xf, ldf, first, rel, wv, m, acc);
+      else if (span < 64) fwd_small_group<2, T>(xf, ldf, first, rel, wv, m, acc);
+      else if (span < 128) fwd_small_group<4, T>(xf, ldf, first, rel, wv, m, acc);
+      else
+        for (int t = 0; t < T; ++t)
+          acc[t] = _mm512_fmadd_ps(wv, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, col, xf + t * ldf, 4), acc[t]);
+    }
+    const float bv = bias ? to_f32(bias[o]) : 0.0f;
+    for (int t = 0; t < T; ++t) {
+      const float v = apply_act(_mm512_reduce_add_ps(acc[t]) + bv, act);
+      store_n(y + t * s.out + o, _mm512_set1_ps(v), 1);
+    }
+  }
+}
+
+template <typename W, typename I>
+void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act,
+         W* y, int64_t o0, int64_t o1, float* scratch) {
+  static_assert(kGatherMaxTokens == 4, "fwd_gather is instantiated for T = 1, 2, 3");
+  if (T == 1) return fwd_gather<1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+  if (T == 2) return fwd_gather<2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+  if (T == 3) return fwd_gather<3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+  float* xt = align64(scratch);
+  float* ybuf = align64(xt + bal_chunk_floats(s));
+  int32_t* colpat = reinterpret_cast<int32_t*>(align64(ybuf + (o1 - o0 + 16) * kMaxTokTile));
+  int32_t* off = colpat + bal_chunk_entries(s) + 16;
+  constexpr int64_t kTile = 8 * L;
+  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+    const int64_t tb = T - t0 < kTile ? T - t0 : kTile;
+    const W* xp = x + t0 * ldx;
+    W* yp = y + t0 * s.out;
+    switch ((tb + L - 1) / L) {
+      case 1: fwd_tile<1>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 2: fwd_tile<2>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 3: fwd_tile<3>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 4: fwd_tile<4>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 5: fwd_tile<5>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 6: fwd_tile<6>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 7: fwd_tile<7>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      default: fwd_tile<8>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Input gradient: per bank chunk, dX^T[col][t] accumulates dY^T[o][t] * w over every row o (read-modify-write in
+// L1; the rows' dY^T vectors stay in registers across their kept entries).
+
+template <int NV, typename W, typename I>
+void grad_input_tile(const BalShape& s, const W* dy, int64_t lddy, int64_t tb, const W* w, const I* idx, W* dx,
+                     int64_t bb0, int64_t bb1, float* dxt, float* dyt) {
+  constexpr int64_t TT = NV * L;
+  const int64_t row_len = s.n_banks * s.keep;
+  const int64_t cb = bal_chunk_banks(s, TT);
+  pack_transposed<NV>(dy, lddy, tb, s.out, dyt);
+  for (int64_t b0 = bb0; b0 < bb1; b0 += cb) {
+    const int64_t b1 = b0 + cb < bb1 ? b0 + cb : bb1;
+    const int64_t c0 = b0 * s.bank;
+    const int64_t nc = (b1 * s.bank < s.in ? b1 * s.bank : s.in) - c0;
+    std::memset(dxt, 0, sizeof(float) * nc * TT);
+    for (int64_t o = 0; o < s.out; ++o) {
+      __m512 d[NV];
+      for (int v = 0; v < NV; ++v) d[v] = _mm512_loadu_ps(dyt + o * TT + v * L);
+      for (int64_t b = b0; b < b1; ++b) {
+        const W* wb = w + o * row_len + b * s.keep;
+        const I* ib = idx + o * row_len + b * s.keep;
+        float* xb = dxt + (b - b0) * s.bank * TT;
+        for (int64_t k = 0; k < s.keep; ++k) {
+          const __m512 wv = bcast(wb + k);
+          float* p = xb + static_cast<int64_t>(ib[k]) * TT;
+          for (int v = 0; v < NV; ++v) _mm512_storeu_ps(p + v * L, _mm512_fmadd_ps(wv, d[v], _mm512_loadu_ps(p + v * L)));
+        }
+      }
+    }
+    store_transposed<NV>(dxt, nc, tb, dx + c0, s.in, static_cast<const W*>(nullptr), Act::None);
+  }
+}
+
+template <typename W, typename I>
+void grad_input(const BalShape& s, const W* dy, int64_t lddy, int64_t T, const W* w, const I* idx, W* dx,
+                int64_t b0, int64_t b1, float* scratch) {
+  constexpr int64_t kTile = 4 * L;
+  float* dxt = align64(scratch);
+  float* dyt = align64(dxt + bal_chunk_floats(s));
+  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+    const int64_t tb = T - t0 < kTile ? T - t0 : kTile;
+    const W* dyp = dy + t0 * lddy;
+    W* dxp = dx + t0 * s.in;
+    switch ((tb + L - 1) / L) {
+      case 1: grad_input_tile<1>(s, dyp, lddy, tb, w, idx, dxp, b0, b1, dxt, dyt); break;
+      case 2: grad_input_tile<2>(s, dyp, lddy, tb, w, idx, dxp, b0, b1, dxt, dyt); break;
+      case 3: grad_input_tile<3>(s, dyp, lddy, tb, w, idx, dxp, b0, b1, dxt, dyt); break;
+      default: grad_input_tile<4>(s, dyp, lddy, tb, w, idx, dxp, b0, b1, dxt, dyt); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Weight gradient (SDDMM): per token tile and bank chunk, L kept entries of a row at a time form L token-vector
+// products that one transpose-add tree reduces to L sums.
+
+// acc[0, n) += the first n lanes of v.
+inline void add_n(float* acc, __m512 v, int64_t n) {
+  const __mmask16 m = lane_mask(n);
+  _mm512_mask_storeu_ps(acc, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc), v));
+}
+
+template <int NV>
+inline void sddmm_group(const float* xt, const int64_t* off, const __m512 d[NV], float* acc, int64_t n) {
+  __m512 p[L];
+  for (int e = 0; e < L; ++e) {
+    const float* xc = xt + off[e];
+    __m512 a = _mm512_mul_ps(d[0], _mm512_loadu_ps(xc));
+    for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(d[v], _mm512_loadu_ps(xc + v * L), a);
+    p[e] = a;
+  }
+  add_n(acc, reduce(p), n);
+}
+
+template <int NV, typename S, typename I>
+void sddmm_tile(const BalShape& s, const S* dy, int64_t lddy, const S* x, int64_t ldx, int64_t tb, const I* idx,
+                float* acc, int64_t o0, int64_t o1, float* xt, float* dyt, int64_t* off) {
+  constexpr int64_t TT = NV * L;
+  const int64_t row_len = s.n_banks * s.keep;
+  const int64_t cb = bal_chunk_banks(s, TT);
+  pack_transposed<NV>(dy + o0, lddy, tb, o1 - o0, dyt);
+  for (int64_t b0 = 0; b0 < s.n_banks; b0 += cb) {
+    const int64_t b1 = b0 + cb < s.n_banks ? b0 + cb : s.n_banks;
+    const int64_t c0 = b0 * s.bank;
+    const int64_t c1 = b1 * s.bank < s.in ? b1 * s.bank : s.in;
+    pack_transposed<NV>(x + c0, ldx, tb, c1 - c0, xt);
+    const int64_t n_el = (b1 - b0) * s.keep;
+    for (int64_t o = o0; o < o1; ++o) {
+      __m512 d[NV];
+      for (int v = 0; v < NV; ++v) d[v] = _mm512_loadu_ps(dyt + (o - o0) * TT + v * L);
+      const I* ir = idx + o * row_len + b0 * s.keep;
+      int64_t e = 0;
+      for (int64_t b = 0; b < b1 - b0; ++b)
+        for (int64_t k = 0; k < s.keep; ++k, ++e) off[e] = (b * s.bank + static_cast<int64_t>(ir[e])) * TT;
+      for (int64_t j = n_el; j < (n_el + L - 1) / L * L; ++j) off[j] = 0;  // pad: a valid column, masked off
+      float* ar = acc + (o - o0) * row_len + b0 * s.keep;
+      for (int64_t j = 0; j < n_el; j += L) sddmm_group<NV>(xt, off + j, d, ar + j, n_el - j);
+    }
+  }
+}
+
+template <typename S, typename I>
+void sddmm(const BalShape& s, const S* dy, int64_t lddy, const S* x, int64_t ldx, int64_t T, const I* idx, S* dw,
+           int64_t o0, int64_t o1, float* scratch) {
+  const int64_t row_len = s.n_banks * s.keep;
+  const int64_t chunk = bal_chunk_floats(s);
+  float* xt = align64(scratch);
+  float* dyt = align64(xt + chunk);
+  int64_t* off = reinterpret_cast<int64_t*>(align64(dyt + (o1 - o0 + 16) * kMaxTokTile));
+  float* acc = align64(reinterpret_cast<float*>(off + chunk / 4 + 32));
+  constexpr int64_t kTile = 4 * L;
+  std::memset(acc, 0, sizeof(float) * (o1 - o0) * row_len);
+  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+    const int64_t tb = T - t0 < kTile ? T - t0 : kTile;
+    const S* dyp = dy + t0 * lddy;
+    const S* xp = x + t0 * ldx;
+    switch ((tb + L - 1) / L) {
+      case 1: sddmm_tile<1>(s, dyp, lddy, xp, ldx, tb, idx, acc, o0, o1, xt, dyt, off); break;
+      case 2: sddmm_tile<2>(s, dyp, lddy, xp, ldx, tb, idx, acc, o0, o1, xt, dyt, off); break;
+      case 3: sddmm_tile<3>(s, dyp, lddy, xp, ldx, tb, idx, acc, o0, o1, xt, dyt, off); break;
+      default: sddmm_tile<4>(s, dyp, lddy, xp, ldx, tb, idx, acc, o0, o1, xt, dyt, off); break;
+    }
+  }
+  const int64_t n = (o1 - o0) * row_len;
+  S* out = dw + o0 * row_len;
+  for (int64_t j = 0; j < n; j += L) store_n(out + j, _mm512_loadu_ps(acc + j), n - j);
+}
+
+}  // namespace
+
+void balanced_fwd_avx512(const BalShape& s, const void* x, int64_t ldx, int64_t T, const void* values,
+                         const void* indices, const void* bias, int act, void* y, int64_t o0, int64_t o1,
+                         float* scratch) {
+  const Act a = static_cast<Act>(act);
+  if (s.bf16) {
+    using W = uint16_t;
+    if (s.idx16)
+      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const int16_t*>(indices),
+          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
+    else
+      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const uint8_t*>(indices),
+          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
+  } else {
+    using W = float;
+    if (s.idx16)
+      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const int16_t*>(indices),
+          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
+    else
+      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const uint8_t*>(indices),
+          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
+  }
+}
+
+void balanced_grad_input_avx512(const BalShape& s, const void* dy, int64_t lddy, int64_t T, const void* values,
+                                const void* indices, void* dx, int64_t b0, int64_t b1, float* scratch) {
+  if (s.bf16) {
+    using W = uint16_t;
+    if (s.idx16)
+      grad_input(s, static_cast<const W*>(dy), lddy, T, static_cast<const W*>(values),
+                 static_cast<const int16_t*>(indices), static_cast<W*>(dx), b0, b1, scratch);
+    else
+      grad_input(s, static_cast<const W*>(dy), lddy, T, static_cast<const W*>(values),
+                 static_cast<const uint8_t*>(indices), static_cast<W*>(dx), b0, b1, scratch);
+  } else {
+    using W = float;
+    if (s.idx16)
+      grad_input(s, static_cast<const W*>(dy), lddy, T, static_cast<const W*>(values),
+                 static_cast<const int16_t*>(indices), static_cast<W*>(dx), b0, b1, scratch);
+    else
+      grad_input(s, static_cast<const W*>(dy), lddy, T, static_cast<const W*>(values),
+                 static_cast<const uint8_t*>(indices), static_cast<W*>(dx), b0, b1, scratch);
+  }
+}
+
+void balanced_sddmm_avx512(const BalShape& s, const void* dy, int64_t lddy, const void* x, int64_t ldx, int64_t T,
+                           const void* indices, void* dw, int64_t o0, int64_t o1, float* scratch) {
+  if (s.bf16) {
+    using W = uint16_t;
+    if (s.idx16)
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
+            static_cast<const int16_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+    else
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
+            static_cast<const uint8_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+  } else {
+    using W = float;
+    if (s.idx16)
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
+            static_cast<const int16_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+    else
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
+            static_cast<const uint8_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+  }
+}
+
+}  // namespace sparsekern::cpu
+
+#endif  // defined(__x86_64__)

@@ -1,0 +1,99 @@
+// Raw-pointer interface of the vectorised balanced-sparse kernels (balanced_avx512.cpp, balanced_avx2.cpp).
+// No torch headers: the ISA translation units include this file. Everything defined here has internal linkage.
+//
+// Layout (see sparse/formats.py, BalancedSparseWeight): values [out, n_banks, keep] and indices of the same shape
+// (uint8 or int16, sorted per bank), both contiguous; index (o, b, k) names input column b * bank + indices[o, b, k].
+// Activations are row-major with a row stride (x [T, in] with ldx, dy [T, out] with lddy); outputs are contiguous.
+//
+// How the kernels work (forward; the others follow the same plan):
+//  - Tokens are vectorised: a tile of up to 8 vectors of tokens (128 on AVX-512, 64 on AVX2) is packed transposed
+//    (X^T, token-contiguous, fp32) once per call and per thread, a chunk of a few banks at a time so that the
+//    chunk stays in L1. bf16 is widened while packing, so every inner loop is fp32.
+//  - Per kept weight: one broadcast and one precomputed offset load feed a whole row of the tile (8 FMAs on
+//    AVX-512), and 2-8 output rows are interleaved so that 8-16 independent accumulators hide the FMA latency.
+//    The inner loop is bound by loads: one vector load of X^T per FMA is inherent (each row picks its own
+//    columns, so nothing is reused across rows), which caps it near half the dense FMA rate.
+//  - Partial sums per chunk go to a per-thread buffer [rows, tile]; after the last chunk they are transposed into
+//    Y in registers, adding bias and the activation. The rows' weight slices are prefetched a few rows ahead:
+//    the chunked walk over W is strided and the hardware prefetchers miss it.
+//  - T below kGatherMaxTokens (decode) picks x per kept entry instead (permutes of 32-column windows on AVX-512,
+//    gathers on AVX2): the weight stream, not the FMAs, is the bound there.
+#pragma once
+
+#include <cstdint>
+
+namespace sparsekern::cpu {
+
+struct BalShape {
+  int64_t out, in, bank, n_banks, keep;
+  bool bf16;   // values/activations are bfloat16 (else float32); accumulation is always float32
+  bool idx16;  // indices are int16 (else uint8)
+};
+
+// Most tokens per tile of any ISA (8 zmm of fp32). Zen 5, 1 thread, 768x768 T=128 (2026-11-29): 8 zmm per
+// broadcast beat 4 zmm by ~10% at keep 16 of 32; 3 rows x 8 zmm (24 accumulators) was slower than 2 x 8.
+constexpr int64_t kMaxTokTile = 128;
+// Floats of the packed X^T chunk kept in L1 (32 KiB of Zen 5's 48 KiB L1d). Same measurement: 16 KiB chunks
+// lost 10-20% (more partial-sum traffic), 64 KiB chunks lost 30% at keep 16 (L1 misses).
+constexpr int64_t kChunkFloats = 8192;
+// Below this many tokens the forward picks x per kept entry instead of packing a token tile (3072x768, keep 16
+// of 32: T = 3 costs 0.35 ms that way, a 4-token tile 0.55 ms, dense 0.13 ms).
+constexpr int64_t kGatherMaxTokens = 4;
+
+// Banks per packed chunk for a token tile of `tile` tokens: the chunk fits kChunkFloats, at least one bank.
+static inline int64_t bal_chunk_banks(const BalShape& s, int64_t tile) {
+  const int64_t cb = kChunkFloats / (tile * s.bank);
+  return cb < 1 ? 1 : (cb > s.n_banks ? s.n_banks : cb);
+}
+
+static inline int64_t bal_chunk_floats(const BalShape& s) {
+  return kChunkFloats > s.bank * kMaxTokTile ? kChunkFloats : s.bank * kMaxTokTile;
+}
+
+// Most kept entries of one row in one chunk (any tile, the smallest being 8 tokens): bounds the per-row offset
+// arrays.
+static inline int64_t bal_chunk_entries(const BalShape& s) {
+  return bal_chunk_banks(s, 8) * s.keep;
+}
+
+// Most output rows one forward micro-kernel call handles at once (AVX2, 8-token tiles).
+constexpr int64_t kMaxRowGroup = 8;
+
+// Scratch (in floats, 64-byte alignments included) one thread needs: forward for `rows` output rows, grad_input
+// with rows = out, sddmm see below.
+static inline int64_t bal_scratch_floats(const BalShape& s, int64_t rows) {
+  const int64_t row_len = s.n_banks * s.keep;
+  const int64_t tiles = bal_chunk_floats(s) + (rows + 16) * kMaxTokTile + (kMaxRowGroup + 1) * (bal_chunk_entries(s) + 16) + 128;
+  const int64_t gather = kGatherMaxTokens * (s.in + 128) + row_len + 96;
+  return tiles > gather ? tiles : gather;
+}
+
+// sddmm: the tiles, per-chunk column offsets (int64) and a float32 accumulator [rows, n_banks * keep].
+static inline int64_t bal_sddmm_scratch_floats(const BalShape& s, int64_t rows) {
+  return bal_chunk_floats(s) + (rows + 16) * kMaxTokTile + 2 * (bal_chunk_floats(s) / 4 + 32) +
+         rows * s.n_banks * s.keep + 128;
+}
+
+// Entry points, one set per ISA. act uses the numbering of Act in epilogue.h. scratch holds
+// bal_scratch_floats(s, o1 - o0) floats (grad_input: bal_scratch_floats(s, s.out); sddmm:
+// bal_sddmm_scratch_floats(s, o1 - o0)).
+//
+// y[t, o] = act(bias[o] + sum_{b,k} values[o, b, k] * x[t, b * bank + indices[o, b, k]]) for o in [o0, o1).
+void balanced_fwd_avx512(const BalShape& s, const void* x, int64_t ldx, int64_t T, const void* values,
+                         const void* indices, const void* bias, int act, void* y, int64_t o0, int64_t o1,
+                         float* scratch);
+void balanced_fwd_avx2(const BalShape& s, const void* x, int64_t ldx, int64_t T, const void* values,
+                       const void* indices, const void* bias, int act, void* y, int64_t o0, int64_t o1,
+                       float* scratch);
+// dx[t, c] = sum_{o,k} dy[t, o] * values[o, b, k] over the entries of bank b naming column c, for banks [b0, b1).
+void balanced_grad_input_avx512(const BalShape& s, const void* dy, int64_t lddy, int64_t T, const void* values,
+                                const void* indices, void* dx, int64_t b0, int64_t b1, float* scratch);
+void balanced_grad_input_avx2(const BalShape& s, const void* dy, int64_t lddy, int64_t T, const void* values,
+                              const void* indices, void* dx, int64_t b0, int64_t b1, float* scratch);
+// dw[o, b, k] = sum_t dy[t, o] * x[t, b * bank + indices[o, b, k]] for o in [o0, o1).
+void balanced_sddmm_avx512(const BalShape& s, const void* dy, int64_t lddy, const void* x, int64_t ldx, int64_t T,
+                           const void* indices, void* dw, int64_t o0, int64_t o1, float* scratch);
+void balanced_sddmm_avx2(const BalShape& s, const void* dy, int64_t lddy, const void* x, int64_t ldx, int64_t T,
+                         const void* indices, void* dw, int64_t o0, int64_t o1, float* scratch);
+
+}  // namespace sparsekern::cpu

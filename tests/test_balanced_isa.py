@@ -1,0 +1,107 @@
+"""The balanced-sparse CPU ops on every code path this CPU can run (AVX-512, AVX2, portable), against the float64
+reference: error of ours <= 2 x the error of dense torch in the same dtype + a small floor."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import torch
+
+import sparse
+from sparse import reference
+from sparse.formats import BalancedSparseWeight
+
+_C = sparse._ext._C
+ISAS = [isa for isa in ("avx512", "avx2", "portable") if _C.set_isa(isa) is None and _C.get_isa() == isa]
+_C.set_isa("auto")
+
+# (bank, keep, in_features): exact banks, ragged last banks, 2:4, wide banks with int16 indices.
+PATTERNS = [(32, 16, 96), (32, 4, 80), (4, 2, 22), (64, 16, 150), (8, 3, 45), (300, 7, 610)]
+TOKENS = [1, 7, 97]
+DTYPES = [torch.float32, torch.bfloat16]
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    _C.set_isa(request.param)
+    assert _C.get_isa() == request.param
+    yield request.param
+    _C.set_isa("auto")
+
+
+def _weight(out: int, inn: int, bank: int, keep: int, dtype: torch.dtype, gen: torch.Generator) -> BalancedSparseWeight:
+    W = torch.randn(out, inn, generator=gen)
+    w = BalancedSparseWeight.from_dense(W, bank=bank, keep=keep).to(dtype=dtype)
+    assert w.indices.dtype == (torch.uint8 if bank <= 256 else torch.int16)
+    return w
+
+
+def _check(ours: torch.Tensor, dense: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    err = (ours.double() - ref).abs().max().item()
+    base = (dense.double() - ref).abs().max().item()
+    scale = max(ref.abs().max().item(), 1.0)
+    assert err <= 2 * base + FLOOR[dtype] * scale, f"error {err:.3g} vs dense {base:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bank,keep,inn", PATTERNS)
+@pytest.mark.parametrize("T", TOKENS)
+def test_forward(isa: str, dtype: torch.dtype, bank: int, keep: int, inn: int, T: int) -> None:
+    gen = torch.Generator().manual_seed(T * 1000 + bank * 10 + keep)
+    out = 37
+    w = _weight(out, inn, bank, keep, dtype, gen)
+    x = torch.randn(T, inn, generator=gen).to(dtype)
+    for act, with_bias in (("none", False), ("relu", True), ("gelu", True), ("gelu_tanh", False), ("silu", True)):
+        b = torch.randn(out, generator=gen).to(dtype) if with_bias else None
+        ours = torch.ops.sparsekern.balanced_linear(x, w.values, w.indices, bank, b, act)
+        ref = reference.linear(x, w, b, act)
+        dense = reference.activation(torch.nn.functional.linear(x, w.to_dense().to(dtype), b), act)
+        _check(ours, dense, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bank,keep,inn", PATTERNS)
+@pytest.mark.parametrize("T", TOKENS)
+def test_grad_input(isa: str, dtype: torch.dtype, bank: int, keep: int, inn: int, T: int) -> None:
+    gen = torch.Generator().manual_seed(T * 1000 + bank * 10 + keep + 1)
+    out = 41
+    w = _weight(out, inn, bank, keep, dtype, gen)
+    dy = torch.randn(T, out, generator=gen).to(dtype)
+    ours = torch.ops.sparsekern.balanced_linear_grad_input(dy, w.values, w.indices, bank, inn)
+    _check(ours, dy @ w.to_dense().to(dtype), reference.linear_grad_input(dy, w), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bank,keep,inn", PATTERNS)
+@pytest.mark.parametrize("T", TOKENS)
+def test_sddmm(isa: str, dtype: torch.dtype, bank: int, keep: int, inn: int, T: int) -> None:
+    gen = torch.Generator().manual_seed(T * 1000 + bank * 10 + keep + 2)
+    out = 19
+    w = _weight(out, inn, bank, keep, dtype, gen)
+    dy = torch.randn(T, out, generator=gen).to(dtype)
+    x = torch.randn(T, inn, generator=gen).to(dtype)
+    ours = torch.ops.sparsekern.balanced_sddmm(dy, x, w.indices, bank)
+    ref = reference.sddmm(dy, x, w)
+    full = dy.t() @ x
+    padded = torch.nn.functional.pad(full, (0, w.n_banks * bank - inn)).reshape(out, w.n_banks, bank)
+    _check(ours, torch.gather(padded, -1, w.indices.long()), ref, dtype)
+
+
+@pytest.mark.parametrize("T", [3, 5, 64, 200])
+def test_forward_strided_input_and_many_rows(isa: str, T: int) -> None:
+    """Row-strided x (a column slice), enough rows for several row groups plus a tail, several token tiles, and
+    the multi-token decode path (T = 3)."""
+    gen = torch.Generator().manual_seed(T)
+    w = _weight(70, 256, 32, 8, torch.float32, gen)
+    x = torch.randn(T, 300, generator=gen)[:, 20:276]
+    b = torch.randn(70, generator=gen)
+    ours = torch.ops.sparsekern.balanced_linear(x, w.values, w.indices, 32, b, "relu")
+    _check(ours, torch.relu(torch.nn.functional.linear(x, w.to_dense(), b)), reference.linear(x, w, b, "relu"),
+           torch.float32)
+
+
+def test_isa_restored() -> None:
+    assert _C.get_isa() == _C.best_isa()

@@ -1,0 +1,121 @@
+"""The Triton backend on real CUDA tensors: correctness against the float64 reference through the public
+``sparse.linear`` (forward and backward), the fp32/tf32 switch, ``torch.library.opcheck`` (fake tensors
+included) and ``torch.compile(fullgraph=True)`` equal to eager. Skipped without a CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparse
+from sparse import reference
+from sparse.formats import BalancedSparseWeight, BlockSparseWeight
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytest.importorskip("sparse.triton_backend")  # registers torch.ops.sparsekern.triton_*
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ops = torch.ops.sparsekern
+
+
+def _close(ours: torch.Tensor, dense: torch.Tensor, ref: torch.Tensor) -> None:
+    """ours may err at most 2x dense torch in the same dtype (both against float64) + a tiny floor."""
+    assert ours.shape == ref.shape and torch.isfinite(ours).all()
+    err = (ours.double() - ref).abs().max().item()
+    err_dense = (dense.double() - ref).abs().max().item()
+    floor = 1e-6 * (1.0 + ref.abs().max().item())
+    assert err <= 2 * err_dense + floor, f"error {err:.3g} vs dense torch {err_dense:.3g}"
+
+
+def _weights(dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(320, 200, generator=g) / 200**0.5
+    return [
+        BlockSparseWeight.from_dense(W, 32, sparsity=0.5).to("cuda", dtype),
+        BlockSparseWeight.from_dense(W, (16, 64), sparsity=0.75).to("cuda", dtype),  # rectangular, ragged
+        BalancedSparseWeight.from_dense(W, 64, 16).to("cuda", dtype),  # ragged last bank (200 = 3*64 + 8)
+    ]
+
+
+def test_triton_is_the_default_on_cuda():
+    assert sparse.ops.select_backend("cuda") == "triton"
+
+
+@pytest.mark.parametrize("act", ["none", "gelu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_forward_and_backward(dtype, act, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    for w in _weights(dtype):
+        x = torch.randn(2, 97, 200, device="cuda", dtype=dtype, requires_grad=True)  # 3-D, odd T
+        bias = torch.randn(320, device="cuda", dtype=dtype, requires_grad=True)
+        values = w.values.detach().requires_grad_()
+        w.values = values
+        y = sparse.linear(x, w, bias, act)
+        dense = reference.activation(F.linear(x, w.to_dense(), bias), act)
+        _close(y, dense, reference.linear(x, w, bias, act))
+        grad = torch.randn_like(y)
+        gx, gv, gb = torch.autograd.grad(y, (x, values, bias), grad)
+        dgx, dgv, dgb = torch.autograd.grad(dense, (x, values, bias), grad)
+        # float64 gradients through the densified weight
+        xd, vd, bd = (t.detach().double().requires_grad_() for t in (x, values, bias))
+        w64 = w.to(dtype=torch.float64)
+        w64.values = vd
+        ref = reference.activation(F.linear(xd, w64.to_dense(), bd), act)
+        rgx, rgv, rgb = torch.autograd.grad(ref, (xd, vd, bd), grad.double())
+        _close(gx, dgx, rgx)
+        _close(gv, dgv, rgv)
+        _close(gb, dgb, rgb)
+
+
+def test_fp32_uses_tf32_only_when_allowed(monkeypatch):
+    w = _weights(torch.float32)[0]
+    x = torch.randn(512, 200, device="cuda")
+    ref = reference.linear(x, w)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    exact = sparse.linear(x, w)
+    assert (exact.double() - ref).abs().max().item() < 1e-4
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    tf32 = sparse.linear(x, w)
+    assert (tf32.double() - ref).abs().max().item() > (exact.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(dtype):
+    bw, _, aw = _weights(dtype)
+    x = torch.randn(33, 200, device="cuda", dtype=dtype, requires_grad=True)
+    bias = torch.randn(320, device="cuda", dtype=dtype, requires_grad=True)
+    g = torch.randn(33, 320, device="cuda", dtype=dtype)
+    bv, av = bw.values.detach().requires_grad_(), aw.values.detach().requires_grad_()
+    torch.library.opcheck(ops.triton_bsr_linear, (x, bv, bw.row_offsets, bw.col_indices, bw.col_offsets,
+                                                  bw.row_indices, bw.block_perm, 320, bias, "silu"))
+    torch.library.opcheck(ops.triton_bsr_linear_grad_input, (g, bw.values, bw.col_offsets, bw.row_indices, bw.block_perm, 200))
+    torch.library.opcheck(ops.triton_bsr_sddmm, (g, x.detach(), bw.values, bw.row_offsets, bw.col_indices))
+    torch.library.opcheck(ops.triton_balanced_linear, (x, av, aw.indices, 64, bias, "gelu_tanh"))
+    torch.library.opcheck(ops.triton_balanced_linear_grad_input, (g, aw.values, aw.indices, 64, 200))
+    torch.library.opcheck(ops.triton_balanced_sddmm, (g, x.detach(), aw.indices, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_compile_fullgraph_equals_eager(dtype):
+    """The forward compiled with fullgraph=True (the Triton ops traced, not a graph break) and the backward
+    AOTAutograd derives from their autograd formulas, against eager."""
+    for w in _weights(dtype):
+        bias = torch.randn(320, device="cuda", dtype=dtype)
+        x = torch.randn(65, 200, device="cuda", dtype=dtype, requires_grad=True)
+        w.values = w.values.detach().requires_grad_()
+        grad = torch.randn(65, 320, device="cuda", dtype=dtype)
+
+        def forward(x):
+            return sparse.linear(x, w, bias, "gelu", backend="triton")
+
+        results = []
+        for fn in (forward, torch.compile(forward, fullgraph=True)):
+            y = fn(x)
+            gx, gv = torch.autograd.grad(y, (x, w.values), grad)
+            results.append((y, gx, gv))
+        torch._dynamo.reset()
+        # Inductor may fuse the gelu backward around the kernels (bits may move); the dtype's default
+        # tolerances of assert_close still catch a wrong kernel, layout or gradient.
+        for compiled, eager in zip(results[1], results[0]):
+            torch.testing.assert_close(compiled, eager)
