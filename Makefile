@@ -38,8 +38,33 @@ BENCH_ARGS ?= --preset quick
 bench: $(BUILT)
 	$(PY) -m benchmarks $(BENCH_ARGS) --out bench-out
 
+# Deliberate, slow runs (outside `make test`). `fuzz`: the property and fuzz tests under the long hypothesis
+# profile (FUZZ_EXAMPLES examples per test). `test-asan`: the extension rebuilt with AddressSanitizer and
+# UBSan in a copy under build-asan/ (the in-place build is untouched), then the op tests run against it.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(BUILT)
+	HYPOTHESIS_PROFILE=long SPARSEKERN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
+		tests/test_property.py tests/test_fuzz_formats.py
+
+ASAN_DIR := build-asan
+ASAN_TESTS ?= tests/test_ops.py tests/test_fuzz_formats.py tests/test_property.py tests/test_numerics.py tests/test_threads.py \
+	tests/test_scale.py
+test-asan: $(DEPS)
+	mkdir -p $(ASAN_DIR)/src
+	tar cf - --exclude='_C*.so' --exclude=__pycache__ setup.py pyproject.toml csrc sparse kernels \
+		| tar xf - -C $(ASAN_DIR)/src
+	cd $(ASAN_DIR)/src && SPARSEKERN_SANITIZE=1 SPARSEKERN_CUDA=0 MAX_JOBS=2 $(abspath $(PY)) setup.py build_ext \
+		--inplace --build-temp ../tmp > ../build.log 2>&1 || (tail -30 ../build.log; exit 1)
+	# -P and --import-mode=append: the checkout must not shadow the sanitized copy on sys.path
+	# (tests/test_fuzz_formats.py checks SPARSEKERN_EXPECT_BUILD against the loaded sparse._C).
+	# libstdc++ preloaded too: python does not link it, and ASan must find the real __cxa_throw at start-up.
+	PYTHONPATH=$(abspath $(ASAN_DIR)/src) LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		SPARSEKERN_EXPECT_BUILD=$(abspath $(ASAN_DIR)/src) \
+		$(PY) -P -m pytest -q -p no:cacheprovider --import-mode=append $(ASAN_TESTS)
+
 clean:
-	rm -rf build dist *.egg-info sparse/_C*.so $(BUILT)
+	rm -rf build dist *.egg-info sparse/_C*.so $(BUILT) $(ASAN_DIR)
 
 check-install: $(BUILT)
 	PY=$(abspath $(PY)) scripts/check_install.sh

@@ -15,6 +15,7 @@ import torch
 __all__ = ["BlockSparseWeight", "BalancedSparseWeight"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_MAX_BLOCKS = 2**31 - 1  # row_offsets and col_indices are int32
 
 
 def _check_weight_matrix(W: torch.Tensor) -> None:
@@ -34,6 +35,11 @@ def _check_sparsity(sparsity: float) -> float:
     if not (0.0 <= float(sparsity) < 1.0):
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     return float(sparsity)
+
+
+def _contiguous(t):
+    """Index tensors as the kernels read them (a strided view is copied); anything else is left for validate."""
+    return t.contiguous() if isinstance(t, torch.Tensor) else t
 
 
 def _kernel_layout(values: torch.Tensor) -> torch.Tensor:
@@ -79,16 +85,25 @@ class BlockSparseWeight:
             raise ValueError(f"shape must be (out_features, in_features), got {tuple(shape)}")
         self.shape: Tuple[int, int] = (int(shape[0]), int(shape[1]))
         self.block: Tuple[int, int] = (int(values.shape[1]), int(values.shape[2]))
+        # Checked before anything divides by the block or re-lays out the values.
+        if min(self.block) < 1:
+            raise ValueError(f"values must hold blocks of positive shape, got block {self.block}")
+        if values.shape[0] > _MAX_BLOCKS:
+            raise ValueError(f"at most {_MAX_BLOCKS} blocks are supported (int32 offsets), got {values.shape[0]}")
+        if max(self.n_block_rows, self.n_block_cols) > _MAX_BLOCKS:
+            # The transposed metadata would wrap when stored as int32, after allocating one entry per block column.
+            raise ValueError(f"the block grid {self.n_block_rows}x{self.n_block_cols} of shape {self.shape} and block "
+                             f"{self.block} exceeds {_MAX_BLOCKS} block rows or columns (int32 indices)")
         self.values = _kernel_layout(values)
-        self.row_offsets = row_offsets
-        self.col_indices = col_indices
+        self.row_offsets = _contiguous(row_offsets)
+        self.col_indices = _contiguous(col_indices)
         if col_offsets is None or row_indices is None or block_perm is None:
             if validate:
                 self._validate_csr()
             col_offsets, row_indices, block_perm = self._transpose_metadata()
-        self.col_offsets = col_offsets
-        self.row_indices = row_indices
-        self.block_perm = block_perm
+        self.col_offsets = _contiguous(col_offsets)
+        self.row_indices = _contiguous(row_indices)
+        self.block_perm = _contiguous(block_perm)
         if validate:
             self.validate()
 

@@ -39,32 +39,50 @@ def _act_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch
     return grad
 
 
+def _check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    """One meta tensor among CPU ones sends the whole call to the fake kernel, which would hand back
+    uninitialised memory as the result: refuse mixed devices there."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        torch._check(t.device == first.device,
+                     lambda: f"{name} is on {t.device} but {first_name} is on {first.device}: all on one device")
+
+
 def _register() -> None:
     ops = torch.ops.sparsekern
 
     @torch.library.register_fake("sparsekern::bsr_linear")
     def _(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias=None, activation="none"):
+        _check_same_device(x=x, values=values, row_offsets=row_offsets, col_indices=col_indices,
+                           col_offsets=col_offsets, row_indices=row_indices, block_perm=block_perm, bias=bias)
         torch._check(x.dim() == 2, lambda: f"x must be 2-D, got {x.dim()}-D")
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("sparsekern::bsr_linear_grad_input")
     def _(grad_out, values, col_offsets, row_indices, block_perm, in_features):
+        _check_same_device(grad_out=grad_out, values=values, col_offsets=col_offsets, row_indices=row_indices,
+                           block_perm=block_perm)
         return grad_out.new_empty(grad_out.shape[0], in_features)
 
     @torch.library.register_fake("sparsekern::bsr_sddmm")
     def _(grad_out, x, values, row_offsets, col_indices):
+        _check_same_device(grad_out=grad_out, x=x, values=values, row_offsets=row_offsets, col_indices=col_indices)
         return torch.empty_like(values)
 
     @torch.library.register_fake("sparsekern::balanced_linear")
     def _(x, values, indices, bank, bias=None, activation="none"):
+        _check_same_device(x=x, values=values, indices=indices, bias=bias)
         return x.new_empty(x.shape[0], values.shape[0])
 
     @torch.library.register_fake("sparsekern::balanced_linear_grad_input")
     def _(grad_out, values, indices, bank, in_features):
+        _check_same_device(grad_out=grad_out, values=values, indices=indices)
         return grad_out.new_empty(grad_out.shape[0], in_features)
 
     @torch.library.register_fake("sparsekern::balanced_sddmm")
     def _(grad_out, x, indices, bank):
+        _check_same_device(grad_out=grad_out, x=x, indices=indices)
         return x.new_empty(indices.shape)
 
     def bsr_setup(ctx, inputs, output):

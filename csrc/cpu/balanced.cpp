@@ -68,8 +68,9 @@ BalGeom check_balanced(const at::Tensor& values, const at::Tensor& indices, int6
   TORCH_CHECK(indices.scalar_type() == at::kByte || indices.scalar_type() == at::kShort,
               "indices must be uint8 or int16, got ", indices.scalar_type());
   TORCH_CHECK(values.is_contiguous() && indices.is_contiguous(), "values and indices must be contiguous");
-  TORCH_CHECK(bank >= 1, "bank must be >= 1, got ", bank);
   TORCH_CHECK(in >= 1, "in_features must be >= 1, got ", in);
+  // bank > in would still pass as one ragged bank, but the kernels size scratch by bank (16 * bank overflows).
+  TORCH_CHECK(bank >= 1 && bank <= in, "bank must be in [1, in_features=", in, "], got ", bank);
   const BalGeom g{values.size(0), in, bank, values.size(1), values.size(2)};
   TORCH_CHECK(g.n_banks == (in + bank - 1) / bank, "values has ", g.n_banks, " banks, but ", in,
               " input features in banks of ", bank, " need ", (in + bank - 1) / bank);

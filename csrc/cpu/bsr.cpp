@@ -28,6 +28,13 @@ struct VStrides {
   int64_t blk, o, k;
 };
 
+// The kernels size scratch by the block (8 * bo accumulators): an empty `values` of a huge block shape would
+// overflow that size. A block never needs to exceed the matrix (an empty matrix takes a 1x1 block).
+void check_block_fits(int64_t bo, int64_t bi, int64_t out, int64_t in) {
+  TORCH_CHECK(bo <= std::max<int64_t>(out, 1) && bi <= std::max<int64_t>(in, 1), "block (", bo, ", ", bi,
+              ") must not exceed the matrix [", out, ", ", in, "]");
+}
+
 BsrGeom check_bsr(const at::Tensor& values, const at::Tensor& row_offsets, const at::Tensor& col_indices,
                   int64_t out, int64_t in) {
   TORCH_CHECK(values.dim() == 3, "values must have shape [nnz_blocks, block_rows, block_cols], got ",
@@ -36,6 +43,7 @@ BsrGeom check_bsr(const at::Tensor& values, const at::Tensor& row_offsets, const
   const int64_t bo = values.size(1), bi = values.size(2), nnz = values.size(0);
   TORCH_CHECK(bo >= 1 && bi >= 1, "block shape must be positive, got (", bo, ", ", bi, ")");
   TORCH_CHECK(out >= 0 && in >= 0, "matrix shape must be non-negative, got [", out, ", ", in, "]");
+  check_block_fits(bo, bi, out, in);
   TORCH_CHECK(nnz <= INT32_MAX, "at most 2^31-1 blocks are supported, got ", nnz);
   const int64_t n_brow = (out + bo - 1) / bo, n_bcol = (in + bi - 1) / bi;
   check_offsets(row_offsets, n_brow, nnz, "row_offsets");
@@ -236,6 +244,7 @@ at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& 
   const BsrGeom g{out, in_features, values.size(1), values.size(2), 0, 0, values.size(0)};
   TORCH_CHECK(g.bo >= 1 && g.bi >= 1, "block shape must be positive, got (", g.bo, ", ", g.bi, ")");
   TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
+  check_block_fits(g.bo, g.bi, out, in_features);
   const int64_t n_brow = (out + g.bo - 1) / g.bo, n_bcol = (in_features + g.bi - 1) / g.bi;
   check_offsets(col_offsets, n_bcol, g.nnz, "col_offsets");
   check_indices(row_indices, g.nnz, n_brow, "row_indices");

@@ -441,7 +441,8 @@ void sddmm_group_f32(const BsrSddmmArgs& a, const __mmask16* m, const __mmask16*
 #pragma GCC unroll 16
   for (int j = 0; j < KG; ++j)
 #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(dwk + j * a.bo + 16 * v, mb[v], acc[j][v]);
+    for (int v = 0; v < V; ++v)  // outputs past a ragged edge (lanes >= ob) get 0, not 0 * x (NaN for Inf x)
+      _mm512_mask_storeu_ps(dwk + j * a.bo + 16 * v, mb[v], _mm512_maskz_mov_ps(m[v], acc[j][v]));
 }
 
 // bfloat16: pairs of tokens. Per chunk of 2 * kSdPairs tokens, dy and x rows t, t+1 are interleaved once into
@@ -531,7 +532,8 @@ void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
         for (int64_t k = 0; k < a.bi; ++k)
 #pragma GCC unroll 16
           for (int v = 0; v < V; ++v) {
-            const __m512 s = k < ib && !first ? _mm512_load_ps(acc + k * kBsrFastMaxBlock + 16 * v) : _mm512_setzero_ps();
+            const __m512 s =
+                k < ib && !first ? _mm512_maskz_load_ps(m[v], acc + k * kBsrFastMaxBlock + 16 * v) : _mm512_setzero_ps();
             store_f32(dwb + k * a.bo + 16 * v, s, mb[v]);
           }
       } else {
