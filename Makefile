@@ -33,8 +33,10 @@ test: $(BUILT)
 demo: $(BUILT)
 	$(PY) -m sparse demo
 
+# `make bench BENCH_ARGS="--preset full"`; output (CSV, summary.md, plots) in bench-out/.
+BENCH_ARGS ?= --preset quick
 bench: $(BUILT)
-	$(PY) -m benchmarks.cpu_ops
+	$(PY) -m benchmarks $(BENCH_ARGS) --out bench-out
 
 clean:
 	rm -rf build dist *.egg-info sparse/_C*.so $(BUILT)

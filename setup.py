@@ -60,8 +60,8 @@ def _extension():
 
 
 setup(
-    packages=["sparse", "sparse.kernels"],
-    package_dir={"sparse": "sparse", "sparse.kernels": "kernels"},
+    packages=["sparse", "sparse.kernels", "sparse.benchmarks"],
+    package_dir={"sparse": "sparse", "sparse.kernels": "kernels", "sparse.benchmarks": "benchmarks"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
 )

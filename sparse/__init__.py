@@ -10,25 +10,28 @@ import os
 import sys
 
 
-def _map_source_kernels() -> None:
-    """In a source checkout the Triton kernels live in ``kernels/`` beside this package; installed, they are
-    ``sparse/kernels``. Map the former to ``sparse.kernels`` so both layouts import the same way, without ever
-    creating a top-level ``kernels`` module (that name belongs to another PyPI package)."""
+def _map_source_package(name: str) -> None:
+    """In a source checkout the Triton kernels and the benchmarks live in ``kernels/`` and ``benchmarks/`` beside
+    this package; installed, they are ``sparse/kernels`` and ``sparse/benchmarks``. Map the former to
+    ``sparse.<name>`` so both layouts import the same way, without ever creating a top-level ``kernels`` module
+    (that name belongs to another PyPI package)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    if os.path.isdir(os.path.join(here, "kernels")) or "sparse.kernels" in sys.modules:
+    full = f"sparse.{name}"
+    if os.path.isdir(os.path.join(here, name)) or full in sys.modules:
         return
-    src = os.path.join(os.path.dirname(here), "kernels")
+    src = os.path.join(os.path.dirname(here), name)
     init = os.path.join(src, "__init__.py")
     if not os.path.isfile(init):
         return
-    spec = importlib.util.spec_from_file_location("sparse.kernels", init, submodule_search_locations=[src])
+    spec = importlib.util.spec_from_file_location(full, init, submodule_search_locations=[src])
     module = importlib.util.module_from_spec(spec)
-    sys.modules["sparse.kernels"] = module
+    sys.modules[full] = module
     spec.loader.exec_module(module)
-    globals()["kernels"] = module
+    globals()[name] = module
 
 
-_map_source_kernels()
+_map_source_package("kernels")
+_map_source_package("benchmarks")
 
 from . import _ext, reference  # noqa: E402
 from .formats import BalancedSparseWeight, BlockSparseWeight  # noqa: E402

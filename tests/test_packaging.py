@@ -1,7 +1,8 @@
 """The Triton kernels are importable as sparse.kernels, and no top-level `kernels` module is shipped."""
 
-import importlib.util
 import os
+import subprocess
+import sys
 
 import sparse
 
@@ -16,7 +17,12 @@ def test_kernels_subpackage_is_ours():
     assert origin.startswith(os.path.join(here, "kernels")) or origin == os.path.join(os.path.dirname(here), "kernels", "__init__.py")
 
 
-def test_no_top_level_kernels_module_from_this_project():
-    spec = importlib.util.find_spec("kernels")
-    if spec is not None:  # another distribution's `kernels` may be installed; it must not be ours
-        assert not os.path.exists(os.path.join(os.path.dirname(spec.origin or ""), "bsr.py"))
+def test_no_top_level_kernels_module_from_this_project(tmp_path):
+    """Outside the checkout (which has kernels/ at its root), this install must not provide `kernels`."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = ("import importlib.util, sparse.kernels; s = importlib.util.find_spec('kernels'); "
+             "print('none' if s is None else s.origin)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    origin = out.stdout.strip()
+    # another distribution's `kernels` may be installed; it must not be ours
+    assert origin == "none" or not os.path.exists(os.path.join(os.path.dirname(origin), "bsr.py")), origin

@@ -8,7 +8,9 @@
 #include <vector>
 
 #include "../checks.h"
+#include "bsr_kernels.h"
 #include "epilogue.h"
+#include "isa.h"
 #include "parallel.h"
 
 namespace sparsekern::cpu {
@@ -61,6 +63,30 @@ at::Tensor check_x(const at::Tensor& x, const at::Tensor& values, int64_t in, co
 }
 
 VStrides vstrides(const at::Tensor& v) { return {v.stride(0), v.stride(1), v.stride(2)}; }
+
+// The vectorised kernels of bsr_kernels.h: float32 or bfloat16 values in the kernel layout (strides
+// (bo*bi, 1, bo), what BlockSparseWeight builds), blocks up to kBsrFastMaxBlock a side. Anything else, or a
+// CPU without AVX2+FMA, takes the portable kernels below.
+enum class FastPath { None, F32Avx512, Bf16Avx512, F32Avx2, Bf16Avx2 };
+
+FastPath fast_path(const at::Tensor& values) {
+#if defined(__x86_64__)
+  const Isa isa = active_isa();
+  const auto st = values.scalar_type();
+  if (isa == Isa::Portable || (st != at::kFloat && st != at::kBFloat16)) return FastPath::None;
+  const int64_t bo = values.size(1), bi = values.size(2);
+  if (bo > kBsrFastMaxBlock || bi > kBsrFastMaxBlock) return FastPath::None;
+  if ((values.size(0) > 1 && values.stride(0) != bo * bi) || (bo > 1 && values.stride(1) != 1) ||
+      (bi > 1 && values.stride(2) != bo))
+    return FastPath::None;
+  if (st == at::kFloat) return isa == Isa::Avx512 ? FastPath::F32Avx512 : FastPath::F32Avx2;
+  // AVX-512 without AVX512_BF16 (Skylake-X, Ice Lake) widens bf16 to float32 in the AVX2 kernels.
+  return isa == Isa::Avx512 && features().avx512bf16 ? FastPath::Bf16Avx512 : FastPath::Bf16Avx2;
+#else
+  (void)values;
+  return FastPath::None;
+#endif
+}
 
 template <typename scalar_t>
 void fwd_portable(const BsrGeom& g, const int32_t* ro, const int32_t* ci, const scalar_t* x, int64_t ldx,
@@ -173,8 +199,18 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, cons
   const int32_t* ro = row_offsets.data_ptr<int32_t>();
   const int32_t* ci = col_indices.data_ptr<int32_t>();
   const auto bounds = split_rows(ro, g.n_brow, T * g.bo * g.bi, T * g.bo, at::get_num_threads());
-
-
+#if defined(__x86_64__)
+  if (const FastPath fp = fast_path(values); fp != FastPath::None) {
+    const BsrFwdArgs a{g.out, g.in, g.bo, g.bi, T, ro, ci, x.data_ptr(), x.stride(0), values.data_ptr(),
+                       bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(), static_cast<int>(act)};
+    auto* kernel = fp == FastPath::F32Avx512  ? &bsr_fwd_f32_avx512
+                   : fp == FastPath::Bf16Avx512 ? &bsr_fwd_bf16_avx512
+                   : fp == FastPath::F32Avx2    ? &bsr_fwd_f32_avx2
+                                                : &bsr_fwd_bf16_avx2;
+    run_chunks(bounds, [&](int64_t r0, int64_t r1) { kernel(a, r0, r1); });
+    return y;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_linear_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = values.data_ptr<scalar_t>();
@@ -212,8 +248,18 @@ at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& 
   const int32_t* ri = row_indices.data_ptr<int32_t>();
   const int32_t* perm = block_perm.data_ptr<int32_t>();
   const auto bounds = split_rows(co, n_bcol, T * g.bo * g.bi, T * g.bi, at::get_num_threads());
-
-
+#if defined(__x86_64__)
+  if (const FastPath fp = fast_path(values); fp != FastPath::None) {
+    const BsrGradInputArgs a{out, in_features, g.bo, g.bi, T, co, ri, perm, dy.data_ptr(), dy.stride(0),
+                             values.data_ptr(), dx.data_ptr()};
+    auto* kernel = fp == FastPath::F32Avx512  ? &bsr_grad_input_f32_avx512
+                   : fp == FastPath::Bf16Avx512 ? &bsr_grad_input_bf16_avx512
+                   : fp == FastPath::F32Avx2    ? &bsr_grad_input_f32_avx2
+                                                : &bsr_grad_input_bf16_avx2;
+    run_chunks(bounds, [&](int64_t c0, int64_t c1) { kernel(a, c0, c1); });
+    return dx;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "bsr_linear_grad_input_cpu", [&] {
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     const scalar_t* wp = values.data_ptr<scalar_t>();
@@ -243,8 +289,18 @@ at::Tensor bsr_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const 
   const int32_t* ro = row_offsets.data_ptr<int32_t>();
   const int32_t* ci = col_indices.data_ptr<int32_t>();
   const auto bounds = split_rows(ro, g.n_brow, std::max<int64_t>(T, 1) * g.bo * g.bi, 0, at::get_num_threads());
-
-
+#if defined(__x86_64__)
+  if (const FastPath fp = fast_path(values); fp != FastPath::None) {
+    const BsrSddmmArgs a{g.out, g.in, g.bo, g.bi, T, ro, ci, dy.data_ptr(), dy.stride(0), x.data_ptr(),
+                         x.stride(0), dw.data_ptr()};
+    auto* kernel = fp == FastPath::F32Avx512  ? &bsr_sddmm_f32_avx512
+                   : fp == FastPath::Bf16Avx512 ? &bsr_sddmm_bf16_avx512
+                   : fp == FastPath::F32Avx2    ? &bsr_sddmm_f32_avx2
+                                                : &bsr_sddmm_bf16_avx2;
+    run_chunks(bounds, [&](int64_t r0, int64_t r1) { kernel(a, r0, r1); });
+    return dw;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_sddmm_cpu", [&] {
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();

@@ -1,0 +1,303 @@
+"""The markdown summary: one table per target of issues 3 (CPU kernels) and 6 (end-to-end), each line a measured
+ratio against its target with PASS/MISS. Everything is computed from harness rows, and every ratio compares two
+rows of the same case (timed together), never two runs.
+
+    python -m benchmarks.report bench-out/cpu_ops.csv [bench-out/e2e_bert.csv] --out bench-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .harness import read_csv
+
+Row = Dict[str, object]
+
+BERT_SHAPES = {"768x768", "3072x768", "768x3072"}
+
+
+def by_case(rows: Iterable[Row]) -> Dict[str, List[Row]]:
+    cases: Dict[str, List[Row]] = defaultdict(list)
+    for r in rows:
+        cases[str(r["case"])].append(r)
+    return cases
+
+
+def nominal(d: float, choices: Sequence[float], rel: float = 0.06) -> Optional[float]:
+    """The nominal density ``d`` was built for (block counts round it), or None if it is none of ``choices``."""
+    for c in choices:
+        if abs(d - c) <= rel * c:
+            return c
+    return None
+
+
+def _fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+class Table:
+    def __init__(self, title: str, note: str = "") -> None:
+        self.title, self.note = title, note
+        self.lines: List[Tuple[str, ...]] = []
+        self.passed = self.total = 0
+
+    def add(self, case: str, what: str, target: float, measured: float, extra: str = "") -> None:
+        ok = measured >= target
+        self.passed += ok
+        self.total += 1
+        self.lines.append((case, what, _fmt_ratio(target), _fmt_ratio(measured), extra, "PASS" if ok else "**MISS**"))
+
+    def markdown(self) -> str:
+        out = [f"### {self.title}", ""]
+        if self.note:
+            out += [self.note, ""]
+        if not self.lines:
+            return "\n".join(out + ["(no rows for this target in this run)", ""])
+        out += [f"{self.passed}/{self.total} PASS", ""]
+        out += ["| case | contender | target | measured | detail | status |", "|---|---|---|---|---|---|"]
+        out += ["| " + " | ".join(line) + " |" for line in self.lines]
+        return "\n".join(out + [""])
+
+
+NOISY = 2.0  # p90/p10 of a contender's samples above this: the machine was busy during the measurement
+
+
+def noise(*rows: Row) -> str:
+    """' (noisy: p90/p10 = x)' when any of ``rows`` has samples spread more than NOISY, else ''."""
+    spread = max(float(r["p90_s"]) / max(float(r["p10_s"]), 1e-12) for r in rows)
+    return f" (noisy: p90/p10 {spread:.1f})" if spread > NOISY else ""
+
+
+def _baseline_row(r: Row, rows: List[Row]) -> Row:
+    label = str(r["baseline"])
+    name = label[len("best_dense("):-1] if label.startswith("best_dense(") else label
+    return next((x for x in rows if x["backend"] == name), r)
+
+
+def _case_label(r: Row) -> str:
+    return f"{r['shape']} T={r['tokens']} {r['dtype']} {r['threads']}t {r['weights']}"
+
+
+def _ours(rows: List[Row], backend: str = "sparsekern") -> List[Row]:
+    return [r for r in rows if r["backend"] == backend]
+
+
+def _fwd_ratio_table(
+    cases: Dict[str, List[Row]], title: str, dtype: str, fmt: str, block: str, target: Callable[[float], Optional[float]],
+    densities: Sequence[float], min_tokens: int = 16,
+) -> Table:
+    t = Table(title, "ratio = best dense (F.linear or pre-packed oneDNN, same dtype, same case) / ours; 2 threads, hot weights")
+    for rows in cases.values():
+        for r in _ours(rows):
+            if (r["op"], r["dtype"], r["format"], r["block"], r["weights"]) != ("linear", dtype, fmt, block, "hot"):
+                continue
+            if r["threads"] != 2 or r["tokens"] < min_tokens or r["shape"] not in BERT_SHAPES:
+                continue
+            d = nominal(float(r["density"]), densities)
+            if d is None or target(d) is None:
+                continue
+            t.add(_case_label(r), f"{fmt} {block} d={float(r['density']):.3f}", target(d), float(r["ratio"]),
+                  str(r["baseline"]) + noise(r, _baseline_row(r, rows)))
+    return t
+
+
+def issue3_tables(rows: List[Row]) -> List[Table]:
+    cases = by_case(r for r in rows if r["bench"] == "cpu_ops")
+    tables = []
+    tables.append(_fwd_ratio_table(
+        cases, "Block 32x32 fp32 forward: >= 0.9/d at d=0.5/0.25/0.1, >= 0.75/d at d=0.05, >= 0.9 at d=1",
+        "float32", "bsr", "32x32",
+        lambda d: 0.9 if d == 1.0 else (0.75 / d if d == 0.05 else 0.9 / d), [1.0, 0.5, 0.25, 0.1, 0.05],
+    ))
+    tables.append(_fwd_ratio_table(
+        cases, "Block 16x16 fp32 forward: >= 0.75/d at d=0.5/0.25/0.1", "float32", "bsr", "16x16",
+        lambda d: 0.75 / d, [0.5, 0.25, 0.1],
+    ))
+    bal = Table("Balanced bank 32, keep 16/8/4, fp32 forward: >= 1.5x / 3x / 6x",
+                "ratio = best dense fp32 / ours; 2 threads, hot weights")
+    for rows in cases.values():
+        for r in _ours(rows):
+            if (r["op"], r["dtype"], r["format"], r["weights"], r["threads"]) != ("linear", "float32", "balanced", "hot", 2):
+                continue
+            target = {"bank32/keep16": 1.5, "bank32/keep8": 3.0, "bank32/keep4": 6.0}.get(str(r["block"]))
+            if target is None or r["tokens"] < 16 or r["shape"] not in BERT_SHAPES:
+                continue
+            bal.add(_case_label(r), f"balanced {r['block']}", target, float(r["ratio"]),
+                    str(r["baseline"]) + noise(r, _baseline_row(r, rows)))
+    tables.append(bal)
+    tables.append(_fwd_ratio_table(
+        cases, "bf16 block 32x32 forward: >= 0.8/d against the best dense bf16", "bfloat16", "bsr", "32x32",
+        lambda d: 0.8 / d, [1.0, 0.5, 0.25, 0.1, 0.05],
+    ))
+
+    cold = Table("Batch-1 decode, cold weights: >= 0.8 x (dense bytes / sparse bytes) against the best dense",
+                 "weights cycled through copies totalling 2x the last-level cache; bytes include every index array")
+    for rows in cases.values():
+        dense = [r for r in rows if r["format"] == "dense"]
+        for r in _ours(rows):
+            if r["op"] != "linear" or r["weights"] != "cold" or not dense:
+                continue
+            byte_ratio = float(dense[0]["weight_bytes"]) / float(r["weight_bytes"])
+            cold.add(_case_label(r), f"{r['format']} {r['block']} d={float(r['density']):.3f}", 0.8 * byte_ratio,
+                     float(r["ratio"]), f"bytes ratio {byte_ratio:.2f}" + noise(r, _baseline_row(r, rows)))
+    tables.append(cold)
+
+    grads = Table("Input and weight gradient, block 32x32, T=512: >= 0.75/d against dense dY@W and dY^T@X",
+                  "ratio = best dense equivalent (torch.mm / pre-packed oneDNN) / ours")
+    for rows in cases.values():
+        for r in _ours(rows):
+            if r["op"] not in ("grad_input", "sddmm") or r["block"] != "32x32" or r["tokens"] != 512:
+                continue
+            d = float(r["density"])
+            grads.add(_case_label(r), f"{r['op']} d={d:.3f}", 0.75 / d, float(r["ratio"]),
+                      str(r["baseline"]) + noise(r, _baseline_row(r, rows)))
+    tables.append(grads)
+
+    ts = Table("Against torch.sparse (best of CSR and BSR, fast call form, same nonzeros), fp32: >= 5x",
+               "ratio = min(torch.sparse CSR, BSR) time / ours, same case")
+    for rows in cases.values():
+        for r in _ours(rows):
+            if r["op"] != "linear" or r["dtype"] != "float32" or r["format"] != "bsr":
+                continue
+            rivals = [x for x in rows if x["backend"] == "torch.sparse" and x["density"] == r["density"]
+                      and x["block"] in ("", r["block"]) and x["threads"] == r["threads"]]
+            if not rivals:
+                continue
+            best = min(rivals, key=lambda x: float(x["median_s"]))
+            ts.add(_case_label(r), f"bsr {r['block']} d={float(r['density']):.3f}", 5.0,
+                   float(best["median_s"]) / float(r["median_s"]), f"vs {best['format']}" + noise(r, best))
+    tables.append(ts)
+
+    sc = Table("Thread scaling 1 -> 2 threads at T >= 16: parallel efficiency >= 90%",
+               "efficiency = t(1 thread) / (2 x t(2 threads)), both timed in the same case; shown as a fraction")
+    for rows in cases.values():
+        for one in _ours(rows):
+            if one["threads"] != 1 or one["tokens"] < 16:
+                continue
+            two = [r for r in _ours(rows) if r["threads"] == 2 and r["format"] == one["format"]
+                   and r["block"] == one["block"] and r["density"] == one["density"]]
+            if not two:
+                continue
+            eff = float(one["median_s"]) / (2.0 * float(two[0]["median_s"]))
+            sc.add(_case_label(two[0]), f"{one['format']} {one['block']} d={float(one['density']):.3f}", 0.9, eff,
+                   noise(one, two[0]).strip())
+    tables.append(sc)
+    return tables
+
+
+def issue6_tables(rows: List[Row]) -> List[Table]:
+    cases = by_case(r for r in rows if r["bench"] == "e2e_bert")
+    fwd = Table("BERT-base, 90% block-32 linears, batch 8, seq 128, forward: >= 6x dense eager fp32, >= 3.5x best dense",
+                "best dense = fastest of eager fp32, eager bf16, torch.compile (same case)")
+    train = Table("BERT-base training step (forward+backward), 90% block-32, batch 8: >= 3x dense eager fp32")
+    for rows in cases.values():
+        dense = {str(r["backend"]): r for r in rows if r["format"] == "dense"}
+        eager = dense.get("eager_fp32")
+        for r in rows:
+            if r["format"] != "bsr" or r["block"] != "32x32" or nominal(float(r["density"]), [0.1]) is None:
+                continue
+            if r["tokens"] != 8 * 128 or eager is None:
+                continue
+            vs_eager = float(eager["median_s"]) / float(r["median_s"])
+            if r["op"] == "bert_forward":
+                best = min(dense.values(), key=lambda x: float(x["median_s"]))
+                fwd.add(_case_label(r), f"{r['backend']} bsr 32x32 90% vs eager fp32", 6.0, vs_eager, noise(r, eager).strip())
+                fwd.add(_case_label(r), f"{r['backend']} bsr 32x32 90% vs best dense", 3.5,
+                        float(best["median_s"]) / float(r["median_s"]), f"best: {best['backend']}" + noise(r, best))
+            elif r["op"] == "bert_train_step":
+                train.add(_case_label(r), f"{r['backend']} bsr 32x32 90% vs eager fp32", 3.0, vs_eager,
+                          noise(r, eager).strip())
+    return [fwd, train]
+
+
+def e2e_table(rows: List[Row]) -> str:
+    """Every end-to-end row: time and speedup over eager fp32 in the same case."""
+    e2e = [r for r in rows if r["bench"] == "e2e_bert"]
+    if not e2e:
+        return ""
+    out = ["### End-to-end BERT-base (all rows)", "", "| op | tokens | contender | dtype | median ms | vs eager fp32 |",
+           "|---|---|---|---|---|---|"]
+    for case_rows in by_case(e2e).values():
+        eager = next((r for r in case_rows if r["backend"] == "eager_fp32"), None)
+        for r in case_rows:
+            what = str(r["backend"]) if r["format"] == "dense" else (
+                f"{r['backend']} {r['format']} {r['block']} s={float(r['sparsity']):.2f}")
+            sp = f"{float(eager['median_s']) / float(r['median_s']):.2f}x" if eager else ""
+            out.append(f"| {r['op']} | {r['tokens']} | {what} | {r['dtype']} | {1e3 * float(r['median_s']):.1f} | {sp} |")
+    return "\n".join(out + [""])
+
+
+def other_table(rows: List[Row]) -> str:
+    """Rows of benchmarks without targets here (e.g. the GPU ones): time and ratio against their own baseline."""
+    other = [r for r in rows if r["bench"] not in ("cpu_ops", "e2e_bert")]
+    if not other:
+        return ""
+    out = ["## Other benchmarks", "", "| bench | op | backend | format | block | dtype | shape | tokens | sparsity | "
+           "median ms | baseline | ratio | ideal |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in other:
+        out.append(f"| {r['bench']} | {r['op']} | {r['backend']} | {r['format']} | {r['block']} | {r['dtype']} | "
+                   f"{r['shape']} | {r['tokens']} | {float(r['sparsity']):.2f} | {1e3 * float(r['median_s']):.3f} | "
+                   f"{r['baseline']} | {float(r['ratio']):.2f}x | {float(r['ideal_ratio']):.1f}x |")
+    return "\n".join(out + [""])
+
+
+def machine_line(rows: List[Row]) -> str:
+    if not rows:
+        return ""
+    r = rows[0]
+    return (f"Machine: {r['machine']} ({r['cpu_features']}; sparsekern ISA {r['isa']}), torch {r['torch']}, "
+            f"triton {r['triton'] or '-'}, CUDA {r['cuda'] or '-'}, git {r['git_rev']}.")
+
+
+def summary_markdown(rows: List[Row], skipped: Sequence[str] = ()) -> str:
+    parts = ["# sparsekern benchmark summary", "", machine_line(rows), "",
+             f"Ratios compare rows timed together in one case (interleaved medians). A detail marked noisy had its "
+             f"samples spread by more than {NOISY:.0f}x (p90/p10): the machine was busy; rerun before trusting it.", ""]
+    t3 = issue3_tables(rows) if any(r["bench"] == "cpu_ops" for r in rows) else []
+    t6 = issue6_tables(rows) if any(r["bench"] == "e2e_bert" for r in rows) else []
+    if t3:
+        parts += ["## CPU kernel targets (issue 3)", ""] + [t.markdown() for t in t3]
+    if t6:
+        parts += ["## End-to-end targets (issue 6)", ""] + [t.markdown() for t in t6] + [e2e_table(rows)]
+    parts.append(other_table(rows))
+    if skipped:
+        parts += ["## Contenders that could not run", ""] + [f"- {s}" for s in skipped] + [""]
+    return "\n".join(parts)
+
+
+def write_report(rows: List[Row], out_dir: str, skipped: Sequence[str] = (), plots: bool = True) -> List[str]:
+    """Writes ``summary.md`` and the plots; returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "summary.md")
+    with open(path, "w") as f:
+        f.write(summary_markdown(rows, skipped))
+    paths = [path]
+    if plots:
+        try:
+            from .plots import write_plots
+        except ImportError as exc:  # e.g. a GPU machine without matplotlib: the CSV and summary still stand
+            print(f"plots left out: {exc}", file=sys.stderr)
+        else:
+            paths += write_plots(rows, out_dir)
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks.report", description="summary.md and plots from harness CSVs")
+    ap.add_argument("csv", nargs="+")
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args(argv)
+    rows: List[Row] = []
+    for p in args.csv:
+        rows += read_csv(p)
+    for p in write_report(rows, args.out):
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""``python -m benchmarks`` / ``python -m sparse bench`` / ``make bench``: the CPU op benchmark and the end-to-end
+BERT benchmark, one summary over both.
+
+    python -m benchmarks                                  # --preset quick --suite ops,e2e --out bench-out
+    python -m benchmarks --preset full --suite ops        # the long op grid only
+    python -m benchmarks --report bench-out/*.csv         # summary and plots again from CSVs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence
+
+SUITES = ("ops", "e2e")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=("quick", "full", "tiny"), default="quick",
+                    help="quick: issue-3 target grid on BERT-base shapes (~3-5 min on 2 cores) + BERT batch 8 at 90%%; "
+                    "full: every shape preset, op, format and thread count; tiny: seconds, for smoke tests")
+    ap.add_argument("--suite", default="ops,e2e", help=f"comma list of {SUITES}")
+    ap.add_argument("--out", default="bench-out", help="output folder (default: bench-out/)")
+    ap.add_argument("--no-compile", action="store_true", help="e2e: leave out torch.compile")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--report", nargs="+", metavar="CSV", help="only rebuild summary.md and plots from these CSVs")
+    args = ap.parse_args(argv)
+
+    from .report import write_report
+
+    if args.report:
+        from .harness import read_csv
+
+        rows = []
+        for path in args.report:
+            try:
+                rows += read_csv(path)
+            except ValueError as exc:  # e.g. a GPU benchmark with its own columns: summarise the others
+                print(f"left out of the summary: {exc}", file=sys.stderr)
+        for path in write_report(rows, args.out):
+            print(f"wrote {path}")
+        return 0
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    bad = [s for s in suites if s not in SUITES]
+    if bad or not suites:
+        ap.error(f"--suite: {bad or suites} not in {SUITES}")
+    os.makedirs(args.out, exist_ok=True)
+    rows: List[dict] = []
+    skipped: List[str] = []
+    written = []
+    if "ops" in suites:
+        from . import cpu_ops
+
+        r, s = cpu_ops.run(cpu_ops.PRESETS[args.preset], args.out, progress=not args.no_progress)
+        rows, skipped, written = rows + r, skipped + s, written + [os.path.join(args.out, "cpu_ops.csv")]
+    if "e2e" in suites:
+        from dataclasses import replace
+
+        from . import e2e_bert
+
+        p = e2e_bert.PRESETS[args.preset]
+        r, s = e2e_bert.run(replace(p, compile=False) if args.no_compile else p, args.out, progress=not args.no_progress)
+        rows, skipped = rows + r, skipped + s
+        written += [os.path.join(args.out, "e2e_bert.csv"), os.path.join(args.out, "e2e_profile.md")]
+    written += write_report(rows, args.out, skipped=skipped)
+    print("\n".join(f"wrote {p}" for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+// AVX2 + FMA block-sparse kernels, float32 and bfloat16 (widened to float32 on load, float32 accumulation).
+// Compiled for AVX2 by the pragma below while the rest of the extension stays baseline x86-64; bsr.cpp calls
+// these only when the running CPU has AVX2 and FMA. No torch/STL headers, every helper has internal linkage
+// (see bsr_avx512.cpp). Same schemes as the AVX-512 kernels with 16 ymm registers: outputs are walked in
+// chunks of 16 (2 ymm) with tiles of 6 tokens (12 accumulators + 2 W vectors + 1 broadcast).
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma")
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "bsr_kernels.h"
+#include "epilogue.h"
+
+namespace sparsekern::cpu {
+namespace {
+
+template <int N>
+struct Int {
+  static constexpr int value = N;
+};
+
+// Calls f(Int<n>{}) for a run-time n in [1, N].
+template <int N, typename F>
+inline void dispatch_upto(int64_t n, const F& f) {
+  if constexpr (N >= 1) {
+    if (n == N) {
+      f(Int<N>{});
+    } else {
+      dispatch_upto<N - 1>(n, f);
+    }
+  }
+}
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline __m256i lane_mask(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n < 0 ? 0 : n > 8 ? 8 : n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 lanes from p, lanes >= n zero (never read past lane n).
+inline __m256 load8(const float* p, int64_t n) {
+  return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lane_mask(n));
+}
+inline __m256 load8(const uint16_t* p, int64_t n) {
+  __m128i h;
+  if (n >= 8) {
+    h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else {
+    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (n > 0) std::memcpy(tmp, p, size_t(n) * sizeof(uint16_t));
+    h = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+  }
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
+
+inline void store8(float* p, __m256 v, int64_t n) {
+  if (n >= 8) {
+    _mm256_storeu_ps(p, v);
+  } else if (n > 0) {
+    _mm256_maskstore_ps(p, lane_mask(n), v);
+  }
+}
+// Round to nearest even, NaN kept quiet: the vector form of float_to_bf16.
+inline void store8(uint16_t* p, __m256 v, int64_t n) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  const __m128i h = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+  if (n >= 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  } else if (n > 0) {
+    alignas(16) uint16_t tmp[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), h);
+    std::memcpy(p, tmp, size_t(n) * sizeof(uint16_t));
+  }
+}
+
+// + bias, activation, store of lanes < n. relu keeps NaN (max(0, v) returns v when v is NaN).
+template <typename E>
+inline void finish(__m256 v, const E* bias, Act act, E* dst, int64_t n) {
+  if (bias) v = _mm256_add_ps(v, load8(bias, n));
+  if (act == Act::Relu) {
+    v = _mm256_max_ps(_mm256_setzero_ps(), v);
+  } else if (act != Act::None) {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int i = 0; i < 8; ++i) tmp[i] = apply_act(tmp[i], act);
+    v = _mm256_load_ps(tmp);
+  }
+  store8(dst, v, n);
+}
+
+// ---------------------------------------------------------------- forward
+// Block row r, outputs [oc, oc + nv) of it (nv <= 8 V), tokens [t0, t0 + TT).
+template <typename E, int V, int TT>
+void fwd_tile(const BsrFwdArgs& a, int64_t r, int64_t oc, int64_t nv, int64_t t0) {
+  const E* x = static_cast<const E*>(a.x) + t0 * a.ldx;
+  const E* w = static_cast<const E*>(a.w) + oc;
+  const int64_t bo = a.bo, ldx = a.ldx, blk = a.bo * a.bi;
+  __m256 acc[TT][V];
+#pragma GCC unroll 12
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) acc[t][v] = _mm256_setzero_ps();
+  const int64_t pend = a.row_offsets[r + 1];
+  for (int64_t p = a.row_offsets[r]; p < pend; ++p) {
+    const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
+    const E* wk = w + p * blk;
+    const E* xk = x + i0;
+    if (p + 1 < pend) {  // the next block's X lines: scattered columns are invisible to the hardware prefetchers
+      const char* xn = reinterpret_cast<const char*>(x + int64_t(a.col_indices[p + 1]) * a.bi);
+#pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t)
+        for (int64_t l = 0; l < a.bi * int64_t(sizeof(E)); l += 64)
+          _mm_prefetch(xn + t * ldx * int64_t(sizeof(E)) + l, _MM_HINT_T0);
+    }
+    for (int64_t k = 0; k < ib; ++k, wk += bo, ++xk) {
+      if constexpr (TT <= 2) {  // streaming W for one or two tokens: fetch it ahead (see bsr_avx512.cpp)
+        for (int64_t l = 0; l < 8 * V * int64_t(sizeof(E)); l += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(wk) + 16384 + l, _MM_HINT_T0);
+      }
+      __m256 wv[V];
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) wv[v] = load8(wk + 8 * v, nv - 8 * v);
+#pragma GCC unroll 12
+      for (int t = 0; t < TT; ++t) {
+        const __m256 xv = _mm256_set1_ps(load1(xk + t * ldx));
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) acc[t][v] = _mm256_fmadd_ps(wv[v], xv, acc[t][v]);
+      }
+    }
+  }
+  const int64_t o0 = r * bo + oc;
+  const E* bias = a.bias ? static_cast<const E*>(a.bias) + o0 : nullptr;
+  E* y = static_cast<E*>(a.y) + t0 * a.out + o0;
+  const Act act = static_cast<Act>(a.act);
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) finish<E>(acc[t][v], bias ? bias + 8 * v : nullptr, act, y + t * a.out + 8 * v, nv - 8 * v);
+}
+
+// Row panels whose W fits in half the L2, walked per token tile (see bsr_avx512.cpp).
+constexpr int64_t kPanelBytes = 512 * 1024;
+
+template <typename E, int V>
+void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
+  constexpr int TT = V == 1 ? 8 : 6;
+  const int64_t row_bytes = a.bo * a.bi * int64_t(sizeof(E));
+  for (int64_t p0 = r0, p1; p0 < r1; p0 = p1) {
+    p1 = p0 + 1;
+    while (p1 < r1 && int64_t(a.row_offsets[p1 + 1] - a.row_offsets[p0]) * row_bytes <= kPanelBytes) ++p1;
+    int64_t t0 = 0;
+    auto tiles = [&](auto tt) {
+      for (int64_t r = p0; r < p1; ++r) {
+        const int64_t ob = min64(a.bo, a.out - r * a.bo);
+        for (int64_t oc = 0; oc < ob; oc += 8 * V) fwd_tile<E, V, decltype(tt)::value>(a, r, oc, min64(8 * V, ob - oc), t0);
+      }
+    };
+    for (; t0 + TT <= a.T; t0 += TT) tiles(Int<TT>{});
+    if (t0 < a.T) dispatch_upto<TT - 1>(a.T - t0, tiles);
+  }
+}
+
+template <typename E>
+void fwd_dispatch(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
+  if (a.bo <= 8) {
+    fwd_rows<E, 1>(a, r0, r1);
+  } else {
+    fwd_rows<E, 2>(a, r0, r1);
+  }
+}
+
+// ---------------------------------------------------------------- grad_input
+// As in bsr_avx512.cpp: each block is transposed (and widened to float32) once per chunk of tokens into an L1
+// buffer with k contiguous; partial sums over the blocks of a column live in an fp32 buffer.
+constexpr int64_t kGiChunk = 128;
+constexpr int kGiTile = 6;
+constexpr int64_t kLd = kBsrFastMaxBlock;
+
+template <typename E, int TT>
+void gi_tile(const BsrGradInputArgs& a, const float* wt, int64_t ob, int64_t o0, int64_t t0, float* accb, bool first) {
+  const E* dy = static_cast<const E*>(a.dy) + t0 * a.lddy + o0;
+  __m256 acc[TT][2];
+#pragma GCC unroll 6
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 2
+    for (int v = 0; v < 2; ++v) acc[t][v] = first ? _mm256_setzero_ps() : _mm256_load_ps(accb + t * kLd + 8 * v);
+  for (int64_t o = 0; o < ob; ++o) {
+    const __m256 w0 = _mm256_load_ps(wt + o * kLd), w1 = _mm256_load_ps(wt + o * kLd + 8);
+#pragma GCC unroll 6
+    for (int t = 0; t < TT; ++t) {
+      const __m256 g = _mm256_set1_ps(load1(dy + t * a.lddy + o));
+      acc[t][0] = _mm256_fmadd_ps(w0, g, acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(w1, g, acc[t][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 2
+    for (int v = 0; v < 2; ++v) _mm256_store_ps(accb + t * kLd + 8 * v, acc[t][v]);
+}
+
+template <typename E>
+void gi_cols(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
+  alignas(32) float accb[kGiChunk * kLd];
+  alignas(32) float wt[kBsrFastMaxBlock * kLd];
+  const E* w = static_cast<const E*>(a.w);
+  const int64_t blk = a.bo * a.bi;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t i0 = c * a.bi, ib = min64(a.bi, a.in - i0);
+    const int64_t kw = (ib + 15) / 16 * 16;  // features handled, in chunks of 16
+    for (int64_t tc = 0; tc < a.T; tc += kGiChunk) {
+      const int64_t tn = min64(kGiChunk, a.T - tc);
+      bool first = true;
+      for (int64_t q = a.col_offsets[c]; q < a.col_offsets[c + 1]; ++q) {
+        const E* wb = w + int64_t(a.block_perm[q]) * blk;
+        const int64_t o0 = int64_t(a.row_indices[q]) * a.bo, ob = min64(a.bo, a.out - o0);
+        for (int64_t o = 0; o < ob; ++o)
+          for (int64_t k = 0; k < kw; ++k) wt[o * kLd + k] = k < ib ? load1(wb + k * a.bo + o) : 0.0f;
+        for (int64_t kc = 0; kc < kw; kc += 16) {
+          int64_t t = 0;
+          auto tile = [&](auto tt) {
+            gi_tile<E, decltype(tt)::value>(a, wt + kc, ob, o0, tc + t, accb + t * kLd + kc, first);
+          };
+          for (; t + kGiTile <= tn; t += kGiTile) tile(Int<kGiTile>{});
+          if (t < tn) dispatch_upto<kGiTile - 1>(tn - t, tile);
+        }
+        first = false;
+      }
+      E* dx = static_cast<E*>(a.dx) + tc * a.in + i0;
+      for (int64_t t = 0; t < tn; ++t)
+        for (int64_t k = 0; k < ib; k += 8) {
+          const __m256 s = first ? _mm256_setzero_ps() : _mm256_load_ps(accb + t * kLd + k);
+          store8(dx + t * a.in + k, s, ib - k);
+        }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- sddmm
+// dW[k][o] = sum_t x[t, k] dy[t, o]: vectorised over 16 outputs, KG features at a time, over all tokens.
+constexpr int kSdGroup = 6;
+
+template <typename E, int KG>
+void sddmm_group(const BsrSddmmArgs& a, int64_t o0, int64_t nv, int64_t xk0, float* acck) {
+  const E* dy = static_cast<const E*>(a.dy) + o0;
+  const E* x = static_cast<const E*>(a.x) + xk0;
+  __m256 acc[KG][2];
+#pragma GCC unroll 6
+  for (int j = 0; j < KG; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < a.T; ++t, dy += a.lddy, x += a.ldx) {
+    const __m256 g0 = load8(dy, nv), g1 = load8(dy + 8, nv - 8);
+#pragma GCC unroll 6
+    for (int j = 0; j < KG; ++j) {
+      const __m256 xv = _mm256_set1_ps(load1(x + j));
+      acc[j][0] = _mm256_fmadd_ps(g0, xv, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(g1, xv, acc[j][1]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < KG; ++j) {
+    _mm256_store_ps(acck + j * kLd, acc[j][0]);
+    _mm256_store_ps(acck + j * kLd + 8, acc[j][1]);
+  }
+}
+
+template <typename E>
+void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  alignas(32) float acc[kBsrFastMaxBlock * kLd];  // [k][o] of one block
+  E* dw = static_cast<E*>(a.dw);
+  const int64_t blk = a.bo * a.bi;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o0 = r * a.bo, ob = min64(a.bo, a.out - o0);
+    for (int64_t p = a.row_offsets[r]; p < a.row_offsets[r + 1]; ++p) {
+      const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
+      for (int64_t oc = 0; oc < ob; oc += 16) {
+        for (int64_t kg = 0; kg < ib; kg += kSdGroup) {
+          dispatch_upto<kSdGroup>(min64(kSdGroup, ib - kg), [&](auto kk) {
+            sddmm_group<E, decltype(kk)::value>(a, o0 + oc, ob - oc, i0 + kg, acc + kg * kLd + oc);
+          });
+        }
+      }
+      // Entries of a ragged edge block outside the matrix get an exact zero gradient.
+      E* dwb = dw + p * blk;
+      for (int64_t k = 0; k < a.bi; ++k)
+        for (int64_t o = 0; o < a.bo; o += 8) {
+          const __m256 s = k < ib ? _mm256_and_ps(_mm256_load_ps(acc + k * kLd + o),
+                                                  _mm256_castsi256_ps(lane_mask(ob - o)))
+                                  : _mm256_setzero_ps();
+          store8(dwb + k * a.bo + o, s, a.bo - o);
+        }
+    }
+  }
+}
+
+}  // namespace
+
+void bsr_fwd_f32_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1) { fwd_dispatch<float>(a, r0, r1); }
+void bsr_fwd_bf16_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1) { fwd_dispatch<uint16_t>(a, r0, r1); }
+void bsr_grad_input_f32_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1) { gi_cols<float>(a, c0, c1); }
+void bsr_grad_input_bf16_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1) { gi_cols<uint16_t>(a, c0, c1); }
+void bsr_sddmm_f32_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1) { sddmm_rows<float>(a, r0, r1); }
+void bsr_sddmm_bf16_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1) { sddmm_rows<uint16_t>(a, r0, r1); }
+
+}  // namespace sparsekern::cpu
+
+#endif  // __x86_64__

@@ -1,0 +1,573 @@
+// AVX-512 block-sparse kernels (float32 with FMA, bfloat16 with AVX512_BF16 vdpbf16ps, float32 accumulation).
+// Compiled for AVX-512 by the pragma below while the rest of the extension stays baseline x86-64; bsr.cpp calls
+// these only when the running CPU has the features. No torch/STL headers here, every helper has internal
+// linkage: an inline function compiled for AVX-512 must never be merged with the portable copy of it.
+//
+// Forward (float32): per block row and tile of TT tokens, TT x V zmm accumulators (V = ceil(bo/16)) stay in
+// registers over every kept block of the row; per input feature k the bo-wide column of W (contiguous in the
+// kernel layout) is loaded once and X[t, k] is broadcast from X in place. Y is written once, with bias and
+// activation. Tiles of <= 8 tokens: with in = 3072 the X rows are 12 KiB apart and 16 of them alias in L1.
+// bfloat16: the same, over pairs of input features: two W columns are interleaved in registers (vpermt2w) into
+// (w[k][o], w[k+1][o]) pairs and multiplied with the broadcast pair (x[t][k], x[t][k+1]) by vdpbf16ps.
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+// GCC 12 flags the deliberately undefined vector inside its own masked-load intrinsics (avx512fintrin.h).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "bsr_kernels.h"
+#include "epilogue.h"
+
+namespace sparsekern::cpu {
+namespace {
+
+template <bool B, typename T, typename F>
+struct Cond {
+  using type = T;
+};
+template <typename T, typename F>
+struct Cond<false, T, F> {
+  using type = F;
+};
+
+template <int N>
+struct Int {
+  static constexpr int value = N;
+};
+
+// Calls f(Int<n>{}) for a run-time n in [1, N].
+template <int N, typename F>
+inline void dispatch_upto(int64_t n, const F& f) {
+  if constexpr (N >= 1) {
+    if (n == N) {
+      f(Int<N>{});
+    } else {
+      dispatch_upto<N - 1>(n, f);
+    }
+  }
+}
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+inline __mmask32 mask32(int64_t n) {
+  return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1u);
+}
+
+// Index vectors for vpermt2w: interleave the 16-bit lanes of a (row k) and b (row k+1) into 32-bit pairs;
+// kPairLo covers lanes 0..15, kPairHi lanes 16..31.
+alignas(64) const uint16_t kPairLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                          8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+alignas(64) const uint16_t kPairHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                          24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
+inline __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_f32(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store_f32(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store_f32(uint16_t* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Output stage of one 16-wide vector: + bias, activation, masked store. relu keeps NaN (max(0, v) returns v
+// when v is NaN); the transcendental activations go through the scalar apply_act shared with the portable path.
+template <typename E>
+__attribute__((always_inline)) inline void finish(__m512 v, const E* bias, Act act, E* dst, __mmask16 m) {
+  if (bias) v = _mm512_add_ps(v, load_f32(bias, m));
+  if (act == Act::Relu) {
+    v = _mm512_max_ps(_mm512_setzero_ps(), v);
+  } else if (act != Act::None) {
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, v);
+    for (int i = 0; i < 16; ++i) tmp[i] = apply_act(tmp[i], act);
+    v = _mm512_load_ps(tmp);
+  }
+  store_f32(dst, v, m);
+}
+
+// ---------------------------------------------------------------- forward
+// Always inlined: a call taking the accumulator array by reference would keep it in memory (stored every k).
+template <typename E, int V, int TT>
+__attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m512 (&acc)[TT][V], int64_t r, const __mmask16* m, int64_t t0) {
+  const int64_t o0 = r * a.bo;
+  const E* bias = a.bias ? static_cast<const E*>(a.bias) + o0 : nullptr;
+  E* y = static_cast<E*>(a.y) + t0 * a.out + o0;
+  const Act act = static_cast<Act>(a.act);
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) finish<E>(acc[t][v], bias ? bias + 16 * v : nullptr, act, y + t * a.out + 16 * v, m[v]);
+}
+
+// The X lines of the next kept block (of this row, or of the next tile once at the row's last block): block columns are scattered, so the hardware prefetchers do
+// not see them coming, and with T in the hundreds X lives in L3.
+template <int TT, typename E>
+__attribute__((always_inline)) inline void prefetch_x(const E* xb, int64_t ldx, int64_t bytes) {
+  const char* c = reinterpret_cast<const char*>(xb);
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t)
+    for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(c + t * ldx * int64_t(sizeof(E)) + l, _MM_HINT_T0);
+}
+
+// When W is streamed from L3 or memory (the first token tile of a panel; every tile with one or two tokens, as
+// in batch-1 decode with cold weights) the hardware prefetchers ramp up too slowly, so W is fetched kWLead bytes
+// ahead (the row's blocks, then the next row's, are contiguous), about one memory latency of consumption.
+constexpr int64_t kWLead = 16384;
+
+template <typename E>
+__attribute__((always_inline)) inline void prefetch_w(const E* wk, int64_t bytes) {
+  const char* c = reinterpret_cast<const char*>(wk) + kWLead;
+  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(c + l, _MM_HINT_T0);
+}
+
+template <int V, int TT>
+void fwd_tile_f32(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t0, const void* xnext) {
+  const float* x = static_cast<const float*>(a.x) + t0 * a.ldx;
+  const float* w = static_cast<const float*>(a.w);
+  const int64_t bo = a.bo, ldx = a.ldx, blk = a.bo * a.bi;
+  __m512 acc[TT][V];
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
+  const int64_t pend = a.row_offsets[r + 1];
+  // W comes from L3 or memory in the first token tile of a panel (t0 = 0) and always for one or two tokens.
+  const bool stream_w = TT <= 2 || t0 == 0;
+  for (int64_t p = a.row_offsets[r]; p < pend; ++p) {
+    const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
+    const float* wk = w + p * blk;
+    const float* xk = x + i0;
+    const float* xn = p + 1 < pend ? x + int64_t(a.col_indices[p + 1]) * a.bi : static_cast<const float*>(xnext);
+    if (xn) prefetch_x<TT>(xn, ldx, a.bi * 4);
+    for (int64_t k = 0; k < ib; ++k, wk += bo, ++xk) {
+      if (stream_w) prefetch_w(wk, bo * 4);
+      __m512 wv[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) wv[v] = _mm512_maskz_loadu_ps(m[v], wk + 16 * v);
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) {
+        const __m512 xv = _mm512_set1_ps(xk[t * ldx]);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[t][v] = _mm512_fmadd_ps(wv[v], xv, acc[t][v]);
+      }
+    }
+  }
+  fwd_epilogue<float, V, TT>(a, acc, r, m, t0);
+}
+
+inline uint32_t load_pair(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int V, int TT>
+void fwd_tile_bf16(const BsrFwdArgs& a, int64_t r, const __mmask16* m, int64_t t0, const void* xnext) {
+  constexpr int U = (V + 1) / 2;  // 32-lane row loads per W column
+  const uint16_t* x = static_cast<const uint16_t*>(a.x) + t0 * a.ldx;
+  const uint16_t* w = static_cast<const uint16_t*>(a.w);
+  const int64_t bo = a.bo, ldx = a.ldx, blk = a.bo * a.bi;
+  const int64_t ob = min64(bo, a.out - r * bo);
+  __mmask32 mr[U];
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u) mr[u] = mask32(ob - 32 * u);
+  const __m512i lo = _mm512_load_si512(kPairLo), hi = _mm512_load_si512(kPairHi);
+  __m512 acc[TT][V];
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
+  const int64_t pend = a.row_offsets[r + 1];
+  // W comes from L3 or memory in the first token tile of a panel (t0 = 0) and always for one or two tokens.
+  const bool stream_w = TT <= 2 || t0 == 0;
+  for (int64_t p = a.row_offsets[r]; p < pend; ++p) {
+    const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
+    const uint16_t* wk = w + p * blk;
+    const uint16_t* xk = x + i0;
+    const uint16_t* xn = p + 1 < pend ? x + int64_t(a.col_indices[p + 1]) * a.bi : static_cast<const uint16_t*>(xnext);
+    if (xn) prefetch_x<TT>(xn, ldx, a.bi * 2);
+    int64_t k = 0;
+    for (; k + 1 < ib; k += 2, wk += 2 * bo, xk += 2) {
+      if (stream_w) prefetch_w(wk, 2 * bo * 2);
+      __m512i wv[V];
+#pragma GCC unroll 2
+      for (int u = 0; u < U; ++u) {
+        const __m512i ra = _mm512_maskz_loadu_epi16(mr[u], wk + 32 * u);
+        const __m512i rb = _mm512_maskz_loadu_epi16(mr[u], wk + bo + 32 * u);
+        wv[2 * u] = _mm512_permutex2var_epi16(ra, lo, rb);
+        if (2 * u + 1 < V) wv[2 * u + 1] = _mm512_permutex2var_epi16(ra, hi, rb);
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) {
+        const __m512i xv = _mm512_set1_epi32(int(load_pair(xk + t * ldx)));
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], (__m512bh)wv[v], (__m512bh)xv);
+      }
+    }
+    if (k < ib) {  // odd tail: pair the last feature with zeros (never read past the row or the block)
+      __m512i wv[V];
+#pragma GCC unroll 16
+      for (int u = 0; u < U; ++u) {
+        const __m512i ra = _mm512_maskz_loadu_epi16(mr[u], wk + 32 * u);
+        wv[2 * u] = _mm512_permutex2var_epi16(ra, lo, _mm512_setzero_si512());
+        if (2 * u + 1 < V) wv[2 * u + 1] = _mm512_permutex2var_epi16(ra, hi, _mm512_setzero_si512());
+      }
+#pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) {
+        const __m512i xv = _mm512_set1_epi32(int(uint32_t(xk[t * ldx])));
+#pragma GCC unroll 16
+        for (int v = 0; v < V; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], (__m512bh)wv[v], (__m512bh)xv);
+      }
+    }
+  }
+  fwd_epilogue<uint16_t, V, TT>(a, acc, r, m, t0);
+}
+
+// Register budget (32 zmm): TT x V accumulators + V W vectors + broadcast (+ 2 index vectors for bf16).
+template <int V>
+constexpr int fwd_tile_tokens() {
+  return V <= 2 ? 8 : V == 3 ? 6 : 5;
+}
+
+// Block rows are walked in panels whose W fits in half the L2 (1 MiB per core on Zen 4/5): per token tile, every
+// row of the panel runs while the tile's X rows stay in L1 and the panel's W in L2. A dense row of in = 3072 is
+// a panel by itself (X is then streamed from L3 once per row); at high sparsity a thread's whole slice of W is
+// one panel and X is read once.
+constexpr int64_t kPanelBytes = 512 * 1024;
+
+template <int V, bool Bf16>
+void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
+  constexpr int TT = fwd_tile_tokens<V>();
+  const int64_t row_bytes = a.bo * a.bi * (Bf16 ? 2 : 4);
+  for (int64_t p0 = r0, p1; p0 < r1; p0 = p1) {
+    p1 = p0 + 1;
+    while (p1 < r1 && int64_t(a.row_offsets[p1 + 1] - a.row_offsets[p0]) * row_bytes <= kPanelBytes) ++p1;
+    int64_t t0 = 0;
+    // X of the first block of the tile that runs after (r, t0), prefetched during the last block of (r, t0).
+    auto first_x = [&](int64_t rr, int64_t tt0) -> const void* {
+      if (tt0 >= a.T || a.row_offsets[rr] == a.row_offsets[rr + 1]) return nullptr;
+      return static_cast<const char*>(a.x) +
+             (tt0 * a.ldx + int64_t(a.col_indices[a.row_offsets[rr]]) * a.bi) * (Bf16 ? 2 : 4);
+    };
+    auto tiles = [&](auto tt) {
+      constexpr int N = decltype(tt)::value;
+      for (int64_t r = p0; r < p1; ++r) {
+        const void* xnext = r + 1 < p1 ? first_x(r + 1, t0) : first_x(p0, t0 + N);
+        const int64_t ob = min64(a.bo, a.out - r * a.bo);
+        __mmask16 m[V];
+#pragma GCC unroll 16
+        for (int v = 0; v < V; ++v) m[v] = mask16(ob - 16 * v);
+        if constexpr (Bf16) {
+          fwd_tile_bf16<V, N>(a, r, m, t0, xnext);
+        } else {
+          fwd_tile_f32<V, N>(a, r, m, t0, xnext);
+        }
+      }
+    };
+    for (; t0 + TT <= a.T; t0 += TT) tiles(Int<TT>{});
+    if (t0 < a.T) dispatch_upto<TT - 1>(a.T - t0, tiles);
+  }
+}
+
+template <bool Bf16>
+void fwd_dispatch(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
+  switch ((a.bo + 15) / 16) {
+    case 1: return fwd_rows<1, Bf16>(a, r0, r1);
+    case 2: return fwd_rows<2, Bf16>(a, r0, r1);
+    case 3: return fwd_rows<3, Bf16>(a, r0, r1);
+    default: return fwd_rows<4, Bf16>(a, r0, r1);
+  }
+}
+
+// ---------------------------------------------------------------- grad_input
+// dx[t, k] = sum_o dy[t, o] W[o, k]: the kernel layout has o contiguous, so each block is transposed once per
+// chunk of kGiChunk tokens into an L1 buffer with k contiguous (for bf16: (W[o][k], W[o+1][k]) pairs as 32-bit
+// lanes), then the forward's micro-kernel runs over o with dy broadcast. Partial sums over the blocks of a
+// column live in an fp32 buffer in L2 (accumulators reloaded once per block, i.e. every bo FMAs). The chunk
+// covers T <= 512 at once, so the (scalar) transpose is done once per block and call there: ~6% of the FMA
+// time of a 32x32 block at T = 512. The buffer (128 KiB) is on the stack of the calling thread.
+constexpr int64_t kGiChunk = 512;
+constexpr int kGiTile = 8;
+
+template <int V, int TT, bool Bf16>
+void gi_tile(const BsrGradInputArgs& a, const void* wt_, int64_t nrows, int64_t o0, int64_t t0, float* accb,
+             bool first, bool odd_tail) {
+  constexpr int LD = 16 * V;
+  __m512 acc[TT][V];
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[t][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(accb + t * kBsrFastMaxBlock + 16 * v);
+  if constexpr (Bf16) {
+    const uint32_t* wt = static_cast<const uint32_t*>(wt_);
+    const uint16_t* dy = static_cast<const uint16_t*>(a.dy) + t0 * a.lddy + o0;
+    const int64_t full = odd_tail ? nrows - 1 : nrows;
+    for (int64_t j = 0; j < nrows; ++j) {
+      __m512i wv[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) wv[v] = _mm512_load_si512(wt + j * LD + 16 * v);
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) {
+        const uint16_t* d = dy + t * a.lddy + 2 * j;
+        const __m512i g = _mm512_set1_epi32(int(j < full ? load_pair(d) : uint32_t(d[0])));
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], (__m512bh)wv[v], (__m512bh)g);
+      }
+    }
+  } else {
+    const float* wt = static_cast<const float*>(wt_);
+    const float* dy = static_cast<const float*>(a.dy) + t0 * a.lddy + o0;
+    for (int64_t o = 0; o < nrows; ++o) {
+      __m512 wv[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) wv[v] = _mm512_load_ps(wt + o * LD + 16 * v);
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) {
+        const __m512 g = _mm512_set1_ps(dy[t * a.lddy + o]);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[t][v] = _mm512_fmadd_ps(wv[v], g, acc[t][v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_store_ps(accb + t * kBsrFastMaxBlock + 16 * v, acc[t][v]);
+}
+
+template <int V, bool Bf16>
+void gi_cols(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
+  using E = typename Cond<Bf16, uint16_t, float>::type;
+  constexpr int LD = 16 * V;
+  alignas(64) float accb[kGiChunk * kBsrFastMaxBlock];
+  alignas(64) uint32_t wt[kBsrFastMaxBlock * kBsrFastMaxBlock];  // float bits, or bf16 pairs
+  const E* w = static_cast<const E*>(a.w);
+  const int64_t blk = a.bo * a.bi;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t i0 = c * a.bi, ib = min64(a.bi, a.in - i0);
+    __mmask16 m[V];
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) m[v] = mask16(ib - 16 * v);
+    for (int64_t tc = 0; tc < a.T; tc += kGiChunk) {
+      const int64_t tn = min64(kGiChunk, a.T - tc);
+      bool first = true;
+      for (int64_t q = a.col_offsets[c]; q < a.col_offsets[c + 1]; ++q) {
+        const E* wb = w + int64_t(a.block_perm[q]) * blk;
+        const int64_t o0 = int64_t(a.row_indices[q]) * a.bo, ob = min64(a.bo, a.out - o0);
+        int64_t nrows;
+        bool odd_tail = false;
+        if constexpr (Bf16) {
+          nrows = (ob + 1) / 2;
+          odd_tail = (ob & 1) != 0;
+          for (int64_t j = 0; j < nrows; ++j) {
+            const int64_t o = 2 * j;
+            for (int64_t k = 0; k < LD; ++k) {
+              uint32_t v = 0;
+              if (k < ib) v = uint32_t(wb[k * a.bo + o]) | (o + 1 < ob ? uint32_t(wb[k * a.bo + o + 1]) << 16 : 0u);
+              wt[j * LD + k] = v;
+            }
+          }
+        } else {
+          nrows = ob;
+          float* wf = reinterpret_cast<float*>(wt);
+          for (int64_t o = 0; o < ob; ++o)
+            for (int64_t k = 0; k < LD; ++k) wf[o * LD + k] = k < ib ? wb[k * a.bo + o] : 0.0f;
+        }
+        int64_t t = 0;
+        auto tile = [&](auto tt) {
+          constexpr int N = decltype(tt)::value;
+          gi_tile<V, N, Bf16>(a, wt, nrows, o0, tc + t, accb + t * kBsrFastMaxBlock, first, odd_tail);
+        };
+        for (; t + kGiTile <= tn; t += kGiTile) tile(Int<kGiTile>{});
+        if (t < tn) dispatch_upto<kGiTile - 1>(tn - t, tile);
+        first = false;
+      }
+      E* dx = static_cast<E*>(a.dx) + tc * a.in + i0;
+      for (int64_t t = 0; t < tn; ++t)
+#pragma GCC unroll 16
+        for (int v = 0; v < V; ++v) {
+          const __m512 s = first ? _mm512_setzero_ps() : _mm512_load_ps(accb + t * kBsrFastMaxBlock + 16 * v);
+          store_f32(dx + t * a.in + 16 * v, s, m[v]);
+        }
+    }
+  }
+}
+
+template <bool Bf16>
+void gi_dispatch(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
+  switch ((a.bi + 15) / 16) {
+    case 1: return gi_cols<1, Bf16>(a, c0, c1);
+    case 2: return gi_cols<2, Bf16>(a, c0, c1);
+    case 3: return gi_cols<3, Bf16>(a, c0, c1);
+    default: return gi_cols<4, Bf16>(a, c0, c1);
+  }
+}
+
+// ---------------------------------------------------------------- sddmm
+// dW[k][o] = sum_t x[t, k] dy[t, o] over one block: vectorised over o (contiguous in the kernel layout), a group
+// of KG input features at a time, KG x V accumulators in registers over all tokens.
+template <int V>
+constexpr int sddmm_group() {
+  return V == 1 ? 16 : V == 2 ? 12 : V == 3 ? 8 : 6;
+}
+
+template <int V, int KG>
+void sddmm_group_f32(const BsrSddmmArgs& a, const __mmask16* m, const __mmask16* mb, int64_t o0, int64_t xk0,
+                     float* dwk) {
+  const float* dy = static_cast<const float*>(a.dy) + o0;
+  const float* x = static_cast<const float*>(a.x) + xk0;
+  __m512 acc[KG][V];
+#pragma GCC unroll 16
+  for (int j = 0; j < KG; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < a.T; ++t, dy += a.lddy, x += a.ldx) {
+    __m512 g[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) g[v] = _mm512_maskz_loadu_ps(m[v], dy + 16 * v);
+#pragma GCC unroll 16
+    for (int j = 0; j < KG; ++j) {
+      const __m512 xv = _mm512_set1_ps(x[j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(g[v], xv, acc[j][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < KG; ++j)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(dwk + j * a.bo + 16 * v, mb[v], acc[j][v]);
+}
+
+// bfloat16: pairs of tokens. Per chunk of 2 * kSdPairs tokens, dy and x rows t, t+1 are interleaved once into
+// 32-bit pairs (L1 buffers), then vdpbf16ps runs over the pairs; partial sums per block live in an fp32 buffer.
+// 64 pairs: the fp32 partial sums are reloaded every 64 vdpbf16ps per accumulator (~3%).
+constexpr int64_t kSdPairs = 64;
+
+// out[i] = (ra[i], rb[i]) as 32-bit pairs for i < 32 * U (lanes >= n zero); rb may be null (zeros).
+template <int U>
+inline void interleave_rows(const uint16_t* ra, const uint16_t* rb, int64_t n, uint32_t* out) {
+  const __m512i lo = _mm512_load_si512(kPairLo), hi = _mm512_load_si512(kPairHi);
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u) {
+    const __mmask32 mk = mask32(n - 32 * u);
+    const __m512i va = _mm512_maskz_loadu_epi16(mk, ra + 32 * u);
+    const __m512i vb = rb ? _mm512_maskz_loadu_epi16(mk, rb + 32 * u) : _mm512_setzero_si512();
+    _mm512_store_si512(out + 32 * u, _mm512_permutex2var_epi16(va, lo, vb));
+    _mm512_store_si512(out + 32 * u + 16, _mm512_permutex2var_epi16(va, hi, vb));
+  }
+}
+
+template <int V, int KG>
+void sddmm_group_bf16(const uint32_t* dyp, const uint32_t* xp, int64_t np, float* acck, bool first) {
+  __m512 acc[KG][V];
+#pragma GCC unroll 16
+  for (int j = 0; j < KG; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v)
+      acc[j][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(acck + j * kBsrFastMaxBlock + 16 * v);
+  for (int64_t i = 0; i < np; ++i) {
+    __m512i g[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) g[v] = _mm512_load_si512(dyp + i * kBsrFastMaxBlock + 16 * v);
+#pragma GCC unroll 16
+    for (int j = 0; j < KG; ++j) {
+      const __m512i xv = _mm512_set1_epi32(int(xp[i * kBsrFastMaxBlock + j]));
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], (__m512bh)g[v], (__m512bh)xv);
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < KG; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_store_ps(acck + j * kBsrFastMaxBlock + 16 * v, acc[j][v]);
+}
+
+template <int V, bool Bf16>
+void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  constexpr int KG = sddmm_group<V>();
+  constexpr int U = (kBsrFastMaxBlock + 31) / 32;
+  using E = typename Cond<Bf16, uint16_t, float>::type;
+  E* dw = static_cast<E*>(a.dw);
+  const int64_t blk = a.bo * a.bi;
+  __mmask16 mb[V];
+#pragma GCC unroll 16
+  for (int v = 0; v < V; ++v) mb[v] = mask16(a.bo - 16 * v);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o0 = r * a.bo, ob = min64(a.bo, a.out - o0);
+    __mmask16 m[V];
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) m[v] = mask16(ob - 16 * v);
+    for (int64_t p = a.row_offsets[r]; p < a.row_offsets[r + 1]; ++p) {
+      const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
+      E* dwb = dw + p * blk;
+      if constexpr (Bf16) {
+        alignas(64) float acc[kBsrFastMaxBlock * kBsrFastMaxBlock];  // [k][o]
+        alignas(64) uint32_t dyp[kSdPairs * kBsrFastMaxBlock], xp[kSdPairs * kBsrFastMaxBlock];
+        const uint16_t* dy = static_cast<const uint16_t*>(a.dy) + o0;
+        const uint16_t* x = static_cast<const uint16_t*>(a.x) + i0;
+        bool first = true;
+        for (int64_t t0 = 0; t0 < a.T; t0 += 2 * kSdPairs) {
+          const int64_t np = min64(kSdPairs, (a.T - t0 + 1) / 2);
+          for (int64_t i = 0; i < np; ++i) {
+            const int64_t t = t0 + 2 * i;
+            const bool two = t + 1 < a.T;
+            interleave_rows<(V + 1) / 2>(dy + t * a.lddy, two ? dy + (t + 1) * a.lddy : nullptr, ob,
+                                         dyp + i * kBsrFastMaxBlock);
+            interleave_rows<U>(x + t * a.ldx, two ? x + (t + 1) * a.ldx : nullptr, ib, xp + i * kBsrFastMaxBlock);
+          }
+          for (int64_t kg = 0; kg < ib; kg += KG) {
+            dispatch_upto<KG>(min64(KG, ib - kg), [&](auto kk) {
+              sddmm_group_bf16<V, decltype(kk)::value>(dyp, xp + kg, np, acc + kg * kBsrFastMaxBlock, first);
+            });
+          }
+          first = false;
+        }
+        for (int64_t k = 0; k < a.bi; ++k)
+#pragma GCC unroll 16
+          for (int v = 0; v < V; ++v) {
+            const __m512 s = k < ib && !first ? _mm512_load_ps(acc + k * kBsrFastMaxBlock + 16 * v) : _mm512_setzero_ps();
+            store_f32(dwb + k * a.bo + 16 * v, s, mb[v]);
+          }
+      } else {
+        for (int64_t kg = 0; kg < ib; kg += KG) {
+          dispatch_upto<KG>(min64(KG, ib - kg), [&](auto kk) {
+            sddmm_group_f32<V, decltype(kk)::value>(a, m, mb, o0, i0 + kg, dwb + kg * a.bo);
+          });
+        }
+        // Features of a ragged edge block outside the matrix get an exact zero gradient.
+        for (int64_t k = ib; k < a.bi; ++k)
+#pragma GCC unroll 16
+          for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(dwb + k * a.bo + 16 * v, mb[v], _mm512_setzero_ps());
+      }
+    }
+  }
+}
+
+template <bool Bf16>
+void sddmm_dispatch(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  switch ((a.bo + 15) / 16) {
+    case 1: return sddmm_rows<1, Bf16>(a, r0, r1);
+    case 2: return sddmm_rows<2, Bf16>(a, r0, r1);
+    case 3: return sddmm_rows<3, Bf16>(a, r0, r1);
+    default: return sddmm_rows<4, Bf16>(a, r0, r1);
+  }
+}
+
+}  // namespace
+
+void bsr_fwd_f32_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1) { fwd_dispatch<false>(a, r0, r1); }
+void bsr_fwd_bf16_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1) { fwd_dispatch<true>(a, r0, r1); }
+void bsr_grad_input_f32_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1) { gi_dispatch<false>(a, c0, c1); }
+void bsr_grad_input_bf16_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1) { gi_dispatch<true>(a, c0, c1); }
+void bsr_sddmm_f32_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1) { sddmm_dispatch<false>(a, r0, r1); }
+void bsr_sddmm_bf16_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1) { sddmm_dispatch<true>(a, r0, r1); }
+
+}  // namespace sparsekern::cpu
+
+#endif  // __x86_64__

@@ -1,0 +1,143 @@
+"""Block-sparse CPU ops on every code path this CPU can run (AVX-512, AVX2, portable), forced in turn, against the
+float64 reference. Tolerance as in flash-attention: the error of ours is at most twice the error of dense torch
+in the same dtype (F.linear / matmul on the densified weight), plus a tiny floor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse import reference
+from sparse._ext import _C
+from sparse.formats import BlockSparseWeight
+
+_LEVELS = ["portable", "avx2", "avx512"]
+ISAS = _LEVELS[: _LEVELS.index(_C.best_isa()) + 1]
+DTYPES = [torch.float32, torch.bfloat16]
+ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
+
+# (out, in, block): shapes the block divides and ragged ones, the common square blocks, thin and odd blocks,
+# blocks of 3 vectors; all at most 64 a side, so the vectorised kernels take every one of them.
+CASES = [
+    (96, 128, (32, 32)),
+    (70, 75, (32, 32)),
+    (50, 41, (16, 16)),
+    (40, 36, (8, 8)),
+    (130, 140, (64, 64)),
+    (70, 33, (32, 1)),
+    (9, 70, (1, 32)),
+    (13, 11, (4, 4)),
+    (45, 39, (5, 7)),
+    (100, 50, (48, 16)),
+    (40, 100, (16, 48)),
+]
+TOKENS = (1, 7, 97)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa("auto")
+
+
+def _floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    # A quarter of an ulp of the largest reference value in bf16, ~1e-6 relative in fp32.
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    return (2.0**-10 if dtype == torch.bfloat16 else 1e-6) * scale + 1e-6
+
+
+def _check(ours: torch.Tensor, dense: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert ours.shape == ref.shape and ours.dtype == dense.dtype, what
+    err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
+    err_dense = (dense.double() - ref).abs().max().item() if ref.numel() else 0.0
+    assert err <= 2 * err_dense + _floor(ref, dense.dtype), f"{what}: error {err:.3g}, dense torch {err_dense:.3g}"
+
+
+def _weight(out: int, inn: int, block, dtype: torch.dtype, seed: int) -> BlockSparseWeight:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inn, generator=g)
+    return BlockSparseWeight.from_dense(W.to(dtype), block, sparsity=0.4)
+
+
+def _tokens(T: int, n: int, dtype: torch.dtype, seed: int, strided: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # rows further apart than their length: the kernels take X in place with its row stride
+        return torch.randn(T, n + 5, generator=g).to(dtype)[:, 2 : n + 2]
+    return torch.randn(T, n, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
+def test_forward(isa, dtype, case):
+    out, inn, block = case
+    w = _weight(out, inn, block, dtype, seed=out * 7 + inn)
+    Wd = w.to_dense()
+    for i, T in enumerate(TOKENS):
+        x = _tokens(T, inn, dtype, seed=T, strided=T == 7)
+        for j, act in enumerate(ACTS):
+            bias = torch.randn(out).to(dtype) if (i + j) % 2 == 0 else None
+            y = torch.ops.sparsekern.bsr_linear(
+                x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, out, bias, act
+            )
+            dense = reference.activation(F.linear(x, Wd, bias), act)
+            _check(y, dense, reference.linear(x, w, bias, act), f"{isa} forward T={T} act={act} bias={bias is not None}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
+def test_grad_input(isa, dtype, case):
+    out, inn, block = case
+    w = _weight(out, inn, block, dtype, seed=out + inn)
+    Wd = w.to_dense()
+    for T in TOKENS:
+        dy = _tokens(T, out, dtype, seed=100 + T, strided=T == 7)
+        dx = torch.ops.sparsekern.bsr_linear_grad_input(dy, w.values, w.col_offsets, w.row_indices, w.block_perm, inn)
+        _check(dx, dy @ Wd, reference.linear_grad_input(dy, w), f"{isa} grad_input T={T}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
+def test_sddmm(isa, dtype, case):
+    out, inn, block = case
+    w = _weight(out, inn, block, dtype, seed=3 * out + inn)
+    bo, bi = block
+    rows, cols = w._block_rows(), w.col_indices.long()
+    inside = BlockSparseWeight._blocked(torch.ones(out, inn, dtype=torch.bool), bo, bi)[rows, cols]
+    for T in TOKENS:
+        dy = _tokens(T, out, dtype, seed=200 + T, strided=T == 7)
+        x = _tokens(T, inn, dtype, seed=300 + T, strided=False)
+        dw = torch.ops.sparsekern.bsr_sddmm(dy, x, w.values, w.row_offsets, w.col_indices)
+        assert dw.stride() == w.values.stride(), "the gradient must come in the parameter's own layout"
+        dense = BlockSparseWeight._blocked(dy.t() @ x, bo, bi)[rows, cols]
+        _check(dw, dense, reference.sddmm(dy, x, w), f"{isa} sddmm T={T}")
+        # Entries of ragged edge blocks outside the matrix: exactly zero, not merely small.
+        assert torch.all(dw[~inside] == 0), f"{isa} sddmm T={T}: nonzero gradient outside the matrix"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_other_layout_and_empty_rows(isa, dtype):
+    """values in the logical (contiguous) layout take the portable kernels; rows and columns without any kept
+    block still get the bias (forward) and zeros (grad_input)."""
+    out, inn, block = 96, 96, (32, 32)
+    W = torch.randn(out, inn).to(dtype)
+    mask = torch.tensor([[True, False, True], [False, False, False], [False, True, False]])
+    w = BlockSparseWeight.from_dense(W, block, mask=mask)
+    bias = torch.randn(out).to(dtype)
+    x = torch.randn(7, inn).to(dtype)
+    for values in (w.values, w.values.contiguous()):
+        y = torch.ops.sparsekern.bsr_linear(
+            x, values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, out, bias, "relu"
+        )
+        _check(y, F.relu(F.linear(x, w.to_dense(), bias)), reference.linear(x, w, bias, "relu"), f"{isa} forward")
+        dy = torch.randn(7, out).to(dtype)
+        dx = torch.ops.sparsekern.bsr_linear_grad_input(dy, values, w.col_offsets, w.row_indices, w.block_perm, inn)
+        _check(dx, dy @ w.to_dense(), reference.linear_grad_input(dy, w), f"{isa} grad_input")
+
+
+def test_set_isa_rejects_unknown_level():
+    before = _C.get_isa()
+    with pytest.raises((ValueError, RuntimeError), match="avx512"):
+        _C.set_isa("sse9")
+    assert _C.get_isa() == before
