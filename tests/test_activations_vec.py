@@ -1,6 +1,7 @@
-"""The fused activations of the balanced forward on every ISA this CPU runs (the AVX-512 / AVX2 paths evaluate
-GELU, tanh-GELU and SiLU with their own vectorised erf/exp), against the float64 reference with the suite's rule,
-including pre-activations in the tails, exact zeros, and NaN / Inf exactly as torch.nn.functional treats them."""
+"""The fused activations of the balanced and block-sparse forwards on every ISA this CPU runs (the AVX-512 / AVX2
+paths evaluate GELU, tanh-GELU and SiLU with their own vectorised erf/exp), against the float64 reference with the
+suite's rule, including pre-activations in the tails, exact zeros, and NaN / Inf exactly as torch.nn.functional
+treats them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 import sparse
 from sparse import reference
-from sparse.formats import BalancedSparseWeight
+from sparse.formats import BalancedSparseWeight, BlockSparseWeight
 from tests.helpers import assert_close_to_ref
 
 _C = sparse._ext._C
@@ -32,12 +33,18 @@ def isa(request: pytest.FixtureRequest) -> Iterator[str]:
     _C.set_isa("auto")
 
 
-def _selector(z: torch.Tensor, bank: int = 4) -> tuple[BalancedSparseWeight, torch.Tensor]:
-    """A layer whose pre-activations are exactly z: W[o] = (1, 0, ...), bias = z, x = 0 (0 * 1 + z is exact, also
-    for Inf and NaN in the bias). z [out] -> (weight [out, bank] with one kept entry per row, bias [out])."""
-    W = torch.zeros(z.numel(), bank)
+def _selected(fmt: str, z: torch.Tensor, T: int, act: str) -> torch.Tensor:
+    """The forward of a layer whose pre-activations are exactly z: W[o] = (1, 0, 0, 0), bias = z, x = 0 (0 * 1 + z
+    is exact, also for Inf and NaN in the bias). z [out] -> act(z) broadcast to [T, out], in z's dtype."""
+    W = torch.zeros(z.numel(), 4, dtype=z.dtype)
     W[:, 0] = 1.0
-    return BalancedSparseWeight.from_dense(W, bank=bank, keep=1), z
+    x = torch.zeros(T, 4, dtype=z.dtype)
+    if fmt == "balanced":
+        w = BalancedSparseWeight.from_dense(W.float(), bank=4, keep=1).to(dtype=z.dtype)
+        return torch.ops.sparsekern.balanced_linear(x, w.values, w.indices, 4, z, act)
+    b = BlockSparseWeight.from_dense(W, (16, 4), sparsity=0.0)
+    return torch.ops.sparsekern.bsr_linear(x, b.values, b.row_offsets, b.col_indices, b.col_offsets, b.row_indices,
+                                           b.block_perm, z.numel(), z, act)
 
 
 def _tail_values() -> torch.Tensor:
@@ -49,44 +56,40 @@ def _tail_values() -> torch.Tensor:
     return torch.cat([grid, extra])
 
 
+@pytest.mark.parametrize("fmt", ["balanced", "bsr"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("act", ACTS)
-def test_tails_and_zeros(isa: str, act: str, T: int, dtype: torch.dtype) -> None:
+def test_tails_and_zeros(isa: str, act: str, T: int, dtype: torch.dtype, fmt: str) -> None:
     """Pre-activations set exactly (through the bias) across the tails: ours vs act(float64 z)."""
     z = _tail_values().to(dtype)
-    w, b = _selector(z)
-    w = w.to(dtype=dtype)
-    x = torch.zeros(T, 4, dtype=dtype)
-    ours = torch.ops.sparsekern.balanced_linear(x, w.values, w.indices, 4, b, act)
+    ours = _selected(fmt, z, T, act)
     ref = reference.activation(z.double(), act).expand(T, -1)
     dense = reference.activation(z, act).expand(T, -1)
     # The rule scales its floor by the largest |ref|: check each magnitude range on its own, so that the small
     # values of the tails are held to their own scale rather than to 1e20's.
     for lo, hi in ((0.0, 1.0), (1.0, 30.0), (30.0, float("inf"))):
         sel = (z.double().abs() >= lo) & (z.double().abs() <= hi)
-        what = f"{isa} {act} {dtype} T={T} |z| in [{lo}, {hi}]"
+        what = f"{fmt} {isa} {act} {dtype} T={T} |z| in [{lo}, {hi}]"
         assert_close_to_ref(ours[:, sel], ref[:, sel], dense[:, sel], what, k=1)
     # Exact zeros stay zeros (no spurious ulps from the polynomial).
     zero = z == 0
-    assert (ours[:, zero] == 0).all(), f"{isa} {act}: act(0) != 0"
+    assert (ours[:, zero] == 0).all(), f"{fmt} {isa} {act}: act(0) != 0"
 
 
+@pytest.mark.parametrize("fmt", ["balanced", "bsr"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 7, 20])
 @pytest.mark.parametrize("act", ACTS)
-def test_nan_inf_like_torch(isa: str, act: str, T: int, dtype: torch.dtype) -> None:
+def test_nan_inf_like_torch(isa: str, act: str, T: int, dtype: torch.dtype, fmt: str) -> None:
     """NaN and +-Inf pre-activations give exactly what torch.nn.functional gives on the float64 dense result
     (gelu(+inf) = inf, gelu(-inf) = nan, silu(-inf) = nan, relu(nan) = nan, ...); finite neighbours unaffected."""
     specials = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0, -1.0, 0.0] * 3, dtype=torch.float64)
-    w, b = _selector(specials.to(dtype))
-    w = w.to(dtype=dtype)
-    x = torch.zeros(T, 4, dtype=dtype)
-    ours = torch.ops.sparsekern.balanced_linear(x, w.values, w.indices, 4, b.to(dtype), act).double()
+    ours = _selected(fmt, specials.to(dtype), T, act).double()
     ref = reference.activation(specials, act).to(dtype).double().expand(T, -1)
-    assert torch.equal(torch.isnan(ours), torch.isnan(ref)), f"{isa} {act}: NaN pattern {ours[0]} vs {ref[0]}"
+    assert torch.equal(torch.isnan(ours), torch.isnan(ref)), f"{fmt} {isa} {act}: NaN pattern {ours[0]} vs {ref[0]}"
     inf = torch.isinf(ref)
-    assert torch.equal(ours[inf], ref[inf]) and torch.equal(torch.isinf(ours), inf), f"{isa} {act}: {ours[0]}"
+    assert torch.equal(ours[inf], ref[inf]) and torch.equal(torch.isinf(ours), inf), f"{fmt} {isa} {act}: {ours[0]}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
