@@ -60,7 +60,7 @@ SK_ACT_INLINE __m256 recip_avx2(__m256 d) {
 
 // Exact GELU x * Phi(x), Phi(x) = erfc(-x / sqrt2) / 2, written without cancellation on either side:
 //   h = erfc(|x| / sqrt2) / 2 = exp(-x^2 / 2) * erfcx(|x| / sqrt2) / 2,  Phi = h for x < 0, 1 - h for x >= 0.
-// erfcx(|x| / sqrt2) is a degree-10 polynomial in t = 1 / (1 + q |x|) (weighted least-squares fit towards minimax
+// erfcx(|x| / sqrt2) / 2 is a degree-10 polynomial p' in t = 1 / (1 + q |x|) (weighted least-squares fit towards minimax
 // over |x| in [0, 14], relative error 1.6e-9 in float64). x^2 is split exactly (hi + lo by FMA) because exp's
 // argument reaches ~100 there, where one rounding of x^2 alone would cost ~50 ulp. |x| is clamped to 16, where h
 // underflows to exactly 0: gelu(-inf) = -inf * 0 = nan and gelu(+inf) = inf * 1 = inf, as in float64 torch.
@@ -72,21 +72,20 @@ SK_ACT_INLINE __m256 gelu_avx2(__m256 x) {
   // Estrin's scheme (4 levels instead of Horner's 10 dependent FMAs): the output stage is latency-bound.
   const __m256 t2 = _mm256_mul_ps(t, t);
   const __m256 t4 = _mm256_mul_ps(t2, t2);
-  const __m256 q0 = _mm256_fmadd_ps(_mm256_set1_ps(2.259179354e-01f), t, _mm256_set1_ps(-9.021877304e-06f));
-  const __m256 q1 = _mm256_fmadd_ps(_mm256_set1_ps(2.273288220e-01f), t, _mm256_set1_ps(2.228108197e-01f));
-  const __m256 q2 = _mm256_fmadd_ps(_mm256_set1_ps(3.825732768e-01f), t, _mm256_set1_ps(8.416227251e-02f));
-  const __m256 q3 = _mm256_fmadd_ps(_mm256_set1_ps(7.422525883e-01f), t, _mm256_set1_ps(-4.644500613e-01f));
-  const __m256 q4 = _mm256_fmadd_ps(_mm256_set1_ps(2.511866689e-01f), t, _mm256_set1_ps(-6.329459548e-01f));
+  const __m256 q0 = _mm256_fmadd_ps(_mm256_set1_ps(1.129589677e-01f), t, _mm256_set1_ps(-4.510938652e-06f));
+  const __m256 q1 = _mm256_fmadd_ps(_mm256_set1_ps(1.136644110e-01f), t, _mm256_set1_ps(1.114054098e-01f));
+  const __m256 q2 = _mm256_fmadd_ps(_mm256_set1_ps(1.912866384e-01f), t, _mm256_set1_ps(4.208113625e-02f));
+  const __m256 q3 = _mm256_fmadd_ps(_mm256_set1_ps(3.711262941e-01f), t, _mm256_set1_ps(-2.322250306e-01f));
+  const __m256 q4 = _mm256_fmadd_ps(_mm256_set1_ps(1.255933345e-01f), t, _mm256_set1_ps(-3.164729774e-01f));
   const __m256 r0 = _mm256_fmadd_ps(q1, t2, q0);
   const __m256 r1 = _mm256_fmadd_ps(q3, t2, q2);
-  const __m256 r2 = _mm256_fmadd_ps(_mm256_set1_ps(-3.882734850e-02f), t2, q4);
+  const __m256 r2 = _mm256_fmadd_ps(_mm256_set1_ps(-1.941367425e-02f), t2, q4);
   const __m256 p = _mm256_fmadd_ps(r2, _mm256_mul_ps(t4, t4), _mm256_fmadd_ps(r1, t4, r0));
   const __m256 hi = _mm256_mul_ps(ax, ax);
   const __m256 lo = _mm256_fmsub_ps(ax, ax, hi);
-  const __m256 half = _mm256_set1_ps(0.5f);
-  // exp(-(hi + lo) / 2) = exp(-hi / 2) * (1 - lo / 2) to first order (|lo| <= ulp(hi) / 2).
-  const __m256 e = _mm256_mul_ps(exp_core_avx2(_mm256_mul_ps(_mm256_set1_ps(-0.5f), hi)), _mm256_fnmadd_ps(half, lo, one));
-  const __m256 h = _mm256_mul_ps(_mm256_mul_ps(half, e), p);
+  // h = exp(-(hi + lo) / 2) p' = exp(-hi / 2) p' (1 - lo / 2) to first order (|lo| <= ulp(hi) / 2).
+  const __m256 m1 = _mm256_mul_ps(exp_core_avx2(_mm256_mul_ps(_mm256_set1_ps(-0.5f), hi)), p);
+  const __m256 h = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), _mm256_mul_ps(m1, lo), m1);
   const __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
   return _mm256_mul_ps(x, _mm256_blendv_ps(_mm256_sub_ps(one, h), h, neg));
 }

@@ -61,7 +61,7 @@ SK_ACT_INLINE __m512 recip_avx512(__m512 d) {
 
 // Exact GELU x * Phi(x), Phi(x) = erfc(-x / sqrt2) / 2, written without cancellation on either side:
 //   h = erfc(|x| / sqrt2) / 2 = exp(-x^2 / 2) * erfcx(|x| / sqrt2) / 2,  Phi = h for x < 0, 1 - h for x >= 0.
-// erfcx(|x| / sqrt2) is a degree-10 polynomial in t = 1 / (1 + q |x|) (weighted least-squares fit towards minimax
+// erfcx(|x| / sqrt2) / 2 is a degree-10 polynomial p' in t = 1 / (1 + q |x|) (weighted least-squares fit towards minimax
 // over |x| in [0, 14], relative error 1.6e-9 in float64). x^2 is split exactly (hi + lo by FMA) because exp's
 // argument reaches ~100 there, where one rounding of x^2 alone would cost ~50 ulp. |x| is clamped to 16, where h
 // underflows to exactly 0: gelu(-inf) = -inf * 0 = nan and gelu(+inf) = inf * 1 = inf, as in float64 torch.
@@ -72,23 +72,22 @@ SK_ACT_INLINE __m512 gelu_avx512(__m512 x) {
   // Estrin's scheme (4 levels instead of Horner's 10 dependent FMAs): the output stage is latency-bound.
   const __m512 t2 = _mm512_mul_ps(t, t);
   const __m512 t4 = _mm512_mul_ps(t2, t2);
-  const __m512 q0 = _mm512_fmadd_ps(_mm512_set1_ps(2.259179354e-01f), t, _mm512_set1_ps(-9.021877304e-06f));
-  const __m512 q1 = _mm512_fmadd_ps(_mm512_set1_ps(2.273288220e-01f), t, _mm512_set1_ps(2.228108197e-01f));
-  const __m512 q2 = _mm512_fmadd_ps(_mm512_set1_ps(3.825732768e-01f), t, _mm512_set1_ps(8.416227251e-02f));
-  const __m512 q3 = _mm512_fmadd_ps(_mm512_set1_ps(7.422525883e-01f), t, _mm512_set1_ps(-4.644500613e-01f));
-  const __m512 q4 = _mm512_fmadd_ps(_mm512_set1_ps(2.511866689e-01f), t, _mm512_set1_ps(-6.329459548e-01f));
+  const __m512 q0 = _mm512_fmadd_ps(_mm512_set1_ps(1.129589677e-01f), t, _mm512_set1_ps(-4.510938652e-06f));
+  const __m512 q1 = _mm512_fmadd_ps(_mm512_set1_ps(1.136644110e-01f), t, _mm512_set1_ps(1.114054098e-01f));
+  const __m512 q2 = _mm512_fmadd_ps(_mm512_set1_ps(1.912866384e-01f), t, _mm512_set1_ps(4.208113625e-02f));
+  const __m512 q3 = _mm512_fmadd_ps(_mm512_set1_ps(3.711262941e-01f), t, _mm512_set1_ps(-2.322250306e-01f));
+  const __m512 q4 = _mm512_fmadd_ps(_mm512_set1_ps(1.255933345e-01f), t, _mm512_set1_ps(-3.164729774e-01f));
   const __m512 r0 = _mm512_fmadd_ps(q1, t2, q0);
   const __m512 r1 = _mm512_fmadd_ps(q3, t2, q2);
-  const __m512 r2 = _mm512_fmadd_ps(_mm512_set1_ps(-3.882734850e-02f), t2, q4);
+  const __m512 r2 = _mm512_fmadd_ps(_mm512_set1_ps(-1.941367425e-02f), t2, q4);
   const __m512 p = _mm512_fmadd_ps(r2, _mm512_mul_ps(t4, t4), _mm512_fmadd_ps(r1, t4, r0));
   const __m512 hi = _mm512_mul_ps(ax, ax);
   const __m512 lo = _mm512_fmsub_ps(ax, ax, hi);
-  const __m512 half = _mm512_set1_ps(0.5f);
-  // exp(-(hi + lo) / 2) = exp(-hi / 2) * (1 - lo / 2) to first order (|lo| <= ulp(hi) / 2).
-  const __m512 e = _mm512_mul_ps(exp_core_avx512(_mm512_mul_ps(_mm512_set1_ps(-0.5f), hi)), _mm512_fnmadd_ps(half, lo, one));
-  const __m512 h = _mm512_mul_ps(_mm512_mul_ps(half, e), p);
-  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-  return _mm512_mul_ps(x, _mm512_mask_mov_ps(_mm512_sub_ps(one, h), neg, h));
+  // h = exp(-(hi + lo) / 2) p' = exp(-hi / 2) p' (1 - lo / 2) to first order (|lo| <= ulp(hi) / 2).
+  const __m512 m1 = _mm512_mul_ps(exp_core_avx512(_mm512_mul_ps(_mm512_set1_ps(-0.5f), hi)), p);
+  const __m512 h = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), _mm512_mul_ps(m1, lo), m1);
+  const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLT_UQ);
+  return _mm512_mul_ps(x, _mm512_mask_sub_ps(h, pos, one, h));
 }
 
 // x * sigmoid(s) as x / (1 + e^-|s|) for s >= 0 and x e^-|s| / (1 + e^-|s|) for s < 0: e^-|s| never overflows, so
