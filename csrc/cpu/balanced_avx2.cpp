@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "act_avx2.h"
 #include "balanced_kernels.h"
 #include "epilogue.h"
 
@@ -120,16 +121,6 @@ void pack_transposed(const S* src, int64_t ld, int64_t tb, int64_t nc, float* ds
   }
 }
 
-inline __m256 act_vec(__m256 v, Act act) {
-  if (act == Act::None) return v;
-  if (act == Act::Relu)  // keeps NaN, as torch.relu does
-    return _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ));
-  alignas(32) float tmp[L];
-  _mm256_store_ps(tmp, v);
-  for (int i = 0; i < L; ++i) tmp[i] = apply_act(tmp[i], act);
-  return _mm256_load_ps(tmp);
-}
-
 // buf[r * TT + t] (rows x tb, fp32) -> dst[t * ld + r], adding bias[r] (may be null) and the activation.
 template <int NV, typename D>
 void store_transposed(const float* buf, int64_t rows, int64_t tb, D* dst, int64_t ld, const D* bias, Act act) {
@@ -143,8 +134,10 @@ void store_transposed(const float* buf, int64_t rows, int64_t tb, D* dst, int64_
       if (toks <= 0) break;
       for (int i = 0; i < L; ++i) r[i] = i < n ? _mm256_loadu_ps(buf + (o + i) * TT + v * L) : _mm256_setzero_ps();
       transpose(r);
-      for (int64_t j = 0; j < toks && j < L; ++j)
-        store_n(dst + (v * L + j) * ld + o, act_vec(_mm256_add_ps(r[j], bv), act), n);
+      const int64_t nt = toks < L ? toks : L;
+      for (int64_t j = 0; j < nt; ++j) r[j] = _mm256_add_ps(r[j], bv);
+      act_tile_avx2(r, nt, act);
+      for (int64_t j = 0; j < nt; ++j) store_n(dst + (v * L + j) * ld + o, r[j], n);
     }
   }
 }
@@ -268,7 +261,8 @@ void fwd_gather(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
     for (int t = 0; t < T; ++t) {
       float sum = hsum(acc[t]);
       for (int64_t j = full; j < row_len; ++j) sum += to_f32(wr[j]) * xf[t * s.in + colbase[j] + ir[j]];
-      store_n(y + t * s.out + o, _mm256_set1_ps(apply_act(sum + bv, act)), 1);
+      // The vector activation on a broadcast, not apply_act: the same numbers as the token-tile path.
+      store_n(y + t * s.out + o, act_avx2(_mm256_set1_ps(sum + bv), act), 1);
     }
   }
 }

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "act_avx512.h"
 #include "balanced_kernels.h"
 #include "epilogue.h"
 
@@ -114,16 +115,6 @@ void pack_transposed(const S* src, int64_t ld, int64_t tb, int64_t nc, float* ds
   }
 }
 
-inline __m512 act_vec(__m512 v, Act act) {
-  if (act == Act::None) return v;
-  if (act == Act::Relu) return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ),
-                                                   _mm512_setzero_ps());  // keeps NaN, as torch.relu does
-  alignas(64) float tmp[L];
-  _mm512_store_ps(tmp, v);
-  for (int i = 0; i < L; ++i) tmp[i] = apply_act(tmp[i], act);
-  return _mm512_load_ps(tmp);
-}
-
 // buf[r * TT + t] (rows x tb, fp32) -> dst[t * ld + r], adding bias[r] (may be null) and the activation.
 template <int NV, typename D>
 void store_transposed(const float* buf, int64_t rows, int64_t tb, D* dst, int64_t ld, const D* bias, Act act) {
@@ -137,8 +128,10 @@ void store_transposed(const float* buf, int64_t rows, int64_t tb, D* dst, int64_
       if (toks <= 0) break;
       for (int i = 0; i < L; ++i) r[i] = i < n ? _mm512_loadu_ps(buf + (o + i) * TT + v * L) : _mm512_setzero_ps();
       transpose(r);
-      for (int64_t j = 0; j < toks && j < L; ++j)
-        store_n(dst + (v * L + j) * ld + o, act_vec(_mm512_add_ps(r[j], bv), act), n);
+      const int64_t nt = toks < L ? toks : L;
+      for (int64_t j = 0; j < nt; ++j) r[j] = _mm512_add_ps(r[j], bv);
+      act_tile_avx512(r, nt, act);
+      for (int64_t j = 0; j < nt; ++j) store_n(dst + (v * L + j) * ld + o, r[j], n);
     }
   }
 }
@@ -304,8 +297,9 @@ void fwd_gather(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
     }
     const float bv = bias ? to_f32(bias[o]) : 0.0f;
     for (int t = 0; t < T; ++t) {
-      const float v = apply_act(_mm512_reduce_add_ps(acc[t]) + bv, act);
-      store_n(y + t * s.out + o, _mm512_set1_ps(v), 1);
+      // The vector activation on a broadcast, not apply_act: the same numbers as the token-tile path.
+      const __m512 v = act_avx512(_mm512_set1_ps(_mm512_reduce_add_ps(acc[t]) + bv), act);
+      store_n(y + t * s.out + o, v, 1);
     }
   }
 }

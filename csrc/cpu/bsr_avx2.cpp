@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "act_avx2.h"
 #include "bsr_kernels.h"
 #include "epilogue.h"
 
@@ -89,10 +90,7 @@ inline void finish(__m256 v, const E* bias, Act act, E* dst, int64_t n) {
   if (act == Act::Relu) {
     v = _mm256_max_ps(_mm256_setzero_ps(), v);
   } else if (act != Act::None) {
-    alignas(32) float tmp[8];
-    _mm256_store_ps(tmp, v);
-    for (int i = 0; i < 8; ++i) tmp[i] = apply_act(tmp[i], act);
-    v = _mm256_load_ps(tmp);
+    v = act_avx2(v, act);
   }
   store8(dst, v, n);
 }

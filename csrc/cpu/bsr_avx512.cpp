@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "act_avx512.h"
 #include "bsr_kernels.h"
 #include "epilogue.h"
 
@@ -76,17 +77,14 @@ inline void store_f32(uint16_t* p, __m512 v, __mmask16 m) {
 }
 
 // Output stage of one 16-wide vector: + bias, activation, masked store. relu keeps NaN (max(0, v) returns v
-// when v is NaN); the transcendental activations go through the scalar apply_act shared with the portable path.
+// when v is NaN); the transcendental activations are the vectorised ones of act_avx512.h.
 template <typename E>
 __attribute__((always_inline)) inline void finish(__m512 v, const E* bias, Act act, E* dst, __mmask16 m) {
   if (bias) v = _mm512_add_ps(v, load_f32(bias, m));
   if (act == Act::Relu) {
     v = _mm512_max_ps(_mm512_setzero_ps(), v);
   } else if (act != Act::None) {
-    alignas(64) float tmp[16];
-    _mm512_store_ps(tmp, v);
-    for (int i = 0; i < 16; ++i) tmp[i] = apply_act(tmp[i], act);
-    v = _mm512_load_ps(tmp);
+    v = act_avx512(v, act);
   }
   store_f32(dst, v, m);
 }
