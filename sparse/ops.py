@@ -49,9 +49,73 @@ def _check_same_device(**tensors: Optional[torch.Tensor]) -> None:
                      lambda: f"{name} is on {t.device} but {first_name} is on {first.device}: all on one device")
 
 
-def _register() -> None:
-    ops = torch.ops.sparsekern
+def _setup_common(ctx, x: torch.Tensor, bias: Optional[torch.Tensor], activation: str) -> None:
+    ctx.activation = activation
+    ctx.in_features = x.shape[1]
+    ctx.has_bias = bias is not None
 
+
+def bsr_autograd(prefix: str):
+    """(backward, setup_context) of the block-sparse forward op ``sparsekern::<prefix>bsr_linear``; the backward
+    calls only that backend's ops, so it traces under torch.compile."""
+
+    def setup(ctx, inputs, output):
+        x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias, activation = inputs
+        _setup_common(ctx, x, bias, activation)
+        ctx.out_features = out_features
+        ctx.save_for_backward(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias)
+
+    def backward(ctx, grad):
+        ops = torch.ops.sparsekern
+        x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias = ctx.saved_tensors
+        if ctx.activation != "none":
+            # Recompute the pre-activation rather than keep a second [T, out] tensor alive.
+            z = getattr(ops, prefix + "bsr_linear")(x, values, row_offsets, col_indices, col_offsets, row_indices,
+                                                    block_perm, ctx.out_features, bias, "none")
+            grad = _act_backward(grad, z, ctx.activation)
+        grad = grad.contiguous()
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = getattr(ops, prefix + "bsr_linear_grad_input")(grad, values, col_offsets, row_indices, block_perm,
+                                                                ctx.in_features)
+        if ctx.needs_input_grad[1]:
+            gv = getattr(ops, prefix + "bsr_sddmm")(grad, x, values, row_offsets, col_indices)
+        if ctx.has_bias and ctx.needs_input_grad[8]:
+            gb = grad.sum(0)
+        return gx, gv, None, None, None, None, None, None, gb, None
+
+    return backward, setup
+
+
+def balanced_autograd(prefix: str):
+    """(backward, setup_context) of the balanced forward op ``sparsekern::<prefix>balanced_linear``."""
+
+    def setup(ctx, inputs, output):
+        x, values, indices, bank, bias, activation = inputs
+        _setup_common(ctx, x, bias, activation)
+        ctx.bank = bank
+        ctx.save_for_backward(x, values, indices, bias)
+
+    def backward(ctx, grad):
+        ops = torch.ops.sparsekern
+        x, values, indices, bias = ctx.saved_tensors
+        if ctx.activation != "none":
+            z = getattr(ops, prefix + "balanced_linear")(x, values, indices, ctx.bank, bias, "none")
+            grad = _act_backward(grad, z, ctx.activation)
+        grad = grad.contiguous()
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = getattr(ops, prefix + "balanced_linear_grad_input")(grad, values, indices, ctx.bank, ctx.in_features)
+        if ctx.needs_input_grad[1]:
+            gv = getattr(ops, prefix + "balanced_sddmm")(grad, x, indices, ctx.bank)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            gb = grad.sum(0)
+        return gx, gv, None, None, gb, None
+
+    return backward, setup
+
+
+def _register() -> None:
     @torch.library.register_fake("sparsekern::bsr_linear")
     def _(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias=None, activation="none"):
         _check_same_device(x=x, values=values, row_offsets=row_offsets, col_indices=col_indices,
@@ -85,57 +149,10 @@ def _register() -> None:
         _check_same_device(grad_out=grad_out, x=x, indices=indices)
         return x.new_empty(indices.shape)
 
-    def bsr_setup(ctx, inputs, output):
-        x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias, activation = inputs
-        ctx.activation = activation
-        ctx.out_features = out_features
-        ctx.in_features = x.shape[1]
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias)
-
-    def bsr_backward(ctx, grad):
-        x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias = ctx.saved_tensors
-        if ctx.activation != "none":
-            # Recompute the pre-activation rather than keep a second [T, out] tensor alive.
-            z = ops.bsr_linear(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
-                               ctx.out_features, bias, "none")
-            grad = _act_backward(grad, z, ctx.activation)
-        grad = grad.contiguous()
-        gx = gv = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = ops.bsr_linear_grad_input(grad, values, col_offsets, row_indices, block_perm, ctx.in_features)
-        if ctx.needs_input_grad[1]:
-            gv = ops.bsr_sddmm(grad, x, values, row_offsets, col_indices)
-        if ctx.has_bias and ctx.needs_input_grad[8]:
-            gb = grad.sum(0)
-        return gx, gv, None, None, None, None, None, None, gb, None
-
-    torch.library.register_autograd("sparsekern::bsr_linear", bsr_backward, setup_context=bsr_setup)
-
-    def bal_setup(ctx, inputs, output):
-        x, values, indices, bank, bias, activation = inputs
-        ctx.activation = activation
-        ctx.bank = bank
-        ctx.in_features = x.shape[1]
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, values, indices, bias)
-
-    def bal_backward(ctx, grad):
-        x, values, indices, bias = ctx.saved_tensors
-        if ctx.activation != "none":
-            z = ops.balanced_linear(x, values, indices, ctx.bank, bias, "none")
-            grad = _act_backward(grad, z, ctx.activation)
-        grad = grad.contiguous()
-        gx = gv = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = ops.balanced_linear_grad_input(grad, values, indices, ctx.bank, ctx.in_features)
-        if ctx.needs_input_grad[1]:
-            gv = ops.balanced_sddmm(grad, x, indices, ctx.bank)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            gb = grad.sum(0)
-        return gx, gv, None, None, gb, None
-
-    torch.library.register_autograd("sparsekern::balanced_linear", bal_backward, setup_context=bal_setup)
+    backward, setup = bsr_autograd("")
+    torch.library.register_autograd("sparsekern::bsr_linear", backward, setup_context=setup)
+    backward, setup = balanced_autograd("")
+    torch.library.register_autograd("sparsekern::balanced_linear", backward, setup_context=setup)
 
 
 if _ext.available():

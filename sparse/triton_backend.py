@@ -15,7 +15,7 @@ import torch
 from torch.library import triton_op
 
 from .kernels import balanced, bsr
-from .ops import _act_backward
+from .ops import balanced_autograd, bsr_autograd
 
 __all__ = [
     "triton_bsr_linear", "triton_bsr_linear_grad_input", "triton_bsr_sddmm",
@@ -74,57 +74,7 @@ def triton_balanced_sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torc
 
 
 # ---- autograd: gradients for x, values and bias; the backward calls only ops, so it traces too ----------
-def _bsr_setup(ctx, inputs, output) -> None:
-    x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias, activation = inputs
-    ctx.activation = activation
-    ctx.out_features = out_features
-    ctx.in_features = x.shape[1]
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias)
-
-
-def _bsr_backward(ctx, grad):
-    ops = torch.ops.sparsekern
-    x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias = ctx.saved_tensors
-    if ctx.activation != "none":
-        # Recompute the pre-activation rather than keep a second [T, out] tensor alive.
-        z = ops.triton_bsr_linear(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
-                                  ctx.out_features, bias, "none")
-        grad = _act_backward(grad, z, ctx.activation)
-    gx = gv = gb = None
-    if ctx.needs_input_grad[0]:
-        gx = ops.triton_bsr_linear_grad_input(grad, values, col_offsets, row_indices, block_perm, ctx.in_features)
-    if ctx.needs_input_grad[1]:
-        gv = ops.triton_bsr_sddmm(grad, x, values, row_offsets, col_indices)
-    if ctx.has_bias and ctx.needs_input_grad[8]:
-        gb = grad.sum(0)
-    return gx, gv, None, None, None, None, None, None, gb, None
-
-
-def _balanced_setup(ctx, inputs, output) -> None:
-    x, values, indices, bank, bias, activation = inputs
-    ctx.activation = activation
-    ctx.bank = bank
-    ctx.in_features = x.shape[1]
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, values, indices, bias)
-
-
-def _balanced_backward(ctx, grad):
-    ops = torch.ops.sparsekern
-    x, values, indices, bias = ctx.saved_tensors
-    if ctx.activation != "none":
-        z = ops.triton_balanced_linear(x, values, indices, ctx.bank, bias, "none")
-        grad = _act_backward(grad, z, ctx.activation)
-    gx = gv = gb = None
-    if ctx.needs_input_grad[0]:
-        gx = ops.triton_balanced_linear_grad_input(grad, values, indices, ctx.bank, ctx.in_features)
-    if ctx.needs_input_grad[1]:
-        gv = ops.triton_balanced_sddmm(grad, x, indices, ctx.bank)
-    if ctx.has_bias and ctx.needs_input_grad[4]:
-        gb = grad.sum(0)
-    return gx, gv, None, None, gb, None
-
-
+_bsr_backward, _bsr_setup = bsr_autograd("triton_")
 triton_bsr_linear.register_autograd(_bsr_backward, setup_context=_bsr_setup)
+_balanced_backward, _balanced_setup = balanced_autograd("triton_")
 triton_balanced_linear.register_autograd(_balanced_backward, setup_context=_balanced_setup)
