@@ -67,6 +67,19 @@ class SparseLinear(nn.Module):
     out_features: int
     activation: str
     backend: Optional[str]
+    _format: type  # the weight format class of the subclass
+
+    @classmethod
+    def from_weight(cls, weight, bias: Optional[torch.Tensor] = None, *, activation: str = "none",
+                    backend: Optional[str] = None):
+        """A module over an existing weight of the subclass's format (its tensors become the module's, without
+        a copy)."""
+        if not isinstance(weight, cls._format):
+            raise TypeError(f"weight must be a {cls._format.__name__}, got {type(weight).__name__}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._setup(weight, bias, activation, backend)
+        return module
 
     def _init_common(self, weight, activation: str, backend: Optional[str]) -> None:
         self.in_features = int(weight.shape[1])
@@ -192,6 +205,8 @@ class BlockSparseLinear(SparseLinear):
     int32) and ``pattern_info`` = (out, in, bo, bi).
     """
 
+    _format = BlockSparseWeight
+
     def __init__(
         self,
         in_features: int,
@@ -221,19 +236,6 @@ class BlockSparseLinear(SparseLinear):
         self.register_buffer("pattern_info", torch.tensor([*weight.shape, *weight.block], dtype=torch.int64,
                                                           device=weight.values.device))
         self._refresh()
-
-    @classmethod
-    def from_weight(
-        cls, weight: BlockSparseWeight, bias: Optional[torch.Tensor] = None, *, activation: str = "none",
-        backend: Optional[str] = None,
-    ) -> "BlockSparseLinear":
-        """A module over an existing BlockSparseWeight (its tensors become the module's, without a copy)."""
-        if not isinstance(weight, BlockSparseWeight):
-            raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module._setup(weight, bias, activation, backend)
-        return module
 
     @classmethod
     def from_linear(
@@ -295,6 +297,8 @@ class BalancedSparseLinear(SparseLinear):
     else int16; the column of each value inside its bank) and ``pattern_info`` = (out, in, bank, keep).
     """
 
+    _format = BalancedSparseWeight
+
     def __init__(
         self,
         in_features: int,
@@ -324,19 +328,6 @@ class BalancedSparseLinear(SparseLinear):
         self.register_buffer("pattern_info", torch.tensor([*weight.shape, weight.bank, weight.keep], dtype=torch.int64,
                                                           device=weight.values.device))
         self._refresh()
-
-    @classmethod
-    def from_weight(
-        cls, weight: BalancedSparseWeight, bias: Optional[torch.Tensor] = None, *, activation: str = "none",
-        backend: Optional[str] = None,
-    ) -> "BalancedSparseLinear":
-        """A module over an existing BalancedSparseWeight (its tensors become the module's, without a copy)."""
-        if not isinstance(weight, BalancedSparseWeight):
-            raise TypeError(f"weight must be a BalancedSparseWeight, got {type(weight).__name__}")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module._setup(weight, bias, activation, backend)
-        return module
 
     @classmethod
     def from_linear(
