@@ -24,6 +24,8 @@ for mode in regular editable; do
   echo "== pip install ($mode)"
   "$py" -m venv "$work/venv-$mode"
   echo "$site" > "$work/venv-$mode/lib/python3.11/site-packages/project-venv.pth"
+  # a new venv brings its own, older setuptools, which sits before the .pth entries
+  "$work/venv-$mode/bin/python" -m pip install -q "setuptools>=77"
   src="$work/src"
   [ "$mode" = regular ] && flag="" || flag="-e"
   (cd "$src" && MAX_JOBS=2 "$work/venv-$mode/bin/python" -m pip install -q --no-build-isolation --no-deps $flag .)
