@@ -194,31 +194,29 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+def _refusal(backend: str, device: torch.device) -> Optional[str]:
+    """None if ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend == "cpu":
+        if not _ext.available():
+            return f"the sparse._C extension did not load ({_ext._IMPORT_ERROR})"
+        return None if device.type == "cpu" else f"runs on CPU tensors only, got device {device}"
+    if device.type != "cuda":
+        return f"runs on CUDA tensors only, got device {device}"
+    if backend == "triton":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available (torch.cuda.is_available() is False)"
+        return _triton_import_error()
+    if not _ext.available():
+        return f"the sparse._C extension did not load ({_ext._IMPORT_ERROR})"
+    if not _ext.require().has_cuda():
+        return "this build of sparse._C has no CUDA kernels (reinstall with a CUDA torch and CUDA_HOME set)"
+    return None
+
+
 def backend_status(device: Union[str, torch.device]) -> Dict[str, Optional[str]]:
     """For each backend, None if it can run on ``device``, else the reason it cannot."""
     device = torch.device(device)
-    status: Dict[str, Optional[str]] = {}
-    if not _ext.available():
-        status["cpu"] = f"the sparse._C extension did not load ({_ext._IMPORT_ERROR})"
-    elif device.type != "cpu":
-        status["cpu"] = f"runs on CPU tensors only, got device {device}"
-    else:
-        status["cpu"] = None
-    if device.type != "cuda":
-        status["triton"] = f"runs on CUDA tensors only, got device {device}"
-    elif not torch.cuda.is_available():
-        status["triton"] = "no CUDA device is available (torch.cuda.is_available() is False)"
-    else:
-        status["triton"] = _triton_import_error()
-    if device.type != "cuda":
-        status["cuda"] = f"runs on CUDA tensors only, got device {device}"
-    elif not _ext.available():
-        status["cuda"] = f"the sparse._C extension did not load ({_ext._IMPORT_ERROR})"
-    elif not _ext.require().has_cuda():
-        status["cuda"] = "this build of sparse._C has no CUDA kernels (reinstall with a CUDA torch and CUDA_HOME set)"
-    else:
-        status["cuda"] = None
-    return status
+    return {name: _refusal(name, device) for name in BACKENDS}
 
 
 def _op(backend: str, name: str):
@@ -232,12 +230,15 @@ def select_backend(device: Union[str, torch.device], backend: Optional[str] = No
     built), not per forward."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    status = backend_status(device)
+    device = torch.device(device)
     candidates = [backend] if backend is not None else list(BACKENDS)
-    for name in candidates:
-        if status[name] is None:
+    reasons = []
+    for name in candidates:  # stops at the first able backend: only that one's checks run
+        reason = _refusal(name, device)
+        if reason is None:
             return name
-    reasons = "; ".join(f"{name}: {status[name]}" for name in candidates)
+        reasons.append(f"{name}: {reason}")
+    reasons = "; ".join(reasons)
     raise RuntimeError(f"no sparse backend can run on {device}: {reasons}")
 
 
