@@ -57,7 +57,8 @@ def _setup_common(ctx, x: torch.Tensor, bias: Optional[torch.Tensor], activation
 
 def bsr_autograd(prefix: str):
     """(backward, setup_context) of the block-sparse forward op ``sparsekern::<prefix>bsr_linear``; the backward
-    calls only that backend's ops, so it traces under torch.compile."""
+    calls only that backend's ops, so it traces under torch.compile. Used by the Triton ops; the CPU/CUDA op's
+    autograd is the C++ mirror of this one in csrc/autograd.cpp."""
 
     def setup(ctx, inputs, output):
         x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias, activation = inputs
@@ -149,10 +150,8 @@ def _register() -> None:
         _check_same_device(grad_out=grad_out, x=x, indices=indices)
         return x.new_empty(indices.shape)
 
-    backward, setup = bsr_autograd("")
-    torch.library.register_autograd("sparsekern::bsr_linear", backward, setup_context=setup)
-    backward, setup = balanced_autograd("")
-    torch.library.register_autograd("sparsekern::balanced_linear", backward, setup_context=setup)
+    # The autograd of sparsekern::bsr_linear / balanced_linear is registered in C++ (csrc/autograd.cpp): a Python
+    # autograd kernel would cost ~4 us on every grad-mode call, even when nothing requires a gradient.
 
 
 if _ext.available():
@@ -219,9 +218,23 @@ def backend_status(device: Union[str, torch.device]) -> Dict[str, Optional[str]]
     return {name: _refusal(name, device) for name in BACKENDS}
 
 
+_OPS: Dict[tuple, object] = {}
+
+
 def _op(backend: str, name: str):
-    """The op ``name`` (e.g. "bsr_linear") of ``backend``."""
-    return getattr(torch.ops.sparsekern, _OP_PREFIX[backend] + name)
+    """The op ``name`` (e.g. "bsr_linear") of ``backend``, as its OpOverload (looked up once: the attribute walk
+    and the overload resolution of the packet cost about a microsecond per call)."""
+    key = (backend, name)
+    op = _OPS.get(key)
+    if op is None:
+        op = _OPS[key] = getattr(torch.ops.sparsekern, _OP_PREFIX[backend] + name).default
+    return op
+
+
+# (device, requested backend) -> the backend select_backend chose. Only successes are kept: what makes a backend
+# able (the extension loaded, CUDA present, triton importable) does not change within a process, while a refusal
+# is rechecked so that its error names the current reason.
+_ABLE: Dict[tuple, str] = {}
 
 
 def select_backend(device: Union[str, torch.device], backend: Optional[str] = None) -> str:
@@ -231,11 +244,15 @@ def select_backend(device: Union[str, torch.device], backend: Optional[str] = No
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     device = torch.device(device)
+    chosen = _ABLE.get((device, backend))
+    if chosen is not None:
+        return chosen
     candidates = [backend] if backend is not None else list(BACKENDS)
     reasons = []
     for name in candidates:  # stops at the first able backend: only that one's checks run
         reason = _refusal(name, device)
         if reason is None:
+            _ABLE[(device, backend)] = name
             return name
         reasons.append(f"{name}: {reason}")
     reasons = "; ".join(reasons)
@@ -266,8 +283,7 @@ def linear(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     backend = select_backend(x.device, backend)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # the ops take [T, in]
     if isinstance(weight, BlockSparseWeight):
         y = _op(backend, "bsr_linear")(
             x2, weight.values, weight.row_offsets, weight.col_indices, weight.col_offsets, weight.row_indices,
@@ -275,7 +291,7 @@ def linear(
         )
     else:
         y = _op(backend, "balanced_linear")(x2, weight.values, weight.indices, weight.bank, bias, activation)
-    return y.reshape(*lead, weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear_grad_input(grad_out: torch.Tensor, weight: SparseWeight, backend: Optional[str] = None) -> torch.Tensor:
