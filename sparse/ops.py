@@ -8,6 +8,8 @@ leading dimensions and reshapes.
 from __future__ import annotations
 
 import importlib
+import statistics
+import time
 from typing import Dict, Optional, Union
 
 import torch
@@ -15,11 +17,13 @@ import torch
 from . import _ext
 from .formats import BalancedSparseWeight, BlockSparseWeight
 
-__all__ = ["linear", "linear_grad_input", "sddmm", "select_backend", "backend_status", "ACTIVATIONS", "BACKENDS"]
+__all__ = ["linear", "linear_grad_input", "sddmm", "select_backend", "fastest_backend", "backend_timings", "backend_status",
+           "ACTIVATIONS", "BACKENDS"]
 
 SparseWeight = Union[BlockSparseWeight, BalancedSparseWeight]
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
-# In order of preference: on a GPU Triton comes first (the CUDA C++ kernels are unmeasured against it so far).
+# In order of preference when a backend is forced by device only (select_backend); modules built without a
+# backend request take the one that measures fastest for their weight (fastest_backend).
 BACKENDS = ("cpu", "triton", "cuda")
 # Every backend implements the C++ schemas of csrc/ops.cpp; its ops are torch.ops.sparsekern.<prefix><op>.
 # "cpu" and "cuda" share the op names: the dispatcher picks the kernel by the tensors' device.
@@ -257,6 +261,65 @@ def select_backend(device: Union[str, torch.device], backend: Optional[str] = No
         reasons.append(f"{name}: {reason}")
     reasons = "; ".join(reasons)
     raise RuntimeError(f"no sparse backend can run on {device}: {reasons}")
+
+
+# (format, shape, pattern, dtype, device, tokens) -> {backend: median seconds or the error it raised}; one
+# measurement serves every layer of the same configuration (a Transformer's twelve identical layers).
+_TIMINGS: Dict[tuple, Dict[str, Union[float, str]]] = {}
+
+
+def _weight_key(weight: SparseWeight) -> tuple:
+    pattern = weight.block if isinstance(weight, BlockSparseWeight) else (weight.bank, weight.keep, "balanced")
+    return (type(weight).__name__, tuple(weight.shape), pattern, weight.values.shape[0], weight.dtype)
+
+
+def _time_backend(backend: str, x: torch.Tensor, weight: SparseWeight, repeats: int) -> float:
+    """Median seconds of one forward call of ``backend`` (after two warm-up calls, which also compile and
+    autotune a Triton kernel)."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            sync()
+            t0 = time.perf_counter()
+            linear(x, weight, backend=backend)
+            sync()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fastest_backend(weight: SparseWeight, tokens: int = 512, repeats: int = 5) -> str:
+    """The backend that runs ``weight``'s forward fastest on its device, measured once per weight configuration
+    (format, shape, pattern, dtype, device) with ``tokens`` rows of input. With one able backend (every CPU) this
+    is ``select_backend`` and measures nothing. A backend that fails while measured is left out and its error kept
+    in ``backend_timings``. Meant for module construction, not per call."""
+    device = weight.device
+    able = [name for name in BACKENDS if _refusal(name, device) is None]
+    if len(able) <= 1:
+        return select_backend(device)
+    key = (*_weight_key(weight), device, tokens)
+    timings = _TIMINGS.get(key)
+    if timings is None:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(tokens, weight.shape[1], generator=g, device=device).to(weight.dtype)
+        timings = {}
+        for name in able:
+            try:
+                timings[name] = _time_backend(name, x, weight, repeats)
+            except Exception as exc:  # a backend that cannot run this weight simply does not win
+                timings[name] = f"{type(exc).__name__}: {exc}"
+        _TIMINGS[key] = timings
+    measured = {name: t for name, t in timings.items() if isinstance(t, float)}
+    if not measured:
+        raise RuntimeError(f"every backend failed on this weight on {device}: {timings}")
+    return min(measured, key=measured.get)
+
+
+def backend_timings() -> Dict[tuple, Dict[str, Union[float, str]]]:
+    """What fastest_backend measured so far: {(format, shape, pattern, nnz, dtype, device, tokens): {backend:
+    median seconds, or the error that backend raised}}."""
+    return {k: dict(v) for k, v in _TIMINGS.items()}
 
 
 def linear(
