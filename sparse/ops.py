@@ -353,8 +353,37 @@ def linear(
             weight.block_perm, weight.shape[0], bias, activation,
         )
     else:
-        y = _op(backend, "balanced_linear")(x2, weight.values, weight.indices, weight.bank, bias, activation)
+        packed = _nm24_packed(weight) if backend == "cuda" and not _wants_grad(x, weight, bias) else None
+        if packed is not None:  # 2:4 on the sparse tensor cores (mma.sp); no autograd, hence only without grad
+            y = torch.ops.sparsekern.nm24_linear.default(x2, packed[0], packed[1], bias, activation)
+        else:
+            y = _op(backend, "balanced_linear")(x2, weight.values, weight.indices, weight.bank, bias, activation)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _wants_grad(x: torch.Tensor, weight: SparseWeight, bias: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad)
+    )
+
+
+def _nm24_packed(weight: BalancedSparseWeight):
+    """(packed_values, packed_meta) of a 2:4 weight for the sparse tensor cores (``sparsekern::nm24_pack``), or
+    None when the weight does not qualify (bank 4 keep 2, fp16/bf16, out % 16 == 0, in % 64 == 0, a CUDA build)
+    or when tracing for torch.compile (which takes the general balanced op). Packed once per weight object and
+    packed again when its values were changed in place (an optimizer step bumps the tensor's version)."""
+    if (
+        weight.bank != 4 or weight.keep != 2 or weight.dtype not in (torch.float16, torch.bfloat16)
+        or weight.shape[0] % 16 or weight.shape[1] % 64 or torch.compiler.is_compiling()
+        or not _ext.require().has_cuda()
+    ):
+        return None
+    values = weight.values
+    cached = getattr(weight, "_nm24", None)
+    if cached is None or cached[0] is not values or cached[1] != values._version:
+        pv, pm = torch.ops.sparsekern.nm24_pack(values.detach(), weight.indices)
+        cached = weight._nm24 = (values, values._version, pv, pm)
+    return cached[2], cached[3]
 
 
 def linear_grad_input(grad_out: torch.Tensor, weight: SparseWeight, backend: Optional[str] = None) -> torch.Tensor:

@@ -238,3 +238,30 @@ def test_module_on_gpu_takes_a_measured_backend(fmt):
     assert_close_to_ref(y, ref, F.gelu(dense(x)), f"module {fmt} on {m.backend}")
     y.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+
+
+def test_two_four_module_runs_on_sparse_tensor_cores_and_follows_updates():
+    """A 2:4 BalancedSparseLinear with backend="cuda" runs nm24_linear (mma.sp) without grad, the general balanced
+    kernel with grad, and both agree with the dense layer; an in-place change of the values is picked up."""
+    from sparse.nn import BalancedSparseLinear
+
+    torch.manual_seed(0)
+    m = BalancedSparseLinear.from_linear(torch.nn.Linear(256, 128), bank=4, keep=2, backend="cuda").to(DEV, torch.bfloat16)
+    x = torch.randn(96, 256, device=DEV, dtype=torch.bfloat16)
+
+    def dense_ref():
+        W = m.weight_format.to_dense().double()
+        return F.linear(x.double(), W, m.bias.double()), F.linear(x, m.weight_format.to_dense(), m.bias)
+
+    with torch.no_grad():
+        y_fast = m(x)
+        assert getattr(m._format, "_nm24", None) is not None  # the packed weight was built and used
+        before = dense_ref()
+        assert_close_to_ref(y_fast, *before, "2:4 nm24 path")
+        assert_close_to_ref(sparse.linear(x, m.weight_format, m.bias), *before, "general balanced path")
+        m.values.mul_(-2.0)
+        assert_close_to_ref(m(x), *dense_ref(), "2:4 nm24 path after an in-place update")
+    y_grad = m(x.requires_grad_())
+    assert_close_to_ref(y_grad, *dense_ref(), "2:4 with grad (general balanced kernel)")
+    y_grad.float().sum().backward()
+    assert x.grad is not None
