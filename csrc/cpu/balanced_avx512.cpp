@@ -304,131 +304,6 @@ void fwd_gather(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Forward, vectorised over output rows (bank <= 32): the lanes are 16 output rows. Per group of 16 rows and chunk
-// of banks the kept weights and their in-bank indices are transposed once into [entry][16 rows] vectors, so that
-// for each token one vpermt2ps picks the 16 rows' x values out of the bank's 32 columns (two vectors, loaded once
-// per token and bank) and one FMA adds them. Zen 5 issues the permutes on other pipes than the FMAs (1.8 of each
-// per cycle measured together), and the index and weight vectors are reused across the tokens in flight, so the
-// loop needs ~2/keep + 2/NT loads per FMA instead of the token-tile path's ~1.25. X and Y stay row-major: no
-// transposes of activations.
-
-// Packs X rows [0, tb) x columns [c0, c1) as fp32 into dst[t * pitch + c - c0]. Columns past c1 are left as they
-// are: a bank's 32-column window may reach into them, but no index selects them.
-template <typename S>
-void rv_pack_x(const S* x, int64_t ldx, int64_t tb, int64_t c0, int64_t c1, float* dst, int64_t pitch) {
-  const int64_t nc = c1 - c0;
-  for (int64_t t = 0; t < tb; ++t)
-    for (int64_t c = 0; c < nc; c += L) {
-      const int64_t n = nc - c < L ? nc - c : L;
-      store_n(dst + t * pitch + c, load_n(x + t * ldx + c0 + c, n), n);
-    }
-}
-
-// Transposes entries [e0, e0 + n) of nr (<= 16) rows (row stride row_len) into wv[j * 16 + r] (weights, fp32) and
-// iv[j * 16 + r] (indices, int32); rows past nr get weight 0 and index 0.
-template <typename W, typename I>
-void rv_pack_w(const W* w, const I* idx, int64_t row_len, int64_t nr, int64_t e0, int64_t n, float* wv,
-               int32_t* iv) {
-  __m512 r[L];
-  for (int64_t j = 0; j < n; j += L) {
-    const int64_t nj = n - j < L ? n - j : L;
-    const __mmask16 m = lane_mask(nj);
-    for (int i = 0; i < L; ++i) r[i] = i < nr ? load_w(w + i * row_len + e0 + j, m) : _mm512_setzero_ps();
-    transpose(r);
-    for (int64_t q = 0; q < nj; ++q) _mm512_store_ps(wv + (j + q) * L, r[q]);
-    for (int i = 0; i < L; ++i)
-      r[i] = i < nr ? _mm512_castsi512_ps(load_idx(idx + i * row_len + e0 + j, m)) : _mm512_setzero_ps();
-    transpose(r);
-    for (int64_t q = 0; q < nj; ++q) _mm512_store_si512(iv + (j + q) * L, _mm512_castps_si512(r[q]));
-  }
-}
-
-// NT tokens (rows of xb, stride pitch) x nb banks of the packed chunk: acc[t] (16 output rows) += the banks' terms.
-template <int NT>
-inline void rv_tokens(const float* xb, int64_t pitch, int64_t nb, int64_t bank, int64_t keep, const float* wv,
-                      const int32_t* iv, __m512 acc[NT]) {
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512 lo[NT], hi[NT];
-    for (int t = 0; t < NT; ++t) {
-      lo[t] = _mm512_loadu_ps(xb + t * pitch + b * bank);
-      hi[t] = _mm512_loadu_ps(xb + t * pitch + b * bank + L);
-    }
-    const float* wk = wv + b * keep * L;
-    const int32_t* ik = iv + b * keep * L;
-    for (int64_t k = 0; k < keep; ++k) {
-      const __m512 w = _mm512_load_ps(wk + k * L);
-      const __m512i ix = _mm512_load_si512(ik + k * L);
-      for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(lo[t], ix, hi[t]), acc[t]);
-    }
-  }
-}
-
-// One block of NT tokens for one group of nr rows: partial sums from/to yb[t * 16] unless first/last; the last
-// chunk adds the bias, applies the activation and stores y[t * ldy + r].
-template <int NT, typename W>
-void rv_block(const float* xb, int64_t pitch, int64_t nb, const BalShape& s, const float* wv, const int32_t* iv,
-              float* yb, bool first, bool last, __m512 bv, Act act, W* y, int64_t nr) {
-  __m512 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = first ? _mm512_setzero_ps() : _mm512_load_ps(yb + t * L);
-  rv_tokens<NT>(xb, pitch, nb, s.bank, s.keep, wv, iv, acc);
-  if (!last) {
-    for (int t = 0; t < NT; ++t) _mm512_store_ps(yb + t * L, acc[t]);
-    return;
-  }
-  for (int t = 0; t < NT; ++t) store_n(y + t * s.out, act_avx512(_mm512_add_ps(acc[t], bv), act), nr);
-}
-
-constexpr int kRvTokens = 8;  // tokens in flight: 8 accumulators + 16 x vectors + weight + index fit 32 zmm
-
-template <typename W, typename I>
-void fwd_rows_vec(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias,
-                  Act act, W* y, int64_t o0, int64_t o1, float* scratch) {
-  const int64_t row_len = s.n_banks * s.keep;
-  const int64_t tile = T < kRvTile ? T : kRvTile;
-  float* xb = align64(scratch);
-  float* wv = align64(xb + bal_rv_x_floats(s));
-  int32_t* iv = reinterpret_cast<int32_t*>(wv + bal_rv_w_floats(s));
-  float* ybuf = align64(reinterpret_cast<float*>(iv) + bal_rv_w_floats(s));
-  for (int64_t t0 = 0; t0 < T; t0 += tile) {
-    const int64_t tb = T - t0 < tile ? T - t0 : tile;
-    const int64_t cb = bal_rv_chunk_banks(s, tile);
-    const int64_t pitch = bal_rv_pitch(s, cb);
-    for (int64_t b0 = 0; b0 < s.n_banks; b0 += cb) {
-      const int64_t b1 = b0 + cb < s.n_banks ? b0 + cb : s.n_banks;
-      const int64_t c1 = b1 * s.bank < s.in ? b1 * s.bank : s.in;
-      rv_pack_x(x + t0 * ldx, ldx, tb, b0 * s.bank, c1, xb, pitch);
-      const int64_t e0 = b0 * s.keep, n = (b1 - b0) * s.keep;
-      const bool first = b0 == 0, last = b1 == s.n_banks;
-      for (int64_t g = o0; g < o1; g += L) {
-        const int64_t nr = o1 - g < L ? o1 - g : L;
-        for (int64_t r = 0; r < L; ++r) {  // the next group's slice: 16 strided rows the prefetchers miss
-          prefetch_range(w + (g + L + r) * row_len + e0, n * int64_t(sizeof(W)));
-          prefetch_range(idx + (g + L + r) * row_len + e0, n * int64_t(sizeof(I)));
-        }
-        rv_pack_w(w + g * row_len, idx + g * row_len, row_len, nr, e0, n, wv, iv);
-        const __m512 bv = last && bias ? load_n(bias + g, nr) : _mm512_setzero_ps();
-        float* yb = ybuf + (g - o0) * tile;
-        W* yg = y + t0 * s.out + g;
-        int64_t t = 0;
-        for (; t + kRvTokens <= tb; t += kRvTokens)
-          rv_block<kRvTokens>(xb + t * pitch, pitch, b1 - b0, s, wv, iv, yb + t * L, first, last, bv, act,
-                              yg + t * s.out, nr);
-        switch (tb - t) {
-          case 0: break;
-          case 1: rv_block<1>(xb + t * pitch, pitch, b1 - b0, s, wv, iv, yb + t * L, first, last, bv, act, yg + t * s.out, nr); break;
-          case 2: rv_block<2>(xb + t * pitch, pitch, b1 - b0, s, wv, iv, yb + t * L, first, last, bv, act, yg + t * s.out, nr); break;
-          case 3: rv_block<3>(xb + t * pitch, pitch, b1 - b0, s, wv, iv, yb + t * L, first, last, bv, act, yg + t * s.out, nr); break;
-          case 4: rv_block<4>(xb + t * pitch, pitch, b1 - b0, s, wv, iv, yb + t * L, first, last, bv, act, yg + t * s.out, nr); break;
-          case 5: rv_block<5>(xb + t * pitch, pitch, b1 - b0, s, wv, iv, yb + t * L, first, last, bv, act, yg + t * s.out, nr); break;
-          case 6: rv_block<6>(xb + t * pitch, pitch, b1 - b0, s, wv, iv, yb + t * L, first, last, bv, act, yg + t * s.out, nr); break;
-          default: rv_block<7>(xb + t * pitch, pitch, b1 - b0, s, wv, iv, yb + t * L, first, last, bv, act, yg + t * s.out, nr); break;
-        }
-      }
-    }
-  }
-}
-
 template <typename W, typename I>
 void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act,
          W* y, int64_t o0, int64_t o1, float* scratch) {
@@ -436,7 +311,6 @@ void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, cons
   if (T == 1) return fwd_gather<1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
   if (T == 2) return fwd_gather<2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
   if (T == 3) return fwd_gather<3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
-  if (s.bank <= 2 * L) return fwd_rows_vec(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
   float* xt = align64(scratch);
   float* ybuf = align64(xt + bal_chunk_floats(s));
   int32_t* colpat = reinterpret_cast<int32_t*>(align64(ybuf + (o1 - o0 + 16) * kMaxTokTile));

@@ -59,40 +59,13 @@ static inline int64_t bal_chunk_entries(const BalShape& s) {
 // Most output rows one forward micro-kernel call handles at once (AVX2, 8-token tiles).
 constexpr int64_t kMaxRowGroup = 8;
 
-// The AVX-512 forward vectorised over output rows (bank <= 32): tokens per tile, and the L1 budgets that size its
-// chunk of banks, the packed X chunk (tile x chunk columns, fp32) and one group's packed weight and index vectors
-// (16 rows x 8 bytes per kept entry).
-constexpr int64_t kRvTile = 256;
-constexpr int64_t kRvXFloats = 8192;
-constexpr int64_t kRvEntries = 128;
-
-static inline int64_t bal_rv_chunk_banks(const BalShape& s, int64_t tile) {
-  int64_t cb = kRvXFloats / (tile * s.bank);
-  if (cb > kRvEntries / s.keep) cb = kRvEntries / s.keep;
-  return cb < 1 ? 1 : (cb > s.n_banks ? s.n_banks : cb);
-}
-
-// Row pitch of the packed X chunk: the 32-column window of the chunk's last bank stays inside the row.
-static inline int64_t bal_rv_pitch(const BalShape& s, int64_t cb) {
-  const int64_t p = cb * s.bank + (s.bank < 32 ? 32 : 0);
-  return (p + 15) / 16 * 16;
-}
-
-// tile * cb * bank <= kRvXFloats unless cb = 1; the pitch adds at most 47 columns.
-static inline int64_t bal_rv_x_floats(const BalShape& s) { return kRvXFloats + kRvTile * (s.bank + 47); }
-static inline int64_t bal_rv_w_floats(const BalShape& s) {
-  return 16 * (kRvEntries > s.keep ? kRvEntries : s.keep) + 16;
-}
-
 // Scratch (in floats, 64-byte alignments included) one thread needs: forward for `rows` output rows, grad_input
 // with rows = out, sddmm see below.
 static inline int64_t bal_scratch_floats(const BalShape& s, int64_t rows) {
   const int64_t row_len = s.n_banks * s.keep;
   const int64_t tiles = bal_chunk_floats(s) + (rows + 16) * kMaxTokTile + (kMaxRowGroup + 1) * (bal_chunk_entries(s) + 16) + 128;
   const int64_t gather = kGatherMaxTokens * (s.in + 128) + row_len + 96;
-  const int64_t rows_vec = bal_rv_x_floats(s) + 2 * bal_rv_w_floats(s) + (rows + 16) * kRvTile + 128;
-  const int64_t m = tiles > gather ? tiles : gather;
-  return m > rows_vec ? m : rows_vec;
+  return tiles > gather ? tiles : gather;
 }
 
 // sddmm: the tiles, per-chunk column offsets (int64) and a float32 accumulator [rows, n_banks * keep].
