@@ -16,6 +16,12 @@
 //  - Partial sums per chunk go to a per-thread buffer [rows, tile]; after the last chunk they are transposed into
 //    Y in registers, adding bias and the activation. The rows' weight slices are prefetched a few rows ahead:
 //    the chunked walk over W is strided and the hardware prefetchers miss it.
+//  - Vectorising over 16 output rows instead (weights and in-bank indices transposed per call into [entry][16 rows]
+//    vectors, one vpermt2ps per token picking the rows' x values from the bank's 32 columns, X and Y row-major, no
+//    transposes) was built and measured no faster (Zen 5, 1 thread, bank 32, the 27 BERT-base cases, 2026-11-29:
+//    within +-5% of this plan everywhere): a 512-bit vpermt2ps and the FMA it feeds sustain ~1 FMA per cycle
+//    together (microbenchmark, 8-16 independent accumulators), about what this plan reaches end to end (~1.1 per
+//    cycle; its inner loop alone 1.4, bound by loads).
 //  - T below kGatherMaxTokens (decode) picks x per kept entry instead (permutes of 32-column windows on AVX-512,
 //    gathers on AVX2): the weight stream, not the FMAs, is the bound there.
 #pragma once
