@@ -69,7 +69,9 @@ constexpr int64_t kMaxRowGroup = 8;
 // with rows = out, sddmm see below.
 static inline int64_t bal_scratch_floats(const BalShape& s, int64_t rows) {
   const int64_t row_len = s.n_banks * s.keep;
-  const int64_t tiles = bal_chunk_floats(s) + (rows + 16) * kMaxTokTile + (kMaxRowGroup + 1) * (bal_chunk_entries(s) + 16) + 128;
+  // Entry offsets: the AVX-512 forward keeps two row groups' worth (the next one computed ahead).
+  const int64_t tiles = bal_chunk_floats(s) + (rows + 16) * kMaxTokTile +
+                        (2 * kMaxRowGroup + 1) * (bal_chunk_entries(s) + 16) + 128;
   const int64_t gather = kGatherMaxTokens * (s.in + 128) + row_len + 96;
   return tiles > gather ? tiles : gather;
 }
