@@ -12,7 +12,9 @@
 //  - Per kept weight: one broadcast and one precomputed offset load feed a whole row of the tile (8 FMAs on
 //    AVX-512), and 2-8 output rows are interleaved so that 8-16 independent accumulators hide the FMA latency.
 //    The inner loop is bound by loads: one vector load of X^T per FMA is inherent (each row picks its own
-//    columns, so nothing is reused across rows), which caps it near half the dense FMA rate.
+//    columns, so nothing is reused across rows), which caps it near half the dense FMA rate. On AVX-512 the
+//    offsets of the next row group are computed while the current one runs; with 1-2 token vectors (T <= 32)
+//    and keep % 4 == 0 the offsets come from one load of 4 indices and the weights from one load of 4 instead.
 //  - Partial sums per chunk go to a per-thread buffer [rows, tile]; after the last chunk they are transposed into
 //    Y in registers, adding bias and the activation. The rows' weight slices are prefetched a few rows ahead:
 //    the chunked walk over W is strided and the hardware prefetchers miss it.
@@ -20,8 +22,8 @@
 //    vectors, one vpermt2ps per token picking the rows' x values from the bank's 32 columns, X and Y row-major, no
 //    transposes) was built and measured no faster (Zen 5, 1 thread, bank 32, the 27 BERT-base cases, 2026-11-29:
 //    within +-5% of this plan everywhere): a 512-bit vpermt2ps and the FMA it feeds sustain ~1 FMA per cycle
-//    together (microbenchmark, 8-16 independent accumulators), about what this plan reaches end to end (~1.1 per
-//    cycle; its inner loop alone 1.4, bound by loads).
+//    together (microbenchmark, 8-16 independent accumulators), about what this plan reached end to end then (~1.1
+//    per cycle; its inner loop alone 1.4, bound by loads).
 //  - T below kGatherMaxTokens (decode) picks x per kept entry instead (permutes of 32-column windows on AVX-512,
 //    gathers on AVX2): the weight stream, not the FMAs, is the bound there.
 #pragma once
