@@ -20,10 +20,10 @@
 //    the chunked walk over W is strided and the hardware prefetchers miss it.
 //  - Vectorising over 16 output rows instead (weights and in-bank indices transposed per call into [entry][16 rows]
 //    vectors, one vpermt2ps per token picking the rows' x values from the bank's 32 columns, X and Y row-major, no
-//    transposes) was built and measured no faster (Zen 5, 1 thread, bank 32, the 27 BERT-base cases, 2026-11-29:
-//    within +-5% of this plan everywhere): a 512-bit vpermt2ps and the FMA it feeds sustain ~1 FMA per cycle
-//    together (microbenchmark, 8-16 independent accumulators), about what this plan reached end to end then (~1.1
-//    per cycle; its inner loop alone 1.4, bound by loads).
+//    transposes) was built and measured slower (Zen 5, 1 thread, bank 32, 768x768, 2026-11-29: T = 16 / 128 / 512
+//    at keep 16 0.134 / 0.71 / 2.96 ms against 0.114 / 0.51 / 2.09 ms here): a 512-bit vpermt2ps and the FMA it
+//    feeds sustain only ~1 FMA per cycle together (microbenchmark, 8-16 independent accumulators), below this
+//    plan's inner loop (1.4 per cycle alone, bound by loads).
 //  - T below kGatherMaxTokens (decode) picks x per kept entry instead (permutes of 32-column windows on AVX-512,
 //    gathers on AVX2): the weight stream, not the FMAs, is the bound there.
 #pragma once
