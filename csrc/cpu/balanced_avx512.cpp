@@ -153,16 +153,6 @@ inline __m512 load4(const uint16_t* p) {
 // inner loop alone: NV = 1 4.0 vs 3.2 FMA/ns, NV = 2 4.7 vs 4.2, NV = 4 4.5 vs 4.9.
 constexpr int kQuadMaxNV = 2;
 
-// Rows ahead whose weight slice for this chunk is prefetched: a chunk visits every row for a few banks only, a
-// strided walk the hardware prefetchers miss (the weights stream from L3 when they exceed L2).
-constexpr int64_t kPrefetchRows = 8;
-
-inline void prefetch_range(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T1);
-  _mm_prefetch(c + bytes - 1, _MM_HINT_T1);
-}
-
 // Byte offsets into the packed chunk of n kept entries of one row: colb[j] + idx[j] * TT * 4, where colb[j] is the
 // byte offset of entry j's bank in the chunk. Computed 16 at a time before the FMA loop, so the loop does one 32-bit
 // load per entry instead of a byte load, a shift and an add.
@@ -206,13 +196,8 @@ inline uint64_t load_idx4(const int16_t* p) {
 template <int R, int NV, typename W, typename I>
 void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, const int32_t* colb, bool quads,
               const int32_t* off, int32_t* off_next, const I* idx_next, int64_t nr_next, const float* xt,
-              float* acc_buf, bool first, bool prefetch) {
+              float* acc_buf, bool first) {
   constexpr int64_t TT = NV * L;
-  if (prefetch)
-    for (int r = 0; r < R; ++r) {  // past the last row this touches other memory or none: prefetches never fault
-      prefetch_range(w + (r + kPrefetchRows) * row_len + e0, n * int64_t(sizeof(W)));
-      prefetch_range(idx + (r + kPrefetchRows) * row_len + e0, n * int64_t(sizeof(I)));
-    }
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v)
@@ -285,9 +270,6 @@ void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w
     // Up to 16 accumulators (R * NV) hide the FMA latency without spilling. NV = 1 (T = 16, 2026-11-29): 6 rows
     // 4-8% faster than 4, 8 rows 10-20% slower; NV = 2: 4 rows beat 6 and 8 by 15%.
     constexpr int R = NV > 4 ? 2 : NV == 1 ? 6 : 4;
-    // Chunks of half the row or more walk W nearly in order, which the hardware prefetchers follow; software
-    // prefetches then only cost load slots (768x768, T = 16: 4-10% slower with them).
-    const bool prefetch = 2 * cb < s.n_banks;
     const bool rows_quads = quads && NV <= kQuadMaxNV;
     // Groups of R rows, then single rows; off[0] holds the offsets of the current group, off[1] the next one's.
     int32_t* offs[2] = {off, off + R * (n + L)};
@@ -302,10 +284,10 @@ void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w
       int32_t* onx = offs[(g + 1) & 1];
       if (nr == R)
         fwd_rows<R, NV>(w + o * row_len, idx + o * row_len, row_len, e0, n, colb, rows_quads, oc, onx,
-                        idx + on * row_len, nr_next, xt, ybuf + (o - o0) * TT, b0 == 0, prefetch);
+                        idx + on * row_len, nr_next, xt, ybuf + (o - o0) * TT, b0 == 0);
       else
         fwd_rows<1, NV>(w + o * row_len, idx + o * row_len, row_len, e0, n, colb, rows_quads, oc, onx,
-                        idx + on * row_len, nr_next, xt, ybuf + (o - o0) * TT, b0 == 0, prefetch);
+                        idx + on * row_len, nr_next, xt, ybuf + (o - o0) * TT, b0 == 0);
       o = on;
     }
   }
