@@ -154,8 +154,8 @@ inline __m512 load4(const uint16_t* p) {
 constexpr int kQuadMaxNV = 2;
 
 // Byte offsets into the packed chunk of n kept entries of one row: colb[j] + idx[j] * TT * 4, where colb[j] is the
-// byte offset of entry j's bank in the chunk. Computed 16 at a time before the FMA loop, so the loop does one 32-bit
-// load per entry instead of a byte load, a shift and an add.
+// byte offset of entry j's bank in the chunk. Computed 16 at a time before the FMA loop, so the loop does half an
+// 8-byte load per entry instead of a byte load, a shift and an add.
 inline __m512i load_idx(const uint8_t* p, __mmask16 m) { return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)); }
 inline __m512i load_idx(const int16_t* p, __mmask16 m) {
   return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p));
@@ -184,8 +184,6 @@ inline uint64_t load_idx4(const int16_t* p) {
   return v;
 }
 
-// R output rows (row stride row_len in w/idx) over the n kept entries of the current chunk (starting at entry e0 of
-// each row) against the packed chunk xt; partial sums in acc_buf[r * TT + t] (started from zero when first).
 // R output rows (row stride row_len in w/idx) over the n kept entries of the current chunk (starting at entry e0 of
 // each row) against the packed chunk xt; partial sums in acc_buf[r * TT + t] (started from zero when first).
 // colb[j]: byte offset of entry j's bank in the chunk. quads (only with NV <= kQuadMaxNV): every 4 consecutive
