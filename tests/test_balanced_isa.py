@@ -103,5 +103,17 @@ def test_forward_strided_input_and_many_rows(isa: str, T: int) -> None:
            torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [16, 40])
+def test_forward_int16_indices_keep_multiple_of_4(isa: str, dtype: torch.dtype, T: int) -> None:
+    """Wide banks (int16 indices) with keep a multiple of 4: the AVX-512 forward reads 4 indices per load there."""
+    gen = torch.Generator().manual_seed(T + 7)
+    w = _weight(21, 610, 300, 8, dtype, gen)
+    x = torch.randn(T, 610, generator=gen).to(dtype)
+    b = torch.randn(21, generator=gen).to(dtype)
+    ours = torch.ops.sparsekern.balanced_linear(x, w.values, w.indices, 300, b, "none")
+    _check(ours, torch.nn.functional.linear(x, w.to_dense().to(dtype), b), reference.linear(x, w, b), dtype)
+
+
 def test_isa_restored() -> None:
     assert _C.get_isa() == _C.best_isa()

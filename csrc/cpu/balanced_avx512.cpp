@@ -142,57 +142,109 @@ void store_transposed(const float* buf, int64_t rows, int64_t tb, D* dst, int64_
 inline __m512 bcast(const float* p) { return _mm512_set1_ps(*p); }
 inline __m512 bcast(const uint16_t* p) { return _mm512_set1_ps(bf16_to_float(*p)); }
 
-// Rows ahead whose weight slice for this chunk is prefetched: a chunk visits every row for a few banks only, a
-// strided walk the hardware prefetchers miss (the weights stream from L3 when they exceed L2).
-constexpr int64_t kPrefetchRows = 8;
-
-inline void prefetch_range(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T1);
-  _mm_prefetch(c + bytes - 1, _MM_HINT_T1);
+// p[0..3] as fp32 in every 128-bit lane.
+inline __m512 load4(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+inline __m512 load4(const uint16_t* p) {
+  const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm512_broadcast_f32x4(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
 }
 
-// Byte offsets into the packed chunk of n kept entries of one row: (colpat[j] + idx[j]) * TT * 4, where colpat[j]
-// is the first column of entry j's bank relative to the chunk. Computed 16 at a time before the FMA loop, so the
-// loop does one 32-bit load per entry instead of a byte load, an add and a shift on its critical path.
+// Token vectors per tile up to which fwd_rows takes weights 4 per load (the loads per FMA dominate). Zen 5, 1 thread,
+// inner loop alone: NV = 1 4.0 vs 3.2 FMA/ns, NV = 2 4.7 vs 4.2, NV = 4 4.5 vs 4.9.
+constexpr int kQuadMaxNV = 2;
+
+// Byte offsets into the packed chunk of n kept entries of one row: colb[j] + idx[j] * TT * 4, where colb[j] is the
+// byte offset of entry j's bank in the chunk. Computed 16 at a time before the FMA loop, so the loop does half an
+// 8-byte load per entry instead of a byte load, a shift and an add.
 inline __m512i load_idx(const uint8_t* p, __mmask16 m) { return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)); }
 inline __m512i load_idx(const int16_t* p, __mmask16 m) {
   return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p));
 }
 
 template <int TT, typename I>
-inline void entry_offsets(const I* idx, const int32_t* colpat, int64_t n, int32_t* off) {
+inline void entry_offsets(const I* idx, const int32_t* colb, int64_t n, int32_t* off) {
   constexpr int kShift = TT == 16 ? 6 : TT == 32 ? 7 : TT == 64 ? 8 : TT == 128 ? 9 : -1;
   for (int64_t j = 0; j < n; j += L) {
     const __mmask16 m = lane_mask(n - j);
-    const __m512i c = _mm512_add_epi32(load_idx(idx + j, m), _mm512_maskz_loadu_epi32(m, colpat + j));
+    const __m512i c = load_idx(idx + j, m);
     const __m512i b = kShift >= 0 ? _mm512_slli_epi32(c, kShift) : _mm512_mullo_epi32(c, _mm512_set1_epi32(TT * 4));
-    _mm512_mask_storeu_epi32(off + j, m, b);
+    _mm512_mask_storeu_epi32(off + j, m, _mm512_add_epi32(b, _mm512_maskz_loadu_epi32(m, colb + j)));
   }
+}
+
+// Four consecutive indices of a row, packed into one integer (one load instead of four).
+inline uint64_t load_idx4(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline uint64_t load_idx4(const int16_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
 }
 
 // R output rows (row stride row_len in w/idx) over the n kept entries of the current chunk (starting at entry e0 of
 // each row) against the packed chunk xt; partial sums in acc_buf[r * TT + t] (started from zero when first).
+// colb[j]: byte offset of entry j's bank in the chunk. quads (only with NV <= kQuadMaxNV): every 4 consecutive
+// entries share a bank (keep % 4 == 0).
+// Without quads, off holds this call's offsets (off[r * n + j], computed by the previous call) and the call computes
+// those of the next nr_next rows (idx_next) into off_next: written one call ahead, the offsets are read back from L1
+// instead of waiting on their own stores (768x768, 128 tokens, keep 4 / 8 / 16: 9 / 9 / 6% faster).
 template <int R, int NV, typename W, typename I>
-void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, const int32_t* colpat,
-              int32_t* off, const float* xt, float* acc_buf, bool first) {
+void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, const int32_t* colb, bool quads,
+              const int32_t* off, int32_t* off_next, const I* idx_next, int64_t nr_next, const float* xt,
+              float* acc_buf, bool first) {
   constexpr int64_t TT = NV * L;
-  for (int r = 0; r < R; ++r) {  // past the last row this touches other memory or none: prefetches never fault
-    prefetch_range(w + (r + kPrefetchRows) * row_len + e0, n * int64_t(sizeof(W)));
-    prefetch_range(idx + (r + kPrefetchRows) * row_len + e0, n * int64_t(sizeof(I)));
-  }
-  for (int r = 0; r < R; ++r) entry_offsets<TT>(idx + r * row_len + e0, colpat, n, off + r * n);
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v)
       acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * TT + v * L);
   const char* xc0 = reinterpret_cast<const char*>(xt);
   const W* wr = w + e0;
-  for (int64_t j = 0; j < n; ++j) {
-    for (int r = 0; r < R; ++r) {
-      const __m512 wv = bcast(wr + r * row_len + j);
-      const float* xc = reinterpret_cast<const float*>(xc0 + off[r * n + j]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xc + v * L), acc[r][v]);
+  const I* ir = idx + e0;
+  if (quads) {
+    // With 1-2 FMAs per kept entry the per-entry loads cost as much as the x loads: the offsets are computed in
+    // integer registers from one load of 4 indices (an offset array written and read back cost 15-25% at 16
+    // tokens), and the weights come 4 per load, one in-lane shuffle each.
+    constexpr int kBits = 8 * sizeof(I);
+    constexpr uint64_t kMask = (uint64_t(1) << kBits) - 1;
+    for (int64_t j = 0; j < n; j += 4) {
+      const int64_t base = colb[j];
+      for (int r = 0; r < R; ++r) {
+        const uint64_t i4 = load_idx4(ir + r * row_len + j);
+        const __m512 w4 = load4(wr + r * row_len + j);
+        for (int q = 0; q < 4; ++q) {
+          const __m512 wv = _mm512_permute_ps(w4, q * 0x55);
+          const float* xc =
+              reinterpret_cast<const float*>(xc0 + base + static_cast<int64_t>((i4 >> (q * kBits)) & kMask) * (TT * 4));
+          for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xc + v * L), acc[r][v]);
+        }
+      }
+    }
+  } else {
+    // More FMAs per entry: the precomputed offsets measured faster than computing them inline (T = 128: 25%), and
+    // read 2 per load (3-5%).
+    for (int64_t r = 0; r < nr_next; ++r) entry_offsets<TT>(idx_next + r * row_len + e0, colb, n, off_next + r * n);
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      for (int r = 0; r < R; ++r) {
+        uint64_t o01;
+        std::memcpy(&o01, off + r * n + j, 8);
+        const uint64_t o[2] = {o01 & 0xffffffffu, o01 >> 32};
+        for (int q = 0; q < 2; ++q) {
+          const __m512 wv = bcast(wr + r * row_len + j + q);
+          const float* xc = reinterpret_cast<const float*>(xc0 + o[q]);
+          for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xc + v * L), acc[r][v]);
+        }
+      }
+    }
+    for (; j < n; ++j) {
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = bcast(wr + r * row_len + j);
+        const float* xc = reinterpret_cast<const float*>(xc0 + off[r * n + j]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xc + v * L), acc[r][v]);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
@@ -201,26 +253,41 @@ void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, 
 
 template <int NV, typename W, typename I>
 void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w, const I* idx, const W* bias,
-              Act act, W* y, int64_t o0, int64_t o1, float* xt, float* ybuf, int32_t* colpat, int32_t* off) {
+              Act act, W* y, int64_t o0, int64_t o1, float* xt, float* ybuf, int32_t* colb, int32_t* off) {
   constexpr int64_t TT = NV * L;
   const int64_t row_len = s.n_banks * s.keep;
   const int64_t cb = bal_chunk_banks(s, TT);
-  for (int64_t j = 0; j < cb * s.keep; ++j) colpat[j] = static_cast<int32_t>((j / s.keep) * s.bank);
+  for (int64_t j = 0; j < cb * s.keep; ++j) colb[j] = static_cast<int32_t>((j / s.keep) * s.bank * TT * 4);
+  const bool quads = s.keep % 4 == 0;  // every 4 consecutive entries of a row share a bank
   for (int64_t b0 = 0; b0 < s.n_banks; b0 += cb) {
     const int64_t b1 = b0 + cb < s.n_banks ? b0 + cb : s.n_banks;
     const int64_t c0 = b0 * s.bank;
     const int64_t c1 = b1 * s.bank < s.in ? b1 * s.bank : s.in;
     pack_transposed<NV>(x + c0, ldx, tb, c1 - c0, xt);
     const int64_t e0 = b0 * s.keep, n = (b1 - b0) * s.keep;
-    // Up to 16 accumulators (R * NV) hide the FMA latency without spilling (8 rows at NV = 1 measured no faster).
-    constexpr int R = NV > 4 ? 2 : 4;
-    int64_t o = o0;
-    for (; o + R <= o1; o += R)
-      fwd_rows<R, NV>(w + o * row_len, idx + o * row_len, row_len, e0, n, colpat, off, xt, ybuf + (o - o0) * TT,
-                      b0 == 0);
-    for (; o < o1; ++o)
-      fwd_rows<1, NV>(w + o * row_len, idx + o * row_len, row_len, e0, n, colpat, off, xt, ybuf + (o - o0) * TT,
-                      b0 == 0);
+    // Up to 16 accumulators (R * NV) hide the FMA latency without spilling. NV = 1 (T = 16, 2026-11-29): 6 rows
+    // 4-8% faster than 4, 8 rows 10-20% slower; NV = 2: 4 rows beat 6 and 8 by 15%.
+    constexpr int R = NV > 4 ? 2 : NV == 1 ? 6 : 4;
+    const bool rows_quads = quads && NV <= kQuadMaxNV;
+    // Groups of R rows, then single rows; off[0] holds the offsets of the current group, off[1] the next one's.
+    int32_t* offs[2] = {off, off + R * (n + L)};
+    auto group = [&](int64_t o) { return o1 - o >= R ? int64_t(R) : int64_t(1); };
+    if (!rows_quads)
+      for (int64_t r = 0; r < group(o0); ++r)
+        entry_offsets<TT>(idx + (o0 + r) * row_len + e0, colb, n, offs[0] + r * n);
+    for (int64_t o = o0, g = 0; o < o1; ++g) {
+      const int64_t nr = group(o), on = o + nr;
+      const int64_t nr_next = rows_quads || on >= o1 ? 0 : group(on);
+      const int32_t* oc = offs[g & 1];
+      int32_t* onx = offs[(g + 1) & 1];
+      if (nr == R)
+        fwd_rows<R, NV>(w + o * row_len, idx + o * row_len, row_len, e0, n, colb, rows_quads, oc, onx,
+                        idx + on * row_len, nr_next, xt, ybuf + (o - o0) * TT, b0 == 0);
+      else
+        fwd_rows<1, NV>(w + o * row_len, idx + o * row_len, row_len, e0, n, colb, rows_quads, oc, onx,
+                        idx + on * row_len, nr_next, xt, ybuf + (o - o0) * TT, b0 == 0);
+      o = on;
+    }
   }
   store_transposed<NV>(ybuf, o1 - o0, tb, y + o0, s.out, bias ? bias + o0 : nullptr, act);
 }
@@ -313,22 +380,24 @@ void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, cons
   if (T == 3) return fwd_gather<3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
   float* xt = align64(scratch);
   float* ybuf = align64(xt + bal_chunk_floats(s));
-  int32_t* colpat = reinterpret_cast<int32_t*>(align64(ybuf + (o1 - o0 + 16) * kMaxTokTile));
-  int32_t* off = colpat + bal_chunk_entries(s) + 16;
-  constexpr int64_t kTile = 8 * L;
-  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
-    const int64_t tb = T - t0 < kTile ? T - t0 : kTile;
+  int32_t* colb = reinterpret_cast<int32_t*>(align64(ybuf + (o1 - o0 + 16) * kMaxTokTile));
+  int32_t* off = colb + bal_chunk_entries(s) + 16;
+  // 4 kept entries per bank: 2-vector tiles, whose chunks span 4x the banks and take the 4-index loads, beat
+  // 8-vector tiles by 5-20% (1 thread, BERT-base shapes, T = 64-512, 2026-11-29); at keep 8 and 16 they lose 3-10%.
+  const int64_t tile = s.keep == 4 ? 2 * L : 8 * L;
+  for (int64_t t0 = 0; t0 < T; t0 += tile) {
+    const int64_t tb = T - t0 < tile ? T - t0 : tile;
     const W* xp = x + t0 * ldx;
     W* yp = y + t0 * s.out;
     switch ((tb + L - 1) / L) {
-      case 1: fwd_tile<1>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
-      case 2: fwd_tile<2>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
-      case 3: fwd_tile<3>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
-      case 4: fwd_tile<4>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
-      case 5: fwd_tile<5>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
-      case 6: fwd_tile<6>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
-      case 7: fwd_tile<7>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
-      default: fwd_tile<8>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colpat, off); break;
+      case 1: fwd_tile<1>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colb, off); break;
+      case 2: fwd_tile<2>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colb, off); break;
+      case 3: fwd_tile<3>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colb, off); break;
+      case 4: fwd_tile<4>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colb, off); break;
+      case 5: fwd_tile<5>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colb, off); break;
+      case 6: fwd_tile<6>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colb, off); break;
+      case 7: fwd_tile<7>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colb, off); break;
+      default: fwd_tile<8>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colb, off); break;
     }
   }
 }
