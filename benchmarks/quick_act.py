@@ -2,24 +2,28 @@
 activation="none", then torch.nn.functional's activation), for tuning the vectorised activations.
 
 Prints one line per (format, density, dtype, threads): the median time per call of the kernel alone ("none"), the
-fused kernel and the unfused pair, and unfused / fused (> 1: fusing pays). The contenders take turns call by call
+fused kernel and the unfused pair, unfused / fused of the medians (> 1: fusing pays), and the same ratio of the
+minima (a busy machine only ever adds time, so the minima are the steadier estimate there). The contenders take turns call by call
 (interleaved), so load from other jobs on the cores hits all of them alike; with --threads 1 each call is timed by
 the thread's CPU time, which other jobs do not inflate.
 
   python -m benchmarks.quick_act                                  # BERT's intermediate layer, gelu
   python -m benchmarks.quick_act --act silu --dens 0.5 --threads 2
+  python -m benchmarks.quick_act --isa avx2                       # the AVX2 kernels on an AVX-512 machine
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 
+import sparse
 from sparse.formats import BalancedSparseWeight, BlockSparseWeight
 
 OPS = torch.ops.sparsekern
@@ -41,18 +45,31 @@ def _kernel(fmt: str, W: torch.Tensor, d: float, block: int, bank: int) -> Calla
     return lambda X, b, act: OPS.balanced_linear(X, wb.values, wb.indices, bank, b, act)
 
 
-def _medians(fns: Dict[str, Callable[[], object]], threads: int, rounds: int) -> Dict[str, float]:
-    """Median seconds per call of each function, the calls interleaved round by round after two warm-up rounds."""
+def _keep_freed_memory() -> None:
+    """Keeps glibc from handing freed outputs (12 MiB at BERT's shape) back to the kernel: otherwise each call's output
+    may be a fresh mapping whose first touch page-faults, which showed as +/- 5 ms on a 2.5 ms call depending on the
+    order of the calls. Both contenders allocate the same way in a model; here only their compute is compared."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+def _times(fns: Dict[str, Callable[[], object]], threads: int, rounds: int) -> Dict[str, List[float]]:
+    """Seconds per call of each function, `rounds` calls each, interleaved round by round after two warm-up rounds."""
     torch.set_num_threads(threads)
     clock = time.thread_time if threads == 1 else time.perf_counter
-    times: Dict[str, list] = {k: [] for k in fns}
+    times: Dict[str, List[float]] = {k: [] for k in fns}
     for r in range(rounds + 2):
         for k, f in fns.items():
             t0 = clock()
             f()
             if r >= 2:
                 times[k].append(clock() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def main() -> None:
@@ -67,13 +84,17 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--bank", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--isa", default="auto", help="CPU kernel family: auto, avx512, avx2, portable")
     args = ap.parse_args()
+    sparse._ext._C.set_isa(args.isa)
+    _keep_freed_memory()
     out, inn = (int(s) for s in args.shape.split("x"))
     gen = torch.Generator().manual_seed(0)
     W0, b0, X0 = torch.randn(out, inn, generator=gen), torch.randn(out, generator=gen), torch.randn(args.T, inn, generator=gen)
     act_fn = TORCH_ACT[args.act]
-    print(f"{args.act}, {out}x{inn}, T={args.T}; median ms per call; unfused = kernel 'none' then torch's {args.act}")
-    print(f"{'format':9s} {'d':>4s} {'dtype':9s} {'thr':>3s} {'none':>8s} {'fused':>8s} {'unfused':>8s} {'unf/fused':>9s}")
+    print(f"{args.act}, {out}x{inn}, T={args.T}, {sparse._ext._C.get_isa()} kernels; median ms per call; unfused = kernel 'none' then torch's {args.act}")
+    print(f"{'format':9s} {'d':>4s} {'dtype':9s} {'thr':>3s} {'none':>8s} {'fused':>8s} {'unfused':>8s} {'unf/fused':>9s} "
+          f"{'(minima)':>8s}")
     with torch.inference_mode():
         for fmt in args.formats.split(","):
             for d in (float(s) for s in args.dens.split(",")):
@@ -86,9 +107,11 @@ def main() -> None:
                         "unfused": lambda: act_fn(k(X, b, "none")),
                     }
                     for th in (int(s) for s in args.threads.split(",")):
-                        m = _medians(fns, th, args.rounds)
+                        t = _times(fns, th, args.rounds)
+                        m = {k: statistics.median(v) for k, v in t.items()}
                         print(f"{fmt:9s} {d:4.2f} {str(dt)[6:]:9s} {th:3d} {m['none'] * 1e3:8.3f} {m['fused'] * 1e3:8.3f} "
-                              f"{m['unfused'] * 1e3:8.3f} {m['unfused'] / m['fused']:9.3f}", flush=True)
+                              f"{m['unfused'] * 1e3:8.3f} {m['unfused'] / m['fused']:9.3f} "
+                              f"{min(t['unfused']) / min(t['fused']):8.3f}", flush=True)
 
 
 if __name__ == "__main__":
