@@ -102,7 +102,7 @@ SK_ACT_INLINE __m256 act_avx2(__m256 v, Act act) {
 }
 
 // r[i] = act(r[i]) for i in [0, n): a tile kept in registers. The switch sits outside the loop so that the n
-// independent evaluations interleave (one alone is a ~30-deep dependency chain).
+// independent evaluations interleave (one alone is a ~15-deep dependency chain).
 SK_ACT_INLINE void act_tile_avx2(__m256* r, int64_t n, Act act) {
   switch (act) {
     case Act::Relu:
@@ -119,24 +119,6 @@ SK_ACT_INLINE void act_tile_avx2(__m256* r, int64_t n, Act act) {
       break;
     default:
       break;
-  }
-}
-
-// y[i] = act(y[i] + bias[i]) for i in [0, n), bias may be null: a contiguous fp32 row segment, 8 lanes at a time,
-// the tail through a small buffer (AVX2 has no masked float arithmetic to keep the padding lanes harmless).
-static inline void act_row_avx2(float* y, const float* bias, int64_t n, Act act) {
-  if (act == Act::None && bias == nullptr) return;
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 v = _mm256_loadu_ps(y + i);
-    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + i));
-    _mm256_storeu_ps(y + i, act_avx2(v, act));
-  }
-  if (i < n) {
-    alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t j = i; j < n; ++j) tmp[j - i] = bias ? y[j] + bias[j] : y[j];
-    _mm256_store_ps(tmp, act_avx2(_mm256_load_ps(tmp), act));
-    for (int64_t j = i; j < n; ++j) y[j] = tmp[j - i];
   }
 }
 

@@ -125,7 +125,7 @@ SK_ACT_INLINE __m512 act_avx512(__m512 v, Act act) {
 }
 
 // r[i] = act(r[i]) for i in [0, n): a tile kept in registers. The switch sits outside the loop so that the n
-// independent evaluations interleave (one alone is a ~30-deep dependency chain).
+// independent evaluations interleave (one alone is a ~15-deep dependency chain).
 SK_ACT_INLINE void act_tile_avx512(__m512* r, int64_t n, Act act) {
   switch (act) {
     case Act::Relu:
@@ -142,18 +142,6 @@ SK_ACT_INLINE void act_tile_avx512(__m512* r, int64_t n, Act act) {
       break;
     default:
       break;
-  }
-}
-
-// y[i] = act(y[i] + bias[i]) for i in [0, n), bias may be null: a contiguous fp32 row segment, 16 lanes at a time
-// with a masked tail.
-static inline void act_row_avx512(float* y, const float* bias, int64_t n, Act act) {
-  if (act == Act::None && bias == nullptr) return;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
-    __m512 v = _mm512_maskz_loadu_ps(m, y + i);
-    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + i));
-    _mm512_mask_storeu_ps(y + i, m, act_avx512(v, act));
   }
 }
 
