@@ -142,7 +142,8 @@ void fwd_tile(const BsrFwdArgs& a, int64_t r, int64_t oc, int64_t nv, int64_t t0
   // relu keeps NaN (max(0, v) returns v when v is NaN); the transcendental activations are those of act_avx2.h.
   switch (static_cast<Act>(a.act)) {
     case Act::Relu:
-      return store_tile<E, V, TT>(acc, bias, y, a.out, nv, [](__m256 z) { return _mm256_max_ps(_mm256_setzero_ps(), z); });
+      return store_tile<E, V, TT>(acc, bias, y, a.out, nv,
+                                  [](__m256 z) { return _mm256_max_ps(_mm256_setzero_ps(), z); });
     case Act::Gelu:
       return store_tile<E, V, TT>(acc, bias, y, a.out, nv, [](__m256 z) { return gelu_avx2(z); });
     case Act::GeluTanh:

@@ -100,7 +100,8 @@ __attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m
   E* y = static_cast<E*>(a.y) + t0 * a.out + o0;
   switch (static_cast<Act>(a.act)) {
     case Act::Relu:
-      return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return _mm512_max_ps(_mm512_setzero_ps(), z); });
+      return store_tile<E, V, TT>(acc, bias, y, a.out, m,
+                                  [](__m512 z) { return _mm512_max_ps(_mm512_setzero_ps(), z); });
     case Act::Gelu:
       return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return gelu_avx512(z); });
     case Act::GeluTanh:
