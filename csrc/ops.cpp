@@ -1,5 +1,5 @@
 // Every op schema of the package, one comment per op. Implementations live in cpu/ (and cuda/); fake
-// kernels and autograd are registered from Python (sparse/ops.py).
+// kernels are registered from Python (sparse/ops.py), autograd in autograd.cpp.
 //
 // Shapes: x [T, in]; Y [T, out]. Block-sparse weights hold `values` [nnz, bo, bi] (logical shape; the CPU
 // kernels want the physical layout [nnz, bi, bo], i.e. strides (bo*bi, 1, bo), which the weight format builds

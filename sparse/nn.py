@@ -101,11 +101,14 @@ class SparseLinear(nn.Module):
         """After construction, a move or a load: picks the backend for the values' device and builds the format
         object that forward passes to the kernels (once, not per call). When no backend can run on the device
         (e.g. ``meta``), the choice is deferred: forward raises the error that lists each backend's reason."""
+        self._format = self.weight_format
         try:
             self.backend = ops.select_backend(self.values.device, self._backend_request)
         except RuntimeError:
             self.backend = None
-        self._format = self.weight_format
+            return
+        if self._backend_request is None:  # on a GPU: Triton or CUDA C++, whichever measures faster for this weight
+            self.backend = ops.fastest_backend(self._format)
 
     def _apply(self, fn, recurse: bool = True):
         module = super()._apply(fn, recurse)
@@ -198,7 +201,9 @@ class BlockSparseLinear(SparseLinear):
         sparsity: fraction of blocks dropped, in [0, 1). The weight is initialised like ``nn.Linear`` and then
             pruned to the blocks of largest L2 norm.
         activation: ``"none", "relu", "gelu", "gelu_tanh"`` or ``"silu"``, applied in the kernel's output stage.
-        backend: a name from ``sparse.ops.BACKENDS`` or None for the first that can run on the device.
+        backend: a name from ``sparse.ops.BACKENDS``, or None: the only one on a CPU; on a GPU the faster of
+            Triton and CUDA C++ for this weight, measured once per weight configuration (``sparse.ops.fastest_backend``)
+            when the module is built or moved.
     Parameters: ``values`` [nnz_blocks, bo, bi] (physical layout [nnz, bi, bo], strides (bo*bi, 1, bo), which
     ``.to()``, deepcopy, pickling and ``load_state_dict`` preserve), ``bias`` [out_features].
     Buffers: the pattern (``row_offsets``, ``col_indices``, ``col_offsets``, ``row_indices``, ``block_perm``,

@@ -8,6 +8,8 @@ leading dimensions and reshapes.
 from __future__ import annotations
 
 import importlib
+import statistics
+import time
 from typing import Dict, Optional, Union
 
 import torch
@@ -15,11 +17,13 @@ import torch
 from . import _ext
 from .formats import BalancedSparseWeight, BlockSparseWeight
 
-__all__ = ["linear", "linear_grad_input", "sddmm", "select_backend", "backend_status", "ACTIVATIONS", "BACKENDS"]
+__all__ = ["linear", "linear_grad_input", "sddmm", "select_backend", "fastest_backend", "backend_timings", "backend_status",
+           "ACTIVATIONS", "BACKENDS"]
 
 SparseWeight = Union[BlockSparseWeight, BalancedSparseWeight]
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
-# In order of preference: on a GPU Triton comes first (the CUDA C++ kernels are unmeasured against it so far).
+# In order of preference when a backend is forced by device only (select_backend); modules built without a
+# backend request take the one that measures fastest for their weight (fastest_backend).
 BACKENDS = ("cpu", "triton", "cuda")
 # Every backend implements the C++ schemas of csrc/ops.cpp; its ops are torch.ops.sparsekern.<prefix><op>.
 # "cpu" and "cuda" share the op names: the dispatcher picks the kernel by the tensors' device.
@@ -57,7 +61,8 @@ def _setup_common(ctx, x: torch.Tensor, bias: Optional[torch.Tensor], activation
 
 def bsr_autograd(prefix: str):
     """(backward, setup_context) of the block-sparse forward op ``sparsekern::<prefix>bsr_linear``; the backward
-    calls only that backend's ops, so it traces under torch.compile."""
+    calls only that backend's ops, so it traces under torch.compile. Used by the Triton ops; the CPU/CUDA op's
+    autograd is the C++ mirror of this one in csrc/autograd.cpp."""
 
     def setup(ctx, inputs, output):
         x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias, activation = inputs
@@ -149,10 +154,8 @@ def _register() -> None:
         _check_same_device(grad_out=grad_out, x=x, indices=indices)
         return x.new_empty(indices.shape)
 
-    backward, setup = bsr_autograd("")
-    torch.library.register_autograd("sparsekern::bsr_linear", backward, setup_context=setup)
-    backward, setup = balanced_autograd("")
-    torch.library.register_autograd("sparsekern::balanced_linear", backward, setup_context=setup)
+    # The autograd of sparsekern::bsr_linear / balanced_linear is registered in C++ (csrc/autograd.cpp): a Python
+    # autograd kernel would cost ~4 us on every grad-mode call, even when nothing requires a gradient.
 
 
 if _ext.available():
@@ -219,9 +222,23 @@ def backend_status(device: Union[str, torch.device]) -> Dict[str, Optional[str]]
     return {name: _refusal(name, device) for name in BACKENDS}
 
 
+_OPS: Dict[tuple, object] = {}
+
+
 def _op(backend: str, name: str):
-    """The op ``name`` (e.g. "bsr_linear") of ``backend``."""
-    return getattr(torch.ops.sparsekern, _OP_PREFIX[backend] + name)
+    """The op ``name`` (e.g. "bsr_linear") of ``backend``, as its OpOverload (looked up once: the attribute walk
+    and the overload resolution of the packet cost about a microsecond per call)."""
+    key = (backend, name)
+    op = _OPS.get(key)
+    if op is None:
+        op = _OPS[key] = getattr(torch.ops.sparsekern, _OP_PREFIX[backend] + name).default
+    return op
+
+
+# (device, requested backend) -> the backend select_backend chose. Only successes are kept: what makes a backend
+# able (the extension loaded, CUDA present, triton importable) does not change within a process, while a refusal
+# is rechecked so that its error names the current reason.
+_ABLE: Dict[tuple, str] = {}
 
 
 def select_backend(device: Union[str, torch.device], backend: Optional[str] = None) -> str:
@@ -231,15 +248,78 @@ def select_backend(device: Union[str, torch.device], backend: Optional[str] = No
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     device = torch.device(device)
+    chosen = _ABLE.get((device, backend))
+    if chosen is not None:
+        return chosen
     candidates = [backend] if backend is not None else list(BACKENDS)
     reasons = []
     for name in candidates:  # stops at the first able backend: only that one's checks run
         reason = _refusal(name, device)
         if reason is None:
+            _ABLE[(device, backend)] = name
             return name
         reasons.append(f"{name}: {reason}")
     reasons = "; ".join(reasons)
     raise RuntimeError(f"no sparse backend can run on {device}: {reasons}")
+
+
+# (format, shape, pattern, dtype, device, tokens) -> {backend: median seconds or the error it raised}; one
+# measurement serves every layer of the same configuration (a Transformer's twelve identical layers).
+_TIMINGS: Dict[tuple, Dict[str, Union[float, str]]] = {}
+
+
+def _weight_key(weight: SparseWeight) -> tuple:
+    pattern = weight.block if isinstance(weight, BlockSparseWeight) else (weight.bank, weight.keep, "balanced")
+    return (type(weight).__name__, tuple(weight.shape), pattern, weight.values.shape[0], weight.dtype)
+
+
+def _time_backend(backend: str, x: torch.Tensor, weight: SparseWeight, repeats: int) -> float:
+    """Median seconds of one forward call of ``backend`` (after two warm-up calls, which also compile and
+    autotune a Triton kernel)."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            sync()
+            t0 = time.perf_counter()
+            linear(x, weight, backend=backend)
+            sync()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fastest_backend(weight: SparseWeight, tokens: int = 512, repeats: int = 5) -> str:
+    """The backend that runs ``weight``'s forward fastest on its device, measured once per weight configuration
+    (format, shape, pattern, dtype, device) with ``tokens`` rows of input. With one able backend (every CPU) this
+    is ``select_backend`` and measures nothing. A backend that fails while measured is left out and its error kept
+    in ``backend_timings``. Meant for module construction, not per call."""
+    device = weight.device
+    able = [name for name in BACKENDS if _refusal(name, device) is None]
+    if len(able) <= 1:
+        return select_backend(device)
+    key = (*_weight_key(weight), device, tokens)
+    timings = _TIMINGS.get(key)
+    if timings is None:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(tokens, weight.shape[1], generator=g, device=device).to(weight.dtype)
+        timings = {}
+        for name in able:
+            try:
+                timings[name] = _time_backend(name, x, weight, repeats)
+            except Exception as exc:  # a backend that cannot run this weight simply does not win
+                timings[name] = f"{type(exc).__name__}: {exc}"
+        _TIMINGS[key] = timings
+    measured = {name: t for name, t in timings.items() if isinstance(t, float)}
+    if not measured:
+        raise RuntimeError(f"every backend failed on this weight on {device}: {timings}")
+    return min(measured, key=measured.get)
+
+
+def backend_timings() -> Dict[tuple, Dict[str, Union[float, str]]]:
+    """What fastest_backend measured so far: {(format, shape, pattern, nnz, dtype, device, tokens): {backend:
+    median seconds, or the error that backend raised}}."""
+    return {k: dict(v) for k, v in _TIMINGS.items()}
 
 
 def linear(
@@ -266,16 +346,44 @@ def linear(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     backend = select_backend(x.device, backend)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # the ops take [T, in]
     if isinstance(weight, BlockSparseWeight):
         y = _op(backend, "bsr_linear")(
             x2, weight.values, weight.row_offsets, weight.col_indices, weight.col_offsets, weight.row_indices,
             weight.block_perm, weight.shape[0], bias, activation,
         )
     else:
-        y = _op(backend, "balanced_linear")(x2, weight.values, weight.indices, weight.bank, bias, activation)
-    return y.reshape(*lead, weight.shape[0])
+        packed = _nm24_packed(weight) if backend == "cuda" and not _wants_grad(x, weight, bias) else None
+        if packed is not None:  # 2:4 on the sparse tensor cores (mma.sp); no autograd, hence only without grad
+            y = torch.ops.sparsekern.nm24_linear.default(x2, packed[0], packed[1], bias, activation)
+        else:
+            y = _op(backend, "balanced_linear")(x2, weight.values, weight.indices, weight.bank, bias, activation)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _wants_grad(x: torch.Tensor, weight: SparseWeight, bias: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad)
+    )
+
+
+def _nm24_packed(weight: BalancedSparseWeight):
+    """(packed_values, packed_meta) of a 2:4 weight for the sparse tensor cores (``sparsekern::nm24_pack``), or
+    None when the weight does not qualify (bank 4 keep 2, fp16/bf16, out % 16 == 0, in % 64 == 0, a CUDA build)
+    or when tracing for torch.compile (which takes the general balanced op). Packed once per weight object and
+    packed again when its values were changed in place (an optimizer step bumps the tensor's version)."""
+    if (
+        weight.bank != 4 or weight.keep != 2 or weight.dtype not in (torch.float16, torch.bfloat16)
+        or weight.shape[0] % 16 or weight.shape[1] % 64 or torch.compiler.is_compiling()
+        or not _ext.require().has_cuda()
+    ):
+        return None
+    values = weight.values
+    cached = getattr(weight, "_nm24", None)
+    if cached is None or cached[0] is not values or cached[1] != values._version:
+        pv, pm = torch.ops.sparsekern.nm24_pack(values.detach(), weight.indices)
+        cached = weight._nm24 = (values, values._version, pv, pm)
+    return cached[2], cached[3]
 
 
 def linear_grad_input(grad_out: torch.Tensor, weight: SparseWeight, backend: Optional[str] = None) -> torch.Tensor:

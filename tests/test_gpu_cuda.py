@@ -211,3 +211,57 @@ def test_bad_input_is_reported():
     b = _balanced((16, 64), 32, 8, torch.float16)
     with pytest.raises(RuntimeError, match="banks"):  # 100 features need 4 banks of 32, the weight has 2
         ops.balanced_linear(_rand(3, 100, dtype=torch.float16), b.values, b.indices, 32, None, "none")
+
+
+@pytest.mark.parametrize("fmt", ["block", "balanced"])
+def test_module_on_gpu_takes_a_measured_backend(fmt):
+    """A module moved to the GPU without a backend request takes the faster of Triton and CUDA C++ (both able
+    here), and its forward and backward match the dense layer."""
+    from sparse.nn import BalancedSparseLinear, BlockSparseLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 128)
+    if fmt == "block":
+        m = BlockSparseLinear.from_linear(lin, block=32, sparsity=0.5, activation="gelu")
+    else:
+        m = BalancedSparseLinear.from_linear(lin, bank=32, keep=8, activation="gelu")
+    m = m.to(DEV, torch.bfloat16)
+    timings = [t for k, t in sparse.ops.backend_timings().items() if k[1] == (128, 256) and k[4] == torch.bfloat16]
+    assert timings and m.backend in timings[-1] and isinstance(timings[-1][m.backend], float)
+    dense = torch.nn.Linear(256, 128).to(DEV, torch.bfloat16)
+    with torch.no_grad():
+        dense.weight.copy_(m.weight_format.to_dense())
+        dense.bias.copy_(m.bias)
+    x = torch.randn(64, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    y = m(x)
+    ref = F.gelu(F.linear(x.double(), dense.weight.double(), dense.bias.double()))
+    assert_close_to_ref(y, ref, F.gelu(dense(x)), f"module {fmt} on {m.backend}")
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+
+
+def test_two_four_module_runs_on_sparse_tensor_cores_and_follows_updates():
+    """A 2:4 BalancedSparseLinear with backend="cuda" runs nm24_linear (mma.sp) without grad, the general balanced
+    kernel with grad, and both agree with the dense layer; an in-place change of the values is picked up."""
+    from sparse.nn import BalancedSparseLinear
+
+    torch.manual_seed(0)
+    m = BalancedSparseLinear.from_linear(torch.nn.Linear(256, 128), bank=4, keep=2, backend="cuda").to(DEV, torch.bfloat16)
+    x = torch.randn(96, 256, device=DEV, dtype=torch.bfloat16)
+
+    def dense_ref():
+        W = m.weight_format.to_dense().double()
+        return F.linear(x.double(), W, m.bias.double()), F.linear(x, m.weight_format.to_dense(), m.bias)
+
+    with torch.no_grad():
+        y_fast = m(x)
+        assert getattr(m._format, "_nm24", None) is not None  # the packed weight was built and used
+        before = dense_ref()
+        assert_close_to_ref(y_fast, *before, "2:4 nm24 path")
+        assert_close_to_ref(sparse.linear(x, m.weight_format, m.bias), *before, "general balanced path")
+        m.values.mul_(-2.0)
+        assert_close_to_ref(m(x), *dense_ref(), "2:4 nm24 path after an in-place update")
+    y_grad = m(x.requires_grad_())
+    assert_close_to_ref(y_grad, *dense_ref(), "2:4 with grad (general balanced kernel)")
+    y_grad.float().sum().backward()
+    assert x.grad is not None

@@ -255,3 +255,39 @@ def test_bad_arguments():
         m(torch.randn(2, 64, dtype=torch.float64))
     with pytest.raises(ValueError, match="x must end in 64 features"):
         m(torch.randn(2, 63))
+
+
+def test_module_takes_the_backend_that_measures_fastest(monkeypatch):
+    """With several able backends (as on a GPU: triton and cuda), a module built without a backend request takes
+    the fastest one for its weight, measured once per weight configuration; a backend that fails is left out."""
+    from sparse import ops
+
+    able = {"cpu": None, "triton": None, "cuda": None}
+    monkeypatch.setattr(ops, "_refusal", lambda name, device: able[name])
+    monkeypatch.setattr(ops, "_TIMINGS", {})
+    calls = []
+
+    def fake_time(name, x, weight, repeats):
+        calls.append((name, tuple(x.shape)))
+        if name == "cuda":
+            raise RuntimeError("no kernel for this shape")
+        return {"cpu": 3e-3, "triton": 1e-3}[name]
+
+    monkeypatch.setattr(ops, "_time_backend", fake_time)
+    a = BlockSparseLinear(64, 32, block=16, sparsity=0.5)
+    b = BlockSparseLinear(64, 32, block=16, sparsity=0.5)  # same configuration: measured once
+    assert a.backend == b.backend == "triton"
+    assert sorted(calls) == [("cpu", (512, 64)), ("cuda", (512, 64)), ("triton", (512, 64))]
+    (timings,) = ops.backend_timings().values()
+    assert timings["triton"] == 1e-3 and "no kernel for this shape" in timings["cuda"]
+    assert BlockSparseLinear(64, 32, block=16, sparsity=0.5, backend="cpu").backend == "cpu"  # a request is kept
+    assert len(calls) == 3
+    BalancedSparseLinear(64, 32, bank=16, keep=4)  # another configuration: measured again
+    assert len(calls) == 6
+
+
+def test_one_able_backend_measures_nothing(monkeypatch):
+    from sparse import ops
+
+    monkeypatch.setattr(ops, "_time_backend", lambda *a: pytest.fail("measured with a single able backend"))
+    assert BlockSparseLinear(64, 32, block=16, sparsity=0.5).backend == "cpu"

@@ -147,6 +147,47 @@ def test_opcheck_balanced(with_bias):
     torch.library.opcheck(ops.balanced_sddmm, (g, x.detach(), w.indices, 16))
 
 
+# The autograd of the forward ops is C++ (csrc/autograd.cpp): its gradient slots are indexed by the tensor inputs
+# only, so every subset of {x, values, bias} that requires a gradient is checked against dense autograd.
+@pytest.mark.parametrize("fmt", ["block", "balanced"])
+@pytest.mark.parametrize("wants", ["x", "values", "bias", "x+bias", "values+bias", "x+values+bias"])
+def test_autograd_each_subset_of_inputs(fmt, wants):
+    w = _block((40, 48), 16, 0.5, torch.float64) if fmt == "block" else _balanced((40, 48), 16, 4, torch.float64)
+    x = torch.randn(5, 48, dtype=torch.float64, requires_grad="x" in wants)
+    values = w.values.detach().clone().requires_grad_("values" in wants)
+    bias = torch.randn(40, dtype=torch.float64, requires_grad="bias" in wants)
+    if fmt == "block":
+        args = list(_block_args(w, x, bias, "gelu"))
+        args[1] = values
+        y = ops.bsr_linear(*args)
+    else:
+        y = ops.balanced_linear(x, values, w.indices, 16, bias, "gelu")
+    g = torch.randn_like(y)
+    y.backward(g)
+    dense_values = w.to_dense().detach().clone().requires_grad_("values" in wants)
+    xd, bd = x.detach().clone().requires_grad_("x" in wants), bias.detach().clone().requires_grad_("bias" in wants)
+    F.gelu(F.linear(xd, dense_values, bd)).backward(g)
+    if "x" in wants:
+        torch.testing.assert_close(x.grad, xd.grad)
+    if "bias" in wants:
+        torch.testing.assert_close(bias.grad, bd.grad)
+    if "values" in wants:
+        torch.testing.assert_close(values.grad, reference.gather(dense_values.grad, w))
+    for t, name in ((x, "x"), (values, "values"), (bias, "bias")):
+        assert (t.grad is not None) == (name in wants), name
+
+
+@pytest.mark.parametrize("fmt", ["block", "balanced"])
+def test_no_graph_when_nothing_requires_grad(fmt):
+    """With grad mode on but no input requiring a gradient, the op records no autograd node (the fast path)."""
+    w = _block((40, 48), 16, 0.5, torch.float32) if fmt == "block" else _balanced((40, 48), 16, 4, torch.float32)
+    x = torch.randn(5, 48)
+    y = sparse.linear(x, w, torch.randn(40), "relu")
+    assert y.grad_fn is None and not y.requires_grad
+    x.requires_grad_()
+    assert sparse.linear(x, w).grad_fn is not None
+
+
 @pytest.mark.parametrize("act", ["none", "gelu", "relu"])
 def test_gradcheck_block(act):
     w = _block((20, 24), (8, 4), 0.4, torch.float64)
