@@ -48,8 +48,8 @@ def _selected(fmt: str, z: torch.Tensor, T: int, act: str) -> torch.Tensor:
 
 
 def _tail_values() -> torch.Tensor:
-    """Every region of the activations: a dense grid over [-30, 30] (GELU's erfc branch, SiLU's and tanh-GELU's
-    exp near under/overflow), exact zeros of both signs, tiny and huge magnitudes."""
+    """Every region of the activations: a dense grid over [-30, 30] (GELU's switch to exactly x / -0 near |x| = 5.5,
+    SiLU's and tanh-GELU's exp near under/overflow), exact zeros of both signs, tiny and huge magnitudes."""
     grid = torch.linspace(-30.0, 30.0, 6001, dtype=torch.float64)
     extra = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7, 0.5, -0.5, 88.5, -88.5, 89.5, -89.5, 150.0, -150.0,
                           1e20, -1e20], dtype=torch.float64)

@@ -83,16 +83,17 @@ inline void store8(uint16_t* p, __m256 v, int64_t n) {
   }
 }
 
-// + bias, activation, store of lanes < n. relu keeps NaN (max(0, v) returns v when v is NaN).
-template <typename E>
-inline void finish(__m256 v, const E* bias, Act act, E* dst, int64_t n) {
-  if (bias) v = _mm256_add_ps(v, load8(bias, n));
-  if (act == Act::Relu) {
-    v = _mm256_max_ps(_mm256_setzero_ps(), v);
-  } else if (act != Act::None) {
-    v = act_avx2(v, act);
-  }
-  store8(dst, v, n);
+// Output stage of a tile: + bias, f (the activation), store of the lanes < nv of every accumulator. One instance
+// per activation, the switch outside the tile, so that the TT x V independent evaluations interleave.
+template <typename E, int V, int TT, typename F>
+inline void store_tile(__m256 (&acc)[TT][V], const E* bias, E* y, int64_t ldy, int64_t nv, F f) {
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) {
+      const __m256 z = bias ? _mm256_add_ps(acc[t][v], load8(bias + 8 * v, nv - 8 * v)) : acc[t][v];
+      store8(y + t * ldy + 8 * v, f(z), nv - 8 * v);
+    }
 }
 
 // ---------------------------------------------------------------- forward
@@ -138,11 +139,20 @@ void fwd_tile(const BsrFwdArgs& a, int64_t r, int64_t oc, int64_t nv, int64_t t0
   const int64_t o0 = r * bo + oc;
   const E* bias = a.bias ? static_cast<const E*>(a.bias) + o0 : nullptr;
   E* y = static_cast<E*>(a.y) + t0 * a.out + o0;
-  const Act act = static_cast<Act>(a.act);
-#pragma GCC unroll 16
-  for (int t = 0; t < TT; ++t)
-#pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) finish<E>(acc[t][v], bias ? bias + 8 * v : nullptr, act, y + t * a.out + 8 * v, nv - 8 * v);
+  // relu keeps NaN (max(0, v) returns v when v is NaN); the transcendental activations are those of act_avx2.h.
+  switch (static_cast<Act>(a.act)) {
+    case Act::Relu:
+      return store_tile<E, V, TT>(acc, bias, y, a.out, nv,
+                                  [](__m256 z) { return _mm256_max_ps(_mm256_setzero_ps(), z); });
+    case Act::Gelu:
+      return store_tile<E, V, TT>(acc, bias, y, a.out, nv, [](__m256 z) { return gelu_avx2(z); });
+    case Act::GeluTanh:
+      return store_tile<E, V, TT>(acc, bias, y, a.out, nv, [](__m256 z) { return gelu_tanh_avx2(z); });
+    case Act::Silu:
+      return store_tile<E, V, TT>(acc, bias, y, a.out, nv, [](__m256 z) { return silu_avx2(z); });
+    default:
+      return store_tile<E, V, TT>(acc, bias, y, a.out, nv, [](__m256 z) { return z; });
+  }
 }
 
 // Row panels whose W fits in half the L2, walked per token tile (see bsr_avx512.cpp).

@@ -76,31 +76,41 @@ inline void store_f32(uint16_t* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// Output stage of one 16-wide vector: + bias, activation, masked store. relu keeps NaN (max(0, v) returns v
-// when v is NaN); the transcendental activations are the vectorised ones of act_avx512.h.
-template <typename E>
-__attribute__((always_inline)) inline void finish(__m512 v, const E* bias, Act act, E* dst, __mmask16 m) {
-  if (bias) v = _mm512_add_ps(v, load_f32(bias, m));
-  if (act == Act::Relu) {
-    v = _mm512_max_ps(_mm512_setzero_ps(), v);
-  } else if (act != Act::None) {
-    v = act_avx512(v, act);
-  }
-  store_f32(dst, v, m);
+// ---------------------------------------------------------------- forward
+// Output stage of a tile: + bias, f (the activation), masked store of every accumulator. One instance per
+// activation, the switch outside the tile, so that the TT x V independent evaluations interleave.
+template <typename E, int V, int TT, typename F>
+__attribute__((always_inline)) inline void store_tile(__m512 (&acc)[TT][V], const E* bias, E* y, int64_t ldy,
+                                                      const __mmask16* m, F f) {
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) {
+      const __m512 z = bias ? _mm512_add_ps(acc[t][v], load_f32(bias + 16 * v, m[v])) : acc[t][v];
+      store_f32(y + t * ldy + 16 * v, f(z), m[v]);
+    }
 }
 
-// ---------------------------------------------------------------- forward
 // Always inlined: a call taking the accumulator array by reference would keep it in memory (stored every k).
+// relu keeps NaN (max(0, v) returns v when v is NaN); the transcendental activations are those of act_avx512.h.
 template <typename E, int V, int TT>
 __attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m512 (&acc)[TT][V], int64_t r, const __mmask16* m, int64_t t0) {
   const int64_t o0 = r * a.bo;
   const E* bias = a.bias ? static_cast<const E*>(a.bias) + o0 : nullptr;
   E* y = static_cast<E*>(a.y) + t0 * a.out + o0;
-  const Act act = static_cast<Act>(a.act);
-#pragma GCC unroll 16
-  for (int t = 0; t < TT; ++t)
-#pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) finish<E>(acc[t][v], bias ? bias + 16 * v : nullptr, act, y + t * a.out + 16 * v, m[v]);
+  switch (static_cast<Act>(a.act)) {
+    case Act::Relu:
+      return store_tile<E, V, TT>(acc, bias, y, a.out, m,
+                                  [](__m512 z) { return _mm512_max_ps(_mm512_setzero_ps(), z); });
+    case Act::Gelu:
+      return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return gelu_avx512(z); });
+    case Act::GeluTanh:
+      return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return gelu_tanh_avx512(z); });
+    case Act::Silu:
+      return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return silu_avx512(z); });
+    default:
+      return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return z; });
+  }
 }
 
 // The X lines of the next kept block (of this row, or of the next tile once at the row's last block): block columns are scattered, so the hardware prefetchers do
