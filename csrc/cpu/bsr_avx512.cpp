@@ -277,72 +277,111 @@ void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
 // ---------------------------------------------------------------- forward, float32 16x16 blocks
 // With bo = 16 a W column is one zmm, so the generic kernel has only TT = 8 accumulators: exactly the FMA
 // latency x throughput product (4 cycles x 2 pipes), and every W load and per-block cost serves half the work
-// of a 32-block. This path runs 16 tokens per tile (16 accumulators). Their X rows are first packed, per
-// (panel, tile), into a thread-local scratch laid out [block column][token][16]: X rows read in place are
-// `in` floats apart (12 KiB at in = 3072, so 16 of them share one 12-way L1 set), whereas a packed block's X
-// is 1 KiB contiguous and every operand of the fully unrolled 16 x 16 block body is a constant displacement
-// from one base register (no per-row pointers). Packing costs one copy of the tile's X per panel, ~3% of the
-// FMAs at 90% sparsity.
+// of a 32-block. This path runs 16 tokens per tile (16 accumulators) over X packed into a thread-local
+// scratch laid out [block column][token][16]: X rows read in place are `in` floats apart (12 KiB at
+// in = 3072, so 16 of them share one 12-way L1 set, and 16 row pointers do not fit in the general registers),
+// whereas a packed block's X is 1 KiB contiguous and every operand of the fully unrolled 16 x 16 block body is
+// a constant displacement from one base register.
+// The packing is lazy: a block column is copied when a block row first needs it in the current (panel, tile),
+// one block ahead of its use, with its X rows prefetched two blocks ahead. Packing up front instead costs
+// 15-20% at in = 3072 (X comes from L3 there, and nothing overlaps the copy); interleaved with the FMAs it is
+// nearly free. Columns are marked with the (panel, tile)'s epoch.
 constexpr int kTile16 = 16;
 
-struct Scratch {
-  float* p = nullptr;
-  int64_t n = 0;
-  ~Scratch() { std::free(p); }
+struct Scratch16 {
+  float* xs = nullptr;         // [cols][16][16]
+  uint32_t* stamp = nullptr;   // [cols]: epoch at which the column was packed
+  int64_t cols = 0;
+  uint32_t epoch = 0;
+  ~Scratch16() {
+    std::free(xs);
+    std::free(stamp);
+  }
 };
 
-// Per-thread scratch of at least `floats` floats, 64-byte aligned, kept across calls (torch's pool threads
-// live as long as the process). Null if the allocation fails; the caller then takes the generic kernel.
-float* thread_scratch(int64_t floats) {
-  static thread_local Scratch s;
-  if (s.n < floats) {
-    std::free(s.p);
-    s.p = static_cast<float*>(std::aligned_alloc(64, size_t(floats) * 4));  // floats is a multiple of 16
-    s.n = s.p ? floats : 0;
+// This thread's scratch for `cols` block columns, kept across calls (torch's pool threads live as long as the
+// process). Null if the allocation fails; the caller then takes the generic kernel.
+Scratch16* scratch16(int64_t cols) {
+  static thread_local Scratch16 s;
+  if (s.cols < cols) {
+    std::free(s.xs);
+    std::free(s.stamp);
+    s.xs = static_cast<float*>(std::aligned_alloc(64, size_t(cols) * 256 * 4));
+    s.stamp = static_cast<uint32_t*>(std::calloc(size_t(cols), 4));
+    s.epoch = 0;
+    s.cols = s.xs && s.stamp ? cols : 0;
+    if (s.cols == 0) return nullptr;
   }
-  return s.p;
+  return &s;
 }
 
-// xs[c][t][0:16] = x[t][16c : 16c + 16] for t < N, zeros past `in`.
+// A fresh epoch: no column counts as packed.
+uint32_t next_epoch(Scratch16& s) {
+  if (++s.epoch == 0) {
+    std::memset(s.stamp, 0, size_t(s.cols) * 4);
+    s.epoch = 1;
+  }
+  return s.epoch;
+}
+
+// xs[t][0:16] = x[t][16c : 16c + 16] for t < N, zeros past `in`.
 template <int N>
-void pack_x16(const float* x, int64_t ldx, int64_t in, float* xs) {
-  int64_t c = 0;
-  for (; 16 * c + 16 <= in; ++c, xs += N * 16)
+__attribute__((always_inline)) inline void pack_col16(const float* x, int64_t ldx, int64_t c, int64_t in, float* xs) {
+  const float* xc = x + 16 * c;
+  if (16 * c + 16 <= in) {
 #pragma GCC unroll 16
-    for (int t = 0; t < N; ++t) _mm512_store_ps(xs + 16 * t, _mm512_loadu_ps(x + t * ldx + 16 * c));
-  if (16 * c < in)
-    for (int t = 0; t < N; ++t) _mm512_store_ps(xs + 16 * t, _mm512_maskz_loadu_ps(mask16(in - 16 * c), x + t * ldx + 16 * c));
+    for (int t = 0; t < N; ++t) _mm512_store_ps(xs + 16 * t, _mm512_loadu_ps(xc + t * ldx));
+  } else {
+    const __mmask16 m = mask16(in - 16 * c);
+#pragma GCC unroll 16
+    for (int t = 0; t < N; ++t) _mm512_store_ps(xs + 16 * t, _mm512_maskz_loadu_ps(m, xc + t * ldx));
+  }
 }
 
-// One block row x N tokens over the packed X. With few tokens the k loop is split over KS accumulator sets, so
-// that there are still >= 4 independent FMA chains (batch-1 decode with W in cache is otherwise FMA-latency
-// bound).
+// One block row x N tokens. With few tokens the k loop is split over KS accumulator sets, so that there are
+// still >= 4 independent FMA chains (batch-1 decode with W in cache is otherwise FMA-latency bound).
+// `cnext`: block column of the first block of the next row of this (panel, tile), or -1.
 template <int N>
-void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, const float* xs, int64_t t0, const float* xnext) {
+void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, Scratch16& s, uint32_t epoch,
+                    int64_t cnext) {
   constexpr int KS = N == 1 ? 4 : N <= 3 ? 2 : 1;
+  const float* x = static_cast<const float*>(a.x) + t0 * a.ldx;
   const float* w = static_cast<const float*>(a.w);
+  const int64_t ldx = a.ldx, in = a.in;
+  const int32_t* ci = a.col_indices;
+  float* xs = s.xs;
+  uint32_t* stamp = s.stamp;
   __m512 acc[KS][N];
 #pragma GCC unroll 16
-  for (int s = 0; s < KS; ++s)
+  for (int v = 0; v < KS; ++v)
 #pragma GCC unroll 16
-    for (int t = 0; t < N; ++t) acc[s][t] = _mm512_setzero_ps();
-  const int64_t pend = a.row_offsets[r + 1];
+    for (int t = 0; t < N; ++t) acc[v][t] = _mm512_setzero_ps();
+  const int64_t p0 = a.row_offsets[r], pend = a.row_offsets[r + 1];
   const bool stream_w = N <= 2 || t0 == 0;
-  for (int64_t p = a.row_offsets[r]; p < pend; ++p) {
-    const int64_t c = a.col_indices[p];
-    const float* wb = w + p * 256;
-    const float* xb = xs + c * (N * 16);
-    const float* xn = p + 1 < pend ? xs + int64_t(a.col_indices[p + 1]) * (N * 16) : xnext;
-    if (xn) {
-#pragma GCC unroll 16
-      for (int t = 0; t < N; ++t) _mm_prefetch(reinterpret_cast<const char*>(xn + 16 * t), _MM_HINT_T0);
+  if (p0 < pend && stamp[ci[p0]] != epoch) {  // the first row of a (panel, tile)
+    pack_col16<N>(x, ldx, ci[p0], in, xs + int64_t(ci[p0]) * (N * 16));
+    stamp[ci[p0]] = epoch;
+  }
+  for (int64_t p = p0; p < pend; ++p) {
+    const int64_t c = ci[p];
+    const int64_t c1 = p + 1 < pend ? ci[p + 1] : cnext;
+    const int64_t c2 = p + 2 < pend ? ci[p + 2] : p + 2 == pend ? cnext : -1;
+    if (c1 >= 0 && stamp[c1] != epoch) {
+      pack_col16<N>(x, ldx, c1, in, xs + c1 * (N * 16));
+      stamp[c1] = epoch;
     }
+    if (c2 >= 0 && stamp[c2] != epoch) {
+#pragma GCC unroll 16
+      for (int t = 0; t < N; ++t) _mm_prefetch(reinterpret_cast<const char*>(x + t * ldx + 16 * c2), _MM_HINT_T0);
+    }
+    const float* wb = w + p * 256;
     if (stream_w) {
       const char* wl = reinterpret_cast<const char*>(wb) + kWLead;
 #pragma GCC unroll 16
       for (int l = 0; l < 16; ++l) _mm_prefetch(wl + 64 * l, _MM_HINT_T0);
     }
-    if (16 * c + 16 <= a.in) {
+    const float* xb = xs + c * (N * 16);
+    if (16 * c + 16 <= in) {
 #pragma GCC unroll 16
       for (int k = 0; k < 16; ++k) {
         const __m512 wv = _mm512_maskz_loadu_ps(m, wb + 16 * k);
@@ -351,7 +390,7 @@ void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, const float* xs
           acc[k % KS][t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xb[16 * t + k]), acc[k % KS][t]);
       }
     } else {  // ragged last block column: W past `in` is never read (it may hold anything)
-      for (int64_t k = 0; k < a.in - 16 * c; ++k) {
+      for (int64_t k = 0; k < in - 16 * c; ++k) {
         const __m512 wv = _mm512_maskz_loadu_ps(m, wb + 16 * k);
 #pragma GCC unroll 16
         for (int t = 0; t < N; ++t) acc[0][t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xb[16 * t + k]), acc[0][t]);
@@ -363,16 +402,15 @@ void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, const float* xs
   for (int t = 0; t < N; ++t) {
     sum[t][0] = acc[0][t];
 #pragma GCC unroll 4
-    for (int s = 1; s < KS; ++s) sum[t][0] = _mm512_add_ps(sum[t][0], acc[s][t]);
+    for (int v = 1; v < KS; ++v) sum[t][0] = _mm512_add_ps(sum[t][0], acc[v][t]);
   }
   fwd_epilogue<float, 1, N>(a, sum, r, &m, t0);
 }
 
 // Returns false (nothing done) when the scratch cannot be allocated.
 bool fwd_rows16_f32(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
-  const int64_t nc = (a.in + 15) / 16;
-  float* xs = thread_scratch(nc * kTile16 * 16);
-  if (!xs) return false;
+  Scratch16* s = scratch16((a.in + 15) / 16);
+  if (!s) return false;
   constexpr int64_t blk_bytes = 16 * 16 * 4;
   for (int64_t p0 = r0, p1; p0 < r1; p0 = p1) {
     p1 = p0 + 1;
@@ -380,13 +418,12 @@ bool fwd_rows16_f32(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
     int64_t t0 = 0;
     auto tiles = [&](auto tt) {
       constexpr int N = decltype(tt)::value;
-      pack_x16<N>(static_cast<const float*>(a.x) + t0 * a.ldx, a.ldx, a.in, xs);
+      const uint32_t epoch = next_epoch(*s);
       for (int64_t r = p0; r < p1; ++r) {
-        // X of the next row's first block; the next tile is not packed yet.
-        const float* xnext = r + 1 < p1 && a.row_offsets[r + 1] < a.row_offsets[r + 2]
-                                 ? xs + int64_t(a.col_indices[a.row_offsets[r + 1]]) * (N * 16)
-                                 : nullptr;
-        fwd_tile16_f32<N>(a, r, mask16(a.out - r * 16), xs, t0, xnext);
+        const int64_t cnext = r + 1 < p1 && a.row_offsets[r + 1] < a.row_offsets[r + 2]
+                                  ? a.col_indices[a.row_offsets[r + 1]]
+                                  : -1;
+        fwd_tile16_f32<N>(a, r, mask16(a.out - r * 16), t0, *s, epoch, cnext);
       }
     };
     for (; t0 + kTile16 <= a.T; t0 += kTile16) tiles(Int<kTile16>{});
