@@ -282,15 +282,19 @@ void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
 // in = 3072, so 16 of them share one 12-way L1 set, and 16 row pointers do not fit in the general registers),
 // whereas a packed block's X is 1 KiB contiguous and every operand of the fully unrolled 16 x 16 block body is
 // a constant displacement from one base register.
-// The packing is lazy: a block column is copied when a block row first needs it in the current (panel, tile),
-// one block ahead of its use, with its X rows prefetched two blocks ahead. Packing up front instead costs
-// 15-20% at in = 3072 (X comes from L3 there, and nothing overlaps the copy); interleaved with the FMAs it is
-// nearly free. Columns are marked with the (panel, tile)'s epoch.
+// Packing is lazy: a block column of a tile is copied when a block row first needs it, one block ahead of its
+// use, with its X rows prefetched two blocks ahead; packed columns carry the epoch of their packing. When the
+// packed X of the whole call fits in kPackAllBytes, every tile has its own slot and the epoch is the call's,
+// so the panels after the first read the packed tiles instead of packing them again (at in = 3072 and T >= 128,
+// 10-12% faster); otherwise one slot is reused, with an epoch per (panel, tile).
+// Measured (one thread on its half of W, hot cache): the packing costs 10-20% at in = 3072 and ~5% at
+// in = 768, whether up front, lazy, or per block into an L1 buffer; an in-place kernel was slower still.
 constexpr int kTile16 = 16;
+constexpr int64_t kPackAllBytes = int64_t(8) << 20;  // T = 512 tokens of in = 4096
 
 struct Scratch16 {
-  float* xs = nullptr;         // [cols][16][16]
-  uint32_t* stamp = nullptr;   // [cols]: epoch at which the column was packed
+  float* xs = nullptr;         // [slots][block columns][16][16]
+  uint32_t* stamp = nullptr;   // [slots][block columns]: epoch at which the column was packed
   int64_t cols = 0;
   uint32_t epoch = 0;
   ~Scratch16() {
@@ -299,8 +303,8 @@ struct Scratch16 {
   }
 };
 
-// This thread's scratch for `cols` block columns, kept across calls (torch's pool threads live as long as the
-// process). Null if the allocation fails; the caller then takes the generic kernel.
+// This thread's scratch for `cols` (slots x block columns) packed columns, kept across calls (torch's pool
+// threads live as long as the process). Null if the allocation fails; the caller then takes the generic kernel.
 Scratch16* scratch16(int64_t cols) {
   static thread_local Scratch16 s;
   if (s.cols < cols) {
@@ -340,17 +344,16 @@ __attribute__((always_inline)) inline void pack_col16(const float* x, int64_t ld
 
 // One block row x N tokens. With few tokens the k loop is split over KS accumulator sets, so that there are
 // still >= 4 independent FMA chains (batch-1 decode with W in cache is otherwise FMA-latency bound).
-// `cnext`: block column of the first block of the next row of this (panel, tile), or -1.
+// xs, stamp: the tile's slot. `cnext`: block column of the first block of the next row of this (panel, tile),
+// or -1.
 template <int N>
-void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, Scratch16& s, uint32_t epoch,
-                    int64_t cnext) {
+void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, float* xs, uint32_t* stamp,
+                    uint32_t epoch, int64_t cnext) {
   constexpr int KS = N == 1 ? 4 : N <= 3 ? 2 : 1;
   const float* x = static_cast<const float*>(a.x) + t0 * a.ldx;
   const float* w = static_cast<const float*>(a.w);
   const int64_t ldx = a.ldx, in = a.in;
   const int32_t* ci = a.col_indices;
-  float* xs = s.xs;
-  uint32_t* stamp = s.stamp;
   __m512 acc[KS][N];
 #pragma GCC unroll 16
   for (int v = 0; v < KS; ++v)
@@ -370,9 +373,14 @@ void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, Scr
       pack_col16<N>(x, ldx, c1, in, xs + c1 * (N * 16));
       stamp[c1] = epoch;
     }
-    if (c2 >= 0 && stamp[c2] != epoch) {
+    if (c2 >= 0) {  // the X rows to pack, or the packed column (from L3 when it was packed by an earlier panel)
+      if (stamp[c2] != epoch) {
 #pragma GCC unroll 16
-      for (int t = 0; t < N; ++t) _mm_prefetch(reinterpret_cast<const char*>(x + t * ldx + 16 * c2), _MM_HINT_T0);
+        for (int t = 0; t < N; ++t) _mm_prefetch(reinterpret_cast<const char*>(x + t * ldx + 16 * c2), _MM_HINT_T0);
+      } else {
+#pragma GCC unroll 16
+        for (int t = 0; t < N; ++t) _mm_prefetch(reinterpret_cast<const char*>(xs + c2 * (N * 16) + 16 * t), _MM_HINT_T0);
+      }
     }
     const float* wb = w + p * 256;
     if (stream_w) {
@@ -409,8 +417,11 @@ void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, Scr
 
 // Returns false (nothing done) when the scratch cannot be allocated.
 bool fwd_rows16_f32(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
-  Scratch16* s = scratch16((a.in + 15) / 16);
+  const int64_t nc = (a.in + 15) / 16, ntiles = (a.T + kTile16 - 1) / kTile16;
+  const bool per_call = ntiles * nc * 1024 <= kPackAllBytes;
+  Scratch16* s = scratch16((per_call ? ntiles : 1) * nc);
   if (!s) return false;
+  const uint32_t call_epoch = next_epoch(*s);
   constexpr int64_t blk_bytes = 16 * 16 * 4;
   for (int64_t p0 = r0, p1; p0 < r1; p0 = p1) {
     p1 = p0 + 1;
@@ -418,12 +429,14 @@ bool fwd_rows16_f32(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
     int64_t t0 = 0;
     auto tiles = [&](auto tt) {
       constexpr int N = decltype(tt)::value;
-      const uint32_t epoch = next_epoch(*s);
+      const uint32_t epoch = per_call ? call_epoch : next_epoch(*s);
+      const int64_t slot = per_call ? t0 / kTile16 : 0;
       for (int64_t r = p0; r < p1; ++r) {
         const int64_t cnext = r + 1 < p1 && a.row_offsets[r + 1] < a.row_offsets[r + 2]
                                   ? a.col_indices[a.row_offsets[r + 1]]
                                   : -1;
-        fwd_tile16_f32<N>(a, r, mask16(a.out - r * 16), t0, *s, epoch, cnext);
+        fwd_tile16_f32<N>(a, r, mask16(a.out - r * 16), t0, s->xs + slot * nc * 256, s->stamp + slot * nc, epoch,
+                          cnext);
       }
     };
     for (; t0 + kTile16 <= a.T; t0 += kTile16) tiles(Int<kTile16>{});
