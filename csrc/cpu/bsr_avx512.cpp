@@ -284,17 +284,19 @@ void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
 // whereas a packed block's X is 1 KiB contiguous and every operand of the fully unrolled 16 x 16 block body is
 // a constant displacement from one base register.
 // Packing is lazy: a block column of a tile is copied when a block row first needs it, one block ahead of its
-// use, with its X rows prefetched two blocks ahead; packed columns carry the epoch of their packing. When the
-// packed X of the whole call fits in kPackAllBytes, every tile has its own slot and the epoch is the call's,
-// so the panels after the first read the packed tiles instead of packing them again (at in = 3072 and T >= 128,
-// 10-12% faster); otherwise one slot is reused, with an epoch per (panel, tile).
+// use, with its X rows prefetched two blocks ahead; packed columns carry the epoch of their packing. When a
+// thread's rows span several panels and the packed X of the whole call fits in kPackAllBytes, every tile has
+// its own slot and the epoch is the call's, so the panels after the first read the packed tiles instead of
+// packing them again (768x3072, T = 128, d = 0.25: 8-12% faster). Otherwise one slot (L2-resident) is reused,
+// with an epoch per (panel, tile): at T = 512 writing 6 MiB of fresh slots per call cost up to 20% more than
+// packing again.
 // The scratch stays allocated per thread (up to kPackAllBytes plus one slot), so calls allocate nothing.
 // Measured on Zen 5 (one thread on its half of W, hot cache, 2026-11-29): the packing costs 10-20% at
 // in = 3072 and ~5% at in = 768, whether done up front, lazily, or per block into an L1 buffer (a data-movement
 // cost that the FMAs do not hide); an in-place kernel with 16 row pointers was slower still. Without any packing
 // cost the block body reaches ~85% of the FMA peak (one broadcast load per FMA).
 constexpr int kTile16 = 16;
-constexpr int64_t kPackAllBytes = int64_t(8) << 20;  // T = 512 tokens of in = 4096
+constexpr int64_t kPackAllBytes = int64_t(2) << 20;  // T = 128 tokens of in = 4096
 
 struct Scratch16 {
   float* xs = nullptr;         // [slots][block columns][16][16]
@@ -383,7 +385,8 @@ void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, flo
         for (int t = 0; t < N; ++t) _mm_prefetch(reinterpret_cast<const char*>(x + t * ldx + 16 * c2), _MM_HINT_T0);
       } else {
 #pragma GCC unroll 16
-        for (int t = 0; t < N; ++t) _mm_prefetch(reinterpret_cast<const char*>(xs + c2 * (N * 16) + 16 * t), _MM_HINT_T0);
+        for (int t = 0; t < N; ++t)
+          _mm_prefetch(reinterpret_cast<const char*>(xs + c2 * (N * 16) + 16 * t), _MM_HINT_T0);
       }
     }
     const float* wb = w + p * 256;
@@ -422,7 +425,8 @@ void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, flo
 // Returns false (nothing done) when the scratch cannot be allocated.
 bool fwd_rows16_f32(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
   const int64_t nc = (a.in + 15) / 16, ntiles = (a.T + kTile16 - 1) / kTile16;
-  const bool per_call = ntiles * nc * 1024 <= kPackAllBytes;
+  const bool per_call = ntiles * nc * 1024 <= kPackAllBytes &&
+                        int64_t(a.row_offsets[r1] - a.row_offsets[r0]) * 1024 > kPanelBytes;
   Scratch16* s = scratch16((per_call ? ntiles : 1) * nc);
   if (!s) return false;
   const uint32_t call_epoch = next_epoch(*s);
