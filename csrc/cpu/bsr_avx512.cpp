@@ -338,14 +338,9 @@ uint32_t next_epoch(Scratch16& s) {
 template <int N>
 __attribute__((always_inline)) inline void pack_col16(const float* x, int64_t ldx, int64_t c, int64_t in, float* xs) {
   const float* xc = x + 16 * c;
-  if (16 * c + 16 <= in) {
-#pragma GCC unroll 16
-    for (int t = 0; t < N; ++t) _mm512_store_ps(xs + 16 * t, _mm512_loadu_ps(xc + t * ldx));
-  } else {
-    const __mmask16 m = mask16(in - 16 * c);
-#pragma GCC unroll 16
-    for (int t = 0; t < N; ++t) _mm512_store_ps(xs + 16 * t, _mm512_maskz_loadu_ps(m, xc + t * ldx));
-  }
+  const __mmask16 m = mask16(in - 16 * c);
+#pragma GCC unroll 4
+  for (int t = 0; t < N; ++t, xc += ldx) _mm512_store_ps(xs + 16 * t, _mm512_maskz_loadu_ps(m, xc));
 }
 
 // One block row x N tokens. With few tokens the k loop is split over KS accumulator sets, so that there are
