@@ -136,6 +136,47 @@ def test_other_layout_and_empty_rows(isa, dtype):
         _check(dx, dy @ w.to_dense(), reference.linear_grad_input(dy, w), f"{isa} grad_input")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_never_reads_outside_the_matrix(isa, dtype):
+    """The parts of ragged edge blocks outside the matrix may hold anything (here NaN): no kernel reads them into
+    a result."""
+    for out, inn, block in [(50, 41, (16, 16)), (70, 75, (32, 32)), (45, 39, (5, 7))]:
+        w = _weight(out, inn, block, dtype, seed=out + 3 * inn)
+        bo, bi = block
+        rows, cols = w._block_rows(), w.col_indices.long()
+        inside = BlockSparseWeight._blocked(torch.ones(out, inn, dtype=torch.bool), bo, bi)[rows, cols]
+        ref = reference.linear(_tokens(19, inn, dtype, seed=5, strided=False), w, None, "none")
+        w.values[~inside] = float("nan")
+        x = _tokens(19, inn, dtype, seed=5, strided=False)
+        y = torch.ops.sparsekern.bsr_linear(
+            x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, out, None, "none"
+        )
+        w.values[~inside] = 0
+        _check(y, F.linear(x, w.to_dense()), ref, f"{isa} forward {out}x{inn} block {block} with NaN outside")
+
+
+@pytest.mark.skipif(_C.best_isa() != "avx512", reason="the 16x16 float32 kernel is AVX-512 code")
+@pytest.mark.parametrize("T", [37, 1000])
+def test_forward_16x16_tiles_and_panels(T):
+    """The AVX-512 float32 16x16 kernel: 16-token tiles and a ragged last tile, W slices of more than one panel
+    (512 KiB of blocks), ragged edges. T = 37 packs X once per call, T = 1000 (over 2 MiB packed) per (panel,
+    tile)."""
+    out, inn = 1040, 520
+    w = _weight(out, inn, (16, 16), torch.float32, seed=T)
+    assert w.values.shape[0] * 16 * 16 * 4 > 2 * 512 * 1024, "the weight must span more than one panel per thread"
+    x = _tokens(T, inn, torch.float32, seed=T, strided=True)
+    bias = torch.randn(out)
+    _C.set_isa("avx512")
+    try:
+        y = torch.ops.sparsekern.bsr_linear(
+            x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, out, bias, "gelu"
+        )
+    finally:
+        _C.set_isa("auto")
+    dense = reference.activation(F.linear(x, w.to_dense(), bias), "gelu")
+    _check(y, dense, reference.linear(x, w, bias, "gelu"), f"16x16 forward T={T}")
+
+
 def test_set_isa_rejects_unknown_level():
     before = _C.get_isa()
     with pytest.raises((ValueError, RuntimeError), match="avx512"):

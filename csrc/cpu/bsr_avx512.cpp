@@ -7,6 +7,7 @@
 // registers over every kept block of the row; per input feature k the bo-wide column of W (contiguous in the
 // kernel layout) is loaded once and X[t, k] is broadcast from X in place. Y is written once, with bias and
 // activation. Tiles of <= 8 tokens: with in = 3072 the X rows are 12 KiB apart and 16 of them alias in L1.
+// 16x16 float32 blocks take a kernel of their own (16-token tiles over packed X), see below.
 // bfloat16: the same, over pairs of input features: two W columns are interleaved in registers (vpermt2w) into
 // (w[k][o], w[k+1][o]) pairs and multiplied with the broadcast pair (x[t][k], x[t][k+1]) by vdpbf16ps.
 #if defined(__x86_64__)
@@ -17,6 +18,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "act_avx512.h"
@@ -283,8 +285,180 @@ void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---------------------------------------------------------------- forward, float32 16x16 blocks
+// With bo = 16 a W column is one zmm, so the generic kernel has only TT = 8 accumulators: exactly the FMA
+// latency x throughput product (4 cycles x 2 pipes), and every W load and per-block cost serves half the work
+// of a 32-block. This path runs 16 tokens per tile (16 accumulators) over X packed into a thread-local
+// scratch laid out [block column][token][16]: X rows read in place are `in` floats apart (12 KiB at
+// in = 3072, so 16 of them share one 12-way L1 set, and 16 row pointers do not fit in the general registers),
+// whereas a packed block's X is 1 KiB contiguous and every operand of the fully unrolled 16 x 16 block body is
+// a constant displacement from one base register.
+// Packing is lazy: a block column of a tile is copied when a block row first needs it, one block ahead of its
+// use, with its X rows prefetched two blocks ahead; packed columns carry the epoch of their packing. When a
+// thread's rows span several panels and the packed X of the whole call fits in kPackAllBytes, every tile has
+// its own slot and the epoch is the call's, so the panels after the first read the packed tiles instead of
+// packing them again (768x3072, T = 128, d = 0.25: 8-12% faster). Otherwise one slot (L2-resident) is reused,
+// with an epoch per (panel, tile): at T = 512 writing 6 MiB of fresh slots per call cost up to 20% more than
+// packing again.
+// The scratch stays allocated per thread (up to kPackAllBytes plus one slot), so calls allocate nothing.
+// Measured on Zen 5 (one thread on its half of W, hot cache, 2026-11-29): the packing costs 10-20% at
+// in = 3072 and ~5% at in = 768, whether done up front, lazily, or per block into an L1 buffer (a data-movement
+// cost that the FMAs do not hide); an in-place kernel with 16 row pointers was slower still. Without any packing
+// cost the block body reaches ~85% of the FMA peak (one broadcast load per FMA).
+constexpr int kTile16 = 16;
+constexpr int64_t kPackAllBytes = int64_t(2) << 20;  // T = 128 tokens of in = 4096
+
+struct Scratch16 {
+  float* xs = nullptr;         // [slots][block columns][16][16]
+  uint32_t* stamp = nullptr;   // [slots][block columns]: epoch at which the column was packed
+  int64_t cols = 0;
+  uint32_t epoch = 0;
+  ~Scratch16() {
+    std::free(xs);
+    std::free(stamp);
+  }
+};
+
+// This thread's scratch for `cols` (slots x block columns) packed columns, kept across calls (torch's pool
+// threads live as long as the process). Null if the allocation fails; the caller then takes the generic kernel.
+Scratch16* scratch16(int64_t cols) {
+  static thread_local Scratch16 s;
+  if (s.cols < cols) {
+    std::free(s.xs);
+    std::free(s.stamp);
+    s.xs = static_cast<float*>(std::aligned_alloc(64, size_t(cols) * 256 * 4));
+    s.stamp = static_cast<uint32_t*>(std::calloc(size_t(cols), 4));
+    s.epoch = 0;
+    s.cols = s.xs && s.stamp ? cols : 0;
+    if (s.cols == 0) return nullptr;
+  }
+  return &s;
+}
+
+// A fresh epoch: no column counts as packed.
+uint32_t next_epoch(Scratch16& s) {
+  if (++s.epoch == 0) {
+    std::memset(s.stamp, 0, size_t(s.cols) * 4);
+    s.epoch = 1;
+  }
+  return s.epoch;
+}
+
+// xs[t][0:16] = x[t][16c : 16c + 16] for t < N, zeros past `in`.
+template <int N>
+__attribute__((always_inline)) inline void pack_col16(const float* x, int64_t ldx, int64_t c, int64_t in, float* xs) {
+  const float* xc = x + 16 * c;
+  const __mmask16 m = mask16(in - 16 * c);
+#pragma GCC unroll 4
+  for (int t = 0; t < N; ++t, xc += ldx) _mm512_store_ps(xs + 16 * t, _mm512_maskz_loadu_ps(m, xc));
+}
+
+// One block row x N tokens. With few tokens the k loop is split over KS accumulator sets, so that there are
+// still >= 4 independent FMA chains (batch-1 decode with W in cache is otherwise FMA-latency bound).
+// xs, stamp: the tile's slot. `cnext`: block column of the first block of the next row of this (panel, tile),
+// or -1.
+template <int N>
+void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, float* xs, uint32_t* stamp,
+                    uint32_t epoch, int64_t cnext) {
+  constexpr int KS = N == 1 ? 4 : N <= 3 ? 2 : 1;
+  const float* x = static_cast<const float*>(a.x) + t0 * a.ldx;
+  const float* w = static_cast<const float*>(a.w);
+  const int64_t ldx = a.ldx, in = a.in;
+  const int32_t* ci = a.col_indices;
+  __m512 acc[KS][N];
+#pragma GCC unroll 16
+  for (int v = 0; v < KS; ++v)
+#pragma GCC unroll 16
+    for (int t = 0; t < N; ++t) acc[v][t] = _mm512_setzero_ps();
+  const int64_t p0 = a.row_offsets[r], pend = a.row_offsets[r + 1];
+  const bool stream_w = N <= 2 || t0 == 0;
+  if (p0 < pend && stamp[ci[p0]] != epoch) {  // the first row of a (panel, tile)
+    pack_col16<N>(x, ldx, ci[p0], in, xs + int64_t(ci[p0]) * (N * 16));
+    stamp[ci[p0]] = epoch;
+  }
+  for (int64_t p = p0; p < pend; ++p) {
+    const int64_t c = ci[p];
+    const int64_t c1 = p + 1 < pend ? ci[p + 1] : cnext;
+    const int64_t c2 = p + 2 < pend ? ci[p + 2] : p + 2 == pend ? cnext : -1;
+    if (c1 >= 0 && stamp[c1] != epoch) {
+      pack_col16<N>(x, ldx, c1, in, xs + c1 * (N * 16));
+      stamp[c1] = epoch;
+    }
+    if (c2 >= 0) {  // the X rows to pack, or the packed column (from L3 when it was packed by an earlier panel)
+      if (stamp[c2] != epoch) {
+#pragma GCC unroll 16
+        for (int t = 0; t < N; ++t) _mm_prefetch(reinterpret_cast<const char*>(x + t * ldx + 16 * c2), _MM_HINT_T0);
+      } else {
+#pragma GCC unroll 16
+        for (int t = 0; t < N; ++t)
+          _mm_prefetch(reinterpret_cast<const char*>(xs + c2 * (N * 16) + 16 * t), _MM_HINT_T0);
+      }
+    }
+    const float* wb = w + p * 256;
+    const float* xb = xs + c * (N * 16);
+    if (16 * c + 16 <= in) {
+#pragma GCC unroll 16
+      for (int k = 0; k < 16; ++k) {
+        // One line per column, spread over the block: a burst of 16 prefetches per block made batch-1 decode
+        // with cold weights 20-30% slower (miss buffers full, demand loads waiting behind them).
+        if (stream_w) _mm_prefetch(reinterpret_cast<const char*>(wb + 16 * k) + kWLead, _MM_HINT_T0);
+        const __m512 wv = _mm512_maskz_loadu_ps(m, wb + 16 * k);
+#pragma GCC unroll 16
+        for (int t = 0; t < N; ++t)
+          acc[k % KS][t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xb[16 * t + k]), acc[k % KS][t]);
+      }
+    } else {  // ragged last block column: W past `in` is never read (it may hold anything)
+      for (int64_t k = 0; k < in - 16 * c; ++k) {
+        const __m512 wv = _mm512_maskz_loadu_ps(m, wb + 16 * k);
+#pragma GCC unroll 16
+        for (int t = 0; t < N; ++t) acc[0][t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xb[16 * t + k]), acc[0][t]);
+      }
+    }
+  }
+  __m512 sum[N][1];
+#pragma GCC unroll 16
+  for (int t = 0; t < N; ++t) {
+    sum[t][0] = acc[0][t];
+#pragma GCC unroll 4
+    for (int v = 1; v < KS; ++v) sum[t][0] = _mm512_add_ps(sum[t][0], acc[v][t]);
+  }
+  fwd_epilogue<float, 1, N>(a, sum, r, &m, t0);
+}
+
+// Returns false (nothing done) when the scratch cannot be allocated.
+bool fwd_rows16_f32(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
+  const int64_t nc = (a.in + 15) / 16, ntiles = (a.T + kTile16 - 1) / kTile16;
+  const bool per_call = ntiles * nc * 1024 <= kPackAllBytes &&
+                        int64_t(a.row_offsets[r1] - a.row_offsets[r0]) * 1024 > kPanelBytes;
+  Scratch16* s = scratch16((per_call ? ntiles : 1) * nc);
+  if (!s) return false;
+  const uint32_t call_epoch = next_epoch(*s);
+  constexpr int64_t blk_bytes = 16 * 16 * 4;
+  for (int64_t p0 = r0, p1; p0 < r1; p0 = p1) {
+    p1 = p0 + 1;
+    while (p1 < r1 && int64_t(a.row_offsets[p1 + 1] - a.row_offsets[p0]) * blk_bytes <= kPanelBytes) ++p1;
+    int64_t t0 = 0;
+    auto tiles = [&](auto tt) {
+      constexpr int N = decltype(tt)::value;
+      const uint32_t epoch = per_call ? call_epoch : next_epoch(*s);
+      const int64_t slot = per_call ? t0 / kTile16 : 0;
+      for (int64_t r = p0; r < p1; ++r) {
+        const int64_t cnext = r + 1 < p1 && a.row_offsets[r + 1] < a.row_offsets[r + 2]
+                                  ? a.col_indices[a.row_offsets[r + 1]]
+                                  : -1;
+        fwd_tile16_f32<N>(a, r, mask16(a.out - r * 16), t0, s->xs + slot * nc * 256, s->stamp + slot * nc, epoch,
+                          cnext);
+      }
+    };
+    for (; t0 + kTile16 <= a.T; t0 += kTile16) tiles(Int<kTile16>{});
+    if (t0 < a.T) dispatch_upto<kTile16 - 1>(a.T - t0, tiles);
+  }
+  return true;
+}
+
 template <bool Bf16>
 void fwd_dispatch(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
+  if (!Bf16 && a.bo == 16 && a.bi == 16 && fwd_rows16_f32(a, r0, r1)) return;
   switch ((a.bo + 15) / 16) {
     case 1: return fwd_rows<1, Bf16>(a, r0, r1);
     case 2: return fwd_rows<2, Bf16>(a, r0, r1);
