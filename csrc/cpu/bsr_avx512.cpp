@@ -95,10 +95,11 @@ __attribute__((always_inline)) inline void store_tile(__m512 (&acc)[TT][V], cons
 
 // Always inlined: a call taking the accumulator array by reference would keep it in memory (stored every k).
 // relu keeps NaN (max(0, v) returns v when v is NaN); the transcendental activations are those of act_avx512.h.
-template <typename E, int V, int TT>
+// AddBias = false: the accumulators already hold the bias.
+template <typename E, int V, int TT, bool AddBias = true>
 __attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m512 (&acc)[TT][V], int64_t r, const __mmask16* m, int64_t t0) {
   const int64_t o0 = r * a.bo;
-  const E* bias = a.bias ? static_cast<const E*>(a.bias) + o0 : nullptr;
+  const E* bias = AddBias && a.bias ? static_cast<const E*>(a.bias) + o0 : nullptr;
   E* y = static_cast<E*>(a.y) + t0 * a.out + o0;
   switch (static_cast<Act>(a.act)) {
     case Act::Relu:
@@ -228,13 +229,23 @@ void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0) {
   const int64_t pall = ro[r1];
   wk += p * blk;
   int64_t i_next = p < pall ? int64_t(ci[p]) * bi : 0;
+  const E* bias = static_cast<const E*>(a.bias);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t pend = ro[r + 1];
+    const int64_t ob = min64(bo, a.out - r * bo);
+    __mmask16 m[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) m[v] = mask16(ob - 16 * v);
+    // The accumulators start from the bias: adding it in the output stage (a masked load and an add per
+    // accumulator) cost ~30 cycles per (row, tile), 7% (fp32) and 14% (bf16) at one 32x32 block per row.
     __m512 acc[TT][V];
+    __m512 b0[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) b0[v] = bias ? load_f32(bias + r * bo + 16 * v, m[v]) : _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
+      for (int v = 0; v < V; ++v) acc[t][v] = b0[v];
     for (; p < pend; ++p, wk += blk) {
       // The block column one block ahead: the X address of the next block does not wait on a load.
       const int64_t i0 = i_next;
@@ -254,11 +265,7 @@ void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0) {
         }
       }
     }
-    const int64_t ob = min64(bo, a.out - r * bo);
-    __mmask16 m[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) m[v] = mask16(ob - 16 * v);
-    fwd_epilogue<E, V, TT>(a, acc, r, m, t0);
+    fwd_epilogue<E, V, TT, false>(a, acc, r, m, t0);
   }
 }
 
