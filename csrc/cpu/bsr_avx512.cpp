@@ -69,6 +69,28 @@ alignas(64) const uint16_t kPairLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 
 alignas(64) const uint16_t kPairHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
                                           24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
 
+// With an even number of 16-lane vectors per W column the bf16 kernel pairs rows k, k+1 with vpunpck[lh]wd,
+// which works within 128-bit lanes: accumulator 2u holds outputs 32u + {0-3, 8-11, 16-19, 24-27}, accumulator
+// 2u+1 outputs 32u + {4-7, 12-15, 20-23, 28-31}. kScr* put a natural pair of vectors (32 outputs) into that
+// order, kUns* take it back (vpermt2ps indices; 16 and up select the second vector).
+alignas(64) const int32_t kScrLo[16] = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+alignas(64) const int32_t kScrHi[16] = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+alignas(64) const int32_t kUnsLo[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+alignas(64) const int32_t kUnsHi[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+
+// Applies the vpermt2ps indices (lo, hi) to every pair of vectors (2u, 2u+1) of the N x V accumulators.
+template <int V, int N>
+__attribute__((always_inline)) inline void permute_pairs(__m512 (&acc)[N][V], __m512i lo, __m512i hi) {
+#pragma GCC unroll 16
+  for (int t = 0; t < N; ++t)
+#pragma GCC unroll 2
+    for (int u = 0; u + 1 < V; u += 2) {
+      const __m512 a = acc[t][u], b = acc[t][u + 1];
+      acc[t][u] = _mm512_permutex2var_ps(a, lo, b);
+      acc[t][u + 1] = _mm512_permutex2var_ps(a, hi, b);
+    }
+}
+
 inline __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_f32(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -172,8 +194,13 @@ __attribute__((always_inline)) inline void block_bf16(__m512 (&acc)[TT][V], cons
     for (int u = 0; u < U; ++u) {
       const __m512i ra = _mm512_maskz_loadu_epi16(mr[u], wk + 32 * u);
       const __m512i rb = _mm512_maskz_loadu_epi16(mr[u], wk + bo + 32 * u);
-      wv[2 * u] = _mm512_permutex2var_epi16(ra, lo, rb);
-      if (2 * u + 1 < V) wv[2 * u + 1] = _mm512_permutex2var_epi16(ra, hi, rb);
+      if constexpr (V % 2 == 0) {  // 6-8% faster than vpermt2w (Zen 5, 2026-11-29)
+        wv[2 * u] = _mm512_unpacklo_epi16(ra, rb);
+        wv[2 * u + 1] = _mm512_unpackhi_epi16(ra, rb);
+      } else {
+        wv[2 * u] = _mm512_permutex2var_epi16(ra, lo, rb);
+        if (2 * u + 1 < V) wv[2 * u + 1] = _mm512_permutex2var_epi16(ra, hi, rb);
+      }
     }
 #pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) {
@@ -187,8 +214,13 @@ __attribute__((always_inline)) inline void block_bf16(__m512 (&acc)[TT][V], cons
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) {
       const __m512i ra = _mm512_maskz_loadu_epi16(mr[u], wk + 32 * u);
-      wv[2 * u] = _mm512_permutex2var_epi16(ra, lo, _mm512_setzero_si512());
-      if (2 * u + 1 < V) wv[2 * u + 1] = _mm512_permutex2var_epi16(ra, hi, _mm512_setzero_si512());
+      if constexpr (V % 2 == 0) {
+        wv[2 * u] = _mm512_unpacklo_epi16(ra, _mm512_setzero_si512());
+        wv[2 * u + 1] = _mm512_unpackhi_epi16(ra, _mm512_setzero_si512());
+      } else {
+        wv[2 * u] = _mm512_permutex2var_epi16(ra, lo, _mm512_setzero_si512());
+        if (2 * u + 1 < V) wv[2 * u + 1] = _mm512_permutex2var_epi16(ra, hi, _mm512_setzero_si512());
+      }
     }
 #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t) {
@@ -242,6 +274,10 @@ void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0) {
     __m512 b0[V];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) b0[v] = bias ? load_f32(bias + r * bo + 16 * v, m[v]) : _mm512_setzero_ps();
+    if constexpr (Bf16 && V % 2 == 0) {
+      __m512(&b)[1][V] = reinterpret_cast<__m512(&)[1][V]>(b0);
+      permute_pairs<V, 1>(b, _mm512_load_si512(kScrLo), _mm512_load_si512(kScrHi));
+    }
 #pragma GCC unroll 8
     for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 4
@@ -265,6 +301,7 @@ void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0) {
         }
       }
     }
+    if constexpr (Bf16 && V % 2 == 0) permute_pairs<V, TT>(acc, _mm512_load_si512(kUnsLo), _mm512_load_si512(kUnsHi));
     fwd_epilogue<E, V, TT, false>(a, acc, r, m, t0);
   }
 }
