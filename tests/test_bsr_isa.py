@@ -155,6 +155,55 @@ def test_forward_never_reads_outside_the_matrix(isa, dtype):
         _check(y, F.linear(x, w.to_dense()), ref, f"{isa} forward {out}x{inn} block {block} with NaN outside")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_high_sparsity_empty_rows_every_activation(isa, dtype):
+    """95%-sparse 32x32 blocks: rows of 0, 1 and 2 blocks, the first and last block rows empty, a ragged last
+    row and column. Empty rows give act(bias); the kernels start the accumulators from the bias."""
+    out, inn = 300, 330  # 10 x 11 block rows/columns, both edges ragged
+    mask = torch.zeros(10, 11, dtype=torch.bool)
+    mask[1, 3] = mask[2, 0] = mask[2, 10] = mask[4, 7] = mask[5, 5] = mask[5, 6] = mask[8, 10] = True
+    g = torch.Generator().manual_seed(11)
+    w = BlockSparseWeight.from_dense(torch.randn(out, inn, generator=g).to(dtype), (32, 32), mask=mask)
+    Wd = w.to_dense()
+    for T in (1, 13, 16):
+        x = _tokens(T, inn, dtype, seed=40 + T, strided=T == 13)
+        for act in ACTS:
+            for bias in (torch.randn(out, generator=g).to(dtype), None):
+                y = torch.ops.sparsekern.bsr_linear(
+                    x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, out, bias,
+                    act
+                )
+                dense = reference.activation(F.linear(x, Wd, bias), act)
+                _check(y, dense, reference.linear(x, w, bias, act), f"{isa} T={T} act={act} bias={bias is not None}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_panels_and_thread_splits(isa, dtype):
+    """32x32 blocks over more than one 512 KiB panel of W, token tiles with a ragged last one; and a weight small
+    enough for the threads to split the tokens instead of the block rows (T >= 32 per thread): every split gives
+    bitwise the result of one thread (each output element is computed the same way by whichever thread)."""
+    threads = torch.get_num_threads()
+    big = _weight(1056, 1040, (32, 32), dtype, seed=9)  # 33 x 33 blocks, 60% kept: over 1 MiB in either dtype
+    assert big.values.numel() * big.values.element_size() > 2 * 512 * 1024
+    small = BlockSparseWeight.from_dense(torch.randn(768, 768).to(dtype), (32, 32), sparsity=0.95)
+    try:
+        for w, T in ((big, 37), (small, 37), (small, 133)):
+            out, inn = w.shape
+            x = _tokens(T, inn, dtype, seed=T, strided=True)
+            bias = torch.randn(out).to(dtype)
+            args = (x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, out, bias)
+            torch.set_num_threads(1)
+            y1 = torch.ops.sparsekern.bsr_linear(*args, "silu")
+            for n in (2, 3):
+                torch.set_num_threads(n)
+                yn = torch.ops.sparsekern.bsr_linear(*args, "silu")
+                assert torch.equal(yn, y1), f"{isa} {out}x{inn} T={T}: {n} threads differ from one"
+            dense = reference.activation(F.linear(x, w.to_dense(), bias), "silu")
+            _check(y1, dense, reference.linear(x, w, bias, "silu"), f"{isa} {out}x{inn} T={T}")
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(_C.best_isa() != "avx512", reason="the 16x16 float32 kernel is AVX-512 code")
 @pytest.mark.parametrize("T", [37, 1000])
 def test_forward_16x16_tiles_and_panels(T):

@@ -2,8 +2,9 @@
 
 Deterministic mode. For a fixed intra-op thread count (``torch.set_num_threads(n)``) and a fixed code path
 (``sparse._ext.require().set_isa("avx512" | "avx2" | "portable")``), every op returns bitwise-identical results
-on every call: the work split depends only on the weight and the thread count (static, cost-balanced ranges,
-``csrc/cpu/parallel.h``), each output element is computed by exactly one thread in a fixed order, and no
+on every call: the work split depends only on the weight, the thread count and the token count (static,
+cost-balanced ranges, ``csrc/cpu/parallel.h``; the block-sparse forward splits the tokens for small weights,
+``csrc/cpu/bsr.cpp``), each output element is computed by exactly one thread in a fixed order, and no
 kernel uses atomics or dynamic scheduling. Nothing else needs to be set. Different thread counts may round
 differently, within the reference tolerance (tested below). Autograd through ``sparse.linear`` inherits this,
 except the bias gradient, which is torch's own ``sum``.
