@@ -72,11 +72,9 @@ alignas(64) const uint16_t kPairHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52
 // With an even number of 16-lane vectors per W column the bf16 kernel pairs rows k, k+1 with vpunpck[lh]wd,
 // which works within 128-bit lanes: accumulator 2u holds outputs 32u + {0-3, 8-11, 16-19, 24-27}, accumulator
 // 2u+1 outputs 32u + {4-7, 12-15, 20-23, 28-31}. kScr* put a natural pair of vectors (32 outputs) into that
-// order, kUns* take it back (vpermt2ps indices; 16 and up select the second vector).
+// order (vpermt2ps indices; 16 and up select the second vector); the output stage takes it back (kUnsW).
 alignas(64) const int32_t kScrLo[16] = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
 alignas(64) const int32_t kScrHi[16] = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-alignas(64) const int32_t kUnsLo[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
-alignas(64) const int32_t kUnsHi[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
 
 // Applies the vpermt2ps indices (lo, hi) to every pair of vectors (2u, 2u+1) of the N x V accumulators.
 template <int V, int N>
@@ -135,6 +133,44 @@ __attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m
       return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return silu_avx512(z); });
     default:
       return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return z; });
+  }
+}
+
+// Output stage for bfloat16 with an even V, the accumulators in the vpunpck order (kScrLo): the activation is
+// elementwise, so it runs in that order; each pair of vectors becomes 32 bf16 in one vcvtne2ps2bf16, one vpermw
+// (kUnsW) restores the order, one store. Half the conversions and stores of the generic stage, and no vpermt2ps.
+alignas(64) const uint16_t kUnsW[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
+                                        8,  9,  10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+
+template <int V, int TT, typename F>
+__attribute__((always_inline)) inline void store_tile_bf16_pairs(__m512 (&acc)[TT][V], uint16_t* y, int64_t ldy,
+                                                                 const __mmask32* m, F f) {
+  const __m512i idx = _mm512_load_si512(kUnsW);
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 2
+    for (int u = 0; 2 * u < V; ++u) {
+      const __m512bh h = _mm512_cvtne2ps_pbh(f(acc[t][2 * u + 1]), f(acc[t][2 * u]));
+      _mm512_mask_storeu_epi16(y + t * ldy + 32 * u, m[u], _mm512_permutexvar_epi16(idx, (__m512i)h));
+    }
+}
+
+template <int V, int TT>
+__attribute__((always_inline)) inline void fwd_epilogue_bf16_pairs(const BsrFwdArgs& a, __m512 (&acc)[TT][V],
+                                                                   int64_t r, const __mmask32* m, int64_t t0) {
+  uint16_t* y = static_cast<uint16_t*>(a.y) + t0 * a.out + r * a.bo;
+  switch (static_cast<Act>(a.act)) {
+    case Act::Relu:
+      return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m,
+                                          [](__m512 z) { return _mm512_max_ps(_mm512_setzero_ps(), z); });
+    case Act::Gelu:
+      return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return gelu_avx512(z); });
+    case Act::GeluTanh:
+      return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return gelu_tanh_avx512(z); });
+    case Act::Silu:
+      return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return silu_avx512(z); });
+    default:
+      return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return z; });
   }
 }
 
@@ -301,8 +337,14 @@ void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0) {
         }
       }
     }
-    if constexpr (Bf16 && V % 2 == 0) permute_pairs<V, TT>(acc, _mm512_load_si512(kUnsLo), _mm512_load_si512(kUnsHi));
-    fwd_epilogue<E, V, TT, false>(a, acc, r, m, t0);
+    if constexpr (Bf16 && V % 2 == 0) {
+      __mmask32 ms[U];
+#pragma GCC unroll 2
+      for (int u = 0; u < U; ++u) ms[u] = mask32(ob - 32 * u);
+      fwd_epilogue_bf16_pairs<V, TT>(a, acc, r, ms, t0);
+    } else {
+      fwd_epilogue<E, V, TT, false>(a, acc, r, m, t0);
+    }
   }
 }
 
