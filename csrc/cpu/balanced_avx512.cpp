@@ -371,10 +371,127 @@ void fwd_gather(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
   }
 }
 
+// Forward, few tokens, bank 32 with keep 16 / 8 / 4: every vector of 16 consecutive kept entries of a row covers
+// exactly 16 / K whole banks (K = keep), so its in-bank indices ARE the permute indices into each bank's 32 columns
+// of x: 16 / K two-source permutes (windows at fixed bank offsets) and 16 / K - 1 fixed-mask blends, no column
+// arithmetic. Rows go 16 at a time: each row's accumulator vectors are kept, and one transpose-add tree turns the
+// 16 of them into a vector of 16 outputs (one bias add, activation and store per 16 rows instead of per row).
+template <int K>
+inline __m512 pick_banks(const float* xw, __m512i idx) {
+  __m512 g = _mm512_permutex2var_ps(_mm512_loadu_ps(xw), idx, _mm512_loadu_ps(xw + 16));
+  for (int k = 1; k < 16 / K; ++k)
+    g = _mm512_mask_blend_ps(__mmask16(((1u << K) - 1u) << (k * K)), g,
+                             _mm512_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), idx, _mm512_loadu_ps(xw + 32 * k + 16)));
+  return g;
+}
+
+// Whether any in-bank index of the vector is outside [0, 32): OR-ing the indices keeps them below 32 unless one is
+// not (negative int16 values sign-extend to all ones).
+inline __m512i or_idx(__m512i acc, __m512i idx) { return _mm512_or_si512(acc, idx); }
+
+template <int K, int T, typename W, typename I>
+bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, const W* w, const I* idx, const W* bias, Act act, W* y,
+                int64_t o0, int64_t o1, float* scratch) {
+  constexpr int kBank = 32;
+  const int64_t row_len = s.n_banks * K;
+  // xf: the T token rows as fp32, each followed by zeros, so that every bank's 32-column window can be loaded.
+  float* xf = align64(scratch);
+  const int64_t ldf = s.in + 128;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < s.in; c += L) {
+      const int64_t n = s.in - c < L ? s.in - c : L;
+      store_n(xf + t * ldf + c, load_n(x + t * ldx + c, n), n);
+    }
+    std::memset(xf + t * ldf + s.in, 0, 128 * sizeof(float));
+  }
+  // Full vectors lie in banks of full width; the rest of a row (< 16 entries, or 16 reaching a ragged last bank)
+  // is one masked tail vector whose lanes are checked against their bank's width.
+  const int64_t full_banks = s.in / kBank;
+  const int64_t n_full = full_banks * K / L * L;
+  const int64_t n_tail = row_len - n_full;
+  const __mmask16 m_tail = lane_mask(n_tail);
+  alignas(64) int32_t lim[L];
+  for (int l = 0; l < L; ++l) {
+    const int64_t b = (n_full + l) / K;
+    lim[l] = static_cast<int32_t>(b < s.n_banks ? (s.in - b * kBank < kBank ? s.in - b * kBank : kBank) : 0);
+  }
+  const __m512i lim_tail = _mm512_load_si512(lim);
+  const int64_t tail_banks = (n_tail + K - 1) / K;
+  __m512i bad_or = _mm512_setzero_si512();
+  __mmask16 bad_tail = 0;
+  for (int64_t ob = o0; ob < o1; ob += L) {
+    const int64_t nr = o1 - ob < L ? o1 - ob : L;
+    __m512 sums[T][L];
+    for (int64_t r = 0; r < L; ++r) {
+      if (r >= nr) {
+        for (int t = 0; t < T; ++t) sums[t][r] = _mm512_setzero_ps();
+        continue;
+      }
+      const W* wr = w + (ob + r) * row_len;
+      const I* ir = idx + (ob + r) * row_len;
+      // Two accumulators per token halve the FMA dependency chain.
+      __m512 a0[T], a1[T];
+      for (int t = 0; t < T; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 2 * L <= n_full; j += 2 * L) {
+        const __m512i i0 = load_idx(ir + j, 0xFFFF), i1 = load_idx(ir + j + L, 0xFFFF);
+        bad_or = or_idx(or_idx(bad_or, i0), i1);
+        const __m512 w0 = load_w(wr + j, 0xFFFF), w1 = load_w(wr + j + L, 0xFFFF);
+        const int64_t c0 = j / K * kBank;
+        for (int t = 0; t < T; ++t) {
+          a0[t] = _mm512_fmadd_ps(w0, pick_banks<K>(xf + t * ldf + c0, i0), a0[t]);
+          a1[t] = _mm512_fmadd_ps(w1, pick_banks<K>(xf + t * ldf + c0 + 16 / K * kBank, i1), a1[t]);
+        }
+      }
+      if (j < n_full) {
+        const __m512i i0 = load_idx(ir + j, 0xFFFF);
+        bad_or = or_idx(bad_or, i0);
+        const __m512 w0 = load_w(wr + j, 0xFFFF);
+        for (int t = 0; t < T; ++t)
+          a0[t] = _mm512_fmadd_ps(w0, pick_banks<K>(xf + t * ldf + j / K * kBank, i0), a0[t]);
+      }
+      if (n_tail > 0) {
+        const __m512i it = load_idx(ir + n_full, m_tail);
+        bad_tail |= _mm512_mask_cmpge_epu32_mask(m_tail, it, lim_tail);
+        const __m512 wt = load_w(wr + n_full, m_tail);
+        const int64_t c0 = n_full / K * kBank;
+        for (int t = 0; t < T; ++t) {
+          const float* xw = xf + t * ldf + c0;
+          __m512 g = _mm512_permutex2var_ps(_mm512_loadu_ps(xw), it, _mm512_loadu_ps(xw + 16));
+          for (int64_t k = 1; k < tail_banks; ++k)
+            g = _mm512_mask_blend_ps(__mmask16(((1u << K) - 1u) << (k * K)), g,
+                                     _mm512_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), it,
+                                                            _mm512_loadu_ps(xw + 32 * k + 16)));
+          // Masked: a zero weight times an infinite x of another column would still be NaN.
+          a1[t] = _mm512_mask3_fmadd_ps(wt, g, a1[t], m_tail);
+        }
+      }
+      for (int t = 0; t < T; ++t) sums[t][r] = _mm512_add_ps(a0[t], a1[t]);
+    }
+    const __m512 bv = bias ? load_n(bias + ob, nr) : _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t) store_n(y + t * s.out + ob, act_avx512(_mm512_add_ps(reduce(sums[t]), bv), act), nr);
+  }
+  return bad_tail == 0 && _mm512_cmpge_epu32_mask(bad_or, _mm512_set1_epi32(kBank)) == 0;
+}
+
+template <int K, typename W, typename I>
+bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias,
+                Act act, W* y, int64_t o0, int64_t o1, float* scratch) {
+  if (T == 1) return fwd_bank32<K, 1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+  if (T == 2) return fwd_bank32<K, 2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+  return fwd_bank32<K, 3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+}
+
 template <typename W, typename I>
 void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act,
          W* y, int64_t o0, int64_t o1, float* scratch) {
   static_assert(kGatherMaxTokens == 4, "fwd_gather is instantiated for T = 1, 2, 3");
+  if (T < kGatherMaxTokens && s.bank == 32 && (s.keep == 16 || s.keep == 8 || s.keep == 4)) {
+    if (s.keep == 16) fwd_bank32<16>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
+    else if (s.keep == 8) fwd_bank32<8>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
+    else fwd_bank32<4>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
+    return;
+  }
   if (T == 1) return fwd_gather<1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
   if (T == 2) return fwd_gather<2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
   if (T == 3) return fwd_gather<3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
