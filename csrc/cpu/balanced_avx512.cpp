@@ -482,19 +482,19 @@ bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* 
   return fwd_bank32<K, 3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
 }
 
+// Returns false if the bank-32 decode path found an index out of range (the other paths run on checked indices).
 template <typename W, typename I>
-void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act,
+bool fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act,
          W* y, int64_t o0, int64_t o1, float* scratch) {
   static_assert(kGatherMaxTokens == 4, "fwd_gather is instantiated for T = 1, 2, 3");
-  if (T < kGatherMaxTokens && s.bank == 32 && (s.keep == 16 || s.keep == 8 || s.keep == 4)) {
-    if (s.keep == 16) fwd_bank32<16>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
-    else if (s.keep == 8) fwd_bank32<8>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
-    else fwd_bank32<4>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
-    return;
+  if (bal_fwd_checks_indices_avx512(s, T)) {
+    if (s.keep == 16) return fwd_bank32<16>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
+    if (s.keep == 8) return fwd_bank32<8>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
+    return fwd_bank32<4>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
   }
-  if (T == 1) return fwd_gather<1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
-  if (T == 2) return fwd_gather<2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
-  if (T == 3) return fwd_gather<3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+  if (T == 1) return fwd_gather<1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch), true;
+  if (T == 2) return fwd_gather<2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch), true;
+  if (T == 3) return fwd_gather<3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch), true;
   float* xt = align64(scratch);
   float* ybuf = align64(xt + bal_chunk_floats(s));
   int32_t* colb = reinterpret_cast<int32_t*>(align64(ybuf + (o1 - o0 + 16) * kMaxTokTile));
@@ -517,6 +517,7 @@ void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, cons
       default: fwd_tile<8>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colb, off); break;
     }
   }
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -650,27 +651,18 @@ void sddmm(const BalShape& s, const S* dy, int64_t lddy, const S* x, int64_t ldx
 
 }  // namespace
 
-void balanced_fwd_avx512(const BalShape& s, const void* x, int64_t ldx, int64_t T, const void* values,
+bool balanced_fwd_avx512(const BalShape& s, const void* x, int64_t ldx, int64_t T, const void* values,
                          const void* indices, const void* bias, int act, void* y, int64_t o0, int64_t o1,
                          float* scratch) {
   const Act a = static_cast<Act>(act);
-  if (s.bf16) {
-    using W = uint16_t;
-    if (s.idx16)
-      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const int16_t*>(indices),
-          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
-    else
-      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const uint8_t*>(indices),
-          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
-  } else {
-    using W = float;
-    if (s.idx16)
-      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const int16_t*>(indices),
-          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
-    else
-      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const uint8_t*>(indices),
-          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
-  }
+  auto run = [&](auto w_tag, auto i_tag) {
+    using W = decltype(w_tag);
+    using I = decltype(i_tag);
+    return fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const I*>(indices),
+               static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
+  };
+  if (s.bf16) return s.idx16 ? run(uint16_t{}, int16_t{}) : run(uint16_t{}, uint8_t{});
+  return s.idx16 ? run(float{}, int16_t{}) : run(float{}, uint8_t{});
 }
 
 void balanced_grad_input_avx512(const BalShape& s, const void* dy, int64_t lddy, int64_t T, const void* values,
