@@ -373,16 +373,19 @@ void fwd_gather(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
 
 // Forward, few tokens, bank 32 with keep 16 / 8 / 4: every vector of 16 consecutive kept entries of a row covers
 // exactly 16 / K whole banks (K = keep), so its in-bank indices ARE the permute indices into each bank's 32 columns
-// of x: 16 / K two-source permutes (windows at fixed bank offsets) and 16 / K - 1 fixed-mask blends, no column
-// arithmetic. Rows go 16 at a time: each row's accumulator vectors are kept, and one transpose-add tree turns the
-// 16 of them into a vector of 16 outputs (one bias add, activation and store per 16 rows instead of per row).
+// of x: 16 / K two-source permutes over windows at fixed bank offsets, no column arithmetic. Each permute after the
+// first overwrites only its bank's lanes of the index vector (vpermi2ps with a fixed mask keeps the other lanes),
+// so no blends are needed. Rows go 16 at a time: each row's accumulator vectors are kept, and one transpose-add
+// tree turns the 16 of them into a vector of 16 outputs (one bias add, activation and store per 16 rows).
 template <int K>
 inline __m512 pick_banks(const float* xw, __m512i idx) {
-  __m512 g = _mm512_permutex2var_ps(_mm512_loadu_ps(xw), idx, _mm512_loadu_ps(xw + 16));
-  for (int k = 1; k < 16 / K; ++k)
-    g = _mm512_mask_blend_ps(__mmask16(((1u << K) - 1u) << (k * K)), g,
-                             _mm512_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), idx, _mm512_loadu_ps(xw + 32 * k + 16)));
-  return g;
+  if (K == 16) return _mm512_permutex2var_ps(_mm512_loadu_ps(xw), idx, _mm512_loadu_ps(xw + 16));
+  __m512i g = idx;
+  for (int k = 0; k < 16 / K; ++k)
+    g = _mm512_castps_si512(_mm512_mask2_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), g,
+                                                         __mmask16(((1u << K) - 1u) << (k * K)),
+                                                         _mm512_loadu_ps(xw + 32 * k + 16)));
+  return _mm512_castsi512_ps(g);
 }
 
 // Whether any in-bank index of the vector is outside [0, 32): OR-ing the indices keeps them below 32 unless one is
