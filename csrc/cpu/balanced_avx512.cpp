@@ -392,6 +392,8 @@ inline __m512 pick_banks(const float* xw, __m512i idx) {
 // not (negative int16 values sign-extend to all ones).
 inline __m512i or_idx(__m512i acc, __m512i idx) { return _mm512_or_si512(acc, idx); }
 
+constexpr int64_t kDecodePrefetch = 2048;  // kept entries
+
 template <int K, int T, typename W, typename I>
 bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, const W* w, const I* idx, const W* bias, Act act, W* y,
                 int64_t o0, int64_t o1, float* scratch) {
@@ -437,6 +439,11 @@ bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
       for (int t = 0; t < T; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
       int64_t j = 0;
       for (; j + 2 * L <= n_full; j += 2 * L) {
+        // 2 KiB entries (8 KiB of fp32 weights) ahead: cold weights, 2 threads, BERT-base shapes (2026-11-29):
+        // keep 4 10-25% faster than the hardware prefetchers alone, keep 8 / 16 within noise; 512-1024 B slower.
+        _mm_prefetch(reinterpret_cast<const char*>(wr + j + kDecodePrefetch), _MM_HINT_T0);
+        if (sizeof(W) == 4) _mm_prefetch(reinterpret_cast<const char*>(wr + j + kDecodePrefetch + L), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ir + j + kDecodePrefetch), _MM_HINT_T0);
         const __m512i i0 = load_idx(ir + j, 0xFFFF), i1 = load_idx(ir + j + L, 0xFFFF);
         bad_or = or_idx(or_idx(bad_or, i0), i1);
         const __m512 w0 = load_w(wr + j, 0xFFFF), w1 = load_w(wr + j + L, 0xFFFF);
