@@ -392,7 +392,7 @@ inline __m512 pick_banks(const float* xw, __m512i idx) {
 // not (negative int16 values sign-extend to all ones).
 inline __m512i or_idx(__m512i acc, __m512i idx) { return _mm512_or_si512(acc, idx); }
 
-constexpr int64_t kDecodePrefetch = 2048;  // kept entries
+constexpr int64_t kDecodePrefetch = 2048;  // kept entries ahead of the demand loads (see fwd_bank32)
 
 template <int K, int T, typename W, typename I>
 bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, const W* w, const I* idx, const W* bias, Act act, W* y,
@@ -439,8 +439,9 @@ bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
       for (int t = 0; t < T; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
       int64_t j = 0;
       for (; j + 2 * L <= n_full; j += 2 * L) {
-        // 2 KiB entries (8 KiB of fp32 weights) ahead: cold weights, 2 threads, BERT-base shapes (2026-11-29):
-        // keep 4 10-25% faster than the hardware prefetchers alone, keep 8 / 16 within noise; 512-1024 B slower.
+        // 2048 entries (8 KiB of fp32 weights) ahead. Cold weights, BERT-base shapes, 1-2 threads (2026-11-29):
+        // keep 4 10-25% faster than the hardware prefetchers alone, keep 8 / 16 within noise; 512-1024 B ahead
+        // was slower than none.
         _mm_prefetch(reinterpret_cast<const char*>(wr + j + kDecodePrefetch), _MM_HINT_T0);
         if (sizeof(W) == 4) _mm_prefetch(reinterpret_cast<const char*>(wr + j + kDecodePrefetch + L), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(ir + j + kDecodePrefetch), _MM_HINT_T0);
