@@ -115,5 +115,48 @@ def test_forward_int16_indices_keep_multiple_of_4(isa: str, dtype: torch.dtype, 
     _check(ours, torch.nn.functional.linear(x, w.to_dense().to(dtype), b), reference.linear(x, w, b), dtype)
 
 
+# Bank 32 with keep 16 / 8 / 4 at T <= 3 takes the AVX-512 decode path that checks indices as it reads them: whole
+# 16-entry vectors, a tail vector (odd bank counts, ragged last banks), several 16-row output blocks plus a partial one.
+DECODE_INS = {16: [256, 224, 250], 8: [256, 224, 250, 40], 4: [256, 224, 250, 70, 36]}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("idx_dtype", [torch.uint8, torch.int16])
+@pytest.mark.parametrize("keep,inn", [(k, i) for k, ins in DECODE_INS.items() for i in ins])
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_forward_decode_bank32(isa: str, dtype: torch.dtype, idx_dtype: torch.dtype, keep: int, inn: int, T: int) -> None:
+    gen = torch.Generator().manual_seed(T * 100 + keep + inn)
+    out = 37
+    w = _weight(out, inn, 32, keep, dtype, gen)
+    x = torch.randn(T, inn, generator=gen).to(dtype)
+    idx = w.indices.to(idx_dtype)
+    for act, with_bias in (("none", False), ("gelu", True)):
+        b = torch.randn(out, generator=gen).to(dtype) if with_bias else None
+        ours = torch.ops.sparsekern.balanced_linear(x, w.values, idx, 32, b, act)
+        ref = reference.linear(x, w, b, act)
+        dense = reference.activation(torch.nn.functional.linear(x, w.to_dense().to(dtype), b), act)
+        _check(ours, dense, ref, dtype)
+
+
+@pytest.mark.parametrize("idx_dtype", [torch.uint8, torch.int16])
+@pytest.mark.parametrize("T", [1, 3, 4])
+@pytest.mark.parametrize("keep,where,bad", [(16, (20, 2, 5), 32), (8, (33, 6, 7), 255), (4, (3, 7, 0), 26),
+                                            (8, (36, 7, 1), 26), (4, (0, 0, 3), -1)])
+def test_forward_bad_index_named(isa: str, idx_dtype: torch.dtype, T: int, keep: int, where: tuple, bad: int) -> None:
+    """An out-of-range index is named whichever path reads it: a whole vector, the tail vector, or beyond the
+    ragged last bank (in = 250: bank 7 is 26 wide); -1 only as int16."""
+    if bad < 0 and idx_dtype == torch.uint8:
+        pytest.skip("uint8 cannot hold -1")
+    gen = torch.Generator().manual_seed(keep)
+    w = _weight(37, 250, 32, keep, torch.float32, gen)
+    idx = w.indices.to(idx_dtype)
+    idx[where] = bad
+    x = torch.randn(T, 250, generator=gen)
+    o, bk, k = where
+    width = 26 if bk == 7 else 32
+    with pytest.raises(RuntimeError, match=rf"indices\[{o}, {bk}, {k}\] = {bad} is out of range \[0, {width}\)"):
+        torch.ops.sparsekern.balanced_linear(x, w.values, idx, 32, None, "none")
+
+
 def test_isa_restored() -> None:
     assert _C.get_isa() == _C.best_isa()

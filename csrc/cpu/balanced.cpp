@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <type_traits>
 #include <optional>
@@ -57,8 +58,15 @@ void check_index_range(const at::Tensor& indices, const BalGeom& g) {
   }
 }
 
-// Checks the pattern (shape, dtype, every index inside its bank) and returns its geometry.
-BalGeom check_balanced(const at::Tensor& values, const at::Tensor& indices, int64_t bank, int64_t in) {
+void check_indices(const at::Tensor& indices, const BalGeom& g) {
+  if (indices.scalar_type() == at::kByte) check_index_range<uint8_t>(indices, g);
+  else check_index_range<int16_t>(indices, g);
+}
+
+// Checks the pattern (shape, dtype, and unless the kernel that runs checks them, every index inside its bank) and
+// returns its geometry.
+BalGeom check_balanced(const at::Tensor& values, const at::Tensor& indices, int64_t bank, int64_t in,
+                       bool with_indices = true) {
   SK_CHECK_CPU(values);
   SK_CHECK_CPU(indices);
   SK_CHECK_FLOATING(values);
@@ -76,8 +84,7 @@ BalGeom check_balanced(const at::Tensor& values, const at::Tensor& indices, int6
               " input features in banks of ", bank, " need ", (in + bank - 1) / bank);
   TORCH_CHECK(g.keep >= 1 && g.keep <= g.width(g.n_banks - 1), "keep must be in [1, ", g.width(g.n_banks - 1),
               "] (the width of the last bank), got ", g.keep);
-  if (indices.scalar_type() == at::kByte) check_index_range<uint8_t>(indices, g);
-  else check_index_range<int16_t>(indices, g);
+  if (with_indices) check_indices(indices, g);
   return g;
 }
 
@@ -202,7 +209,15 @@ void dispatch_types(at::ScalarType dt, at::ScalarType it, const F& fn) {
 at::Tensor balanced_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& indices,
                                int64_t bank, const std::optional<at::Tensor>& bias_in, c10::string_view activation) {
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x_in.sizes());
-  const BalGeom g = check_balanced(values, indices, bank, x_in.size(1));
+  // The AVX-512 decode path checks the indices as it reads them (see bal_fwd_checks_indices_avx512).
+  bool kernel_checks = false;
+#if defined(__x86_64__)
+  if (use_fast_path(values.scalar_type()) && active_isa() == Isa::Avx512 && values.dim() == 3 &&
+      indices.sizes() == values.sizes() && (indices.scalar_type() == at::kByte || indices.scalar_type() == at::kShort))
+    kernel_checks = bal_fwd_checks_indices_avx512(
+        BalShape{values.size(0), x_in.size(1), bank, values.size(1), values.size(2), false, false}, x_in.size(0));
+#endif
+  const BalGeom g = check_balanced(values, indices, bank, x_in.size(1), !kernel_checks);
   const at::Tensor x = check_act_input(x_in, values, g.in, "x");
   if (bias_in) {
     SK_CHECK_CPU(*bias_in);
@@ -220,16 +235,21 @@ at::Tensor balanced_linear_cpu(const at::Tensor& x_in, const at::Tensor& values,
   if (use_fast_path(x.scalar_type())) {
     const BalShape s = bal_shape(g, x.scalar_type(), indices.scalar_type());
     const bool avx512 = active_isa() == Isa::Avx512;
+    std::atomic<bool> indices_ok{true};
     run_chunks(bounds, [&](int64_t o0, int64_t o1) {
       float* scratch = thread_scratch(bal_scratch_floats(s, o1 - o0));
       const void* bp = bias.defined() ? bias.data_ptr() : nullptr;
-      if (avx512)
-        balanced_fwd_avx512(s, x.data_ptr(), x.stride(0), T, values.data_ptr(), indices.data_ptr(), bp,
-                            static_cast<int>(act), y.data_ptr(), o0, o1, scratch);
-      else
+      if (avx512) {
+        if (!balanced_fwd_avx512(s, x.data_ptr(), x.stride(0), T, values.data_ptr(), indices.data_ptr(), bp,
+                                 static_cast<int>(act), y.data_ptr(), o0, o1, scratch))
+          indices_ok = false;
+      } else {
         balanced_fwd_avx2(s, x.data_ptr(), x.stride(0), T, values.data_ptr(), indices.data_ptr(), bp,
                           static_cast<int>(act), y.data_ptr(), o0, o1, scratch);
+      }
     });
+    if (!indices_ok) check_indices(indices, g);  // throws, naming the first bad index
+    TORCH_CHECK(indices_ok, "balanced_linear: the kernel found an index out of range that the check did not");
     return y;
   }
 #endif

@@ -371,13 +371,141 @@ void fwd_gather(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
   }
 }
 
+// Forward, few tokens, bank 32 with keep 16 / 8 / 4: every vector of 16 consecutive kept entries of a row covers
+// exactly 16 / K whole banks (K = keep), so its in-bank indices ARE the permute indices into each bank's 32 columns
+// of x: 16 / K two-source permutes over windows at fixed bank offsets, no column arithmetic. Each permute after the
+// first overwrites only its bank's lanes of the index vector (vpermi2ps with a fixed mask keeps the other lanes),
+// so no blends are needed. Rows go 16 at a time: each row's accumulator vectors are kept, and one transpose-add
+// tree turns the 16 of them into a vector of 16 outputs (one bias add, activation and store per 16 rows).
+template <int K>
+inline __m512 pick_banks(const float* xw, __m512i idx) {
+  if (K == 16) return _mm512_permutex2var_ps(_mm512_loadu_ps(xw), idx, _mm512_loadu_ps(xw + 16));
+  __m512i g = idx;
+  for (int k = 0; k < 16 / K; ++k)
+    g = _mm512_castps_si512(_mm512_mask2_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), g,
+                                                         __mmask16(((1u << K) - 1u) << (k * K)),
+                                                         _mm512_loadu_ps(xw + 32 * k + 16)));
+  return _mm512_castsi512_ps(g);
+}
+
+// Whether any in-bank index of the vector is outside [0, 32): OR-ing the indices keeps them below 32 unless one is
+// not (negative int16 values sign-extend to all ones).
+inline __m512i or_idx(__m512i acc, __m512i idx) { return _mm512_or_si512(acc, idx); }
+
+constexpr int64_t kDecodePrefetch = 2048;  // kept entries ahead of the demand loads (see fwd_bank32)
+
+template <int K, int T, typename W, typename I>
+bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, const W* w, const I* idx, const W* bias, Act act, W* y,
+                int64_t o0, int64_t o1, float* scratch) {
+  constexpr int kBank = 32;
+  const int64_t row_len = s.n_banks * K;
+  // xf: the T token rows as fp32, each followed by zeros, so that every bank's 32-column window can be loaded.
+  float* xf = align64(scratch);
+  const int64_t ldf = s.in + 128;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < s.in; c += L) {
+      const int64_t n = s.in - c < L ? s.in - c : L;
+      store_n(xf + t * ldf + c, load_n(x + t * ldx + c, n), n);
+    }
+    std::memset(xf + t * ldf + s.in, 0, 128 * sizeof(float));
+  }
+  // Full vectors lie in banks of full width; the rest of a row (< 16 entries, or 16 reaching a ragged last bank)
+  // is one masked tail vector whose lanes are checked against their bank's width.
+  const int64_t full_banks = s.in / kBank;
+  const int64_t n_full = full_banks * K / L * L;
+  const int64_t n_tail = row_len - n_full;
+  const __mmask16 m_tail = lane_mask(n_tail);
+  alignas(64) int32_t lim[L];
+  for (int l = 0; l < L; ++l) {
+    const int64_t b = (n_full + l) / K;
+    lim[l] = static_cast<int32_t>(b < s.n_banks ? (s.in - b * kBank < kBank ? s.in - b * kBank : kBank) : 0);
+  }
+  const __m512i lim_tail = _mm512_load_si512(lim);
+  const int64_t tail_banks = (n_tail + K - 1) / K;
+  __m512i bad_or = _mm512_setzero_si512();
+  __mmask16 bad_tail = 0;
+  for (int64_t ob = o0; ob < o1; ob += L) {
+    const int64_t nr = o1 - ob < L ? o1 - ob : L;
+    __m512 sums[T][L];
+    for (int64_t r = 0; r < L; ++r) {
+      if (r >= nr) {
+        for (int t = 0; t < T; ++t) sums[t][r] = _mm512_setzero_ps();
+        continue;
+      }
+      const W* wr = w + (ob + r) * row_len;
+      const I* ir = idx + (ob + r) * row_len;
+      // Two accumulators per token halve the FMA dependency chain.
+      __m512 a0[T], a1[T];
+      for (int t = 0; t < T; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 2 * L <= n_full; j += 2 * L) {
+        // 2048 entries (8 KiB of fp32 weights) ahead. Cold weights, BERT-base shapes, 1-2 threads (2026-11-29):
+        // keep 4 10-25% faster than the hardware prefetchers alone, keep 8 / 16 within noise; 512-1024 B ahead
+        // was slower than none.
+        _mm_prefetch(reinterpret_cast<const char*>(wr + j + kDecodePrefetch), _MM_HINT_T0);
+        if (sizeof(W) == 4) _mm_prefetch(reinterpret_cast<const char*>(wr + j + kDecodePrefetch + L), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ir + j + kDecodePrefetch), _MM_HINT_T0);
+        const __m512i i0 = load_idx(ir + j, 0xFFFF), i1 = load_idx(ir + j + L, 0xFFFF);
+        bad_or = or_idx(or_idx(bad_or, i0), i1);
+        const __m512 w0 = load_w(wr + j, 0xFFFF), w1 = load_w(wr + j + L, 0xFFFF);
+        const int64_t c0 = j / K * kBank;
+        for (int t = 0; t < T; ++t) {
+          a0[t] = _mm512_fmadd_ps(w0, pick_banks<K>(xf + t * ldf + c0, i0), a0[t]);
+          a1[t] = _mm512_fmadd_ps(w1, pick_banks<K>(xf + t * ldf + c0 + 16 / K * kBank, i1), a1[t]);
+        }
+      }
+      if (j < n_full) {
+        const __m512i i0 = load_idx(ir + j, 0xFFFF);
+        bad_or = or_idx(bad_or, i0);
+        const __m512 w0 = load_w(wr + j, 0xFFFF);
+        for (int t = 0; t < T; ++t)
+          a0[t] = _mm512_fmadd_ps(w0, pick_banks<K>(xf + t * ldf + j / K * kBank, i0), a0[t]);
+      }
+      if (n_tail > 0) {
+        const __m512i it = load_idx(ir + n_full, m_tail);
+        bad_tail |= _mm512_mask_cmpge_epu32_mask(m_tail, it, lim_tail);
+        const __m512 wt = load_w(wr + n_full, m_tail);
+        const int64_t c0 = n_full / K * kBank;
+        for (int t = 0; t < T; ++t) {
+          const float* xw = xf + t * ldf + c0;
+          __m512 g = _mm512_permutex2var_ps(_mm512_loadu_ps(xw), it, _mm512_loadu_ps(xw + 16));
+          for (int64_t k = 1; k < tail_banks; ++k)
+            g = _mm512_mask_blend_ps(__mmask16(((1u << K) - 1u) << (k * K)), g,
+                                     _mm512_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), it,
+                                                            _mm512_loadu_ps(xw + 32 * k + 16)));
+          // Masked: a zero weight times an infinite x of another column would still be NaN.
+          a1[t] = _mm512_mask3_fmadd_ps(wt, g, a1[t], m_tail);
+        }
+      }
+      for (int t = 0; t < T; ++t) sums[t][r] = _mm512_add_ps(a0[t], a1[t]);
+    }
+    const __m512 bv = bias ? load_n(bias + ob, nr) : _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t) store_n(y + t * s.out + ob, act_avx512(_mm512_add_ps(reduce(sums[t]), bv), act), nr);
+  }
+  return bad_tail == 0 && _mm512_cmpge_epu32_mask(bad_or, _mm512_set1_epi32(kBank)) == 0;
+}
+
+template <int K, typename W, typename I>
+bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias,
+                Act act, W* y, int64_t o0, int64_t o1, float* scratch) {
+  if (T == 1) return fwd_bank32<K, 1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+  if (T == 2) return fwd_bank32<K, 2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+  return fwd_bank32<K, 3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+}
+
+// Returns false if the bank-32 decode path found an index out of range (the other paths run on checked indices).
 template <typename W, typename I>
-void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act,
+bool fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act,
          W* y, int64_t o0, int64_t o1, float* scratch) {
   static_assert(kGatherMaxTokens == 4, "fwd_gather is instantiated for T = 1, 2, 3");
-  if (T == 1) return fwd_gather<1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
-  if (T == 2) return fwd_gather<2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
-  if (T == 3) return fwd_gather<3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
+  if (bal_fwd_checks_indices_avx512(s, T)) {
+    if (s.keep == 16) return fwd_bank32<16>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
+    if (s.keep == 8) return fwd_bank32<8>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
+    return fwd_bank32<4>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
+  }
+  if (T == 1) return fwd_gather<1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch), true;
+  if (T == 2) return fwd_gather<2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch), true;
+  if (T == 3) return fwd_gather<3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch), true;
   float* xt = align64(scratch);
   float* ybuf = align64(xt + bal_chunk_floats(s));
   int32_t* colb = reinterpret_cast<int32_t*>(align64(ybuf + (o1 - o0 + 16) * kMaxTokTile));
@@ -400,6 +528,7 @@ void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, cons
       default: fwd_tile<8>(s, xp, ldx, tb, w, idx, bias, act, yp, o0, o1, xt, ybuf, colb, off); break;
     }
   }
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -533,27 +662,18 @@ void sddmm(const BalShape& s, const S* dy, int64_t lddy, const S* x, int64_t ldx
 
 }  // namespace
 
-void balanced_fwd_avx512(const BalShape& s, const void* x, int64_t ldx, int64_t T, const void* values,
+bool balanced_fwd_avx512(const BalShape& s, const void* x, int64_t ldx, int64_t T, const void* values,
                          const void* indices, const void* bias, int act, void* y, int64_t o0, int64_t o1,
                          float* scratch) {
   const Act a = static_cast<Act>(act);
-  if (s.bf16) {
-    using W = uint16_t;
-    if (s.idx16)
-      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const int16_t*>(indices),
-          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
-    else
-      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const uint8_t*>(indices),
-          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
-  } else {
-    using W = float;
-    if (s.idx16)
-      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const int16_t*>(indices),
-          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
-    else
-      fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const uint8_t*>(indices),
-          static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
-  }
+  auto run = [&](auto w_tag, auto i_tag) {
+    using W = decltype(w_tag);
+    using I = decltype(i_tag);
+    return fwd(s, static_cast<const W*>(x), ldx, T, static_cast<const W*>(values), static_cast<const I*>(indices),
+               static_cast<const W*>(bias), a, static_cast<W*>(y), o0, o1, scratch);
+  };
+  if (s.bf16) return s.idx16 ? run(uint16_t{}, int16_t{}) : run(uint16_t{}, uint8_t{});
+  return s.idx16 ? run(float{}, int16_t{}) : run(float{}, uint8_t{});
 }
 
 void balanced_grad_input_avx512(const BalShape& s, const void* dy, int64_t lddy, int64_t T, const void* values,
