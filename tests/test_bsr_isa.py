@@ -158,12 +158,27 @@ def test_forward_never_reads_outside_the_matrix(isa, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_high_sparsity_empty_rows_every_activation(isa, dtype):
     """95%-sparse 32x32 blocks: rows of 0, 1 and 2 blocks, the first and last block rows empty, a ragged last
-    row and column. Empty rows give act(bias); the kernels start the accumulators from the bias."""
+    row and column. Empty rows give act(bias); the kernels start the accumulators from the bias. A weight without
+    any block takes the same kernels (forward: act(bias); grad_input: zeros)."""
     out, inn = 300, 330  # 10 x 11 block rows/columns, both edges ragged
     mask = torch.zeros(10, 11, dtype=torch.bool)
     mask[1, 3] = mask[2, 0] = mask[2, 10] = mask[4, 7] = mask[5, 5] = mask[5, 6] = mask[8, 10] = True
     g = torch.Generator().manual_seed(11)
     w = BlockSparseWeight.from_dense(torch.randn(out, inn, generator=g).to(dtype), (32, 32), mask=mask)
+    empty = BlockSparseWeight.from_dense(w.to_dense(), (32, 32), mask=torch.zeros_like(mask))
+    for T in (1, 13, 16):
+        x = _tokens(T, inn, dtype, seed=40 + T, strided=T == 13)
+        bias = torch.randn(out, generator=g).to(dtype)
+        y = torch.ops.sparsekern.bsr_linear(
+            x, empty.values, empty.row_offsets, empty.col_indices, empty.col_offsets, empty.row_indices,
+            empty.block_perm, out, bias, "gelu"
+        )
+        ref = reference.activation(bias.double(), "gelu").expand(T, out)
+        _check(y, reference.activation(bias, "gelu").expand(T, out), ref, f"{isa} T={T} no blocks at all")
+        dy = _tokens(T, out, dtype, seed=50 + T, strided=False)
+        dx = torch.ops.sparsekern.bsr_linear_grad_input(dy, empty.values, empty.col_offsets, empty.row_indices,
+                                                        empty.block_perm, inn)
+        assert torch.equal(dx, torch.zeros(T, inn, dtype=dtype)), f"{isa} T={T} grad_input without blocks"
     Wd = w.to_dense()
     for T in (1, 13, 16):
         x = _tokens(T, inn, dtype, seed=40 + T, strided=T == 13)

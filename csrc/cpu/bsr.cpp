@@ -84,8 +84,10 @@ FastPath fast_path(const at::Tensor& values) {
   if (isa == Isa::Portable || (st != at::kFloat && st != at::kBFloat16)) return FastPath::None;
   const int64_t bo = values.size(1), bi = values.size(2);
   if (bo > kBsrFastMaxBlock || bi > kBsrFastMaxBlock) return FastPath::None;
-  if ((values.size(0) > 1 && values.stride(0) != bo * bi) || (bo > 1 && values.stride(1) != 1) ||
-      (bi > 1 && values.stride(2) != bo))
+  // With no blocks the layout is moot (an empty tensor reports the logical strides): a fully pruned layer still
+  // takes the fast kernels, which write the bias (forward) or zeros (grad_input).
+  if (values.size(0) > 0 && ((values.size(0) > 1 && values.stride(0) != bo * bi) ||
+                             (bo > 1 && values.stride(1) != 1) || (bi > 1 && values.stride(2) != bo)))
     return FastPath::None;
   if (st == at::kFloat) return isa == Isa::Avx512 ? FastPath::F32Avx512 : FastPath::F32Avx2;
   // AVX-512 without AVX512_BF16 (Skylake-X, Ice Lake) widens bf16 to float32 in the AVX2 kernels.
