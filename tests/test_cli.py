@@ -90,8 +90,8 @@ def _check_report(report: dict, n_layers: int) -> None:
 def test_sparsify_block_with_recovery(tiny_model, tmp_path, capsys):
     out = str(tmp_path / "out")
     rc, stdout, err = _run(capsys, "sparsify", "--model", tiny_model, "--pattern", "block", "--block", "32",
-                           "--sparsity", "0.5", "--recover-seconds", "2", "--no-skip-if-slower", "--fuse-activations",
-                           "--out", out, *FAST)
+                           "--sparsity", "0.5", "--recover-seconds", "2", "--no-skip-if-slower",
+                           "--out", out, *FAST)  # activations fused by default
     assert rc == 0, err
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
@@ -123,10 +123,12 @@ def test_sparsify_block_with_recovery(tiny_model, tmp_path, capsys):
 def test_sparsify_balanced_bf16_no_recovery(tiny_model, tmp_path, capsys):
     out = str(tmp_path / "out")
     rc, stdout, err = _run(capsys, "sparsify", "--model", tiny_model, "--pattern", "balanced", "--bank", "32",
-                           "--keep", "8", "--dtype", "bfloat16", "--no-skip-if-slower", "--out", out, *FAST)
+                           "--keep", "8", "--dtype", "bfloat16", "--no-skip-if-slower", "--no-fuse-activations",
+                           "--out", out, *FAST)
     assert rc == 0, err
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
+    assert report["layers"]["fusions"] == []
     assert report["pattern_args"] == {"bank": 32, "keep": 8, "sparsity": 0.75}
     assert report["dtype"] == "bfloat16"
     _check_report(report, n_layers=12)
