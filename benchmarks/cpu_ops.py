@@ -333,8 +333,11 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from sparse.runtime import tune_malloc_from_env
+
     from .report import write_report
 
+    tune_malloc_from_env()  # before anything allocates: every contender runs with the same allocator settings
     args = parse_args(argv)
     p = preset_from_args(args)
     os.makedirs(args.out, exist_ok=True)

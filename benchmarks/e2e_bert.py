@@ -4,8 +4,11 @@ sequence 128, dense vs sparsified, forward (inference) and one training step (fo
     python -m benchmarks.e2e_bert --preset quick     # batch 8, 90% block-32 and balanced
     python -m benchmarks.e2e_bert --preset full      # batch 1 and 8, 50/75/90%
 
-Dense contenders: eager fp32, eager bf16, ``torch.compile`` fp32 with ``torch._inductor.config.freezing``
-(inference only: freezing folds the weights as constants, and pre-packs them for oneDNN). Sparse contenders:
+Dense contenders: eager fp32, eager bf16, ``torch.compile`` fp32 and bf16 with ``torch._inductor.config.freezing``
+(inference only: freezing folds the weights as constants, and pre-packs them for oneDNN). Attention is not this
+package's business, but it is a third of the sparse model's time: for each case and dtype the benchmark times the
+dense model with ``transformers``' ``sdpa`` and ``eager`` attention, keeps the faster, and gives the same one to
+every model of that dtype (dense and sparse alike); the ``shape`` column names the choice. Sparse contenders:
 ``sparse.sparsify`` on every Linear of the encoder layers (the pooler stays dense). Rows use the harness schema;
 ``tokens`` = batch x sequence. ``<out>/e2e_profile.md`` has the time split (Linear layers vs the rest) from
 torch.profiler.
@@ -63,6 +66,37 @@ def build_model(config: Optional[Dict[str, int]] = None) -> nn.Module:
 
     torch.manual_seed(0)
     return BertModel(BertConfig(**(config or {}))).eval()
+
+
+ATTENTION = ("sdpa", "eager")  # transformers' attention implementations raced per case and dtype
+
+
+def set_attention(model: nn.Module, impl: str) -> None:
+    if impl not in ATTENTION:
+        raise ValueError(f"attention implementation {impl!r}: expected one of {ATTENTION}")
+    model.set_attn_implementation(impl)
+
+
+def pick_attention(model: nn.Module, make: Callable[[nn.Module, torch.Tensor], Callable[[], object]],
+                   ids: torch.Tensor, calls: int = 2) -> Tuple[str, Dict[str, float]]:
+    """The faster of :data:`ATTENTION` for ``model`` (a dense model) on ``ids``: the best of ``calls`` timed calls
+    after one warm-up each. ``model`` is left with the winner; returns it and the seconds per implementation."""
+    import time
+
+    seconds: Dict[str, float] = {}
+    for impl in ATTENTION:
+        set_attention(model, impl)
+        fn = make(model, ids)
+        fn()
+        best = float("inf")
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        seconds[impl] = best
+    winner = min(seconds, key=seconds.get)
+    set_attention(model, winner)
+    return winner, seconds
 
 
 def _encoder_linear(name: str, module: nn.Module) -> bool:
@@ -137,6 +171,7 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
         except Exception as exc:  # one pattern that cannot be built must not lose the others
             skipped.append(f"sparsify {key}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    dense_of = {"float32": base, "bfloat16": bf16}
     bar = tqdm(jobs, desc="e2e_bert", unit="case", disable=not progress, file=sys.stderr)
     with threads(p.threads):
         for op, batch in bar:
@@ -144,16 +179,28 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
             ids = torch.randint(0, base.config.vocab_size, (batch, SEQ), generator=torch.Generator().manual_seed(batch))
             training = op == "bert_train_step"
             make = train_fn if training else forward_fn
+            attention: Dict[str, str] = {}
+            base.train(training)
+            for dt, dense in dense_of.items():
+                if training and dt != "float32":
+                    continue
+                attention[dt], secs = pick_attention(dense, make, ids)
+                for key, m in sparse_models.items():
+                    if key[2] == dt:
+                        set_attention(m, attention[dt])
+                if progress:
+                    bar.write(f"{op} batch {batch} {dt}: attention {attention[dt]} (dense model: "
+                              + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in secs.items()) + ")", file=sys.stderr)
             dense_info = {"format": "dense", "block": "", "density": 1.0, "dense_ref": True}
             cs = [Contender("eager_fp32", make(base, ids), {**dense_info, "backend": "eager_fp32", "dtype": "float32"})]
             if not training:
                 cs.append(Contender("eager_bf16", make(bf16, ids), {**dense_info, "backend": "eager_bf16", "dtype": "bfloat16"}))
-                if p.compile:
+                for dt, dense in (dense_of.items() if p.compile else ()):
                     try:
-                        cs.append(Contender("compile_fp32", compiled_forward(base, ids),
-                                            {**dense_info, "backend": "torch.compile(freezing)", "dtype": "float32"}))
+                        cs.append(Contender(f"compile_{'fp32' if dt == 'float32' else 'bf16'}", compiled_forward(dense, ids),
+                                            {**dense_info, "backend": "torch.compile(freezing)", "dtype": dt}))
                     except Exception as exc:  # an inductor failure must not lose the rest of the run
-                        skipped.append(f"{op} batch {batch} torch.compile: {type(exc).__name__}: {str(exc)[:160]}")
+                        skipped.append(f"{op} batch {batch} torch.compile {dt}: {type(exc).__name__}: {str(exc)[:160]}")
             for (pattern, s, dt, fuse), m in sparse_models.items():
                 if training and (dt != "float32" or pattern not in p.train_patterns):
                     continue
@@ -161,7 +208,6 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                         "dtype": dt}
                 name = f"{pattern}:{s}:{dt}" + (":fused" if fuse else "")
                 cs.append(Contender(name, make(m.train() if training else m.eval(), ids), info))
-            base.train(training)
             ok = []
             for c in cs:  # the warm-up call (it compiles too); a contender that fails is reported, not fatal
                 try:
@@ -171,7 +217,8 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                     skipped.append(f"{op} batch {batch} {c.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             timings = measure(ok, rounds=p.rounds, min_sample_s=0.0, warmup=0, presample_call=False)
             base.eval()
-            common = {"op": op, "shape": shape, "tokens": batch * SEQ, "threads": p.threads, "weights": "hot",
+            attn = ", ".join(f"{'fp32' if dt == 'float32' else 'bf16'} {a}" for dt, a in attention.items())
+            common = {"op": op, "shape": f"{shape}, attention {attn}", "tokens": batch * SEQ, "threads": p.threads, "weights": "hot",
                       "out_features": base.config.hidden_size, "in_features": base.config.hidden_size}
             rows += make_rows("e2e_bert", f"{op}|batch{batch}|seq{SEQ}|{p.threads}t", common, ok, timings, "eager_fp32")
             write_csv(path, rows)
@@ -228,8 +275,11 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from sparse.runtime import tune_malloc_from_env
+
     from .report import write_report
 
+    tune_malloc_from_env()  # dense and sparse models alike: see sparse/runtime.py
     ap = argparse.ArgumentParser(prog="benchmarks.e2e_bert", description=__doc__.split("\n\n")[0])
     add_arguments(ap)
     args = ap.parse_args(argv)

@@ -28,7 +28,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--report", nargs="+", metavar="CSV", help="only rebuild summary.md and plots from these CSVs")
     args = ap.parse_args(argv)
 
+    from sparse.runtime import tune_malloc_from_env
+
     from .report import write_report
+
+    tune_malloc_from_env()  # before anything allocates: dense and sparse contenders alike (sparse/runtime.py)
 
     if args.report:
         from .harness import read_csv

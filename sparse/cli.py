@@ -532,6 +532,9 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
 # ---- entry point -----------------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .runtime import tune_malloc_from_env
+
+    tune_malloc_from_env()  # dense and sparse models alike run with fixed malloc thresholds (sparse/runtime.py)
     # `bench` forwards everything after it, --help included, to the harness.
     if argv and argv[0] == "bench":
         try:
