@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 import sparse
+from sparse.evaluate import pick_attention, set_attention
 
 from .harness import Contender, make_rows, measure, threads, write_csv
 
@@ -66,37 +67,6 @@ def build_model(config: Optional[Dict[str, int]] = None) -> nn.Module:
 
     torch.manual_seed(0)
     return BertModel(BertConfig(**(config or {}))).eval()
-
-
-ATTENTION = ("sdpa", "eager")  # transformers' attention implementations raced per case and dtype
-
-
-def set_attention(model: nn.Module, impl: str) -> None:
-    if impl not in ATTENTION:
-        raise ValueError(f"attention implementation {impl!r}: expected one of {ATTENTION}")
-    model.set_attn_implementation(impl)
-
-
-def pick_attention(model: nn.Module, make: Callable[[nn.Module, torch.Tensor], Callable[[], object]],
-                   ids: torch.Tensor, calls: int = 2) -> Tuple[str, Dict[str, float]]:
-    """The faster of :data:`ATTENTION` for ``model`` (a dense model) on ``ids``: the best of ``calls`` timed calls
-    after one warm-up each. ``model`` is left with the winner; returns it and the seconds per implementation."""
-    import time
-
-    seconds: Dict[str, float] = {}
-    for impl in ATTENTION:
-        set_attention(model, impl)
-        fn = make(model, ids)
-        fn()
-        best = float("inf")
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        seconds[impl] = best
-    winner = min(seconds, key=seconds.get)
-    set_attention(model, winner)
-    return winner, seconds
 
 
 def _encoder_linear(name: str, module: nn.Module) -> bool:
@@ -184,7 +154,7 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
             for dt, dense in dense_of.items():
                 if training and dt != "float32":
                     continue
-                attention[dt], secs = pick_attention(dense, make, ids)
+                attention[dt], secs = pick_attention(dense, make(dense, ids))
                 for key, m in sparse_models.items():
                     if key[2] == dt:
                         set_attention(m, attention[dt])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,14 @@ __all__ = [
     "PrepackedLinear",
     "prepack_linears",
     "time_forward",
+    "ATTENTION_IMPLEMENTATIONS",
+    "set_attention",
+    "pick_attention",
 ]
+
+# transformers' attention implementations that run on any CPU; which is faster depends on the model's head size,
+# sequence length, dtype and mask, so it is measured, not assumed
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -171,3 +178,37 @@ def time_forward(
             if progress is not None:
                 progress()
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def set_attention(model: nn.Module, impl: str) -> bool:
+    """Switches a ``transformers`` model to attention implementation ``impl`` (one of
+    :data:`ATTENTION_IMPLEMENTATIONS`). Returns False, changing nothing, for a model without
+    ``set_attn_implementation`` (not a ``transformers`` model)."""
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {impl!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    if not hasattr(model, "set_attn_implementation"):
+        return False
+    model.set_attn_implementation(impl)
+    return True
+
+
+def pick_attention(model: nn.Module, run: Callable[[], object], calls: int = 2) -> Tuple[Optional[str], Dict[str, float]]:
+    """Races :data:`ATTENTION_IMPLEMENTATIONS` on ``model``: ``run()`` (a call of ``model``) once to warm up, then
+    the best of ``calls`` timed calls, for each. ``model`` is left with the faster one. Returns it and the seconds
+    per implementation; ``(None, {})`` for a model that cannot switch (see :func:`set_attention`)."""
+    if calls < 1:
+        raise ValueError(f"calls={calls}: expected >= 1")
+    seconds: Dict[str, float] = {}
+    for impl in ATTENTION_IMPLEMENTATIONS:
+        if not set_attention(model, impl):
+            return None, {}
+        run()
+        best = float("inf")
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t0)
+        seconds[impl] = best
+    winner = min(seconds, key=seconds.get)
+    set_attention(model, winner)
+    return winner, seconds

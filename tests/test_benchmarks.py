@@ -165,3 +165,22 @@ def test_a_wrong_contender_is_left_out_not_timed():
     assert not cpu_ops._try(Contender("wrong", lambda: torch.ones(2, 4) * 1.01, {}, ref), skipped, case)
     assert not cpu_ops._try(Contender("transposed", lambda: torch.ones(4, 2), {}, ref), skipped, case)
     assert len(skipped) == 2 and all("WRONG RESULT" in s for s in skipped)
+
+
+def test_pick_attention_keeps_the_faster_and_rejects_unknown(monkeypatch):
+    from sparse import evaluate
+
+    class FakeModel(torch.nn.Module):  # a transformers-like switch; "eager" made slow by the call below
+        impl = "sdpa"
+
+        def set_attn_implementation(self, impl):
+            self.impl = impl
+
+    m = FakeModel()
+    clock = iter(range(1000))
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(clock) * (1.0 if m.impl == "sdpa" else 5.0))
+    winner, secs = evaluate.pick_attention(m, lambda: None, calls=2)
+    assert winner == "sdpa" and m.impl == "sdpa" and secs["eager"] > secs["sdpa"]
+    with pytest.raises(ValueError, match="'flash': expected one of"):
+        evaluate.set_attention(m, "flash")
+    assert evaluate.pick_attention(torch.nn.Linear(2, 2), lambda: None) == (None, {})
