@@ -98,6 +98,31 @@ def test_grad_input(isa, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", [(32, 32), (16, 16), (20, 48)], ids=lambda b: f"b{b[0]}x{b[1]}")
+def test_grad_input_column_groups(isa, dtype, block):
+    """dx is written a group of block columns at a time, over chunks of 512 tokens: many groups, empty columns
+    inside a group, a ragged last column, more tokens than one chunk, and every thread count giving the same bits."""
+    out, inn = 72, 1000
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(out, inn, generator=g).to(dtype)
+    w = BlockSparseWeight.from_dense(W, block, sparsity=0.7)
+    counts = (w.col_offsets[1:] - w.col_offsets[:-1]).tolist()
+    assert 0 in counts[:-1] and max(counts) > 0, "the case needs empty and non-empty columns"
+    dy = _tokens(600, out, dtype, seed=11, strided=True)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(torch.ops.sparsekern.bsr_linear_grad_input(dy, w.values, w.col_offsets, w.row_indices,
+                                                                   w.block_perm, inn))
+    finally:
+        torch.set_num_threads(threads)
+    _check(runs[0], dy @ w.to_dense(), reference.linear_grad_input(dy, w), f"{isa} grad_input {block}")
+    assert all(torch.equal(r, runs[0]) for r in runs[1:]), "every thread count must give the same bits"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
 def test_sddmm(isa, dtype, case):
     out, inn, block = case
