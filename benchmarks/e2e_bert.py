@@ -192,9 +192,12 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                       "out_features": base.config.hidden_size, "in_features": base.config.hidden_size}
             rows += make_rows("e2e_bert", f"{op}|batch{batch}|seq{SEQ}|{p.threads}t", common, ok, timings, "eager_fp32")
             write_csv(path, rows)
-    sparsest = max((k for k in sparse_models if k[0] == "block" and k[2] == "float32" and not k[3]), default=None,
-                   key=lambda k: k[1])
-    profile_split(base, sparse_models[sparsest] if sparsest else None, sparsest[1] if sparsest else 0.0, p, out_dir)
+    profiled = [("dense eager fp32", base), ("dense eager bf16", bf16)]
+    for (pattern, s, dt, fuse), m in sorted(sparse_models.items(), key=lambda kv: (kv[0][2] != "float32", kv[0][3])):
+        if pattern == "block" and s == top:
+            profiled.append((f"block-32 {100 * s:.0f}% {'fp32' if dt == 'float32' else 'bf16'}"
+                             + (", GELU fused" if fuse else ", GELU separate"), m))
+    profile_split(profiled, p, out_dir)
     return rows, skipped
 
 
@@ -213,17 +216,18 @@ def _linear_share(model: nn.Module, ids: torch.Tensor) -> Tuple[float, float, Li
     return lin, total, sorted(events, key=lambda e: -e[1])[:8]
 
 
-def profile_split(dense: nn.Module, sparse_model: Optional[nn.Module], sparsity: float, p: Preset, out_dir: str) -> str:
-    """Writes ``e2e_profile.md``: where one forward's time goes (Linear layers vs the rest), dense and sparse."""
+def profile_split(models: Sequence[Tuple[str, nn.Module]], p: Preset, out_dir: str) -> str:
+    """Writes ``e2e_profile.md``: where one forward's time goes (Linear layers, with a fused GELU, vs the rest) in
+    each of ``models`` (name, model), each with the attention implementation it was last timed with."""
     batch = max(p.batches)
-    ids = torch.randint(0, dense.config.vocab_size, (batch, SEQ), generator=torch.Generator().manual_seed(0))
+    vocab = models[0][1].config.vocab_size
+    ids = torch.randint(0, vocab, (batch, SEQ), generator=torch.Generator().manual_seed(0))
     lines = [f"# BERT-base forward time split (torch.profiler, batch {batch}, seq {SEQ}, {p.threads} threads)", ""]
     with threads(p.threads):
-        for name, m in (("dense eager fp32", dense), (f"block-32 {100 * sparsity:.0f}% fp32", sparse_model)):
-            if m is None:
-                continue
+        for name, m in models:
             lin, total, top = _linear_share(m.eval(), ids)
-            lines += [f"## {name}", "", f"Linear layers: {lin:.1f} ms of {total:.1f} ms self time ({100 * lin / total:.0f}%); "
+            attn = getattr(m.config, "_attn_implementation", None) or "?"
+            lines += [f"## {name} ({attn} attention)", "", f"Linear layers: {lin:.1f} ms of {total:.1f} ms self time ({100 * lin / total:.0f}%); "
                       f"the rest: {total - lin:.1f} ms.", "", "| op | self ms |", "|---|---|"]
             lines += [f"| {k} | {t:.1f} |" for k, t in top] + [""]
     path = os.path.join(out_dir, "e2e_profile.md")
