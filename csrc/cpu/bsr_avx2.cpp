@@ -188,10 +188,13 @@ void fwd_dispatch(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
 
 // ---------------------------------------------------------------- grad_input
 // As in bsr_avx512.cpp: each block is transposed (and widened to float32) once per chunk of tokens into an L1
-// buffer with k contiguous; partial sums over the blocks of a column live in an fp32 buffer.
+// buffer with k contiguous; partial sums over the blocks of a column live in an fp32 buffer, whose rows hold a
+// group of columns, so that dx is written a group at a time (512 contiguous bytes per row at bi = 32; see
+// bsr_avx512.cpp for why 128-byte pieces of 4 KiB-aliased rows are slow).
 constexpr int64_t kGiChunk = 128;
 constexpr int kGiTile = 6;
 constexpr int64_t kLd = kBsrFastMaxBlock;
+constexpr int64_t kGiAccLd = 2 * kBsrFastMaxBlock;  // floats per token row of the partial-sum buffer
 
 template <typename E, int TT>
 void gi_tile(const BsrGradInputArgs& a, const float* wt, int64_t ob, int64_t o0, int64_t t0, float* accb, bool first) {
@@ -200,7 +203,7 @@ void gi_tile(const BsrGradInputArgs& a, const float* wt, int64_t ob, int64_t o0,
 #pragma GCC unroll 6
   for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 2
-    for (int v = 0; v < 2; ++v) acc[t][v] = first ? _mm256_setzero_ps() : _mm256_load_ps(accb + t * kLd + 8 * v);
+    for (int v = 0; v < 2; ++v) acc[t][v] = first ? _mm256_setzero_ps() : _mm256_load_ps(accb + t * kGiAccLd + 8 * v);
   for (int64_t o = 0; o < ob; ++o) {
     const __m256 w0 = _mm256_load_ps(wt + o * kLd), w1 = _mm256_load_ps(wt + o * kLd + 8);
 #pragma GCC unroll 6
@@ -213,41 +216,53 @@ void gi_tile(const BsrGradInputArgs& a, const float* wt, int64_t ob, int64_t o0,
 #pragma GCC unroll 6
   for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 2
-    for (int v = 0; v < 2; ++v) _mm256_store_ps(accb + t * kLd + 8 * v, acc[t][v]);
+    for (int v = 0; v < 2; ++v) _mm256_store_ps(accb + t * kGiAccLd + 8 * v, acc[t][v]);
 }
 
 template <typename E>
 void gi_cols(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
-  alignas(32) float accb[kGiChunk * kLd];
+  alignas(32) float accb[kGiChunk * kGiAccLd];
   alignas(32) float wt[kBsrFastMaxBlock * kLd];
   const E* w = static_cast<const E*>(a.w);
   const int64_t blk = a.bo * a.bi;
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t i0 = c * a.bi, ib = min64(a.bi, a.in - i0);
-    const int64_t kw = (ib + 15) / 16 * 16;  // features handled, in chunks of 16
+  const int64_t kwf = (a.bi + 15) / 16 * 16;  // buffer columns per block column
+  const int64_t G = kGiAccLd / kwf;           // block columns per group (>= 2: bi <= kBsrFastMaxBlock)
+  for (int64_t g0 = c0; g0 < c1; g0 += G) {
+    const int64_t g1 = min64(g0 + G, c1);
     for (int64_t tc = 0; tc < a.T; tc += kGiChunk) {
       const int64_t tn = min64(kGiChunk, a.T - tc);
-      bool first = true;
-      for (int64_t q = a.col_offsets[c]; q < a.col_offsets[c + 1]; ++q) {
-        const E* wb = w + int64_t(a.block_perm[q]) * blk;
-        const int64_t o0 = int64_t(a.row_indices[q]) * a.bo, ob = min64(a.bo, a.out - o0);
-        for (int64_t o = 0; o < ob; ++o)
-          for (int64_t k = 0; k < kw; ++k) wt[o * kLd + k] = k < ib ? load1(wb + k * a.bo + o) : 0.0f;
-        for (int64_t kc = 0; kc < kw; kc += 16) {
-          int64_t t = 0;
-          auto tile = [&](auto tt) {
-            gi_tile<E, decltype(tt)::value>(a, wt + kc, ob, o0, tc + t, accb + t * kLd + kc, first);
-          };
-          for (; t + kGiTile <= tn; t += kGiTile) tile(Int<kGiTile>{});
-          if (t < tn) dispatch_upto<kGiTile - 1>(tn - t, tile);
+      bool empty[kGiAccLd / 16];
+      for (int64_t c = g0; c < g1; ++c) {
+        float* acc_c = accb + (c - g0) * kwf;
+        const int64_t i0 = c * a.bi, ib = min64(a.bi, a.in - i0);
+        const int64_t kw = (ib + 15) / 16 * 16;  // features handled, in chunks of 16
+        bool first = true;
+        for (int64_t q = a.col_offsets[c]; q < a.col_offsets[c + 1]; ++q) {
+          const E* wb = w + int64_t(a.block_perm[q]) * blk;
+          const int64_t o0 = int64_t(a.row_indices[q]) * a.bo, ob = min64(a.bo, a.out - o0);
+          for (int64_t o = 0; o < ob; ++o)
+            for (int64_t k = 0; k < kw; ++k) wt[o * kLd + k] = k < ib ? load1(wb + k * a.bo + o) : 0.0f;
+          for (int64_t kc = 0; kc < kw; kc += 16) {
+            int64_t t = 0;
+            auto tile = [&](auto tt) {
+              gi_tile<E, decltype(tt)::value>(a, wt + kc, ob, o0, tc + t, acc_c + t * kGiAccLd + kc, first);
+            };
+            for (; t + kGiTile <= tn; t += kGiTile) tile(Int<kGiTile>{});
+            if (t < tn) dispatch_upto<kGiTile - 1>(tn - t, tile);
+          }
+          first = false;
         }
-        first = false;
+        empty[c - g0] = first;
       }
-      E* dx = static_cast<E*>(a.dx) + tc * a.in + i0;
+      E* dx = static_cast<E*>(a.dx) + tc * a.in;
       for (int64_t t = 0; t < tn; ++t)
-        for (int64_t k = 0; k < ib; k += 8) {
-          const __m256 s = first ? _mm256_setzero_ps() : _mm256_load_ps(accb + t * kLd + k);
-          store8(dx + t * a.in + k, s, ib - k);
+        for (int64_t c = g0; c < g1; ++c) {
+          const int64_t i0 = c * a.bi, ib = min64(a.bi, a.in - i0);
+          const float* acc_c = accb + t * kGiAccLd + (c - g0) * kwf;
+          for (int64_t k = 0; k < ib; k += 8) {
+            const __m256 s = empty[c - g0] ? _mm256_setzero_ps() : _mm256_load_ps(acc_c + k);
+            store8(dx + t * a.in + i0 + k, s, ib - k);
+          }
         }
     }
   }
