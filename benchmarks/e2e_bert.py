@@ -4,11 +4,12 @@ sequence 128, dense vs sparsified, forward (inference) and one training step (fo
     python -m benchmarks.e2e_bert --preset quick     # batch 8, 90% block-32 and balanced
     python -m benchmarks.e2e_bert --preset full      # batch 1 and 8, 50/75/90%
 
-Dense contenders: eager fp32, eager bf16, ``torch.compile`` fp32 and bf16 with ``torch._inductor.config.freezing``
-(inference only: freezing folds the weights as constants, and pre-packs them for oneDNN). Attention is not this
-package's business, but it is a third of the sparse model's time: for each case and dtype the benchmark times the
-dense model with ``transformers``' ``sdpa`` and ``eager`` attention, keeps the faster, and gives the same one to
-every model of that dtype (dense and sparse alike); the ``shape`` column names the choice. Sparse contenders:
+Dense contenders: eager fp32 and bf16; every Linear through oneDNN with a pre-packed weight
+(``sparse.evaluate.prepack_linears``, inference only; in fp32 twice as fast as eager, whose ``F.linear`` takes
+MKL's path on this CPU); ``torch.compile`` fp32 and bf16 with ``torch._inductor.config.freezing`` (inference only).
+Attention is not this package's business, but it is a third to a half of the sparse model's time: each model
+(dense and sparse alike) is timed with ``transformers``' ``sdpa`` and ``eager`` attention and keeps the faster, as
+its user would; the ``notes`` column names the choice and both times. Sparse contenders:
 ``sparse.sparsify`` on every Linear of the encoder layers (the pooler stays dense). Rows use the harness schema;
 ``tokens`` = batch x sequence. ``<out>/e2e_profile.md`` has the time split (Linear layers vs the rest) from
 torch.profiler.
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 
 import sparse
-from sparse.evaluate import pick_attention, set_attention
+from sparse.evaluate import pick_attention, prepack_linears
 
 from .harness import Contender, make_rows, measure, threads, write_csv
 
@@ -141,7 +142,11 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
         except Exception as exc:  # one pattern that cannot be built must not lose the others
             skipped.append(f"sparsify {key}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
-    dense_of = {"float32": base, "bfloat16": bf16}
+    # oneDNN with pre-packed weights (GELU in its output stage): the best dense path on this CPU, 2x F.linear in fp32
+    prepacked: Dict[str, nn.Module] = {}
+    for dt, dense in (("float32", base), ("bfloat16", bf16)):
+        prepacked[dt] = copy.deepcopy(dense)
+        prepack_linears(prepacked[dt])
     bar = tqdm(jobs, desc="e2e_bert", unit="case", disable=not progress, file=sys.stderr)
     with threads(p.threads):
         for op, batch in bar:
@@ -149,35 +154,43 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
             ids = torch.randint(0, base.config.vocab_size, (batch, SEQ), generator=torch.Generator().manual_seed(batch))
             training = op == "bert_train_step"
             make = train_fn if training else forward_fn
-            attention: Dict[str, str] = {}
             base.train(training)
-            for dt, dense in dense_of.items():
-                if training and dt != "float32":
-                    continue
-                attention[dt], secs = pick_attention(dense, make(dense, ids))
-                for key, m in sparse_models.items():
-                    if key[2] == dt:
-                        set_attention(m, attention[dt])
-                if progress:
-                    bar.write(f"{op} batch {batch} {dt}: attention {attention[dt]} (dense model: "
-                              + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in secs.items()) + ")", file=sys.stderr)
             dense_info = {"format": "dense", "block": "", "density": 1.0, "dense_ref": True}
-            cs = [Contender("eager_fp32", make(base, ids), {**dense_info, "backend": "eager_fp32", "dtype": "float32"})]
+            # (contender, model it runs or None for a compiled one, info)
+            entries: List[Tuple[str, Optional[nn.Module], Dict[str, object]]] = [
+                ("eager_fp32", base, {**dense_info, "backend": "eager_fp32", "dtype": "float32"})]
             if not training:
-                cs.append(Contender("eager_bf16", make(bf16, ids), {**dense_info, "backend": "eager_bf16", "dtype": "bfloat16"}))
-                for dt, dense in (dense_of.items() if p.compile else ()):
-                    try:
-                        cs.append(Contender(f"compile_{'fp32' if dt == 'float32' else 'bf16'}", compiled_forward(dense, ids),
-                                            {**dense_info, "backend": "torch.compile(freezing)", "dtype": dt}))
-                    except Exception as exc:  # an inductor failure must not lose the rest of the run
-                        skipped.append(f"{op} batch {batch} torch.compile {dt}: {type(exc).__name__}: {str(exc)[:160]}")
+                entries.append(("eager_bf16", bf16, {**dense_info, "backend": "eager_bf16", "dtype": "bfloat16"}))
+                for dt, m in prepacked.items():
+                    entries.append((f"onednn_{dt}", m, {**dense_info, "backend": "onednn_prepacked", "dtype": dt}))
             for (pattern, s, dt, fuse), m in sparse_models.items():
                 if training and (dt != "float32" or pattern not in p.train_patterns):
                     continue
+                m.train(training)
                 info = {**_pattern_info(pattern, s), "backend": "sparse.sparsify" + ("(fused gelu)" if fuse else ""),
                         "dtype": dt}
-                name = f"{pattern}:{s}:{dt}" + (":fused" if fuse else "")
-                cs.append(Contender(name, make(m.train() if training else m.eval(), ids), info))
+                entries.append((f"{pattern}:{s}:{dt}" + (":fused" if fuse else ""), m, info))
+            # Each model gets the faster of transformers' attention implementations for itself, as its user would
+            # pick (a compiled model keeps the one of the eager model it was compiled from).
+            cs: List[Contender] = []
+            attention: Dict[int, str] = {}
+            for name, m, info in entries:
+                try:
+                    winner, secs = pick_attention(m, make(m, ids))
+                except Exception as exc:  # a contender that fails is reported, not fatal
+                    skipped.append(f"{op} batch {batch} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                    continue
+                attention[id(m)] = winner
+                times = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in secs.items())
+                cs.append(Contender(name, make(m, ids), {**info, "notes": f"attention {winner} ({times})"}))
+            if not training:
+                for dt, dense in (("float32", base), ("bfloat16", bf16)) if p.compile else ():
+                    try:
+                        cs.append(Contender(f"compile_{dt}", compiled_forward(dense, ids),
+                                            {**dense_info, "backend": "torch.compile(freezing)", "dtype": dt,
+                                             "notes": f"attention {attention.get(id(dense), '?')} (of the eager model)"}))
+                    except Exception as exc:  # an inductor failure must not lose the rest of the run
+                        skipped.append(f"{op} batch {batch} torch.compile {dt}: {type(exc).__name__}: {str(exc)[:160]}")
             ok = []
             for c in cs:  # the warm-up call (it compiles too); a contender that fails is reported, not fatal
                 try:
@@ -187,12 +200,12 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                     skipped.append(f"{op} batch {batch} {c.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             timings = measure(ok, rounds=p.rounds, min_sample_s=0.0, warmup=0, presample_call=False)
             base.eval()
-            attn = ", ".join(f"{'fp32' if dt == 'float32' else 'bf16'} {a}" for dt, a in attention.items())
-            common = {"op": op, "shape": f"{shape}, attention {attn}", "tokens": batch * SEQ, "threads": p.threads, "weights": "hot",
+            common = {"op": op, "shape": shape, "tokens": batch * SEQ, "threads": p.threads, "weights": "hot",
                       "out_features": base.config.hidden_size, "in_features": base.config.hidden_size}
             rows += make_rows("e2e_bert", f"{op}|batch{batch}|seq{SEQ}|{p.threads}t", common, ok, timings, "eager_fp32")
             write_csv(path, rows)
-    profiled = [("dense eager fp32", base), ("dense eager bf16", bf16)]
+    profiled = [("dense eager fp32", base), ("dense oneDNN pre-packed fp32", prepacked["float32"]),
+                ("dense oneDNN pre-packed bf16", prepacked["bfloat16"])]
     for (pattern, s, dt, fuse), m in sorted(sparse_models.items(), key=lambda kv: (kv[0][2] != "float32", kv[0][3])):
         if pattern == "block" and s == top:
             profiled.append((f"block-32 {100 * s:.0f}% {'fp32' if dt == 'float32' else 'bf16'}"

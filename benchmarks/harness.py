@@ -64,6 +64,7 @@ COLUMNS: List[str] = [
     "cuda",
     "git_rev",
     "timestamp",
+    "notes",  # what else decided the time, e.g. the attention implementation an end-to-end model ran with
 ]
 
 
@@ -342,10 +343,12 @@ def read_csv(path: str) -> List[Dict[str, Any]]:
     """Reads a harness CSV back with numeric columns converted (empty cells stay "")."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != COLUMNS:
+        older = reader.fieldnames == [c for c in COLUMNS if c != "notes"]  # written before the notes column
+        if reader.fieldnames != COLUMNS and not older:
             raise ValueError(f"{path}: columns {reader.fieldnames} are not the harness schema {COLUMNS}")
         rows = []
         for row in reader:
+            row.setdefault("notes", "")
             for k, conv in _NUMERIC.items():
                 if row[k] != "":
                     row[k] = conv(float(row[k])) if conv is int else conv(row[k])

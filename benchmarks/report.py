@@ -193,8 +193,8 @@ def issue6_tables(rows: List[Row]) -> List[Table]:
     cases = by_case(r for r in rows if r["bench"] == "e2e_bert")
     fwd = Table("BERT-base, 90% block-32 linears, batch 8, seq 128, forward: >= 6x dense eager fp32, >= 3.5x best dense "
                 "(issue 6); bf16 >= 3.5x dense eager bf16 (issue 10)",
-                "best dense = fastest of eager and torch.compile in the row's dtype (same case); the last line of a case "
-                "races the fastest sparse model against the fastest dense one in any dtype")
+                "best dense = fastest of eager, oneDNN with pre-packed weights and torch.compile in the row's dtype (same "
+                "case); the last line of a case races the fastest sparse model against the fastest dense one in any dtype")
     train = Table("BERT-base training step (forward+backward), 90% block-32, batch 8: >= 3x dense eager fp32")
     for rows in cases.values():
         dense = {str(r["backend"]) + "|" + str(r["dtype"]): r for r in rows if r["format"] == "dense"}
@@ -234,15 +234,16 @@ def e2e_table(rows: List[Row]) -> str:
     e2e = [r for r in rows if r["bench"] == "e2e_bert"]
     if not e2e:
         return ""
-    out = ["### End-to-end BERT-base (all rows)", "", "| op | tokens | contender | dtype | median ms | vs eager fp32 |",
-           "|---|---|---|---|---|---|"]
+    out = ["### End-to-end BERT-base (all rows)", "",
+           "| op | tokens | contender | dtype | median ms | vs eager fp32 | notes |", "|---|---|---|---|---|---|---|"]
     for case_rows in by_case(e2e).values():
         eager = next((r for r in case_rows if r["backend"] == "eager_fp32"), None)
         for r in case_rows:
             what = str(r["backend"]) if r["format"] == "dense" else (
                 f"{r['backend']} {r['format']} {r['block']} s={float(r['sparsity']):.2f}")
             sp = f"{float(eager['median_s']) / float(r['median_s']):.2f}x" if eager else ""
-            out.append(f"| {r['op']} | {r['tokens']} | {what} | {r['dtype']} | {1e3 * float(r['median_s']):.1f} | {sp} |")
+            out.append(f"| {r['op']} | {r['tokens']} | {what} | {r['dtype']} | {1e3 * float(r['median_s']):.1f} | {sp} | "
+                       f"{r.get('notes', '')} |")
     return "\n".join(out + [""])
 
 
