@@ -515,11 +515,11 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
         "",
     ]
     if lat.get("attention"):
-        names = {**_DENSE_NAMES, **_SPARSE_NAMES}
-        lines += ["Attention: each model runs with the faster of transformers' implementations for itself, "
-                  "timed before the comparison: "
-                  + "; ".join(f"{k.replace('batch', 'batch ')}: "
-                              + ", ".join(f"{names.get(n, n)} {a['implementation']}" for n, a in per.items())
+        names = {**{k: f"dense {v}" for k, v in _DENSE_NAMES.items()}, **{k: f"sparse {v}" for k, v in _SPARSE_NAMES.items()}}
+        lines += ["Attention: each model runs with the faster of transformers' implementations (`sdpa`, `eager`) for "
+                  "itself, timed before the comparison: "
+                  + "; ".join(f"batch {k[len('batch'):]}: "
+                              + ", ".join(f"{names.get(n, n)} `{a['implementation']}`" for n, a in per.items())
                               for k, per in lat["attention"].items()) + ".", ""]
     lines += [
         f"## Accuracy on {acc['heldout_sentences']} held-out sentences (vs the dense float32 model)",
