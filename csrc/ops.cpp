@@ -88,4 +88,15 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sparsekern C++/CUDA kern
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+namespace sparsekern {
+extern PyMethodDef python_call_methods[];  // python_calls.cpp
+}
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&module_def);
+  if (m != nullptr && PyModule_AddFunctions(m, sparsekern::python_call_methods) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

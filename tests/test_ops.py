@@ -331,3 +331,90 @@ def test_ops_reject_malformed_metadata_without_crashing():
         ops.balanced_sddmm(g, x, idx, 16)
     with pytest.raises(RuntimeError, match="activation must be one of"):
         ops.balanced_linear(x, b.values, b.indices, 16, None, "tanh")
+
+
+def _direct_cases():
+    g = torch.Generator().manual_seed(5)
+    w = BlockSparseWeight.from_dense(torch.randn(96, 64, generator=g), block=32, sparsity=0.5)
+    bw = BalancedSparseWeight.from_dense(torch.randn(96, 64, generator=g), bank=32, keep=8)
+    x, b = torch.randn(7, 64, generator=g), torch.randn(96, generator=g)
+    return [
+        ("bsr_linear", w, (x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, 96, b,
+                           "gelu")),
+        ("balanced_linear", bw, (x, bw.values, bw.indices, 32, b, "silu")),
+    ]
+
+
+@pytest.mark.parametrize("name", ["bsr_linear", "balanced_linear"])
+def test_direct_entry_point_is_the_op(name):
+    """sparse.linear reaches the CPU forward through sparse._C.<op>_call (no torch.ops argument parsing): the same
+    bits as torch.ops, nn.Parameter values accepted, and the same error for bad input."""
+    from sparse._ext import _C
+
+    _, w, args = next(c for c in _direct_cases() if c[0] == name)
+    direct = getattr(_C, name + "_call")
+    ref = getattr(torch.ops.sparsekern, name)(*args)
+    assert torch.equal(direct(*args), ref)
+    with_param = (args[0], torch.nn.Parameter(args[1].clone()), *args[2:])  # what the modules pass
+    y = direct(*with_param)
+    assert y is not None and torch.equal(y, ref)
+    assert torch.equal(sparse.linear(args[0], w, args[-2], args[-1]), ref)
+    bad = (*args[:-1], "bogus")
+    with pytest.raises(RuntimeError, match="activation must be one of .* got 'bogus'"):
+        direct(*bad)
+    with pytest.raises(RuntimeError, match="activation must be one of .* got 'bogus'"):
+        getattr(torch.ops.sparsekern, name)(*bad)
+    with pytest.raises(TypeError):
+        direct(*args[:-1])  # an argument short
+
+
+@pytest.mark.parametrize("name", ["bsr_linear", "balanced_linear"])
+def test_direct_entry_point_leaves_torch_function_overrides_to_torch_ops(name):
+    """A tensor subclass with its own __torch_function__, or an active TorchFunctionMode, must see the op: the
+    direct entry point declines (None) and sparse.linear goes through torch.ops."""
+    from torch.overrides import TorchFunctionMode
+
+    from sparse._ext import _C
+
+    _, w, args = next(c for c in _direct_cases() if c[0] == name)
+    direct = getattr(_C, name + "_call")
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    xs = args[0].as_subclass(Logged)
+    assert direct(xs, *args[1:]) is None
+    sparse.linear(xs, w, args[-2], args[-1])
+    assert any(name in f for f in seen), seen
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append("mode:" + str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen.clear()
+    with Mode():
+        assert direct(*args) is None
+        y = sparse.linear(args[0], w, args[-2], args[-1])
+    assert any(f.startswith("mode:") and name in f for f in seen), seen
+    assert torch.equal(y, getattr(torch.ops.sparsekern, name)(*args))
+
+
+def test_direct_entry_point_keeps_autograd():
+    """The direct call goes through the dispatcher, so the C++ autograd still records the graph."""
+    _, w, args = _direct_cases()[0]
+    x = args[0].clone().requires_grad_(True)
+    values = w.values.detach().clone().requires_grad_(True)
+    from sparse._ext import _C
+
+    y = torch.ops.sparsekern.bsr_linear(x, values, *args[2:])
+    y2 = _C.bsr_linear_call(x, values, *args[2:])
+    assert y2.grad_fn is not None and torch.equal(y2, y)
+    g = torch.randn_like(y)
+    gx, gv = torch.autograd.grad(y, (x, values), g)
+    gx2, gv2 = torch.autograd.grad(y2, (x, values), g)
+    assert torch.equal(gx, gx2) and torch.equal(gv, gv2)
