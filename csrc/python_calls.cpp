@@ -64,6 +64,19 @@ std::optional<at::Tensor> optional_tensor(PyObject* o) {
 // does; below it (a few microseconds of work) releasing and taking it back would cost more than it frees.
 constexpr int64_t kReleaseGilWork = int64_t(1) << 22;
 
+// Runs call() (returning the op's result), without the GIL when `work` is large, and wraps the result.
+template <typename F>
+PyObject* call_and_wrap(int64_t work, const F& call) {
+  at::Tensor y;
+  if (work >= kReleaseGilWork) {
+    pybind11::gil_scoped_release no_gil;
+    y = call();
+  } else {
+    y = call();
+  }
+  return THPVariable_Wrap(std::move(y));
+}
+
 PyObject* bsr_linear_call(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *x, *values, *row_offsets, *col_indices, *col_offsets, *row_indices, *block_perm, *bias;
@@ -87,14 +100,7 @@ PyObject* bsr_linear_call(PyObject*, PyObject* args) {
                    THPVariable_Unpack(col_offsets), THPVariable_Unpack(row_indices), THPVariable_Unpack(block_perm),
                    c10::SymInt(out_features), b, std::string_view(activation));
   };
-  at::Tensor y;
-  if (xt.numel() * out_features >= kReleaseGilWork) {
-    pybind11::gil_scoped_release no_gil;
-    y = call();
-  } else {
-    y = call();
-  }
-  return THPVariable_Wrap(std::move(y));
+  return call_and_wrap(xt.numel() * out_features, call);
   END_HANDLE_TH_ERRORS
 }
 
@@ -117,14 +123,7 @@ PyObject* balanced_linear_call(PyObject*, PyObject* args) {
   auto call = [&] {
     return op.call(xt, vt, THPVariable_Unpack(indices), bank, b, std::string_view(activation));
   };
-  at::Tensor y;
-  if (xt.numel() * (vt.dim() > 0 ? vt.size(0) : 0) >= kReleaseGilWork) {
-    pybind11::gil_scoped_release no_gil;
-    y = call();
-  } else {
-    y = call();
-  }
-  return THPVariable_Wrap(std::move(y));
+  return call_and_wrap(xt.numel() * (vt.dim() > 0 ? vt.size(0) : 0), call);
   END_HANDLE_TH_ERRORS
 }
 
