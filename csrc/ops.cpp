@@ -67,6 +67,11 @@ PyObject* py_set_isa(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_isa_env(PyObject*, PyObject*) {
+  const std::string cap = sparsekern::cpu::env_cap(), err = sparsekern::cpu::env_cap_error();
+  return Py_BuildValue("(ss)", cap.c_str(), err.c_str());
+}
+
 PyObject* py_has_cuda(PyObject*, PyObject*) {
 #ifdef SPARSEKERN_WITH_CUDA
   Py_RETURN_TRUE;
@@ -76,11 +81,13 @@ PyObject* py_has_cuda(PyObject*, PyObject*) {
 }
 
 PyMethodDef methods[] = {
-    {"cpu_features", py_cpu_features, METH_NOARGS, "x86 features the CPU kernels can use on this machine."},
+    {"cpu_features", py_cpu_features, METH_NOARGS, "x86 features the CPU kernels can use on this machine (less those SPARSEKERN_ISA removes)."},
     {"get_isa", py_get_isa, METH_NOARGS, "The code path the CPU kernels take now: avx512, avx2 or portable."},
-    {"best_isa", py_best_isa, METH_NOARGS, "The fastest code path this CPU supports."},
+    {"best_isa", py_best_isa, METH_NOARGS, "The fastest code path this CPU supports (capped by SPARSEKERN_ISA)."},
     {"set_isa", py_set_isa, METH_O,
      "Cap the CPU code path ('avx512', 'avx2', 'portable' or 'auto'); for tests and benchmarks."},
+    {"isa_env", py_isa_env, METH_NOARGS,
+     "(SPARSEKERN_ISA as read at load, '' if unset or auto; an error message for a value that is no level, else '')."},
     {"has_cuda", py_has_cuda, METH_NOARGS, "Whether this build contains the CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};
 

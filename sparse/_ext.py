@@ -13,6 +13,10 @@ except ImportError as exc:  # pragma: no cover - exercised only in a broken inst
     _IMPORT_ERROR: Optional[ImportError] = exc
 else:
     _IMPORT_ERROR = None
+    # A misspelt cap would otherwise leave every kernel on the best path while the user believes it capped.
+    _cap_error = _C.isa_env()[1]
+    if _cap_error:
+        raise ValueError(_cap_error)
 
 
 def available() -> bool:

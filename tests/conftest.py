@@ -8,3 +8,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+
+from tests import _reliab as R  # noqa: E402
+
+
+@pytest.fixture(params=R.isa_levels())
+def isa(request: pytest.FixtureRequest):
+    """Every CPU code path this machine (or its SPARSEKERN_ISA cap) can run, forced in turn."""
+    with R.isa(request.param):
+        assert R.require().get_isa() == request.param
+        yield request.param

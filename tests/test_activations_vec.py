@@ -5,32 +5,19 @@ treats them."""
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 
-import sparse
 from sparse import reference
 from sparse.formats import BalancedSparseWeight, BlockSparseWeight
 from tests.helpers import assert_close_to_ref
 
-_C = sparse._ext._C
-ISAS = [isa for isa in ("avx512", "avx2", "portable") if _C.set_isa(isa) is None and _C.get_isa() == isa]
-_C.set_isa("auto")
 
 ACTS = ["relu", "gelu", "gelu_tanh", "silu"]
 DTYPES = [torch.float32, torch.bfloat16]
 # T = 1 takes the decode (gather) path, 7 and 97 the token tiles (one partial 16-token vector, several).
 TOKENS = [1, 7, 97]
 
-
-@pytest.fixture(params=ISAS)
-def isa(request: pytest.FixtureRequest) -> Iterator[str]:
-    _C.set_isa(request.param)
-    assert _C.get_isa() == request.param
-    yield request.param
-    _C.set_isa("auto")
 
 
 def _selected(fmt: str, z: torch.Tensor, T: int, act: str) -> torch.Tensor:

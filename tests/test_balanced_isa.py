@@ -3,8 +3,6 @@ reference: error of ours <= 2 x the error of dense torch in the same dtype + a s
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 
@@ -13,8 +11,6 @@ from sparse import reference
 from sparse.formats import BalancedSparseWeight
 
 _C = sparse._ext._C
-ISAS = [isa for isa in ("avx512", "avx2", "portable") if _C.set_isa(isa) is None and _C.get_isa() == isa]
-_C.set_isa("auto")
 
 # (bank, keep, in_features): exact banks, ragged last banks, 2:4, wide banks with int16 indices.
 PATTERNS = [(32, 16, 96), (32, 4, 80), (4, 2, 22), (64, 16, 150), (8, 3, 45), (300, 7, 610)]
@@ -22,13 +18,6 @@ TOKENS = [1, 7, 97]
 DTYPES = [torch.float32, torch.bfloat16]
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
 
-
-@pytest.fixture(params=ISAS)
-def isa(request: pytest.FixtureRequest) -> Iterator[str]:
-    _C.set_isa(request.param)
-    assert _C.get_isa() == request.param
-    yield request.param
-    _C.set_isa("auto")
 
 
 def _weight(out: int, inn: int, bank: int, keep: int, dtype: torch.dtype, gen: torch.Generator) -> BalancedSparseWeight:

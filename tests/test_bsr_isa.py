@@ -12,8 +12,6 @@ from sparse import reference
 from sparse._ext import _C
 from sparse.formats import BlockSparseWeight
 
-_LEVELS = ["portable", "avx2", "avx512"]
-ISAS = _LEVELS[: _LEVELS.index(_C.best_isa()) + 1]
 DTYPES = [torch.float32, torch.bfloat16]
 ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
 
@@ -33,13 +31,6 @@ CASES = [
     (40, 100, (16, 48)),
 ]
 TOKENS = (1, 7, 97)
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    _C.set_isa(request.param)
-    yield request.param
-    _C.set_isa("auto")
 
 
 def _floor(ref: torch.Tensor, dtype: torch.dtype) -> float:

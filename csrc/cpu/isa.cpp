@@ -7,6 +7,30 @@ namespace sparsekern::cpu {
 
 namespace {
 
+bool parse(const std::string& name, Isa* out, bool* is_auto) {
+  *is_auto = false;
+  if (name == "avx512") *out = Isa::Avx512;
+  else if (name == "avx2") *out = Isa::Avx2;
+  else if (name == "portable") *out = Isa::Portable;
+  else if (name == "auto") *is_auto = true;
+  else return false;
+  return true;
+}
+
+const char* env_value() {
+  const char* env = std::getenv("SPARSEKERN_ISA");
+  return env == nullptr ? "" : env;
+}
+
+// The level SPARSEKERN_ISA allows; Avx512 (no cap) when unset, "auto" or not a level (env_cap_error says so).
+Isa env_limit() {
+  const std::string env = env_value();
+  Isa isa;
+  bool is_auto;
+  if (env.empty() || !parse(env, &isa, &is_auto) || is_auto) return Isa::Avx512;
+  return isa;
+}
+
 Features detect() {
   Features f;
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -18,6 +42,9 @@ Features detect() {
   f.avx512vl = __builtin_cpu_supports("avx512vl");
   f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
 #endif
+  const Isa cap = env_limit();
+  if (cap < Isa::Avx512) f.avx512f = f.avx512bw = f.avx512vl = f.avx512bf16 = false;
+  if (cap < Isa::Avx2) f.avx2 = f.fma = false;
   return f;
 }
 
@@ -28,26 +55,8 @@ Isa detect_best() {
   return Isa::Portable;
 }
 
-bool parse(const std::string& name, Isa* out, bool* is_auto) {
-  *is_auto = false;
-  if (name == "avx512") *out = Isa::Avx512;
-  else if (name == "avx2") *out = Isa::Avx2;
-  else if (name == "portable") *out = Isa::Portable;
-  else if (name == "auto") *is_auto = true;
-  else return false;
-  return true;
-}
-
-int initial_limit() {
-  const char* env = std::getenv("SPARSEKERN_ISA");
-  Isa isa;
-  bool is_auto;
-  if (env != nullptr && parse(env, &isa, &is_auto) && !is_auto) return static_cast<int>(isa);
-  return static_cast<int>(Isa::Avx512);
-}
-
-// The cap is configuration, not kernel state: kernels read it once per call.
-std::atomic<int> g_limit{initial_limit()};
+// The runtime cap of set_isa_limit; the kernels read it once per call.
+std::atomic<int> g_limit{static_cast<int>(Isa::Avx512)};
 
 }  // namespace
 
@@ -75,6 +84,19 @@ const char* isa_name(Isa isa) {
   }
 }
 
+std::string env_cap() {
+  const std::string env = env_value();
+  return env == "auto" ? "" : env;
+}
+
+std::string env_cap_error() {
+  const std::string env = env_value();
+  Isa isa;
+  bool is_auto;
+  if (env.empty() || parse(env, &isa, &is_auto)) return "";
+  return "SPARSEKERN_ISA='" + env + "' is not a code path: expected 'avx512', 'avx2', 'portable' or 'auto'";
+}
+
 std::string set_isa_limit(const std::string& name) {
   Isa isa;
   bool is_auto;
@@ -86,7 +108,9 @@ std::string set_isa_limit(const std::string& name) {
     return "";
   }
   if (static_cast<int>(isa) > static_cast<int>(best_isa())) {
-    return std::string("isa '") + name + "' is not supported by this CPU (best: " + isa_name(best_isa()) + ")";
+    std::string msg = std::string("isa '") + name + "' is not supported by this CPU (best: " + isa_name(best_isa());
+    if (env_limit() < Isa::Avx512) msg += std::string(", capped by SPARSEKERN_ISA=") + env_value();
+    return msg + ")";
   }
   g_limit.store(static_cast<int>(isa));
   return "";

@@ -1,6 +1,10 @@
 // Run-time choice of the CPU code path. The extension is built for baseline x86-64 (or any other target);
 // AVX2 and AVX-512 kernels live in their own translation units compiled with target pragmas and are only
 // called when the running CPU reports the features.
+//
+// SPARSEKERN_ISA=avx2|portable (read once, at load) makes the extension see a CPU without the features above
+// that level: features() reports them absent, best_isa() is capped, and set_isa_limit refuses a higher level
+// with the same error an older CPU gives. That is how an AVX-512 machine runs what an AVX2-only one would.
 #pragma once
 
 #include <string>
@@ -13,11 +17,16 @@ struct Features {
   bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false, avx512bf16 = false;
 };
 
+// The CPU's features, less those that SPARSEKERN_ISA removes.
 const Features& features();
+// The fastest path those features allow.
 Isa best_isa();
-// The path the kernels use: the best one, capped by set_isa_limit or the SPARSEKERN_ISA environment variable.
+// The path the kernels use: best_isa(), capped further by set_isa_limit.
 Isa active_isa();
 const char* isa_name(Isa isa);
+// The SPARSEKERN_ISA value in force ("" when unset or "auto"), and an error for a value that is not a level.
+std::string env_cap();
+std::string env_cap_error();
 // Returns an error message, empty on success. Accepts "avx512", "avx2", "portable" or "auto".
 std::string set_isa_limit(const std::string& name);
 
