@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import sparse
 from sparse import BalancedSparseWeight, BlockSparseWeight, reference
+from sparse.runtime import onednn_unsupported
 
 from .harness import Contender, cycling
 
@@ -60,6 +61,10 @@ def dense_linear(W: torch.Tensor, X: torch.Tensor, copies: int = 1) -> List[Cont
     info = {"format": "dense", "block": "", "density": 1.0, "weight_bytes": dense_bytes(W), "dense_ref": True}
     ref = F.linear(X.double(), W.double())
     out = [Contender("F.linear", cycling(Ws, lambda w: F.linear(X, w)), {**info, "backend": "F.linear"}, ref)]
+    reason = onednn_unsupported(X.dtype)
+    if reason is not None:  # the harness records the contender as skipped, with the reason
+        out.append(Contender("onednn", _refuse(reason), {**info, "backend": "onednn_prepacked"}, ref))
+        return out
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in Ws]
     out.append(
         Contender(
@@ -68,6 +73,13 @@ def dense_linear(W: torch.Tensor, X: torch.Tensor, copies: int = 1) -> List[Cont
         )
     )
     return out
+
+
+def _refuse(reason: str) -> Callable[[], torch.Tensor]:
+    """A contender body for a path this CPU cannot run: the first call raises, naming why."""
+    def run() -> torch.Tensor:
+        raise RuntimeError(f"not run on this CPU: {reason}")
+    return run
 
 
 def ours_linear(w: SparseWeight, X: torch.Tensor, copies: int = 1, *, via_api: bool = True, suffix: str = "") -> List[Contender]:
@@ -149,11 +161,15 @@ def scipy_linear(Wd: torch.Tensor, X: torch.Tensor, tag: str, copies: int = 1) -
 def dense_grad_input(W: torch.Tensor, dY: torch.Tensor) -> List[Contender]:
     """``dY @ W`` with torch.mm and with oneDNN (W^T pre-packed as a linear weight)."""
     W = W.to(dY.dtype)
-    Wt_packed = torch.ops.mkldnn._reorder_linear_weight(W.t().contiguous(), None)
     info = {"format": "dense", "block": "", "density": 1.0, "weight_bytes": dense_bytes(W), "dense_ref": True}
     ref = dY.double() @ W.double()
+    mm = Contender("mm", lambda: torch.mm(dY, W), {**info, "backend": "torch.mm"}, ref)
+    reason = onednn_unsupported(dY.dtype)
+    if reason is not None:
+        return [mm, Contender("onednn", _refuse(reason), {**info, "backend": "onednn_prepacked"}, ref)]
+    Wt_packed = torch.ops.mkldnn._reorder_linear_weight(W.t().contiguous(), None)
     return [
-        Contender("mm", lambda: torch.mm(dY, W), {**info, "backend": "torch.mm"}, ref),
+        mm,
         Contender(
             "onednn", lambda: torch.ops.mkldnn._linear_pointwise(dY, Wt_packed, None, "none", [], ""),
             {**info, "backend": "onednn_prepacked"}, ref,

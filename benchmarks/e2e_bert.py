@@ -29,6 +29,7 @@ import torch.nn as nn
 
 import sparse
 from sparse.evaluate import pick_attention, prepack_linears
+from sparse.runtime import cpu_model, dtype_support, native_dtype, onednn_unsupported
 
 from .harness import Contender, make_rows, measure, threads, write_csv
 
@@ -131,9 +132,15 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
     # (pattern, sparsity, dtype, GELU fused into the sparse kernel's output stage)
     wanted = [(pattern, s, "float32", False) for pattern in p.patterns for s in p.sparsities]
     top = max(p.sparsities)
+    # Without native bf16 arithmetic every bf16 model runs torch's emulated bf16 ops, 5-10x slower than fp32: the
+    # bf16 contenders would take most of the run and compare nothing a user of this CPU should pick.
+    bf16_ok = native_dtype(torch.bfloat16)
+    if not bf16_ok:
+        skipped.append(f"bfloat16 contenders: not run: {dtype_support()['bfloat16']['why']} on this CPU "
+                       f"({cpu_model()}); float32 is the fast dtype here")
     if "block" in p.patterns:
         wanted.append(("block", top, "float32", True))
-        if p.bf16_sparse:
+        if p.bf16_sparse and bf16_ok:
             wanted.append(("block", top, "bfloat16", True))
     sparse_models: Dict[Tuple[str, float, str, bool], nn.Module] = {}
     for key in wanted:
@@ -141,10 +148,15 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
             sparse_models[key] = sparsify(base, key[0], key[1], fuse=key[3]).to(DTYPE[key[2]])
         except Exception as exc:  # one pattern that cannot be built must not lose the others
             skipped.append(f"sparsify {key}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    bf16 = copy.deepcopy(base).to(torch.bfloat16) if bf16_ok else None
+    dense_models = [("float32", base)] + ([("bfloat16", bf16)] if bf16_ok else [])
     # oneDNN with pre-packed weights (GELU in its output stage): the best dense path on this CPU, 2x F.linear in fp32
     prepacked: Dict[str, nn.Module] = {}
-    for dt, dense in (("float32", base), ("bfloat16", bf16)):
+    for dt, dense in dense_models:
+        reason = onednn_unsupported(DTYPE[dt])
+        if reason is not None:  # e.g. bf16 on a CPU without AVX512BW/VL/DQ: skipped, said in summary.md
+            skipped.append(f"dense oneDNN pre-packed {dt}: not run on this CPU: {reason}")
+            continue
         prepacked[dt] = copy.deepcopy(dense)
         prepack_linears(prepacked[dt])
     bar = tqdm(jobs, desc="e2e_bert", unit="case", disable=not progress, file=sys.stderr)
@@ -160,7 +172,8 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
             entries: List[Tuple[str, nn.Module, Dict[str, object]]] = [
                 ("eager_fp32", base, {**dense_info, "backend": "eager_fp32", "dtype": "float32"})]
             if not training:
-                entries.append(("eager_bf16", bf16, {**dense_info, "backend": "eager_bf16", "dtype": "bfloat16"}))
+                if bf16 is not None:
+                    entries.append(("eager_bf16", bf16, {**dense_info, "backend": "eager_bf16", "dtype": "bfloat16"}))
                 for dt, m in prepacked.items():
                     entries.append((f"onednn_{dt}", m, {**dense_info, "backend": "onednn_prepacked", "dtype": dt}))
             for (pattern, s, dt, fuse), m in sparse_models.items():
@@ -184,7 +197,7 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                 times = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in secs.items())
                 cs.append(Contender(name, make(m, ids), {**info, "notes": f"attention {winner} ({times})"}))
             if not training:
-                for dt, dense in (("float32", base), ("bfloat16", bf16)) if p.compile else ():
+                for dt, dense in dense_models if p.compile else ():
                     try:
                         cs.append(Contender(f"compile_{dt}", compiled_forward(dense, ids),
                                             {**dense_info, "backend": "torch.compile(freezing)", "dtype": dt,
@@ -208,8 +221,8 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                       "out_features": base.config.hidden_size, "in_features": base.config.hidden_size}
             rows += make_rows("e2e_bert", f"{op}|batch{batch}|seq{SEQ}|{p.threads}t", common, ok, timings, "eager_fp32")
             write_csv(path, rows)
-    profiled = [("dense eager fp32", base), ("dense oneDNN pre-packed fp32", prepacked["float32"]),
-                ("dense oneDNN pre-packed bf16", prepacked["bfloat16"])]
+    profiled = [("dense eager fp32", base)] + [
+        (f"dense oneDNN pre-packed {'fp32' if dt == 'float32' else 'bf16'}", m) for dt, m in prepacked.items()]
     for (pattern, s, dt, fuse), m in sorted(sparse_models.items(), key=lambda kv: (kv[0][2] != "float32", kv[0][3])):
         if pattern == "block" and s == top:
             profiled.append((f"block-32 {100 * s:.0f}% {'fp32' if dt == 'float32' else 'bf16'}"

@@ -281,7 +281,9 @@ def malloc_line() -> str:
 
 
 def summary_markdown(rows: List[Row], skipped: Sequence[str] = ()) -> str:
-    parts = ["# sparsekern benchmark summary", "", machine_line(rows), "", malloc_line(), "",
+    from sparse.runtime import cpu_summary
+
+    parts = ["# sparsekern benchmark summary", "", f"`{cpu_summary()}`", "", machine_line(rows), "", malloc_line(), "",
              f"Ratios compare rows timed together in one case (interleaved medians). A detail marked noisy had its "
              f"samples spread by more than {NOISY:.0f}x (p90/p10): the machine was busy; rerun before trusting it.", ""]
     t3 = issue3_tables(rows) if any(r["bench"] == "cpu_ops" for r in rows) else []

@@ -37,13 +37,13 @@ from . import _ext, reference  # noqa: E402
 from .formats import BalancedSparseWeight, BlockSparseWeight  # noqa: E402
 from .ops import linear, linear_grad_input, sddmm  # noqa: E402
 from .nn import BalancedSparseLinear, BlockSparseLinear  # noqa: E402
-from . import prune  # noqa: E402
+from . import prune, runtime  # noqa: E402
 from .patch import FusedActivation, SparsifyReport, sparsify  # noqa: E402
 from .io import load, save  # noqa: E402
 
 __all__ = [
     "BlockSparseWeight", "BalancedSparseWeight", "linear", "linear_grad_input", "sddmm",
     "BlockSparseLinear", "BalancedSparseLinear", "sparsify", "SparsifyReport", "FusedActivation", "prune",
-    "save", "load",
+    "save", "load", "runtime",
 ]
 __version__ = "0.1.0"

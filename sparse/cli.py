@@ -196,10 +196,14 @@ def info() -> Dict[str, Any]:
             out["versions"][mod] = __import__(mod).__version__
         except ImportError:
             out["versions"][mod] = None
+    from sparse import runtime
+
+    out["cpu"] = runtime.cpu_summary()
+    out["dtypes"] = runtime.dtype_support()
     if _ext.available():
         C = _ext._C
         out["cpu_features"] = dict(C.cpu_features())
-        out["isa"] = {"active": C.get_isa(), "best": C.best_isa()}
+        out["isa"] = {"active": C.get_isa(), "best": C.best_isa(), "cap": C.isa_env()[0] or None}
         out["extension_has_cuda"] = bool(C.has_cuda())
     else:
         out["extension_error"] = str(_ext._IMPORT_ERROR)
@@ -218,6 +222,9 @@ def info() -> Dict[str, Any]:
 
 
 def _print_info(data: Dict[str, Any]) -> None:
+    print(data["cpu"])
+    print("dtypes: " + "; ".join(f"{k} {'native' if v['native'] else 'emulated, slow'} ({v['why']})"
+                                 for k, v in data["dtypes"].items()))
     print("versions: " + ", ".join(f"{k} {v if v is not None else '(not installed)'}" for k, v in data["versions"].items()))
     print(f"platform: {data['platform']}; torch threads: {data['torch_threads']}")
     if "cpu_features" in data:

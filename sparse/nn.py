@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, runtime
 from .formats import BalancedSparseWeight, BlockSparseWeight
 from .formats import _kernel_layout as _block_kernel_layout
 
@@ -125,6 +125,8 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``activation(x W^T + bias)``: ``[..., in_features] -> [..., out_features]``."""
+        if x.dtype not in runtime.CHECKED_DTYPES and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            runtime.warn_if_slow_dtype(x.dtype, type(self).__name__)  # once per dtype: bf16 without native support
         if self.backend is None:
             ops.select_backend(self.values.device, self._backend_request)  # raises, naming each backend's reason
         weight = self._format

@@ -442,6 +442,13 @@ def sparsify(
                              + "; ".join(f"{r.name}: {r.reason}" for r in layers[:8]))
         raise ValueError("no layer can be converted: " + "; ".join(f"{r.name}: {r.reason}" for r in layers[:8]))
 
+    from . import runtime
+
+    for m, _ in by_name.values():
+        W = m.values if isinstance(m, SparseLinear) else dense_weight_of(m)
+        if W.device.type == "cpu":
+            runtime.warn_if_slow_dtype(W.dtype, "sparse.sparsify")
+
     fusions = _find_fusions(model, selected) if fuse_activations else {}
     replacements: Dict[int, nn.Module] = {}
     fit_errors: List[str] = []
