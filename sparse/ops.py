@@ -49,8 +49,8 @@ def _check_same_device(**tensors: Optional[torch.Tensor]) -> None:
     named = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = named[0]
     for name, t in named[1:]:
-        torch._check(t.device == first.device,
-                     lambda: f"{name} is on {t.device} but {first_name} is on {first.device}: all on one device")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}: all on one device")
 
 
 def _setup_common(ctx, x: torch.Tensor, bias: Optional[torch.Tensor], activation: str) -> None:

@@ -42,6 +42,8 @@ def _mutate_tensor(data, t: torch.Tensor, label: str) -> torch.Tensor:
     kinds = ["set", "swap", "duplicate", "truncate", "extend", "dtype", "rank", "strided", "meta", "empty",
              "empty_huge"]
     kind = data.draw(st.sampled_from(kinds), label=f"{label} mutation")
+    if t.is_meta and kind in ("set", "swap", "duplicate"):
+        return t  # a meta tensor has no values to corrupt (reading one for the bound would fail in the fuzzer)
     t = t.clone()
     flat = t.reshape(-1)
     n = flat.numel()
@@ -117,10 +119,15 @@ def _run_ops(calls) -> None:
         assert len(set(outcomes)) == 1, f"{name}: accepted at some ISA levels only: {outcomes}"
 
 
+# Relative error allowed against the float64 reference: the kernels accumulate in float32 (float64 for float64)
+# and round once to the result's dtype, so a bf16/fp16 result is off by up to half a unit in its last place.
+REL = {torch.float64: 1e-6, torch.float32: 1e-6, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert got.device.type == "cpu", f"{what}: result on {got.device}"
-    tol = 1e-6 * (1 + want.abs().max().item() if want.numel() else 1)
+    tol = REL[got.dtype] * (1 + want.abs().max().item() if want.numel() else 1)
     bad = (got.double() - want).abs() > tol
     same_nan = got.isnan() & want.isnan()
     assert not (bad & ~same_nan).any(), f"{what}: result differs from the raw-metadata reference"
@@ -284,3 +291,50 @@ def test_constructors_reject_non_tensors():
             BalancedSparseWeight(b.values, b.indices, bad, 8)
         with pytest.raises(CLEAN):
             BalancedSparseWeight(b.values, b.indices, b.bank, bad)
+
+
+BSR_META = ["values", "row_offsets", "col_indices", "col_offsets", "row_indices", "block_perm", "bias"]
+
+
+@pytest.mark.parametrize("field", BSR_META)
+def test_meta_metadata_is_named(field):
+    """One tensor of a CPU call on the meta device: a ValueError that names the field and the device, from the
+    constructor and from every op that takes it (never a result of uninitialised memory)."""
+    w = R.block_weight(6, 6, (2, 3), 0.5, torch.float32, seed=0)
+    x, g = R.randn((3, 6), torch.float32, 1), R.randn((3, 6), torch.float32, 2)
+    a = {"values": w.values, "row_offsets": w.row_offsets, "col_indices": w.col_indices, "col_offsets": w.col_offsets,
+         "row_indices": w.row_indices, "block_perm": w.block_perm, "bias": R.randn((6,), torch.float32, 3)}
+    a[field] = a[field].to("meta")
+    match = rf"{field} is on meta|values are on meta"
+    calls = [lambda: OPS.bsr_linear(x, a["values"], a["row_offsets"], a["col_indices"], a["col_offsets"],
+                                    a["row_indices"], a["block_perm"], 6, a["bias"], "none")]
+    if field in ("values", "col_offsets", "row_indices", "block_perm"):
+        calls.append(lambda: OPS.bsr_linear_grad_input(g, a["values"], a["col_offsets"], a["row_indices"],
+                                                       a["block_perm"], 6))
+    if field in ("values", "row_offsets", "col_indices"):
+        calls.append(lambda: OPS.bsr_sddmm(g, x, a["values"], a["row_offsets"], a["col_indices"]))
+    if field != "bias":
+        calls.append(lambda: BlockSparseWeight(a["values"], a["row_offsets"], a["col_indices"], (6, 6),
+                                               col_offsets=a["col_offsets"], row_indices=a["row_indices"],
+                                               block_perm=a["block_perm"]))
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("field", ["values", "indices", "bias"])
+def test_meta_balanced_metadata_is_named(field):
+    w = R.balanced_weight(4, 16, 8, 2, torch.float32, seed=0)
+    x, g = R.randn((3, 16), torch.float32, 1), R.randn((3, 4), torch.float32, 2)
+    a = {"values": w.values, "indices": w.indices, "bias": R.randn((4,), torch.float32, 3)}
+    a[field] = a[field].to("meta")
+    match = rf"{field} is on meta|values are on meta|indices are on meta"
+    calls = [lambda: OPS.balanced_linear(x, a["values"], a["indices"], 8, a["bias"], "none")]
+    if field != "bias":
+        calls += [lambda: OPS.balanced_linear_grad_input(g, a["values"], a["indices"], 8, 16),
+                  lambda: BalancedSparseWeight(a["values"], a["indices"], 8, 16)]
+    if field == "indices":
+        calls.append(lambda: OPS.balanced_sddmm(g, x, a["indices"], 8))
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
