@@ -39,7 +39,8 @@ def _extension():
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
     if os.environ.get("SPARSEKERN_SANITIZE") == "1":
-        cxx = ["-O1", "-g", "-std=c++17", "-fopenmp", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        cxx = ["-O1", "-g", "-std=c++17", "-fopenmp", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+               "-DSPARSEKERN_SANITIZE"]
         link += ["-fsanitize=address,undefined"]
     if not _want_cuda():
         return CppExtension("sparse._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)

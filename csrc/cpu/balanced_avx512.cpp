@@ -191,6 +191,24 @@ inline uint64_t load_idx4(const int16_t* p) {
 // Without quads, off holds this call's offsets (off[r * n + j], computed by the previous call) and the call computes
 // those of the next nr_next rows (idx_next) into off_next: written one call ahead, the offsets are read back from L1
 // instead of waiting on their own stores (768x768, 128 tokens, keep 4 / 8 / 16: 9 / 9 / 6% faster).
+// Element q of every 128-bit lane of w4, broadcast in its lane. vpermilps takes the selector as an immediate: the
+// caller's q loop is unrolled at -O3, so q * 0x55 is a constant there. The sanitizer build (-O1) does not unroll
+// it, so there a switch turns the variable back into constants (a function in the -O3 build would change GCC's
+// inlining of the callers).
+#ifdef SPARSEKERN_SANITIZE
+inline __m512 lane_bcast(__m512 w4, int q) {
+  switch (q) {
+    case 0: return _mm512_permute_ps(w4, 0x00);
+    case 1: return _mm512_permute_ps(w4, 0x55);
+    case 2: return _mm512_permute_ps(w4, 0xaa);
+    default: return _mm512_permute_ps(w4, 0xff);
+  }
+}
+#define SK_LANE_BCAST(w4, q) lane_bcast(w4, q)
+#else
+#define SK_LANE_BCAST(w4, q) _mm512_permute_ps(w4, (q) * 0x55)
+#endif
+
 template <int R, int NV, typename W, typename I>
 void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, const int32_t* colb, bool quads,
               const int32_t* off, int32_t* off_next, const I* idx_next, int64_t nr_next, const float* xt,
@@ -215,7 +233,7 @@ void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, 
         const uint64_t i4 = load_idx4(ir + r * row_len + j);
         const __m512 w4 = load4(wr + r * row_len + j);
         for (int q = 0; q < 4; ++q) {
-          const __m512 wv = _mm512_permute_ps(w4, q * 0x55);
+          const __m512 wv = SK_LANE_BCAST(w4, q);
           const float* xc =
               reinterpret_cast<const float*>(xc0 + base + static_cast<int64_t>((i4 >> (q * kBits)) & kMask) * (TT * 4));
           for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xc + v * L), acc[r][v]);
