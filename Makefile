@@ -8,7 +8,7 @@ BUILT := $(VENV)/.ext-built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: all build test demo bench check-install clean
+.PHONY: all build test test-avx2 demo bench fuzz test-asan check-install clean
 
 all: build
 
@@ -29,6 +29,12 @@ build: $(BUILT)
 
 test: $(BUILT)
 	$(PY) -m pytest -q tests
+
+# The suite as an AVX2-only CPU runs it, on any machine: the kernels capped at AVX2 (SPARSEKERN_ISA, which also
+# hides the AVX-512 features from `sparse`), and torch's own code paths capped the same way (ATen, oneDNN, MKL).
+AS_AVX2 := SPARSEKERN_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+test-avx2: $(BUILT)
+	$(AS_AVX2) $(PY) -m pytest -q tests
 
 demo: $(BUILT)
 	$(PY) -m sparse demo

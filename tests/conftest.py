@@ -2,8 +2,14 @@
 variable must be set before anything imports triton (torch.compile may), hence here."""
 
 import os
+import tempfile
 
-import torch
+# Inductor's on-disk cache is machine-wide (/tmp/torchinductor_<user>) and does not key on everything our ops
+# depend on: a compiled graph cached by another checkout or build of this package was seen to give wrong gradients
+# here. The suite compiles into a cache of its own for each run.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="sparsekern-inductor-"))
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
