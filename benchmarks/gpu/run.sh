@@ -56,7 +56,8 @@ step() {
     timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
     local rc=$?
     local summary
-    summary=$(grep -E '^=*[ ]*[0-9]+ (passed|failed|error|errors|skipped|deselected)' "$WORK/$name.log" | tail -n 1 | tr -d '=\t')
+    summary=$(grep -E '^=*[ ]*[0-9]+ (passed|failed|error|errors|skipped|deselected)' "$WORK/$name.log" |
+        tail -n 1 | tr -d '=\t' | sed 's/^ *//; s/ *$//')
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t0)) "$name.log" "${summary# }" >>"$STATUS"
     if ((rc != 0)); then
         echo "[gpu/run.sh] $name: rc=$rc (124 = timed out), last lines:" >&2
@@ -128,7 +129,7 @@ if want tests; then
     if ! "$PY" -c "import pytest" 2>/dev/null; then
         printf 'tests\tmissing(pytest not installed)\t0\t-\t\n' >>"$STATUS"
     else
-        common=(-q -p no:cacheprovider --durations=10)
+        common=(-v -p no:cacheprovider --durations=10)  # -v: each result is in the log as it comes, even if killed
         "$PY" -c "import pytest_timeout" 2>/dev/null && common+=(--timeout=140 --timeout-method=thread)
         xdist=()
         "$PY" -c "import xdist" 2>/dev/null && ((HAVE_GPU)) && xdist=(-n 12)
