@@ -1,6 +1,6 @@
 """CUDA kernels vs cuBLAS on Llama-7B MLP shapes: bf16, T = 4096 tokens, hot weights.
 
-    python -m benchmarks.gpu_cuda [--out DIR] [--repeats N]
+    python -m benchmarks.gpu_cuda [--out DIR] [--repeats N] [--max-seconds S]
 
 Per shape (out x in: 4096x4096, 11008x4096, 4096x11008), timed together with interleaved repeats (CUDA events,
 each sample preceded by an untimed call of the same contender; medians):
@@ -10,7 +10,8 @@ each sample preceded by an untimed call of the same contender; medians):
 - block-sparse, block 64, density 0.5 / 0.25 / 0.1 (``sparsekern::bsr_linear``), target >= 0.8 / density.
 Each contender's output is compared with dense ``F.linear`` on its own (pruned) weight, so a wrong kernel shows
 up as a large error here rather than as a fast time. Writes DIR/gpu_cuda.csv (the columns of benchmarks/harness.py)
-and prints a table. About a minute on an H200.
+and prints a table. About a minute on an H200. The rows of each shape are appended to the CSV as soon as that shape
+is measured, so a run stopped early keeps the shapes it finished; ``--max-seconds`` starts no shape after that long.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import datetime as _dt
 import os
 import statistics
 import subprocess
+import time
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -70,7 +72,8 @@ def _git_rev() -> str:
         return ""
 
 
-def run(out_dir: str, repeats: int) -> List[Dict[str, object]]:
+def run(out_dir: str, repeats: int, max_seconds: Optional[float] = None) -> List[Dict[str, object]]:
+    deadline = time.monotonic() + max_seconds if max_seconds is not None else float("inf")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu_cuda needs a CUDA GPU")
     if not (_ext.available() and _ext.require().has_cuda()):
@@ -85,7 +88,17 @@ def run(out_dir: str, repeats: int) -> List[Dict[str, object]]:
     }
     rows: List[Dict[str, object]] = []
     gen = torch.Generator(device=dev).manual_seed(0)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "gpu_cuda.csv")
+    f = open(path, "w", newline="")
+    wr = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    wr.writeheader()
+    f.flush()
     for out, inn in SHAPES:
+        if time.monotonic() > deadline:
+            print(f"time limit reached: stopped before {out}x{inn}", flush=True)
+            break
+        first = len(rows)
         W = torch.randn(out, inn, device=dev, dtype=dt, generator=gen) / inn**0.5
         x = torch.randn(TOKENS, inn, device=dev, dtype=dt, generator=gen)
         case = f"linear_{out}x{inn}"
@@ -131,15 +144,12 @@ def run(out_dir: str, repeats: int) -> List[Dict[str, object]]:
                          "weight_bytes": m["weight_bytes"], "median_s": med, "p10_s": q[0], "p90_s": q[-1],
                          "repeats": len(s), "baseline": "F.linear", "baseline_s": base, "ratio": base / med,
                          "ideal_ratio": 1 / float(m["density"]), "_err": m["err"]})
+        wr.writerows(rows[first:])
+        f.flush()
+        print(f"{case}: {len(rows) - first} rows written", flush=True)
         del W, x, w24, W24, pv, pm, contenders
         torch.cuda.empty_cache()
-
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "gpu_cuda.csv")
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        wr.writeheader()
-        wr.writerows(rows)
+    f.close()
     _print(rows)
     print(f"wrote {path}")
     return rows
@@ -169,8 +179,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=".", help="folder for gpu_cuda.csv")
     p.add_argument("--repeats", type=int, default=30, help="timed samples per contender")
+    p.add_argument("--max-seconds", type=float, default=None, help="start no shape after this many seconds")
     args = p.parse_args(argv)
-    run(args.out, args.repeats)
+    run(args.out, args.repeats, args.max_seconds)
 
 
 if __name__ == "__main__":

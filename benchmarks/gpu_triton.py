@@ -7,9 +7,12 @@ prints a table with the issue's targets:
     balanced, bank 64, keep 16 (d = 0.25):          >= 1.5x cuBLAS
 
 Each case also checks the result against the dense computation on the pruned weight (max error relative to
-the output's largest value). Runs in about 2-3 minutes on an H100/H200 (autotuning included).
+the output's largest value). Runs in about 2-3 minutes on an H100/H200 (autotuning included). Rows are
+appended to the CSV as they are measured, so a run stopped early keeps what it measured; ``--max-seconds``
+stops it cleanly before the next case once that long has passed (the 4096x4096 shape, every op, comes first).
+A case that raises is reported and skipped; the exit status is then 1.
 
-    python benchmarks/gpu_triton.py [--csv gpu_triton.csv] [--tokens 4096]
+    python benchmarks/gpu_triton.py [--csv gpu_triton.csv] [--tokens 4096] [--max-seconds S]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -34,11 +38,16 @@ from sparse.kernels import balanced, bsr  # noqa: E402
 SHAPES = {"attn 4096x4096": (4096, 4096), "mlp up 11008x4096": (11008, 4096), "mlp down 4096x11008": (4096, 11008)}
 DENSITIES = (0.5, 0.25, 0.1)
 DTYPE = torch.bfloat16
+ENV_FIELDS = ["gpu", "capability", "torch", "triton", "cuda", "host", "date"]
+FIELDS = ["op", "shape", "tokens", "pattern", "density", "ours_ms", "cublas_ms", "speedup_vs_cublas",
+          "target_vs_cublas", "meets_cublas_target", "max_rel_err", "speedup_vs_torch_bsr", "torch_bsr_linear_ms",
+          "torch_bsr_dense_mm_ms"] + ENV_FIELDS
 
 
 def bench(fn: Callable[[], object]) -> float:
     """Median milliseconds of ``fn`` (triton.testing.do_bench: L2 flushed between runs). A call slower than
-    50 ms (a slow fallback path) is timed 3 times instead, to keep the whole run within its few minutes."""
+    50 ms (a slow fallback path) is timed 3 times instead, and one slower than 1 s once, to keep the whole run
+    within its few minutes."""
     import triton.testing
 
     fn()  # compile / autotune outside the timing
@@ -46,7 +55,10 @@ def bench(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    if time.perf_counter() - start > 0.05:
+    once = time.perf_counter() - start
+    if once > 1.0:
+        return once * 1e3
+    if once > 0.05:
         times = []
         for _ in range(3):
             start = time.perf_counter()
@@ -83,48 +95,59 @@ def torch_bsr_times(W: torch.Tensor, block: int, x: torch.Tensor) -> Dict[str, O
     return out
 
 
-def run(T: int, dev: torch.device, shapes: Dict[str, Tuple[int, int]], env: Dict[str, str]) -> List[dict]:
-    """Every case on ``dev``, T tokens, bf16; one row per case (printed as it is measured)."""
+def run(T: int, dev: torch.device, shapes: Dict[str, Tuple[int, int]], env: Dict[str, str],
+        writer: Optional[csv.DictWriter] = None, flush: Callable[[], None] = lambda: None,
+        deadline: float = float("inf")) -> Tuple[List[dict], List[str]]:
+    """Every case on ``dev``, T tokens, bf16; one row per case (printed, and written to ``writer`` then flushed,
+    as it is measured). No case starts after ``deadline`` (time.monotonic()). Returns the rows and the cases
+    that raised (each reported on stderr, the others still run)."""
     rows: List[dict] = []
+    errors: List[str] = []
     g = torch.Generator(device=dev).manual_seed(0)
+
+    def late(what: str) -> bool:
+        if time.monotonic() < deadline:
+            return False
+        print(f"time limit reached: stopped before {what}", flush=True)
+        return True
+
+    def failed(what: str, exc: BaseException) -> None:
+        errors.append(f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        print(f"FAILED {what}:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
 
     def add(op: str, shape: str, pattern: str, density: float, ours: float, dense: float, target: float, err: float, **extra):
         row = {"op": op, "shape": shape, "tokens": T, "pattern": pattern, "density": density, "ours_ms": round(ours, 4),
                "cublas_ms": round(dense, 4), "speedup_vs_cublas": round(dense / ours, 3), "target_vs_cublas": round(target, 2),
                "meets_cublas_target": dense / ours >= target, "max_rel_err": f"{err:.2e}", **extra, **env}
         rows.append(row)
+        if writer is not None:
+            writer.writerow(row)
+            flush()
         print(f"{op:<12}{shape:<22}{pattern:<16}{density:>6.2f}{ours:>9.3f}{dense:>9.3f}{dense / ours:>8.2f}x"
               f"{target:>7.2f}x  {extra.get('speedup_vs_torch_bsr', ''):>7}  err {err:.1e}", flush=True)
 
-    print(f"{env['gpu']} (sm_{env['capability']}), torch {env['torch']}, triton {env['triton']}, bf16, T={T}")
-    print(f"{'op':<12}{'shape':<22}{'pattern':<16}{'d':>6}{'ours ms':>9}{'cuBLAS':>9}{'speedup':>9}{'target':>8}  vs torch BSR")
-    for shape_name, (N, K) in shapes.items():
-        x = torch.randn(T, K, device=dev, dtype=DTYPE, generator=g)
-        gy = torch.randn(T, N, device=dev, dtype=DTYPE, generator=g)
-        W = torch.randn(N, K, device=dev, dtype=DTYPE, generator=g) / K**0.5
-        t_fwd = bench(lambda: F.linear(x, W))
-        t_dx = bench(lambda: gy @ W)
-        t_dw = bench(lambda: gy.t() @ x)
-        for block in (64, 32):
-            for d in DENSITIES:
-                w = BlockSparseWeight.from_dense(W, block, sparsity=1.0 - d)
-                Wp = w.to_dense()
-                y = bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, N)
-                err = rel_err(y, F.linear(x, Wp))
-                t = bench(lambda: bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, N))
-                tb = torch_bsr_times(Wp, block, x)
-                best = min((v for v in tb.values() if v is not None), default=None)
-                add("fwd", shape_name, f"block {block}", w.density, t, t_fwd, 0.8 / w.density, err,
-                    speedup_vs_torch_bsr=round(best / t, 2) if best else "n/a", **{k: round(v, 4) if v else "n/a" for k, v in tb.items()})
-                if block == 64:
-                    dx = bsr.bsr_linear_grad_input(gy, w.values, w.col_offsets, w.row_indices, w.block_perm, K)
-                    t = bench(lambda: bsr.bsr_linear_grad_input(gy, w.values, w.col_offsets, w.row_indices, w.block_perm, K))
-                    add("grad_input", shape_name, "block 64", w.density, t, t_dx, 0.7 / w.density, rel_err(dx, gy @ Wp))
-                    dv = bsr.bsr_sddmm(gy, x, w.values, w.row_offsets, w.col_indices)
-                    ref = reference.gather(gy.t() @ x, w)
-                    t = bench(lambda: bsr.bsr_sddmm(gy, x, w.values, w.row_offsets, w.col_indices))
-                    add("sddmm", shape_name, "block 64", w.density, t, t_dw, 0.7 / w.density, rel_err(dv, ref))
-                del w, Wp
+    def block_case(shape_name, N, K, block, d, x, gy, W, t_fwd, t_dx, t_dw) -> None:
+        w = BlockSparseWeight.from_dense(W, block, sparsity=1.0 - d)
+        Wp = w.to_dense()
+        y = bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, N)
+        err = rel_err(y, F.linear(x, Wp))
+        t = bench(lambda: bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, N))
+        tb = torch_bsr_times(Wp, block, x)
+        best = min((v for v in tb.values() if v is not None), default=None)
+        add("fwd", shape_name, f"block {block}", w.density, t, t_fwd, 0.8 / w.density, err,
+            speedup_vs_torch_bsr=round(best / t, 2) if best else "n/a", **{k: round(v, 4) if v else "n/a" for k, v in tb.items()})
+        if block == 64:
+            dx = bsr.bsr_linear_grad_input(gy, w.values, w.col_offsets, w.row_indices, w.block_perm, K)
+            t = bench(lambda: bsr.bsr_linear_grad_input(gy, w.values, w.col_offsets, w.row_indices, w.block_perm, K))
+            add("grad_input", shape_name, "block 64", w.density, t, t_dx, 0.7 / w.density, rel_err(dx, gy @ Wp))
+            dv = bsr.bsr_sddmm(gy, x, w.values, w.row_offsets, w.col_indices)
+            ref = reference.gather(gy.t() @ x, w)
+            t = bench(lambda: bsr.bsr_sddmm(gy, x, w.values, w.row_offsets, w.col_indices))
+            add("sddmm", shape_name, "block 64", w.density, t, t_dw, 0.7 / w.density, rel_err(dv, ref))
+
+    def balanced_case(shape_name, N, K, x, gy, W, t_fwd, t_dx, t_dw) -> None:
         wb = BalancedSparseWeight.from_dense(W, 64, 16)
         Wp = wb.to_dense()
         y = balanced.balanced_linear(x, wb.values, wb.indices, 64)
@@ -136,17 +159,40 @@ def run(T: int, dev: torch.device, shapes: Dict[str, Tuple[int, int]], env: Dict
         dv = balanced.balanced_sddmm(gy, x, wb.indices, 64)
         t = bench(lambda: balanced.balanced_sddmm(gy, x, wb.indices, 64))
         add("sddmm", shape_name, "balanced 64/16", wb.density, t, t_dw, 0.7 / wb.density, rel_err(dv, reference.gather(gy.t() @ x, wb)))
-        del x, gy, W, wb, Wp
+
+    print(f"{env['gpu']} (sm_{env['capability']}), torch {env['torch']}, triton {env['triton']}, bf16, T={T}")
+    print(f"{'op':<12}{'shape':<22}{'pattern':<16}{'d':>6}{'ours ms':>9}{'cuBLAS':>9}{'speedup':>9}{'target':>8}  vs torch BSR")
+    for shape_name, (N, K) in shapes.items():
+        if late(shape_name):
+            break
+        x = torch.randn(T, K, device=dev, dtype=DTYPE, generator=g)
+        gy = torch.randn(T, N, device=dev, dtype=DTYPE, generator=g)
+        W = torch.randn(N, K, device=dev, dtype=DTYPE, generator=g) / K**0.5
+        t_fwd = bench(lambda: F.linear(x, W))
+        t_dx = bench(lambda: gy @ W)
+        t_dw = bench(lambda: gy.t() @ x)
+        cases = [(f"{shape_name} block {block} d={d}", block_case, (block, d)) for block in (64, 32) for d in DENSITIES]
+        cases.append((f"{shape_name} balanced 64/16", balanced_case, ()))
+        for case, fn, params in cases:
+            if late(case):
+                return rows, errors
+            try:
+                fn(shape_name, N, K, *params, x, gy, W, t_fwd, t_dx, t_dw)
+            except Exception as exc:  # noqa: BLE001  (reported; the other cases still run)
+                failed(case, exc)
+        del x, gy, W
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return rows, errors
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--csv", default="gpu_triton.csv", help="output CSV path")
+    parser.add_argument("--csv", default="gpu_triton.csv", help="output CSV path (rows appended as measured)")
     parser.add_argument("--tokens", type=int, default=4096)
-    args = parser.parse_args()
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="start no case after this many seconds (the rows so far stay in the CSV)")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_triton.py needs a CUDA device")
     import triton
@@ -159,14 +205,17 @@ def main() -> None:
         "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     start = time.time()
-    rows = run(args.tokens, dev, SHAPES, env)
-    fields = list(dict.fromkeys(k for row in rows for k in row))
+    deadline = time.monotonic() + args.max_seconds if args.max_seconds is not None else float("inf")
     with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer = csv.DictWriter(f, fieldnames=FIELDS, restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        f.flush()
+        rows, errors = run(args.tokens, dev, SHAPES, env, writer, f.flush, deadline)
     met = sum(r["meets_cublas_target"] for r in rows)
     print(f"{met}/{len(rows)} cases meet their cuBLAS target; wrote {args.csv} in {time.time() - start:.0f} s")
+    if errors:
+        print(f"{len(errors)} case(s) failed:", *errors, sep="\n  ")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -217,3 +217,65 @@ def test_a_baseline_this_cpu_cannot_run_is_skipped_with_the_reason(tmp_path, mon
     rows, skipped = e2e_bert.run(e2e_bert.PRESETS["tiny"], str(tmp_path), progress=False)
     assert {r["dtype"] for r in rows} == {"float32"}
     assert len(skipped) == 1 and skipped[0].startswith("bfloat16 contenders: not run"), skipped
+
+
+
+# ---- the GPU benchmark's plumbing, on CPU tensors under the Triton interpreter (the GPU run times it for real) ----
+_needs_interpreter = pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="plumbing check on CPU tensors (TRITON_INTERPRET=1, set by conftest.py without a GPU)",
+)
+_TINY = {"tiny 128x256": (128, 256)}
+_ENV = {"gpu": "cpu", "capability": "0.0", "torch": torch.__version__, "triton": "", "cuda": "", "host": "", "date": ""}
+
+
+def _gpu_triton(monkeypatch):
+    pytest.importorskip("triton")
+    from benchmarks import gpu_triton
+
+    monkeypatch.setattr(gpu_triton, "bench", lambda fn: (fn(), 1.0)[1])  # one call, no CUDA timing
+    # fp32: the interpreter's bf16 tl.dot is wrong (tests/test_triton.py patches it for its own module only).
+    monkeypatch.setattr(gpu_triton, "DTYPE", torch.float32)
+    monkeypatch.setattr(gpu_triton, "torch_bsr_times", lambda W, block, x: {"torch_bsr_linear_ms": None,
+                                                                               "torch_bsr_dense_mm_ms": None})
+    return gpu_triton
+
+
+@_needs_interpreter
+def test_gpu_triton_writes_each_row_as_measured_and_goes_on_after_a_failure(tmp_path, monkeypatch):
+    import csv
+
+    gpu_triton = _gpu_triton(monkeypatch)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(gpu_triton.bsr, "bsr_sddmm", broken)
+    path = tmp_path / "gpu_triton.csv"
+    seen = []
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=gpu_triton.FIELDS, restval="")
+        writer.writeheader()
+
+        def flush():
+            f.flush()
+            seen.append(sum(1 for _ in open(path)) - 1)  # rows on disk at each flush
+
+        rows, errors = gpu_triton.run(16, torch.device("cpu"), _TINY, _ENV, writer, flush)
+    # block 64: fwd + grad_input per density, then the sddmm raises (the case stops there, the next one runs);
+    # block 32: fwd per density; balanced: fwd, grad_input, sddmm.
+    assert len(errors) == 3 and all("planted failure" in e for e in errors)
+    assert [(r["op"], r["pattern"]) for r in rows].count(("fwd", "block 32")) == 3
+    assert len(rows) == 3 * 2 + 3 + 3
+    assert seen == list(range(1, len(rows) + 1))
+    with open(path, newline="") as f:
+        on_disk = list(csv.DictReader(f))
+    assert len(on_disk) == len(rows) and list(on_disk[0]) == gpu_triton.FIELDS
+    assert all(float(r["max_rel_err"]) < 1e-5 for r in on_disk), [r["max_rel_err"] for r in on_disk]
+
+
+@_needs_interpreter
+def test_gpu_triton_starts_no_case_after_its_deadline(monkeypatch):
+    gpu_triton = _gpu_triton(monkeypatch)
+    rows, errors = gpu_triton.run(16, torch.device("cpu"), _TINY, _ENV, deadline=0.0)
+    assert rows == [] and errors == []
