@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "act_avx2.h"
@@ -129,8 +130,8 @@ constexpr int64_t kWLead = 16384;
 // ~30 instructions per 12 FMAs (stride and row offsets reloaded from the stack), which kept the k loop issue
 // bound near 5 instructions per cycle. W is masked by the block shape only (lanes >= bo of an outer vector),
 // never by `out`: the rows of a ragged edge block past `out` are stored, computed in lanes that are not stored.
-template <typename E, int V, int TT, int BO, int BI, bool StreamW>
-__attribute__((always_inline)) inline void block_f32(__m256 (&acc)[TT][V], const E* wk, const E* const* xp,
+template <typename E, typename XE, int V, int TT, int BO, int BI, bool StreamW>
+__attribute__((always_inline)) inline void block_f32(__m256 (&acc)[TT][V], const E* wk, const XE* const* xp,
                                                      int64_t bo, int64_t ib, int64_t nw) {
   auto step = [&](const E* w, int64_t k) __attribute__((always_inline)) {
     if constexpr (StreamW) {
@@ -158,17 +159,56 @@ __attribute__((always_inline)) inline void block_f32(__m256 (&acc)[TT][V], const
   for (int64_t k = 0; k < ib; ++k) step(wk + k * s, k);
 }
 
+// X of a token tile packed as float32 [block column][token][bi] (zeros past `in`): used when the rows are
+// 4 KiB or more apart (in >= 1024 float32), where the tile's rows no longer fit L1 and alias in its sets, and
+// for bfloat16, whose broadcasts then need no scalar conversion. One packing per (panel, tile), a sequential
+// copy the hardware prefetchers follow, instead of scattered block columns read from L2/L3 per block.
+struct PackX {
+  float* xs = nullptr;
+  int64_t n = 0;  // floats
+  ~PackX() { std::free(xs); }
+};
+
+// This thread's buffer of n floats, kept across calls; null if the allocation fails (X is then read in place).
+inline float* pack_buffer(int64_t n) {
+  static thread_local PackX s;
+  if (s.n < n) {
+    std::free(s.xs);
+    s.xs = static_cast<float*>(std::aligned_alloc(64, size_t((n * 4 + 63) / 64 * 64)));
+    s.n = s.xs ? n : 0;
+  }
+  return s.xs;
+}
+
+template <typename E, int TT>
+void pack_tile(const BsrFwdArgs& a, int64_t t0, int64_t bi, float* xs) {
+  const int64_t nc = (a.in + bi - 1) / bi;
+  for (int t = 0; t < TT; ++t) {
+    const E* xr = static_cast<const E*>(a.x) + (t0 + t) * a.ldx;
+    for (int64_t c = 0; c < nc; ++c) {
+      float* d = xs + (c * TT + t) * bi;
+      const int64_t n = min64(bi, a.in - c * bi);
+      int64_t k = 0;
+      for (; k + 8 <= n; k += 8) _mm256_storeu_ps(d + k, load8(xr + c * bi + k, 8));
+      for (; k < n; ++k) d[k] = load1(xr + c * bi + k);
+      for (; k < bi; ++k) d[k] = 0.0f;
+    }
+  }
+}
+
 // One token tile (TT tokens from t0) over the block rows [r0, r1) of a panel, the outputs of each row in chunks
 // of 8 V: all in one function, so that the row loop keeps its state in registers and the accumulators start from
 // the bias (see bsr_avx512.cpp: a call per (row, tile) and a bias added in the output stage cost 10-25% at one or
-// two blocks per row).
-template <typename E, int V, int TT, int BO, int BI>
-void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-  const E* x = static_cast<const E*>(a.x) + t0 * a.ldx;
+// two blocks per row). xs: the tile's packed X (XE = float), or null with XE = E (X in place).
+template <typename E, typename XE, int V, int TT, int BO, int BI>
+void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0, const float* xs) {
+  const XE* x = xs ? reinterpret_cast<const XE*>(xs) : static_cast<const XE*>(a.x) + t0 * a.ldx;
   const E* w = static_cast<const E*>(a.w);
   const int32_t* ro = a.row_offsets;
   const int32_t* ci = a.col_indices;
   const int64_t bo = BO != 0 ? BO : a.bo, bi = BI != 0 ? BI : a.bi, in = a.in, blk = bo * bi;
+  // Packed: token t of block column c at x + (c TT + t) bi; in place: at x + t ldx + c bi.
+  const int64_t ldt = xs ? bi : a.ldx, ldc = xs ? TT * bi : bi;
   const E* bias = static_cast<const E*>(a.bias);
   const bool stream_w = TT <= 2 || t0 == 0;
   for (int64_t r = r0; r < r1; ++r) {
@@ -187,23 +227,23 @@ void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0) {
         for (int v = 0; v < V; ++v) acc[t][v] = b0[v];
       const E* wk = w + pbeg * blk + oc;
       for (int64_t p = pbeg; p < pend; ++p, wk += blk) {
-        const int64_t i0 = int64_t(ci[p]) * bi, ib = BI != 0 && in % BI == 0 ? BI : min64(bi, in - i0);
-        const E* xp[TT];
+        const int64_t c = ci[p], ib = BI != 0 && in % BI == 0 ? BI : min64(bi, in - c * bi);
+        const XE* xp[TT];
 #pragma GCC unroll 12
-        for (int t = 0; t < TT; ++t) xp[t] = x + t * a.ldx + i0;
+        for (int t = 0; t < TT; ++t) xp[t] = x + c * ldc + t * ldt;
         // The next block's X lines, once per row (the other chunks of the row find them in L1): scattered columns
         // are invisible to the hardware prefetchers.
         if (oc == 0 && p + 1 < pend) {
-          const char* xn = reinterpret_cast<const char*>(x + int64_t(ci[p + 1]) * bi);
+          const XE* xn = x + int64_t(ci[p + 1]) * ldc;
 #pragma GCC unroll 12
           for (int t = 0; t < TT; ++t)
-            for (int64_t l = 0; l < bi * int64_t(sizeof(E)); l += 64)
-              _mm_prefetch(xn + t * a.ldx * int64_t(sizeof(E)) + l, _MM_HINT_T0);
+            for (int64_t l = 0; l < bi * int64_t(sizeof(XE)); l += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(xn + t * ldt) + l, _MM_HINT_T0);
         }
         if (stream_w) {
-          block_f32<E, V, TT, BO, BI, true>(acc, wk, xp, bo, ib, nw);
+          block_f32<E, XE, V, TT, BO, BI, true>(acc, wk, xp, bo, ib, nw);
         } else {
-          block_f32<E, V, TT, BO, BI, false>(acc, wk, xp, bo, ib, nw);
+          block_f32<E, XE, V, TT, BO, BI, false>(acc, wk, xp, bo, ib, nw);
         }
       }
       fwd_epilogue<E, V, TT>(a, acc, y + oc, nv);
@@ -225,13 +265,25 @@ template <typename E, int V, int BO, int BI>
 void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
   constexpr int TT = fwd_tile_tokens<V>();
   const int64_t row_bytes = a.bo * a.bi * int64_t(sizeof(E));
+  const int64_t nc = (a.in + a.bi - 1) / a.bi;
+  // Tiles of 1-2 tokens (decode) stream W and use each X element once per row: packing would only add a copy.
+  const bool pack = a.T >= 3 && (sizeof(E) == 2 || a.ldx * int64_t(sizeof(E)) >= 4096);
+  float* xs = pack ? pack_buffer(nc * TT * a.bi) : nullptr;
   for (int64_t p0 = r0, p1; p0 < r1; p0 = p1) {
     p1 = p0 + 1;
     while (p1 < r1 && int64_t(a.row_offsets[p1 + 1] - a.row_offsets[p0]) * row_bytes <= kPanelBytes) ++p1;
     int64_t t0 = 0;
-    for (; t0 + TT <= a.T; t0 += TT) fwd_tile_rows<E, V, TT, BO, BI>(a, p0, p1, t0);
-    if (t0 < a.T)
-      dispatch_upto<TT - 1>(a.T - t0, [&](auto tt) { fwd_tile_rows<E, V, decltype(tt)::value, BO, BI>(a, p0, p1, t0); });
+    auto tile = [&](auto tt) {
+      constexpr int N = decltype(tt)::value;
+      if (xs && N >= 3) {
+        pack_tile<E, N>(a, t0, a.bi, xs);
+        fwd_tile_rows<E, float, V, N, BO, BI>(a, p0, p1, t0, xs);
+      } else {
+        fwd_tile_rows<E, E, V, N, BO, BI>(a, p0, p1, t0, nullptr);
+      }
+    };
+    for (; t0 + TT <= a.T; t0 += TT) tile(Int<TT>{});
+    if (t0 < a.T) dispatch_upto<TT - 1>(a.T - t0, tile);
   }
 }
 
