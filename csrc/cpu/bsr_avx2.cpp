@@ -2,13 +2,16 @@
 // Compiled for AVX2 by the pragma below while the rest of the extension stays baseline x86-64; bsr.cpp calls
 // these only when the running CPU has AVX2 and FMA. No torch/STL headers, every helper has internal linkage
 // (see bsr_avx512.cpp). Same schemes as the AVX-512 kernels with 16 ymm registers: outputs are walked in
-// chunks of 16 (2 ymm) with tiles of 6 tokens (12 accumulators + 2 W vectors + 1 broadcast).
+// chunks of 16 (2 ymm) with tiles of 6 tokens (12 accumulators + 2 W vectors + 1 broadcast). Of the register
+// blockings that fit 16 ymm without W memory operands this has the fewest loads per FMA (8 per 12); 4 ymm x 3
+// tokens would need 17 registers, and with the 4th W vector as an FMA memory operand it takes 9 loads per 12.
 #if defined(__x86_64__)
 #pragma GCC target("avx2,fma")
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "act_avx2.h"
@@ -86,7 +89,7 @@ inline void store8(uint16_t* p, __m256 v, int64_t n) {
 // Output stage of a tile: + bias, f (the activation), store of the lanes < nv of every accumulator. One instance
 // per activation, the switch outside the tile, so that the TT x V independent evaluations interleave.
 template <typename E, int V, int TT, typename F>
-inline void store_tile(__m256 (&acc)[TT][V], const E* bias, E* y, int64_t ldy, int64_t nv, F f) {
+__attribute__((always_inline)) inline void store_tile(__m256 (&acc)[TT][V], const E* bias, E* y, int64_t ldy, int64_t nv, F f) {
 #pragma GCC unroll 16
   for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 16
@@ -97,93 +100,199 @@ inline void store_tile(__m256 (&acc)[TT][V], const E* bias, E* y, int64_t ldy, i
 }
 
 // ---------------------------------------------------------------- forward
-// Block row r, outputs [oc, oc + nv) of it (nv <= 8 V), tokens [t0, t0 + TT).
+// Output stage of a tile, activation switch outside the tile (see store_tile); the accumulators hold the bias.
 template <typename E, int V, int TT>
-void fwd_tile(const BsrFwdArgs& a, int64_t r, int64_t oc, int64_t nv, int64_t t0) {
-  const E* x = static_cast<const E*>(a.x) + t0 * a.ldx;
-  const E* w = static_cast<const E*>(a.w) + oc;
-  const int64_t bo = a.bo, ldx = a.ldx, blk = a.bo * a.bi;
-  __m256 acc[TT][V];
-#pragma GCC unroll 12
-  for (int t = 0; t < TT; ++t)
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) acc[t][v] = _mm256_setzero_ps();
-  const int64_t pend = a.row_offsets[r + 1];
-  for (int64_t p = a.row_offsets[r]; p < pend; ++p) {
-    const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
-    const E* wk = w + p * blk;
-    const E* xk = x + i0;
-    if (p + 1 < pend) {  // the next block's X lines: scattered columns are invisible to the hardware prefetchers
-      const char* xn = reinterpret_cast<const char*>(x + int64_t(a.col_indices[p + 1]) * a.bi);
-#pragma GCC unroll 16
-      for (int t = 0; t < TT; ++t)
-        for (int64_t l = 0; l < a.bi * int64_t(sizeof(E)); l += 64)
-          _mm_prefetch(xn + t * ldx * int64_t(sizeof(E)) + l, _MM_HINT_T0);
-    }
-    for (int64_t k = 0; k < ib; ++k, wk += bo, ++xk) {
-      if constexpr (TT <= 2) {  // streaming W for one or two tokens: fetch it ahead (see bsr_avx512.cpp)
-        for (int64_t l = 0; l < 8 * V * int64_t(sizeof(E)); l += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(wk) + 16384 + l, _MM_HINT_T0);
-      }
-      __m256 wv[V];
-#pragma GCC unroll 2
-      for (int v = 0; v < V; ++v) wv[v] = load8(wk + 8 * v, nv - 8 * v);
-#pragma GCC unroll 12
-      for (int t = 0; t < TT; ++t) {
-        const __m256 xv = _mm256_set1_ps(load1(xk + t * ldx));
-#pragma GCC unroll 2
-        for (int v = 0; v < V; ++v) acc[t][v] = _mm256_fmadd_ps(wv[v], xv, acc[t][v]);
-      }
-    }
-  }
-  const int64_t o0 = r * bo + oc;
-  const E* bias = a.bias ? static_cast<const E*>(a.bias) + o0 : nullptr;
-  E* y = static_cast<E*>(a.y) + t0 * a.out + o0;
+__attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m256 (&acc)[TT][V], E* y,
+                                                        int64_t nv) {
   // relu keeps NaN (max(0, v) returns v when v is NaN); the transcendental activations are those of act_avx2.h.
   switch (static_cast<Act>(a.act)) {
     case Act::Relu:
-      return store_tile<E, V, TT>(acc, bias, y, a.out, nv,
+      return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv,
                                   [](__m256 z) { return _mm256_max_ps(_mm256_setzero_ps(), z); });
     case Act::Gelu:
-      return store_tile<E, V, TT>(acc, bias, y, a.out, nv, [](__m256 z) { return gelu_avx2(z); });
+      return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return gelu_avx2(z); });
     case Act::GeluTanh:
-      return store_tile<E, V, TT>(acc, bias, y, a.out, nv, [](__m256 z) { return gelu_tanh_avx2(z); });
+      return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return gelu_tanh_avx2(z); });
     case Act::Silu:
-      return store_tile<E, V, TT>(acc, bias, y, a.out, nv, [](__m256 z) { return silu_avx2(z); });
+      return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return silu_avx2(z); });
     default:
-      return store_tile<E, V, TT>(acc, bias, y, a.out, nv, [](__m256 z) { return z; });
+      return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return z; });
   }
 }
 
-// Row panels whose W fits in half the L2, walked per token tile (see bsr_avx512.cpp).
+// When W is streamed from L3 or memory (the first token tile of a panel; every tile of one or two tokens) it is
+// fetched kWLead bytes ahead, about one memory latency of consumption (see bsr_avx512.cpp).
+constexpr int64_t kWLead = 16384;
+
+// k loop of one kept block over the outputs [oc, oc + 8 V) of its row: acc[t][v] += W[k][oc + 8v..] * x[t][k].
+// BO, BI: the block shape when known at compile time (0: run time). With both known and a full block, the loop
+// is unrolled with every W and X operand a constant displacement from a few pointers: the run-time loop spent
+// ~30 instructions per 12 FMAs (stride and row offsets reloaded from the stack), which kept the k loop issue
+// bound near 5 instructions per cycle. W is masked by the block shape only (lanes >= bo of an outer vector),
+// never by `out`: the rows of a ragged edge block past `out` are stored, computed in lanes that are not stored.
+template <typename E, typename XE, int V, int TT, int BO, int BI, bool StreamW>
+__attribute__((always_inline)) inline void block_f32(__m256 (&acc)[TT][V], const E* wk, const XE* const* xp,
+                                                     int64_t bo, int64_t ib, int64_t nw) {
+  auto step = [&](const E* w, int64_t k) __attribute__((always_inline)) {
+    if constexpr (StreamW) {
+      for (int64_t l = 0; l < 8 * V * int64_t(sizeof(E)); l += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w) + kWLead + l, _MM_HINT_T0);
+    }
+    __m256 wv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) wv[v] = BO != 0 && BO >= 8 * V ? load8(w + 8 * v, 8) : load8(w + 8 * v, nw - 8 * v);
+#pragma GCC unroll 12
+    for (int t = 0; t < TT; ++t) {
+      const __m256 xv = _mm256_set1_ps(load1(xp[t] + k));
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[t][v] = _mm256_fmadd_ps(wv[v], xv, acc[t][v]);
+    }
+  };
+  if constexpr (BO != 0 && BI != 0) {
+    if (ib == BI) {
+#pragma GCC unroll 8
+      for (int k = 0; k < BI; ++k) step(wk + k * BO, k);
+      return;
+    }
+  }
+  const int64_t s = BO != 0 ? BO : bo;
+  for (int64_t k = 0; k < ib; ++k) step(wk + k * s, k);
+}
+
+// X of a token tile packed as float32 [block column][token][bi] (zeros past `in`): used when the rows are
+// 4 KiB or more apart (in >= 1024 float32), where the tile's rows no longer fit L1 and alias in its sets, and
+// for bfloat16, whose broadcasts then need no scalar conversion. One packing per (panel, tile), a sequential
+// copy the hardware prefetchers follow, instead of scattered block columns read from L2/L3 per block.
+struct PackX {
+  float* xs = nullptr;
+  int64_t n = 0;  // floats
+  ~PackX() { std::free(xs); }
+};
+
+// This thread's buffer of n floats, kept across calls; null if the allocation fails (X is then read in place).
+inline float* pack_buffer(int64_t n) {
+  static thread_local PackX s;
+  if (s.n < n) {
+    std::free(s.xs);
+    s.xs = static_cast<float*>(std::aligned_alloc(64, size_t((n * 4 + 63) / 64 * 64)));
+    s.n = s.xs ? n : 0;
+  }
+  return s.xs;
+}
+
+template <typename E, int TT>
+void pack_tile(const BsrFwdArgs& a, int64_t t0, int64_t bi, float* xs) {
+  const int64_t nc = (a.in + bi - 1) / bi;
+  for (int t = 0; t < TT; ++t) {
+    const E* xr = static_cast<const E*>(a.x) + (t0 + t) * a.ldx;
+    for (int64_t c = 0; c < nc; ++c) {
+      float* d = xs + (c * TT + t) * bi;
+      const int64_t n = min64(bi, a.in - c * bi);
+      int64_t k = 0;
+      for (; k + 8 <= n; k += 8) _mm256_storeu_ps(d + k, load8(xr + c * bi + k, 8));
+      for (; k < n; ++k) d[k] = load1(xr + c * bi + k);
+      for (; k < bi; ++k) d[k] = 0.0f;
+    }
+  }
+}
+
+// One token tile (TT tokens from t0) over the block rows [r0, r1) of a panel, the outputs of each row in chunks
+// of 8 V: all in one function, so that the row loop keeps its state in registers and the accumulators start from
+// the bias (see bsr_avx512.cpp: a call per (row, tile) and a bias added in the output stage cost 10-25% at one or
+// two blocks per row). xs: the tile's packed X (XE = float), or null with XE = E (X in place).
+template <typename E, typename XE, int V, int TT, int BO, int BI>
+void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0, const float* xs) {
+  const XE* x = xs ? reinterpret_cast<const XE*>(xs) : static_cast<const XE*>(a.x) + t0 * a.ldx;
+  const E* w = static_cast<const E*>(a.w);
+  const int32_t* ro = a.row_offsets;
+  const int32_t* ci = a.col_indices;
+  const int64_t bo = BO != 0 ? BO : a.bo, bi = BI != 0 ? BI : a.bi, in = a.in, blk = bo * bi;
+  // Packed: token t of block column c at x + (c TT + t) bi; in place: at x + t ldx + c bi.
+  const int64_t ldt = xs ? bi : a.ldx, ldc = xs ? TT * bi : bi;
+  const E* bias = static_cast<const E*>(a.bias);
+  const bool stream_w = TT <= 2 || t0 == 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t pbeg = ro[r], pend = ro[r + 1];
+    const int64_t ob = min64(bo, a.out - r * bo);
+    E* y = static_cast<E*>(a.y) + t0 * a.out + r * bo;
+    for (int64_t oc = 0; oc < ob; oc += 8 * V) {
+      const int64_t nv = min64(8 * V, ob - oc), nw = bo - oc;
+      __m256 acc[TT][V];
+      __m256 b0[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) b0[v] = bias ? load8(bias + r * bo + oc + 8 * v, nv - 8 * v) : _mm256_setzero_ps();
+#pragma GCC unroll 12
+      for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[t][v] = b0[v];
+      const E* wk = w + pbeg * blk + oc;
+      for (int64_t p = pbeg; p < pend; ++p, wk += blk) {
+        const int64_t c = ci[p], ib = BI != 0 && in % BI == 0 ? BI : min64(bi, in - c * bi);
+        const XE* xp[TT];
+#pragma GCC unroll 12
+        for (int t = 0; t < TT; ++t) xp[t] = x + c * ldc + t * ldt;
+        // The next block's X lines, once per row (the other chunks of the row find them in L1): scattered columns
+        // are invisible to the hardware prefetchers.
+        if (oc == 0 && p + 1 < pend) {
+          const XE* xn = x + int64_t(ci[p + 1]) * ldc;
+#pragma GCC unroll 12
+          for (int t = 0; t < TT; ++t)
+            for (int64_t l = 0; l < bi * int64_t(sizeof(XE)); l += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(xn + t * ldt) + l, _MM_HINT_T0);
+        }
+        if (stream_w) {
+          block_f32<E, XE, V, TT, BO, BI, true>(acc, wk, xp, bo, ib, nw);
+        } else {
+          block_f32<E, XE, V, TT, BO, BI, false>(acc, wk, xp, bo, ib, nw);
+        }
+      }
+      fwd_epilogue<E, V, TT>(a, acc, y + oc, nv);
+    }
+  }
+}
+
+// Row panels whose W fits in half the L2 (see bsr_avx512.cpp): per token tile every row of the panel runs with
+// the tile's X in L1 and the panel's W in L2.
 constexpr int64_t kPanelBytes = 512 * 1024;
 
-template <typename E, int V>
+// Register budget (16 ymm): TT x V accumulators + V W vectors + 1 broadcast.
+template <int V>
+constexpr int fwd_tile_tokens() {
+  return V == 1 ? 8 : V == 2 ? 6 : 3;
+}
+
+template <typename E, int V, int BO, int BI>
 void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
-  constexpr int TT = V == 1 ? 8 : 6;
+  constexpr int TT = fwd_tile_tokens<V>();
   const int64_t row_bytes = a.bo * a.bi * int64_t(sizeof(E));
+  const int64_t nc = (a.in + a.bi - 1) / a.bi;
+  // Tiles of 1-2 tokens (decode) stream W and use each X element once per row: packing would only add a copy.
+  const bool pack = a.T >= 3 && (sizeof(E) == 2 || a.ldx * int64_t(sizeof(E)) >= 4096);
+  float* xs = pack ? pack_buffer(nc * TT * a.bi) : nullptr;
   for (int64_t p0 = r0, p1; p0 < r1; p0 = p1) {
     p1 = p0 + 1;
     while (p1 < r1 && int64_t(a.row_offsets[p1 + 1] - a.row_offsets[p0]) * row_bytes <= kPanelBytes) ++p1;
     int64_t t0 = 0;
-    auto tiles = [&](auto tt) {
-      for (int64_t r = p0; r < p1; ++r) {
-        const int64_t ob = min64(a.bo, a.out - r * a.bo);
-        for (int64_t oc = 0; oc < ob; oc += 8 * V) fwd_tile<E, V, decltype(tt)::value>(a, r, oc, min64(8 * V, ob - oc), t0);
+    auto tile = [&](auto tt) {
+      constexpr int N = decltype(tt)::value;
+      if (xs && N >= 3) {
+        pack_tile<E, N>(a, t0, a.bi, xs);
+        fwd_tile_rows<E, float, V, N, BO, BI>(a, p0, p1, t0, xs);
+      } else {
+        fwd_tile_rows<E, E, V, N, BO, BI>(a, p0, p1, t0, nullptr);
       }
     };
-    for (; t0 + TT <= a.T; t0 += TT) tiles(Int<TT>{});
-    if (t0 < a.T) dispatch_upto<TT - 1>(a.T - t0, tiles);
+    for (; t0 + TT <= a.T; t0 += TT) tile(Int<TT>{});
+    if (t0 < a.T) dispatch_upto<TT - 1>(a.T - t0, tile);
   }
 }
 
 template <typename E>
 void fwd_dispatch(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
-  if (a.bo <= 8) {
-    fwd_rows<E, 1>(a, r0, r1);
-  } else {
-    fwd_rows<E, 2>(a, r0, r1);
-  }
+  if (a.bo == 32 && a.bi == 32) return fwd_rows<E, 2, 32, 32>(a, r0, r1);
+  if (a.bo == 16 && a.bi == 16) return fwd_rows<E, 2, 16, 16>(a, r0, r1);
+  if (a.bo <= 8) return fwd_rows<E, 1, 0, 0>(a, r0, r1);
+  fwd_rows<E, 2, 0, 0>(a, r0, r1);
 }
 
 // ---------------------------------------------------------------- grad_input
