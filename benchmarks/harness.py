@@ -72,14 +72,9 @@ COLUMNS: List[str] = [
 # Machine and versions
 # ---------------------------------------------------------------------------------------------------------------
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from sparse.runtime import cpu_model
+
+    return cpu_model()
 
 
 def _git_rev() -> str:
