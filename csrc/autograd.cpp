@@ -4,15 +4,17 @@
 // when nothing requires a gradient: that measured ~4 us per call here, as much as a whole 90%-sparse layer at
 // 16 tokens. This kernel costs a flag check when no input needs a gradient.
 //
-// The backward mirrors sparse/ops.py (bsr_autograd / balanced_autograd, still used by the Triton ops): the
-// pre-activation is recomputed rather than kept alive, then dX = grad_input op, dW = SDDMM op, db = sum.
+// The backward is the same as the Triton ops' (sparse/triton_backend.py): the pre-activation is recomputed rather
+// than kept alive, the activation's backward is the act_backward op (its formula in sparse/activations.py), then
+// dX = grad_input op, dW = SDDMM op, db = sum.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <string>
+
+#include "op_signatures.h"
 
 namespace sparsekern {
 namespace {
@@ -20,13 +22,9 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// d act(z) / dz applied to grad (the same aten ops as sparse/ops.py's _act_backward).
+// d act(z) / dz applied to grad.
 at::Tensor act_backward(const at::Tensor& grad, const at::Tensor& z, const std::string& act) {
-  if (act == "relu") return at::threshold_backward(grad, z, 0);
-  if (act == "gelu") return at::gelu_backward(grad, z, "none");
-  if (act == "gelu_tanh") return at::gelu_backward(grad, z, "tanh");
-  if (act == "silu") return at::silu_backward(grad, z);
-  return grad;
+  return ops::act_backward().call(grad, z, act);
 }
 
 bool needs_grad(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias) {
@@ -39,13 +37,8 @@ at::Tensor bsr_linear_call(const at::Tensor& x, const at::Tensor& values, const 
                            const at::Tensor& col_indices, const at::Tensor& col_offsets,
                            const at::Tensor& row_indices, const at::Tensor& block_perm, c10::SymInt out_features,
                            const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparsekern::bsr_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
-                                         const std::optional<at::Tensor>&, c10::string_view)>();
-  return op.call(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, std::move(out_features),
-                 bias, activation);
+  return ops::bsr_linear().call(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
+                                std::move(out_features), bias, activation);
 }
 
 class BsrLinearFn : public torch::autograd::Function<BsrLinearFn> {
@@ -66,15 +59,6 @@ class BsrLinearFn : public torch::autograd::Function<BsrLinearFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto grad_input_op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("sparsekern::bsr_linear_grad_input", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, c10::SymInt)>();
-    static auto sddmm_op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("sparsekern::bsr_sddmm", "")
-                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&, const at::Tensor&)>();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &values = saved[1], &row_offsets = saved[2], &col_indices = saved[3],
                      &col_offsets = saved[4], &row_indices = saved[5], &block_perm = saved[6];
@@ -91,9 +75,9 @@ class BsrLinearFn : public torch::autograd::Function<BsrLinearFn> {
     }
     grad = grad.contiguous();
     if (ctx->needs_input_grad(0))
-      out[0] = grad_input_op.call(grad, values, col_offsets, row_indices, block_perm,
-                                  ctx->saved_data["in_features"].toSymInt());
-    if (ctx->needs_input_grad(1)) out[1] = sddmm_op.call(grad, x, values, row_offsets, col_indices);
+      out[0] = ops::bsr_linear_grad_input().call(grad, values, col_offsets, row_indices, block_perm,
+                                                  ctx->saved_data["in_features"].toSymInt());
+    if (ctx->needs_input_grad(1)) out[1] = ops::bsr_sddmm().call(grad, x, values, row_offsets, col_indices);
     if (bias.has_value() && ctx->needs_input_grad(7)) out[8] = grad.sum(0);  // edges: tensors only
     return out;
   }
@@ -115,11 +99,7 @@ at::Tensor bsr_linear_autograd(const at::Tensor& x, const at::Tensor& values, co
 // ---------------------------------------------------------------------------------------------- balanced
 at::Tensor balanced_linear_call(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                                 int64_t bank, const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparsekern::balanced_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                         const std::optional<at::Tensor>&, c10::string_view)>();
-  return op.call(x, values, indices, bank, bias, activation);
+  return ops::balanced_linear().call(x, values, indices, bank, bias, activation);
 }
 
 class BalancedLinearFn : public torch::autograd::Function<BalancedLinearFn> {
@@ -137,14 +117,6 @@ class BalancedLinearFn : public torch::autograd::Function<BalancedLinearFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto grad_input_op = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow("sparsekern::balanced_linear_grad_input", "")
-                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                      int64_t, c10::SymInt)>();
-    static auto sddmm_op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("sparsekern::balanced_sddmm", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &values = saved[1], &indices = saved[2];
     const std::optional<at::Tensor> bias =
@@ -157,8 +129,9 @@ class BalancedLinearFn : public torch::autograd::Function<BalancedLinearFn> {
     if (act != "none") grad = act_backward(grad, balanced_linear_call(x, values, indices, bank, bias, "none"), act);
     grad = grad.contiguous();
     if (ctx->needs_input_grad(0))
-      out[0] = grad_input_op.call(grad, values, indices, bank, ctx->saved_data["in_features"].toSymInt());
-    if (ctx->needs_input_grad(1)) out[1] = sddmm_op.call(grad, x, indices, bank);
+      out[0] = ops::balanced_linear_grad_input().call(grad, values, indices, bank,
+                                                       ctx->saved_data["in_features"].toSymInt());
+    if (ctx->needs_input_grad(1)) out[1] = ops::balanced_sddmm().call(grad, x, indices, bank);
     if (bias.has_value() && ctx->needs_input_grad(3)) out[4] = grad.sum(0);  // edges: tensors only
     return out;
   }

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <string>
 
+#include "activations.h"
+
 #define SK_CHECK_CPU(t) TORCH_CHECK((t).device().is_cpu(), #t " must be a CPU tensor, got device ", (t).device())
 
 #define SK_CHECK_DIM(t, d) \
@@ -31,16 +33,13 @@
 
 namespace sparsekern {
 
-// Activations applied in a forward kernel's output stage, after the bias.
-enum class Activation : int { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3, Silu = 4 };
-
-inline Activation parse_activation(const std::string& name) {
-  if (name == "none") return Activation::None;
-  if (name == "relu") return Activation::Relu;
-  if (name == "gelu") return Activation::Gelu;
-  if (name == "gelu_tanh") return Activation::GeluTanh;
-  if (name == "silu") return Activation::Silu;
-  TORCH_CHECK(false, "activation must be one of 'none', 'relu', 'gelu', 'gelu_tanh', 'silu', got '", name, "'");
+// The activation called `name`, or an error listing the valid names (csrc/activations.h holds the list).
+inline Act parse_activation(c10::string_view name) {
+  Act act;
+  if (find_act(name.data(), name.size(), &act)) return act;
+  std::string valid;
+  for (int i = 0; i < kNumActivations; ++i) valid += std::string(i ? ", '" : "'") + act_name(i) + "'";
+  TORCH_CHECK(false, "activation must be one of ", valid, ", got '", name, "'");
 }
 
 // Checks that an int32 offsets vector of length n+1 starts at 0, ends at `total` and never decreases.

@@ -1,5 +1,6 @@
 // Every op schema of the package, one comment per op. Implementations live in cpu/ (and cuda/); fake
-// kernels are registered from Python (sparse/ops.py), autograd in autograd.cpp.
+// kernels are registered from Python (sparse/ops.py), autograd in autograd.cpp. The typed C++ signatures of the
+// ops that C++ calls through the dispatcher are in op_signatures.h.
 //
 // Shapes: x [T, in]; Y [T, out]. Block-sparse weights hold `values` [nnz, bo, bi] (logical shape; the CPU
 // kernels want the physical layout [nnz, bi, bo], i.e. strides (bo*bi, 1, bo), which the weight format builds
@@ -10,6 +11,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "activations.h"
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(sparsekern, m) {
@@ -36,6 +38,18 @@ TORCH_LIBRARY(sparsekern, m) {
       "-> Tensor");
   // dW[o, b, k] = sum_t dY[t, o] X[t, b*bank + indices[o, b, k]] (SDDMM on the balanced pattern).
   m.def("balanced_sddmm(Tensor grad_out, Tensor x, Tensor indices, int bank) -> Tensor");
+  // Packs a 2:4 balanced weight (bank=4, keep=2; values [out, in/4, 2] fp16/bf16, uint8 indices) for the sparse
+  // tensor cores: (packed_values [out/16, in/32, 32, 8], packed_meta int32 [out/16, in/64, 32]). Call once.
+  // CUDA builds only (cuda/ops_cuda.cpp); a CPU build has the schema and no kernel.
+  m.def("nm24_pack(Tensor values, Tensor indices) -> (Tensor, Tensor)");
+  // Y = act(X W^T + b) on sparse tensor cores from nm24_pack's output; x [T, in], returns [T, out]. CUDA only.
+  m.def(
+      "nm24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias=None, str activation=\"none\") "
+      "-> Tensor");
+  // grad * act'(z): the activation's backward, as the backward of every forward op uses it. Its kernel is the
+  // activation table of sparse/activations.py (CompositeImplicitAutograd, registered from Python), so it runs on
+  // every device and torch.compile traces it into aten ops.
+  m.def("act_backward(Tensor grad, Tensor z, str activation) -> Tensor");
 }
 
 namespace {
@@ -72,6 +86,20 @@ PyObject* py_isa_env(PyObject*, PyObject*) {
   return Py_BuildValue("(ss)", cap.c_str(), err.c_str());
 }
 
+PyObject* py_activation_names(PyObject*, PyObject*) {
+  PyObject* t = PyTuple_New(sparsekern::kNumActivations);
+  if (t == nullptr) return nullptr;
+  for (int i = 0; i < sparsekern::kNumActivations; ++i) {
+    PyObject* s = PyUnicode_FromString(sparsekern::act_name(i));
+    if (s == nullptr) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, i, s);
+  }
+  return t;
+}
+
 PyObject* py_has_cuda(PyObject*, PyObject*) {
 #ifdef SPARSEKERN_WITH_CUDA
   Py_RETURN_TRUE;
@@ -88,6 +116,8 @@ PyMethodDef methods[] = {
      "Cap the CPU code path ('avx512', 'avx2', 'portable' or 'auto'); for tests and benchmarks."},
     {"isa_env", py_isa_env, METH_NOARGS,
      "(SPARSEKERN_ISA as read at load, '' if unset or auto; an error message for a value that is no level, else '')."},
+    {"activation_names", py_activation_names, METH_NOARGS,
+     "The activations the kernels implement (csrc/activations.h), in the order of their codes."},
     {"has_cuda", py_has_cuda, METH_NOARGS, "Whether this build contains the CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};
 

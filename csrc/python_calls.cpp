@@ -19,6 +19,8 @@
 #include <optional>
 #include <string_view>
 
+#include "op_signatures.h"
+
 namespace sparsekern {
 namespace {
 
@@ -88,11 +90,7 @@ PyObject* bsr_linear_call(PyObject*, PyObject* args) {
   for (PyObject* o : {x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm})
     if (!plain(o)) Py_RETURN_NONE;
   if (!plain_or_none(bias)) Py_RETURN_NONE;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparsekern::bsr_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
-                                         const std::optional<at::Tensor>&, std::string_view)>();
+  const auto& op = ops::bsr_linear();
   const at::Tensor& xt = THPVariable_Unpack(x);
   const std::optional<at::Tensor> b = optional_tensor(bias);
   auto call = [&] {
@@ -113,10 +111,7 @@ PyObject* balanced_linear_call(PyObject*, PyObject* args) {
   for (PyObject* o : {x, values, indices})
     if (!plain(o)) Py_RETURN_NONE;
   if (!plain_or_none(bias)) Py_RETURN_NONE;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparsekern::balanced_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                         const std::optional<at::Tensor>&, std::string_view)>();
+  const auto& op = ops::balanced_linear();
   const at::Tensor& xt = THPVariable_Unpack(x);
   const at::Tensor& vt = THPVariable_Unpack(values);
   const std::optional<at::Tensor> b = optional_tensor(bias);

@@ -15,32 +15,20 @@ from typing import Dict, Optional, Union
 import torch
 
 from . import _ext
+from .activations import ACTIVATIONS, check_native
+from .activations import get as _activation
 from .formats import BalancedSparseWeight, BlockSparseWeight
 
 __all__ = ["linear", "linear_grad_input", "sddmm", "select_backend", "fastest_backend", "backend_timings", "backend_status",
            "ACTIVATIONS", "BACKENDS"]
 
 SparseWeight = Union[BlockSparseWeight, BalancedSparseWeight]
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 # In order of preference when a backend is forced by device only (select_backend); modules built without a
 # backend request take the one that measures fastest for their weight (fastest_backend).
 BACKENDS = ("cpu", "triton", "cuda")
 # Every backend implements the C++ schemas of csrc/ops.cpp; its ops are torch.ops.sparsekern.<prefix><op>.
 # "cpu" and "cuda" share the op names: the dispatcher picks the kernel by the tensors' device.
 _OP_PREFIX = {"cpu": "", "triton": "triton_", "cuda": ""}
-
-
-def _act_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
-    """d act(z) / dz applied to grad, through aten ops so it traces under torch.compile."""
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad, z, 0)
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad, z, approximate="none")
-    if activation == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad, z, approximate="tanh")
-    if activation == "silu":
-        return torch.ops.aten.silu_backward(grad, z)
-    return grad
 
 
 def _check_same_device(**tensors: Optional[torch.Tensor]) -> None:
@@ -51,73 +39,6 @@ def _check_same_device(**tensors: Optional[torch.Tensor]) -> None:
     for name, t in named[1:]:
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}: all on one device")
-
-
-def _setup_common(ctx, x: torch.Tensor, bias: Optional[torch.Tensor], activation: str) -> None:
-    ctx.activation = activation
-    ctx.in_features = x.shape[1]
-    ctx.has_bias = bias is not None
-
-
-def bsr_autograd(prefix: str):
-    """(backward, setup_context) of the block-sparse forward op ``sparsekern::<prefix>bsr_linear``; the backward
-    calls only that backend's ops, so it traces under torch.compile. Used by the Triton ops; the CPU/CUDA op's
-    autograd is the C++ mirror of this one in csrc/autograd.cpp."""
-
-    def setup(ctx, inputs, output):
-        x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias, activation = inputs
-        _setup_common(ctx, x, bias, activation)
-        ctx.out_features = out_features
-        ctx.save_for_backward(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias)
-
-    def backward(ctx, grad):
-        ops = torch.ops.sparsekern
-        x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias = ctx.saved_tensors
-        if ctx.activation != "none":
-            # Recompute the pre-activation rather than keep a second [T, out] tensor alive.
-            z = getattr(ops, prefix + "bsr_linear")(x, values, row_offsets, col_indices, col_offsets, row_indices,
-                                                    block_perm, ctx.out_features, bias, "none")
-            grad = _act_backward(grad, z, ctx.activation)
-        grad = grad.contiguous()
-        gx = gv = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = getattr(ops, prefix + "bsr_linear_grad_input")(grad, values, col_offsets, row_indices, block_perm,
-                                                                ctx.in_features)
-        if ctx.needs_input_grad[1]:
-            gv = getattr(ops, prefix + "bsr_sddmm")(grad, x, values, row_offsets, col_indices)
-        if ctx.has_bias and ctx.needs_input_grad[8]:
-            gb = grad.sum(0)
-        return gx, gv, None, None, None, None, None, None, gb, None
-
-    return backward, setup
-
-
-def balanced_autograd(prefix: str):
-    """(backward, setup_context) of the balanced forward op ``sparsekern::<prefix>balanced_linear``."""
-
-    def setup(ctx, inputs, output):
-        x, values, indices, bank, bias, activation = inputs
-        _setup_common(ctx, x, bias, activation)
-        ctx.bank = bank
-        ctx.save_for_backward(x, values, indices, bias)
-
-    def backward(ctx, grad):
-        ops = torch.ops.sparsekern
-        x, values, indices, bias = ctx.saved_tensors
-        if ctx.activation != "none":
-            z = getattr(ops, prefix + "balanced_linear")(x, values, indices, ctx.bank, bias, "none")
-            grad = _act_backward(grad, z, ctx.activation)
-        grad = grad.contiguous()
-        gx = gv = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = getattr(ops, prefix + "balanced_linear_grad_input")(grad, values, indices, ctx.bank, ctx.in_features)
-        if ctx.needs_input_grad[1]:
-            gv = getattr(ops, prefix + "balanced_sddmm")(grad, x, indices, ctx.bank)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            gb = grad.sum(0)
-        return gx, gv, None, None, gb, None
-
-    return backward, setup
 
 
 def _register() -> None:
@@ -154,11 +75,18 @@ def _register() -> None:
         _check_same_device(grad_out=grad_out, x=x, indices=indices)
         return x.new_empty(indices.shape)
 
+    # The activation backward of every forward op's autograd (csrc/autograd.cpp): the activation table's, as aten
+    # ops on any device, and decomposed into them under torch.compile.
+    @torch.library.impl("sparsekern::act_backward", "CompositeImplicitAutograd")
+    def _(grad, z, activation):
+        return _activation(activation).backward(grad, z)
+
     # The autograd of sparsekern::bsr_linear / balanced_linear is registered in C++ (csrc/autograd.cpp): a Python
-    # autograd kernel would cost ~4 us on every grad-mode call, even when nothing requires a gradient.
+    # autograd kernel would cost microseconds on every grad-mode call, even when nothing requires a gradient.
 
 
 if _ext.available():
+    check_native(_ext.require().activation_names())
     _register()
 
 

@@ -8,24 +8,15 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from . import activations as _activations
 from .formats import BalancedSparseWeight, BlockSparseWeight
 
 SparseWeight = Union[BlockSparseWeight, BalancedSparseWeight]
 
 
 def activation(z: torch.Tensor, name: str) -> torch.Tensor:
-    """The activations of the forward ops, as torch.nn.functional defines them."""
-    if name == "none":
-        return z
-    if name == "relu":
-        return F.relu(z)
-    if name == "gelu":
-        return F.gelu(z)
-    if name == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if name == "silu":
-        return F.silu(z)
-    raise ValueError(f"unknown activation {name!r}")
+    """The activations of the forward ops, as torch.nn.functional defines them (sparse/activations.py)."""
+    return _activations.get(name).forward(z)
 
 
 def linear(x: torch.Tensor, weight: SparseWeight, bias: Optional[torch.Tensor] = None, act: str = "none") -> torch.Tensor:

@@ -14,13 +14,23 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
+from .activations import get as _activation
 from .kernels import balanced, bsr
-from .ops import balanced_autograd, bsr_autograd
 
 __all__ = [
     "triton_bsr_linear", "triton_bsr_linear_grad_input", "triton_bsr_sddmm",
     "triton_balanced_linear", "triton_balanced_linear_grad_input", "triton_balanced_sddmm",
 ]
+
+
+def _split_activation(activation: str):
+    """(the activation the kernel applies in its output stage, the function applied to the kernel's result): the
+    kernels fuse the activations they have code for (bsr.ACTIVATION_CODES); any other row of the activation table
+    runs after the kernel, from its torch definition."""
+    act = _activation(activation)
+    if act.name in bsr.ACTIVATION_CODES:
+        return act.name, lambda y: y
+    return "none", act.forward
 
 
 @triton_op("sparsekern::triton_bsr_linear", mutates_args=())
@@ -30,7 +40,8 @@ def triton_bsr_linear(
     bias: Optional[torch.Tensor] = None, activation: str = "none",
 ) -> torch.Tensor:
     """act(x W^T + bias): x [T, in] -> [T, out]. The column-order metadata is used by the backward only."""
-    return bsr.bsr_linear(x, values, row_offsets, col_indices, out_features, bias, activation)
+    fused, after = _split_activation(activation)
+    return after(bsr.bsr_linear(x, values, row_offsets, col_indices, out_features, bias, fused))
 
 
 @triton_op("sparsekern::triton_bsr_linear_grad_input", mutates_args=())
@@ -56,7 +67,8 @@ def triton_balanced_linear(
     bias: Optional[torch.Tensor] = None, activation: str = "none",
 ) -> torch.Tensor:
     """act(x W^T + bias): x [T, in] -> [T, out]."""
-    return balanced.balanced_linear(x, values, indices, bank, bias, activation)
+    fused, after = _split_activation(activation)
+    return after(balanced.balanced_linear(x, values, indices, bank, bias, fused))
 
 
 @triton_op("sparsekern::triton_balanced_linear_grad_input", mutates_args=())
@@ -74,7 +86,64 @@ def triton_balanced_sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torc
 
 
 # ---- autograd: gradients for x, values and bias; the backward calls only ops, so it traces too ----------
-_bsr_backward, _bsr_setup = bsr_autograd("triton_")
+# The same backward as the C++ autograd of the CPU/CUDA ops (csrc/autograd.cpp): the pre-activation is recomputed
+# rather than kept alive, then dX = grad_input op, dW = SDDMM op, db = sum.
+
+
+def _setup_common(ctx, x: torch.Tensor, bias: Optional[torch.Tensor], activation: str) -> None:
+    ctx.activation = activation
+    ctx.in_features = x.shape[1]
+    ctx.has_bias = bias is not None
+
+
+def _bsr_setup(ctx, inputs, output):
+    x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias, activation = inputs
+    _setup_common(ctx, x, bias, activation)
+    ctx.out_features = out_features
+    ctx.save_for_backward(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias)
+
+
+def _bsr_backward(ctx, grad):
+    ops = torch.ops.sparsekern
+    x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias = ctx.saved_tensors
+    if ctx.activation != "none":
+        z = ops.triton_bsr_linear(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
+                                  ctx.out_features, bias, "none")
+        grad = _activation(ctx.activation).backward(grad, z)
+    grad = grad.contiguous()
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = ops.triton_bsr_linear_grad_input(grad, values, col_offsets, row_indices, block_perm, ctx.in_features)
+    if ctx.needs_input_grad[1]:
+        gv = ops.triton_bsr_sddmm(grad, x, values, row_offsets, col_indices)
+    if ctx.has_bias and ctx.needs_input_grad[8]:
+        gb = grad.sum(0)
+    return gx, gv, None, None, None, None, None, None, gb, None
+
+
+def _balanced_setup(ctx, inputs, output):
+    x, values, indices, bank, bias, activation = inputs
+    _setup_common(ctx, x, bias, activation)
+    ctx.bank = bank
+    ctx.save_for_backward(x, values, indices, bias)
+
+
+def _balanced_backward(ctx, grad):
+    ops = torch.ops.sparsekern
+    x, values, indices, bias = ctx.saved_tensors
+    if ctx.activation != "none":
+        z = ops.triton_balanced_linear(x, values, indices, ctx.bank, bias, "none")
+        grad = _activation(ctx.activation).backward(grad, z)
+    grad = grad.contiguous()
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = ops.triton_balanced_linear_grad_input(grad, values, indices, ctx.bank, ctx.in_features)
+    if ctx.needs_input_grad[1]:
+        gv = ops.triton_balanced_sddmm(grad, x, indices, ctx.bank)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        gb = grad.sum(0)
+    return gx, gv, None, None, gb, None
+
+
 triton_bsr_linear.register_autograd(_bsr_backward, setup_context=_bsr_setup)
-_balanced_backward, _balanced_setup = balanced_autograd("triton_")
 triton_balanced_linear.register_autograd(_balanced_backward, setup_context=_balanced_setup)

@@ -86,6 +86,14 @@ SK_ACT_INLINE __m256 gelu_tanh_avx2(__m256 x) {
   return x_sigmoid_avx2(x, u2);
 }
 
+// Any activation without vector code here: the scalar formula of csrc/activations.h, lane by lane.
+SK_ACT_INLINE __m256 act_lanes_avx2(__m256 v, Act act) {
+  float l[8];
+  _mm256_storeu_ps(l, v);
+  for (int i = 0; i < 8; ++i) l[i] = apply_act(l[i], act);
+  return _mm256_loadu_ps(l);
+}
+
 // The activation of one register (per-register form for kernels that keep tiles in registers). act is
 // loop-invariant in every caller, so the branch predicts perfectly.
 SK_ACT_INLINE __m256 act_avx2(__m256 v, Act act) {
@@ -98,8 +106,10 @@ SK_ACT_INLINE __m256 act_avx2(__m256 v, Act act) {
       return gelu_tanh_avx2(v);
     case Act::Silu:
       return silu_avx2(v);
-    default:
+    case Act::None:
       return v;
+    default:
+      return act_lanes_avx2(v, act);
   }
 }
 
@@ -119,7 +129,10 @@ SK_ACT_INLINE void act_tile_avx2(__m256* r, int64_t n, Act act) {
     case Act::Silu:
       _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = silu_avx2(r[i]);
       break;
+    case Act::None:
+      break;
     default:
+      for (int64_t i = 0; i < n; ++i) r[i] = act_lanes_avx2(r[i], act);
       break;
   }
 }

@@ -107,6 +107,14 @@ SK_ACT_INLINE __m512 gelu_tanh_avx512(__m512 x) {
   return x_sigmoid_avx512(x, u2);
 }
 
+// Any activation without vector code here: the scalar formula of csrc/activations.h, lane by lane.
+SK_ACT_INLINE __m512 act_lanes_avx512(__m512 v, Act act) {
+  float l[16];
+  _mm512_storeu_ps(l, v);
+  for (int i = 0; i < 16; ++i) l[i] = apply_act(l[i], act);
+  return _mm512_loadu_ps(l);
+}
+
 // The activation of one register (per-register form for kernels that keep tiles in registers). act is
 // loop-invariant in every caller, so the branch predicts perfectly.
 SK_ACT_INLINE __m512 act_avx512(__m512 v, Act act) {
@@ -119,8 +127,10 @@ SK_ACT_INLINE __m512 act_avx512(__m512 v, Act act) {
       return gelu_tanh_avx512(v);
     case Act::Silu:
       return silu_avx512(v);
-    default:
+    case Act::None:
       return v;
+    default:
+      return act_lanes_avx512(v, act);
   }
 }
 
@@ -140,7 +150,10 @@ SK_ACT_INLINE void act_tile_avx512(__m512* r, int64_t n, Act act) {
     case Act::Silu:
       _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = silu_avx512(r[i]);
       break;
+    case Act::None:
+      break;
     default:
+      for (int64_t i = 0; i < n; ++i) r[i] = act_lanes_avx512(r[i], act);
       break;
   }
 }

@@ -226,7 +226,7 @@ at::Tensor balanced_linear_cpu(const at::Tensor& x_in, const at::Tensor& values,
                 bias_in->sizes());
   }
   const at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
-  const Act act = static_cast<Act>(parse_activation(std::string(activation)));
+  const Act act = parse_activation(activation);
   const int64_t T = x.size(0);
   at::Tensor y = at::empty({T, g.out}, x.options());
   if (T == 0 || g.out == 0) return y;

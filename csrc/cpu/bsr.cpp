@@ -227,7 +227,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, cons
   const BsrGeom g = check_bsr(values, row_offsets, col_indices, out_features, x_in.size(1));
   const at::Tensor x = check_x(x_in, values, g.in, "x");
   check_bias(bias_in, x, g.out);
-  const Act act = static_cast<Act>(parse_activation(std::string(activation)));
+  const Act act = parse_activation(activation);
   const int64_t T = x.size(0);
   at::Tensor y = at::empty({T, g.out}, x.options());
   if (T == 0 || g.out == 0) return y;

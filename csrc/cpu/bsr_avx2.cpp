@@ -115,8 +115,10 @@ __attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m
       return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return gelu_tanh_avx2(z); });
     case Act::Silu:
       return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return silu_avx2(z); });
-    default:
+    case Act::None:
       return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return z; });
+    default:
+      return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [act = static_cast<Act>(a.act)](__m256 z) { return act_lanes_avx2(z, act); });
   }
 }
 

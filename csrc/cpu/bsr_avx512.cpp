@@ -131,8 +131,10 @@ __attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m
       return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return gelu_tanh_avx512(z); });
     case Act::Silu:
       return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return silu_avx512(z); });
-    default:
+    case Act::None:
       return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return z; });
+    default:
+      return store_tile<E, V, TT>(acc, bias, y, a.out, m, [act = static_cast<Act>(a.act)](__m512 z) { return act_lanes_avx512(z, act); });
   }
 }
 
@@ -169,8 +171,10 @@ __attribute__((always_inline)) inline void fwd_epilogue_bf16_pairs(const BsrFwdA
       return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return gelu_tanh_avx512(z); });
     case Act::Silu:
       return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return silu_avx512(z); });
-    default:
+    case Act::None:
       return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return z; });
+    default:
+      return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [act = static_cast<Act>(a.act)](__m512 z) { return act_lanes_avx512(z, act); });
   }
 }
 

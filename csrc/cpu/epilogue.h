@@ -8,28 +8,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../activations.h"
+
 namespace sparsekern::cpu {
 
-// Same numbering as sparsekern::Activation in checks.h.
-enum class Act : int { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3, Silu = 4 };
-
-template <typename T>
-static inline T apply_act(T v, Act act) {
-  switch (act) {
-    case Act::Relu:
-      return v < T(0) ? T(0) : v;  // keeps NaN, as torch.relu does
-    case Act::Gelu:
-      return T(0.5) * v * (T(1) + std::erf(v * T(0.70710678118654752440)));
-    case Act::GeluTanh: {
-      const T k = T(0.79788456080286535588);  // sqrt(2/pi)
-      return T(0.5) * v * (T(1) + std::tanh(k * (v + T(0.044715) * v * v * v)));
-    }
-    case Act::Silu:
-      return v / (T(1) + std::exp(-v));
-    default:
-      return v;
-  }
-}
+// Act and apply_act (the scalar activation formulas): csrc/activations.h.
 
 // bfloat16 <-> float with round-to-nearest-even, NaN kept quiet (matches c10::BFloat16).
 static inline float bf16_to_float(uint16_t h) {

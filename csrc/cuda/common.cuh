@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels: error propagation, element types, activations, and thin wrappers
+// Device helpers shared by the CUDA kernels: error propagation, element types, and thin wrappers
 // over the PTX instructions the tensor-core kernels use (cp.async, ldmatrix, mma.sync, mma.sp.sync).
 // No torch headers: the kernels take raw pointers and a cudaStream_t and return a cudaError_t, which the torch
 // launcher (ops_cuda.cpp) turns into a TORCH_CHECK.
@@ -35,24 +35,6 @@ template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16
 template <typename T> __device__ __forceinline__ T from_acc(typename AccT<T>::type v) { return static_cast<T>(v); }
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <typename A>
-__device__ __forceinline__ A apply_act(A v, Act act) {
-  switch (act) {
-    case Act::Relu:
-      return v < A(0) ? A(0) : v;  // keeps NaN, as torch.relu does
-    case Act::Gelu:
-      return A(0.5) * v * (A(1) + erf(v * A(0.70710678118654752440)));
-    case Act::GeluTanh: {
-      const A k = A(0.79788456080286535588);  // sqrt(2/pi)
-      return A(0.5) * v * (A(1) + tanh(k * (v + A(0.044715) * v * v * v)));
-    }
-    case Act::Silu:
-      return v / (A(1) + exp(-v));
-    default:
-      return v;
-  }
-}
 
 // Two fp32 values as one packed 16-bit pair (the low half is `lo`), for 4-byte stores.
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);

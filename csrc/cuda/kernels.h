@@ -9,13 +9,14 @@
 
 #include <cstdint>
 
+#include "../activations.h"
+
 namespace sparsekern::cuda {
 
 // Element type of a tensor, as the launcher passes it (the kernels are templated on the C++ type).
 enum class DType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
-// Same numbering as sparsekern::Activation in checks.h.
-enum class Act : int { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3, Silu = 4 };
+// Act (the activations of the output stage) and apply_act: csrc/activations.h.
 
 // ---- block-sparse (bsr.cu) ---------------------------------------------------------------------------------
 // values: [nnz, bo, bi] with strides (bo*bi, 1, bo) (each block stored input-major). x rows are `ldx` apart.

@@ -40,7 +40,7 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
-Act act_of(c10::string_view name) { return static_cast<Act>(parse_activation(std::string(name))); }
+Act act_of(c10::string_view name) { return parse_activation(name); }
 
 // A 2-D activation [T, features] on `like`'s device and dtype, rows possibly strided, features contiguous.
 at::Tensor dense_input(const at::Tensor& t, const at::Tensor& like, int64_t features, const char* name) {
@@ -302,15 +302,6 @@ at::Tensor nm24_linear_meta(const at::Tensor& x, const at::Tensor& pv, const at:
 
 }  // namespace
 }  // namespace sparsekern::cuda
-
-TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
-  // Packs a 2:4 balanced weight (bank=4, keep=2; values [out, in/4, 2] fp16/bf16, uint8 indices) for the sparse
-  // tensor cores: (packed_values [out/16, in/32, 32, 8], packed_meta int32 [out/16, in/64, 32]). Call once.
-  m.def("nm24_pack(Tensor values, Tensor indices) -> (Tensor, Tensor)");
-  // Y = act(X W^T + b) on sparse tensor cores from nm24_pack's output; x [T, in], returns [T, out].
-  m.def("nm24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias=None, str activation=\"none\") "
-        "-> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(sparsekern, CUDA, m) {
   m.impl("bsr_linear", &sparsekern::cuda::bsr_linear_cuda);
