@@ -103,7 +103,7 @@ class SparseLinear(nn.Module):
         (e.g. ``meta``), the choice is deferred: forward raises the error that lists each backend's reason."""
         self._format = self.weight_format
         try:
-            self.backend = ops.select_backend(self.values.device, self._backend_request)
+            self.backend = ops.select_backend(self.values.device, self._backend_request, self._format)
         except RuntimeError:
             self.backend = None
             return
@@ -128,7 +128,7 @@ class SparseLinear(nn.Module):
         if x.dtype not in runtime.CHECKED_DTYPES and x.device.type == "cpu" and not torch.compiler.is_compiling():
             runtime.warn_if_slow_dtype(x.dtype, type(self).__name__)  # once per dtype: bf16 without native support
         if self.backend is None:
-            ops.select_backend(self.values.device, self._backend_request)  # raises, naming each backend's reason
+            ops.select_backend(self.values.device, self._backend_request, self._format)  # raises, with reasons
         weight = self._format
         if weight.values is not self.values:  # the parameter was replaced by hand
             weight = self.weight_format

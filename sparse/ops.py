@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import statistics
 import time
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -19,8 +19,8 @@ from .activations import ACTIVATIONS, check_native
 from .activations import get as _activation
 from .formats import BalancedSparseWeight, BlockSparseWeight
 
-__all__ = ["linear", "linear_grad_input", "sddmm", "select_backend", "fastest_backend", "backend_timings", "backend_status",
-           "ACTIVATIONS", "BACKENDS"]
+__all__ = ["linear", "linear_grad_input", "sddmm", "select_backend", "fastest_backend", "backend_timings",
+           "backend_status", "not_supported_reasons", "nm24_reasons", "ACTIVATIONS", "BACKENDS", "BACKEND_DTYPES"]
 
 SparseWeight = Union[BlockSparseWeight, BalancedSparseWeight]
 # In order of preference when a backend is forced by device only (select_backend); modules built without a
@@ -144,10 +144,76 @@ def _refusal(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def backend_status(device: Union[str, torch.device]) -> Dict[str, Optional[str]]:
-    """For each backend, None if it can run on ``device``, else the reason it cannot."""
+# The dtypes each backend's kernels compute in. Triton's are those of kernels/bsr.py (_DTYPES; a test keeps the two
+# equal): tl.dot has no float64 on the tensor cores, while the CUDA C++ kernels have an fp64 path.
+BACKEND_DTYPES: Dict[str, tuple] = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+}
+
+
+def not_supported_reasons(backend: str, weight: Optional[SparseWeight] = None,
+                          x: Optional[torch.Tensor] = None,
+                          device: Optional[Union[str, torch.device]] = None) -> List[str]:
+    """Every reason ``backend`` cannot run ``weight`` (with input ``x``): the device and what it needs installed,
+    the dtype, the shapes. Empty when it can. ``device`` alone (no weight) checks the device and installation
+    only."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device is None:
+        device = weight.device if weight is not None else x.device if x is not None else None
+    if device is None:
+        raise ValueError("not_supported_reasons needs a weight, an input or a device")
     device = torch.device(device)
-    return {name: _refusal(name, device) for name in BACKENDS}
+    reasons = []
+    why = _refusal(backend, device)
+    if why is not None:
+        reasons.append(why)
+    if weight is not None and weight.dtype not in BACKEND_DTYPES[backend]:
+        names = ", ".join(str(d).replace("torch.", "") for d in BACKEND_DTYPES[backend])
+        reasons.append(f"has no {str(weight.dtype).replace('torch.', '')} kernels (it computes in {names})")
+    if x is not None and weight is not None:
+        if x.device != weight.device:
+            reasons.append(f"x is on {x.device} but the weight is on {weight.device}")
+        if x.dtype != weight.dtype:
+            reasons.append(f"x has dtype {x.dtype} but the weight has {weight.dtype}")
+        if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+            reasons.append(f"x must end in {weight.shape[1]} features, got shape {tuple(x.shape)}")
+    return reasons
+
+
+def backend_status(device: Union[str, torch.device], weight: Optional[SparseWeight] = None) -> Dict[str, Optional[str]]:
+    """For each backend, None if it can run on ``device`` (and run ``weight``, if given), else why it cannot."""
+    out = {}
+    for name in BACKENDS:
+        reasons = not_supported_reasons(name, weight, device=device)
+        out[name] = "; ".join(reasons) if reasons else None
+    return out
+
+
+def nm24_reasons(weight: SparseWeight, x: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                 backend: str = "cuda") -> List[str]:
+    """Why ``linear`` does not run ``weight`` on the 2:4 sparse tensor cores (``sparsekern::nm24_linear``); empty
+    when it does. The path needs a 2:4 balanced weight (bank 4, keep 2) in float16/bfloat16 with out % 16 == 0 and
+    in % 64 == 0, the CUDA C++ backend in a build with CUDA kernels, no gradient to compute (the op has no
+    autograd) and eager mode (torch.compile traces the general balanced op)."""
+    reasons = []
+    if not isinstance(weight, BalancedSparseWeight) or (weight.bank, weight.keep) != (4, 2):
+        reasons.append("the weight is not 2:4 balanced (bank 4, keep 2)")
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {weight.dtype} is not float16 or bfloat16")
+    if weight.shape[0] % 16 or weight.shape[1] % 64:
+        reasons.append(f"shape {tuple(weight.shape)} is not a multiple of (16, 64)")
+    if backend != "cuda" or weight.device.type != "cuda":
+        reasons.append(f"the 2:4 kernels are CUDA C++ ones (backend {backend!r} on {weight.device})")
+    elif not _ext.available() or not _ext.require().has_cuda():
+        reasons.append("this build of sparse._C has no CUDA kernels")
+    if x is not None and _wants_grad(x, weight, bias):
+        reasons.append("a gradient is required (nm24_linear has no autograd)")
+    if torch.compiler.is_compiling():
+        reasons.append("torch.compile traces the general balanced op")
+    return reasons
 
 
 _OPS: Dict[tuple, object] = {}
@@ -182,32 +248,35 @@ def _call(backend: str, name: str, args: tuple) -> torch.Tensor:
     return _op(backend, name)(*args)
 
 
-# (device, requested backend) -> the backend select_backend chose. Only successes are kept: what makes a backend
-# able (the extension loaded, CUDA present, triton importable) does not change within a process, while a refusal
-# is rechecked so that its error names the current reason.
+# (device, requested backend, dtype) -> the backend select_backend chose. Only successes are kept: what makes a
+# backend able (the extension loaded, CUDA present, triton importable, its dtypes) does not change within a
+# process, while a refusal is rechecked so that its error names the current reason. The key holds every property
+# of the weight that not_supported_reasons looks at without an input.
 _ABLE: Dict[tuple, str] = {}
 
 
-def select_backend(device: Union[str, torch.device], backend: Optional[str] = None) -> str:
-    """The backend to use on ``device``: ``backend`` if given and able, else the first able one in BACKENDS.
-    Raises one RuntimeError that lists every backend and why it refused. Call it once (e.g. when a module is
-    built), not per forward."""
+def select_backend(device: Union[str, torch.device], backend: Optional[str] = None,
+                   weight: Optional[SparseWeight] = None) -> str:
+    """The backend to use on ``device`` (for ``weight``, if given): ``backend`` if given and able, else the first
+    able one in BACKENDS. Raises one RuntimeError that lists every backend and all of its reasons
+    (``not_supported_reasons``)."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     device = torch.device(device)
-    chosen = _ABLE.get((device, backend))
+    key = (device, backend, None if weight is None else weight.dtype)
+    chosen = _ABLE.get(key)
     if chosen is not None:
         return chosen
     candidates = [backend] if backend is not None else list(BACKENDS)
-    reasons = []
+    refused = []
     for name in candidates:  # stops at the first able backend: only that one's checks run
-        reason = _refusal(name, device)
-        if reason is None:
-            _ABLE[(device, backend)] = name
+        reasons = not_supported_reasons(name, weight, device=device)
+        if not reasons:
+            _ABLE[key] = name
             return name
-        reasons.append(f"{name}: {reason}")
-    reasons = "; ".join(reasons)
-    raise RuntimeError(f"no sparse backend can run on {device}: {reasons}")
+        refused.append(f"{name}: {'; '.join(reasons)}")
+    what = "" if weight is None else f" ({str(weight.dtype).replace('torch.', '')} {type(weight).__name__})"
+    raise RuntimeError(f"no sparse backend can run on {device}{what}: {' | '.join(refused)}")
 
 
 # (format, shape, pattern, dtype, device, tokens) -> {backend: median seconds or the error it raised}; one
@@ -242,9 +311,9 @@ def fastest_backend(weight: SparseWeight, tokens: int = 512, repeats: int = 5) -
     is ``select_backend`` and measures nothing. A backend that fails while measured is left out and its error kept
     in ``backend_timings``. Meant for module construction, not per call."""
     device = weight.device
-    able = [name for name in BACKENDS if _refusal(name, device) is None]
+    able = [name for name in BACKENDS if not not_supported_reasons(name, weight)]
     if len(able) <= 1:
-        return select_backend(device)
+        return select_backend(device, weight=weight)
     key = (*_weight_key(weight), device, tokens)
     timings = _TIMINGS.get(key)
     if timings is None:
@@ -292,7 +361,7 @@ def linear(
     _check_bias(bias, weight)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    backend = select_backend(x.device, backend)
+    backend = select_backend(x.device, backend, weight)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # the ops take [T, in]
     if isinstance(weight, BlockSparseWeight):
         y = _call(backend, "bsr_linear", (
@@ -300,7 +369,7 @@ def linear(
             weight.block_perm, weight.shape[0], bias, activation,
         ))
     else:
-        packed = _nm24_packed(weight) if backend == "cuda" and not _wants_grad(x, weight, bias) else None
+        packed = _nm24_packed(weight) if backend == "cuda" and not nm24_reasons(weight, x, bias, backend) else None
         if packed is not None:  # 2:4 on the sparse tensor cores (mma.sp); no autograd, hence only without grad
             y = torch.ops.sparsekern.nm24_linear.default(x2, packed[0], packed[1], bias, activation)
         else:
@@ -315,16 +384,9 @@ def _wants_grad(x: torch.Tensor, weight: SparseWeight, bias: Optional[torch.Tens
 
 
 def _nm24_packed(weight: BalancedSparseWeight):
-    """(packed_values, packed_meta) of a 2:4 weight for the sparse tensor cores (``sparsekern::nm24_pack``), or
-    None when the weight does not qualify (bank 4 keep 2, fp16/bf16, out % 16 == 0, in % 64 == 0, a CUDA build)
-    or when tracing for torch.compile (which takes the general balanced op). Packed once per weight object and
-    packed again when its values were changed in place (an optimizer step bumps the tensor's version)."""
-    if (
-        weight.bank != 4 or weight.keep != 2 or weight.dtype not in (torch.float16, torch.bfloat16)
-        or weight.shape[0] % 16 or weight.shape[1] % 64 or torch.compiler.is_compiling()
-        or not _ext.require().has_cuda()
-    ):
-        return None
+    """(packed_values, packed_meta) of a 2:4 weight for the sparse tensor cores (``sparsekern::nm24_pack``), for a
+    weight nm24_reasons accepts. Packed once per weight object and packed again when its values were changed in
+    place (an optimizer step bumps the tensor's version)."""
     values = weight.values
     cached = getattr(weight, "_nm24", None)
     if cached is None or cached[0] is not values or cached[1] != values._version:
@@ -336,7 +398,7 @@ def _nm24_packed(weight: BalancedSparseWeight):
 def linear_grad_input(grad_out: torch.Tensor, weight: SparseWeight, backend: Optional[str] = None) -> torch.Tensor:
     """``grad_out @ W``: ``[..., out] -> [..., in]``."""
     _check_input("grad_out", grad_out, weight.shape[0], weight)
-    backend = select_backend(grad_out.device, backend)
+    backend = select_backend(grad_out.device, backend, weight)
     lead = grad_out.shape[:-1]
     g2 = grad_out.reshape(-1, weight.shape[0])
     if isinstance(weight, BlockSparseWeight):
@@ -355,7 +417,7 @@ def sddmm(grad_out: torch.Tensor, x: torch.Tensor, weight: SparseWeight, backend
     _check_input("grad_out", grad_out, weight.shape[0], weight)
     if grad_out.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} must share their leading dimensions")
-    backend = select_backend(x.device, backend)
+    backend = select_backend(x.device, backend, weight)
     g2 = grad_out.reshape(-1, weight.shape[0])
     x2 = x.reshape(-1, weight.shape[1])
     if isinstance(weight, BlockSparseWeight):
