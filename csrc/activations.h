@@ -27,7 +27,8 @@
   X(Gelu, "gelu", T(0.5) * v * (T(1) + erf(v * T(0.70710678118654752440))))                         \
   X(GeluTanh, "gelu_tanh",                                                                           \
     T(0.5) * v * (T(1) + tanh(T(0.79788456080286535588) * (v + T(0.044715) * v * v * v))))          \
-  X(Silu, "silu", v / (T(1) + exp(-v)))
+  X(Silu, "silu", v / (T(1) + exp(-v)))                                                             \
+  X(QuickGelu, "quick_gelu", v / (T(1) + exp(T(-1.702) * v)))
 
 namespace sparsekern {
 

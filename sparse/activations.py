@@ -31,6 +31,12 @@ class Activation:
 
 _aten = torch.ops.aten
 
+
+def _quick_gelu_backward(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """d/dz z sigmoid(1.702 z) = s (1 + 1.702 z (1 - s))."""
+    s = torch.sigmoid(1.702 * z)
+    return g * (s * (1 + 1.702 * z * (1 - s)))
+
 TABLE: Tuple[Activation, ...] = (
     Activation("none", lambda z: z, lambda g, z: g),
     Activation("relu", F.relu, lambda g, z: _aten.threshold_backward(g, z, 0)),
@@ -38,6 +44,7 @@ TABLE: Tuple[Activation, ...] = (
     Activation("gelu_tanh", lambda z: F.gelu(z, approximate="tanh"),
                lambda g, z: _aten.gelu_backward(g, z, approximate="tanh")),
     Activation("silu", F.silu, lambda g, z: _aten.silu_backward(g, z)),
+    Activation("quick_gelu", lambda z: z * torch.sigmoid(1.702 * z), lambda g, z: _quick_gelu_backward(g, z)),
 )
 
 ACTIVATIONS: Tuple[str, ...] = tuple(a.name for a in TABLE)
