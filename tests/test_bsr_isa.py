@@ -1,6 +1,6 @@
 """Block-sparse CPU ops on every code path this CPU can run (AVX-512, AVX2, portable), forced in turn, against the
 float64 reference. Tolerance as in flash-attention: the error of ours is at most twice the error of dense torch
-in the same dtype (F.linear / matmul on the densified weight), plus a tiny floor."""
+in the same dtype (F.linear / matmul on the densified weight), plus a tiny floor (tests/helpers.py KERNEL_FLOOR)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from sparse import reference
 from sparse._ext import _C
 from sparse.formats import BlockSparseWeight
+from tests.helpers import KERNEL_FLOOR, assert_close_to_ref
 
 DTYPES = [torch.float32, torch.bfloat16]
 ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
@@ -31,19 +32,6 @@ CASES = [
     (40, 100, (16, 48)),
 ]
 TOKENS = (1, 7, 97)
-
-
-def _floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
-    # A quarter of an ulp of the largest reference value in bf16, ~1e-6 relative in fp32.
-    scale = ref.abs().max().item() if ref.numel() else 0.0
-    return (2.0**-10 if dtype == torch.bfloat16 else 1e-6) * scale + 1e-6
-
-
-def _check(ours: torch.Tensor, dense: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    assert ours.shape == ref.shape and ours.dtype == dense.dtype, what
-    err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
-    err_dense = (dense.double() - ref).abs().max().item() if ref.numel() else 0.0
-    assert err <= 2 * err_dense + _floor(ref, dense.dtype), f"{what}: error {err:.3g}, dense torch {err_dense:.3g}"
 
 
 def _weight(out: int, inn: int, block, dtype: torch.dtype, seed: int) -> BlockSparseWeight:
@@ -73,7 +61,8 @@ def test_forward(isa, dtype, case):
                 x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, out, bias, act
             )
             dense = reference.activation(F.linear(x, Wd, bias), act)
-            _check(y, dense, reference.linear(x, w, bias, act), f"{isa} forward T={T} act={act} bias={bias is not None}")
+            assert_close_to_ref(y, reference.linear(x, w, bias, act), dense,
+                                f"{isa} forward T={T} act={act} bias={bias is not None}", floor=KERNEL_FLOOR)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -85,7 +74,8 @@ def test_grad_input(isa, dtype, case):
     for T in TOKENS:
         dy = _tokens(T, out, dtype, seed=100 + T, strided=T == 7)
         dx = torch.ops.sparsekern.bsr_linear_grad_input(dy, w.values, w.col_offsets, w.row_indices, w.block_perm, inn)
-        _check(dx, dy @ Wd, reference.linear_grad_input(dy, w), f"{isa} grad_input T={T}")
+        assert_close_to_ref(dx, reference.linear_grad_input(dy, w), dy @ Wd, f"{isa} grad_input T={T}",
+                            floor=KERNEL_FLOOR)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -109,7 +99,8 @@ def test_grad_input_column_groups(isa, dtype, block):
                                                                    w.block_perm, inn))
     finally:
         torch.set_num_threads(threads)
-    _check(runs[0], dy @ w.to_dense(), reference.linear_grad_input(dy, w), f"{isa} grad_input {block}")
+    assert_close_to_ref(runs[0], reference.linear_grad_input(dy, w), dy @ w.to_dense(), f"{isa} grad_input {block}",
+                        floor=KERNEL_FLOOR)
     assert all(torch.equal(r, runs[0]) for r in runs[1:]), "every thread count must give the same bits"
 
 
@@ -127,7 +118,7 @@ def test_sddmm(isa, dtype, case):
         dw = torch.ops.sparsekern.bsr_sddmm(dy, x, w.values, w.row_offsets, w.col_indices)
         assert dw.stride() == w.values.stride(), "the gradient must come in the parameter's own layout"
         dense = BlockSparseWeight._blocked(dy.t() @ x, bo, bi)[rows, cols]
-        _check(dw, dense, reference.sddmm(dy, x, w), f"{isa} sddmm T={T}")
+        assert_close_to_ref(dw, reference.sddmm(dy, x, w), dense, f"{isa} sddmm T={T}", floor=KERNEL_FLOOR)
         # Entries of ragged edge blocks outside the matrix: exactly zero, not merely small.
         assert torch.all(dw[~inside] == 0), f"{isa} sddmm T={T}: nonzero gradient outside the matrix"
 
@@ -146,10 +137,12 @@ def test_other_layout_and_empty_rows(isa, dtype):
         y = torch.ops.sparsekern.bsr_linear(
             x, values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, out, bias, "relu"
         )
-        _check(y, F.relu(F.linear(x, w.to_dense(), bias)), reference.linear(x, w, bias, "relu"), f"{isa} forward")
+        assert_close_to_ref(y, reference.linear(x, w, bias, "relu"), F.relu(F.linear(x, w.to_dense(), bias)),
+                            f"{isa} forward", floor=KERNEL_FLOOR)
         dy = torch.randn(7, out).to(dtype)
         dx = torch.ops.sparsekern.bsr_linear_grad_input(dy, values, w.col_offsets, w.row_indices, w.block_perm, inn)
-        _check(dx, dy @ w.to_dense(), reference.linear_grad_input(dy, w), f"{isa} grad_input")
+        assert_close_to_ref(dx, reference.linear_grad_input(dy, w), dy @ w.to_dense(), f"{isa} grad_input",
+                            floor=KERNEL_FLOOR)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -168,7 +161,8 @@ def test_forward_never_reads_outside_the_matrix(isa, dtype):
             x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, out, None, "none"
         )
         w.values[~inside] = 0
-        _check(y, F.linear(x, w.to_dense()), ref, f"{isa} forward {out}x{inn} block {block} with NaN outside")
+        assert_close_to_ref(y, ref, F.linear(x, w.to_dense()),
+                            f"{isa} forward {out}x{inn} block {block} with NaN outside", floor=KERNEL_FLOOR)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -190,7 +184,8 @@ def test_forward_high_sparsity_empty_rows_every_activation(isa, dtype):
             empty.block_perm, out, bias, "gelu"
         )
         ref = reference.activation(bias.double(), "gelu").expand(T, out)
-        _check(y, reference.activation(bias, "gelu").expand(T, out), ref, f"{isa} T={T} no blocks at all")
+        assert_close_to_ref(y, ref, reference.activation(bias, "gelu").expand(T, out), f"{isa} T={T} no blocks at all",
+                            floor=KERNEL_FLOOR)
         dy = _tokens(T, out, dtype, seed=50 + T, strided=False)
         dx = torch.ops.sparsekern.bsr_linear_grad_input(dy, empty.values, empty.col_offsets, empty.row_indices,
                                                         empty.block_perm, inn)
@@ -205,7 +200,8 @@ def test_forward_high_sparsity_empty_rows_every_activation(isa, dtype):
                     act
                 )
                 dense = reference.activation(F.linear(x, Wd, bias), act)
-                _check(y, dense, reference.linear(x, w, bias, act), f"{isa} T={T} act={act} bias={bias is not None}")
+                assert_close_to_ref(y, reference.linear(x, w, bias, act), dense,
+                                    f"{isa} T={T} act={act} bias={bias is not None}", floor=KERNEL_FLOOR)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -230,7 +226,8 @@ def test_forward_panels_and_thread_splits(isa, dtype):
                 yn = torch.ops.sparsekern.bsr_linear(*args, "silu")
                 assert torch.equal(yn, y1), f"{isa} {out}x{inn} T={T}: {n} threads differ from one"
             dense = reference.activation(F.linear(x, w.to_dense(), bias), "silu")
-            _check(y1, dense, reference.linear(x, w, bias, "silu"), f"{isa} {out}x{inn} T={T}")
+            assert_close_to_ref(y1, reference.linear(x, w, bias, "silu"), dense, f"{isa} {out}x{inn} T={T}",
+                                floor=KERNEL_FLOOR)
     finally:
         torch.set_num_threads(threads)
 
@@ -254,7 +251,7 @@ def test_forward_16x16_tiles_and_panels(T):
     finally:
         _C.set_isa("auto")
     dense = reference.activation(F.linear(x, w.to_dense(), bias), "gelu")
-    _check(y, dense, reference.linear(x, w, bias, "gelu"), f"16x16 forward T={T}")
+    assert_close_to_ref(y, reference.linear(x, w, bias, "gelu"), dense, f"16x16 forward T={T}", floor=KERNEL_FLOOR)
 
 
 def test_set_isa_rejects_unknown_level():

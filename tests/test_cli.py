@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import sparse  # noqa: E402
 from sparse import cli, corpus, distill, evaluate  # noqa: E402
+from tests.helpers import assert_close_to_ref  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Common English and docstring words, so that the tiny tokenizer does not map most text to [UNK].
@@ -342,7 +343,7 @@ def test_prepacked_linear_matches_the_reference(activation):
         ref, dense = torch.nn.functional.gelu(ref), torch.nn.functional.gelu(dense)
     got = evaluate.PrepackedLinear(lin, activation)(x)
     assert got.shape == (3, 7, 80)
-    assert (got.double() - ref).abs().max() <= 2 * (dense.double() - ref).abs().max() + 1e-6
+    assert_close_to_ref(got, ref, dense, "PrepackedLinear", floor=1e-6, scale=1.0)  # an absolute floor of 1e-6
 
 
 def test_prepack_linears_fuses_bert_gelu(tiny_model):

@@ -11,21 +11,13 @@ import torch.nn.functional as F
 import sparse
 from sparse import reference
 from sparse.formats import BalancedSparseWeight, BlockSparseWeight
+from tests.helpers import KERNEL_FLOOR, assert_close_to_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytest.importorskip("sparse.triton_backend")  # registers torch.ops.sparsekern.triton_*
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.sparsekern
-
-
-def _close(ours: torch.Tensor, dense: torch.Tensor, ref: torch.Tensor) -> None:
-    """ours may err at most 2x dense torch in the same dtype (both against float64) + a tiny floor."""
-    assert ours.shape == ref.shape and torch.isfinite(ours).all()
-    err = (ours.double() - ref).abs().max().item()
-    err_dense = (dense.double() - ref).abs().max().item()
-    floor = 1e-6 * (1.0 + ref.abs().max().item())
-    assert err <= 2 * err_dense + floor, f"error {err:.3g} vs dense torch {err_dense:.3g}"
 
 
 def _weights(dtype: torch.dtype):
@@ -53,7 +45,7 @@ def test_linear_forward_and_backward(dtype, act, monkeypatch):
         w.values = values
         y = sparse.linear(x, w, bias, act)
         dense = reference.activation(F.linear(x, w.to_dense(), bias), act)
-        _close(y, dense, reference.linear(x, w, bias, act))
+        assert_close_to_ref(y, reference.linear(x, w, bias, act), dense, floor=KERNEL_FLOOR)
         grad = torch.randn_like(y)
         gx, gv, gb = torch.autograd.grad(y, (x, values, bias), grad)
         dgx, dgv, dgb = torch.autograd.grad(dense, (x, values, bias), grad)
@@ -63,9 +55,9 @@ def test_linear_forward_and_backward(dtype, act, monkeypatch):
         w64.values = vd
         ref = reference.activation(F.linear(xd, w64.to_dense(), bd), act)
         rgx, rgv, rgb = torch.autograd.grad(ref, (xd, vd, bd), grad.double())
-        _close(gx, dgx, rgx)
-        _close(gv, dgv, rgv)
-        _close(gb, dgb, rgb)
+        assert_close_to_ref(gx, rgx, dgx, floor=KERNEL_FLOOR)
+        assert_close_to_ref(gv, rgv, dgv, floor=KERNEL_FLOOR)
+        assert_close_to_ref(gb, rgb, dgb, floor=KERNEL_FLOOR)
 
 
 def test_fp32_uses_tf32_only_when_allowed(monkeypatch):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import sparse
 from sparse import reference
 from sparse.formats import BalancedSparseWeight, BlockSparseWeight
+from tests.helpers import KERNEL_FLOOR, assert_close_to_ref
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -71,16 +72,6 @@ def _interpreter_bf16():
     builder.create_dot, builder.cast_impl = original_dot, original_cast
 
 
-def _close(ours: torch.Tensor, dense: torch.Tensor, ref: torch.Tensor) -> None:
-    """ours and dense (torch in the same dtype) against the float64 ref: ours may err 2x dense + a floor."""
-    assert ours.shape == ref.shape and ours.dtype == dense.dtype
-    assert torch.isfinite(ours).all()
-    err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
-    err_dense = (dense.double() - ref).abs().max().item() if ref.numel() else 0.0
-    floor = 1e-6 * (1.0 + (ref.abs().max().item() if ref.numel() else 0.0))
-    assert err <= 2 * err_dense + floor, f"error {err:.3g} vs dense torch {err_dense:.3g} (+{floor:.1g})"
-
-
 def _bsr(out: int, inn: int, block, dtype: torch.dtype, seed: int = 0) -> BlockSparseWeight:
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(out, inn, generator=g) / inn**0.5
@@ -112,7 +103,7 @@ def test_bsr_forward(dtype, case, T):
     w = _bsr(out, inn, block, dtype)
     x, bias = _randn(T, inn, dtype=dtype), _randn(out, dtype=dtype, seed=2)
     y = bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, out, bias, "none")
-    _close(y, _dense_linear(x, w, bias, "none"), reference.linear(x, w, bias))
+    assert_close_to_ref(y, reference.linear(x, w, bias), _dense_linear(x, w, bias, "none"), floor=KERNEL_FLOOR)
 
 
 @pytest.mark.parametrize("case", list(zip(BSR_CASES, GRAD_T)), ids=str)
@@ -122,10 +113,10 @@ def test_bsr_grad_input_and_sddmm(dtype, case):
     w = _bsr(out, inn, block, dtype)
     x, g = _randn(T, inn, dtype=dtype), _randn(T, out, dtype=dtype, seed=3)
     dx = bsr.bsr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, inn)
-    _close(dx, g @ w.to_dense(), reference.linear_grad_input(g, w))
+    assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
     dv = bsr.bsr_sddmm(g, x, w.values, w.row_offsets, w.col_indices)
     assert dv.stride() == w.values.stride()
-    _close(dv, reference.gather(g.t() @ x, w), reference.sddmm(g, x, w))
+    assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -134,7 +125,7 @@ def test_bsr_activations(dtype, act):
     w = _bsr(40, 72, (16, 32), dtype)
     x, bias = _randn(7, 72, dtype=dtype) * 3, _randn(40, dtype=dtype, seed=2)  # reach the non-linear parts
     y = bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, 40, bias, act)
-    _close(y, _dense_linear(x, w, bias, act), reference.linear(x, w, bias, act))
+    assert_close_to_ref(y, reference.linear(x, w, bias, act), _dense_linear(x, w, bias, act), floor=KERNEL_FLOOR)
 
 
 def test_bsr_empty_rows_columns_and_weight():
@@ -148,14 +139,15 @@ def test_bsr_empty_rows_columns_and_weight():
         w = BlockSparseWeight.from_dense(W, 16, mask=mask).to(DEVICE)
         x, g, bias = _randn(5, 48, dtype=torch.float32), _randn(5, 64, dtype=torch.float32), _randn(64, dtype=torch.float32)
         y = bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, 64, bias, "relu")
-        _close(y, _dense_linear(x, w, bias, "relu"), reference.linear(x, w, bias, "relu"))
+        assert_close_to_ref(y, reference.linear(x, w, bias, "relu"), _dense_linear(x, w, bias, "relu"),
+                            floor=KERNEL_FLOOR)
         dx = bsr.bsr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, 48)
-        _close(dx, g @ w.to_dense(), reference.linear_grad_input(g, w))
+        assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
         dv = bsr.bsr_sddmm(g, x, w.values, w.row_offsets, w.col_indices)
         assert dv.shape == w.values.shape
         if w.nnz_blocks:
             ref = reference.sddmm(g, x, w)
-            _close(dv, reference.gather(g.t() @ x, w), ref)
+            assert_close_to_ref(dv, ref, reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
 
 
 def test_bsr_non_contiguous_inputs_and_no_tokens():
@@ -163,11 +155,11 @@ def test_bsr_non_contiguous_inputs_and_no_tokens():
     x = _randn(96, 7, dtype=torch.float32).t()  # strides (1, 7)
     g = _randn(64, 7, dtype=torch.float32, seed=3).t()
     y = bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, 64)
-    _close(y, F.linear(x, w.to_dense()), reference.linear(x, w))
+    assert_close_to_ref(y, reference.linear(x, w), F.linear(x, w.to_dense()), floor=KERNEL_FLOOR)
     dx = bsr.bsr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, 96)
-    _close(dx, g @ w.to_dense(), reference.linear_grad_input(g, w))
+    assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
     dv = bsr.bsr_sddmm(g, x, w.values, w.row_offsets, w.col_indices)
-    _close(dv, reference.gather(g.t() @ x, w), reference.sddmm(g, x, w))
+    assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
     empty = x[:0]
     assert bsr.bsr_linear(empty, w.values, w.row_offsets, w.col_indices, 64).shape == (0, 64)
     assert torch.equal(bsr.bsr_sddmm(g[:0], empty, w.values, w.row_offsets, w.col_indices), torch.zeros_like(w.values))
@@ -182,7 +174,7 @@ def test_balanced_forward(dtype, case, T):
     w = _bal(out, inn, bank, keep, dtype)
     x, bias = _randn(T, inn, dtype=dtype), _randn(out, dtype=dtype, seed=2)
     y = balanced.balanced_linear(x, w.values, w.indices, bank, bias, "none")
-    _close(y, _dense_linear(x, w, bias, "none"), reference.linear(x, w, bias))
+    assert_close_to_ref(y, reference.linear(x, w, bias), _dense_linear(x, w, bias, "none"), floor=KERNEL_FLOOR)
 
 
 @pytest.mark.parametrize("case", list(zip(BAL_CASES, GRAD_T)), ids=str)
@@ -192,9 +184,9 @@ def test_balanced_grad_input_and_sddmm(dtype, case):
     w = _bal(out, inn, bank, keep, dtype)
     x, g = _randn(T, inn, dtype=dtype), _randn(T, out, dtype=dtype, seed=3)
     dx = balanced.balanced_linear_grad_input(g, w.values, w.indices, bank, inn)
-    _close(dx, g @ w.to_dense(), reference.linear_grad_input(g, w))
+    assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
     dv = balanced.balanced_sddmm(g, x, w.indices, bank)
-    _close(dv, reference.gather(g.t() @ x, w), reference.sddmm(g, x, w))
+    assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -203,7 +195,7 @@ def test_balanced_activations(dtype, act):
     w = _bal(33, 104, 32, 8, dtype)
     x, bias = _randn(7, 104, dtype=dtype) * 3, _randn(33, dtype=dtype, seed=2)
     y = balanced.balanced_linear(x, w.values, w.indices, 32, bias, act)
-    _close(y, _dense_linear(x, w, bias, act), reference.linear(x, w, bias, act))
+    assert_close_to_ref(y, reference.linear(x, w, bias, act), _dense_linear(x, w, bias, act), floor=KERNEL_FLOOR)
 
 
 def test_balanced_int16_indices():
@@ -211,9 +203,12 @@ def test_balanced_int16_indices():
     w = _bal(16, 600, 300, 3, torch.float32)
     assert w.indices.dtype == torch.int16
     x, g = _randn(5, 600, dtype=torch.float32), _randn(5, 16, dtype=torch.float32, seed=3)
-    _close(balanced.balanced_linear(x, w.values, w.indices, 300), F.linear(x, w.to_dense()), reference.linear(x, w))
-    _close(balanced.balanced_linear_grad_input(g, w.values, w.indices, 300, 600), g @ w.to_dense(), reference.linear_grad_input(g, w))
-    _close(balanced.balanced_sddmm(g, x, w.indices, 300), reference.gather(g.t() @ x, w), reference.sddmm(g, x, w))
+    assert_close_to_ref(balanced.balanced_linear(x, w.values, w.indices, 300), reference.linear(x, w),
+                        F.linear(x, w.to_dense()), floor=KERNEL_FLOOR)
+    assert_close_to_ref(balanced.balanced_linear_grad_input(g, w.values, w.indices, 300, 600),
+                        reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
+    assert_close_to_ref(balanced.balanced_sddmm(g, x, w.indices, 300), reference.sddmm(g, x, w),
+                        reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
 
 
 # ---- every autotune tile shape (the interpreter ignores warps and stages, not the tiles) ------------------
@@ -236,9 +231,9 @@ def test_bsr_every_tile_shape(config):
     w = _bsr(40, 72, (16, 32), torch.float16)
     x, g = _randn(33, 72, dtype=torch.float16), _randn(33, 40, dtype=torch.float16, seed=3)
     y = bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, 40, config=config)
-    _close(y, F.linear(x, w.to_dense()), reference.linear(x, w))
+    assert_close_to_ref(y, reference.linear(x, w), F.linear(x, w.to_dense()), floor=KERNEL_FLOOR)
     dx = bsr.bsr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, 72, config=config)
-    _close(dx, g @ w.to_dense(), reference.linear_grad_input(g, w))
+    assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
 
 
 @pytest.mark.parametrize("config", _tiles(bsr.CONFIGS["sddmm"]), ids=_tile_id)
@@ -247,7 +242,7 @@ def test_bsr_sddmm_every_tile_shape(config):
     w = _bsr(40, 72, (16, 32), torch.float16)
     x, g = _randn(33, 72, dtype=torch.float16), _randn(33, 40, dtype=torch.float16, seed=3)
     dv = bsr.bsr_sddmm(g, x, w.values, w.row_offsets, w.col_indices, config=config)
-    _close(dv, reference.gather(g.t() @ x, w), reference.sddmm(g, x, w))
+    assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
 
 
 @pytest.mark.parametrize(
@@ -256,11 +251,12 @@ def test_bsr_sddmm_every_tile_shape(config):
 def test_balanced_every_tile_shape(config):
     w = _bal(33, 104, 32, 8, torch.float16)
     x, g = _randn(33, 104, dtype=torch.float16), _randn(33, 33, dtype=torch.float16, seed=3)
-    _close(balanced.balanced_linear(x, w.values, w.indices, 32, config=config), F.linear(x, w.to_dense()), reference.linear(x, w))
+    assert_close_to_ref(balanced.balanced_linear(x, w.values, w.indices, 32, config=config), reference.linear(x, w),
+                        F.linear(x, w.to_dense()), floor=KERNEL_FLOOR)
     dx = balanced.balanced_linear_grad_input(g, w.values, w.indices, 32, 104, config=config)
-    _close(dx, g @ w.to_dense(), reference.linear_grad_input(g, w))
+    assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
     dv = balanced.balanced_sddmm(g, x, w.indices, 32, config=config)
-    _close(dv, reference.gather(g.t() @ x, w), reference.sddmm(g, x, w))
+    assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
 
 
 # ---- the registered ops: autograd, schema ---------------------------------------------------------------
