@@ -81,12 +81,12 @@ def test_nan_inf_like_torch(isa: str, act: str, T: int, dtype: torch.dtype, fmt:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
-def test_random_layer(isa: str, T: int, dtype: torch.dtype) -> None:
+def test_random_layer(isa: str, T: int, dtype: torch.dtype, make_balanced) -> None:
     """A real layer (3 rows of registers wide and a ragged tail: out = 53) with large pre-activations (|z| up to
     ~30) for every activation, with and without bias."""
     gen = torch.Generator().manual_seed(1000 + T)
     out, inn, bank, keep = 53, 96, 32, 8
-    w = BalancedSparseWeight.from_dense(torch.randn(out, inn, generator=gen), bank=bank, keep=keep).to(dtype=dtype)
+    w = make_balanced(out, inn, bank, keep, dtype=dtype, seed=gen)
     x = (4 * torch.randn(T, inn, generator=gen)).to(dtype)
     Wd = w.to_dense().to(dtype)
     for act in ACTS:

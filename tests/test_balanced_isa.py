@@ -9,7 +9,7 @@ import torch
 import sparse
 from sparse import reference
 from sparse.formats import BalancedSparseWeight
-from tests.helpers import KERNEL_FLOOR, assert_close_to_ref
+from tests.helpers import KERNEL_FLOOR, assert_close_to_ref, make_balanced
 
 _C = sparse._ext._C
 
@@ -19,10 +19,9 @@ TOKENS = [1, 7, 97]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-
 def _weight(out: int, inn: int, bank: int, keep: int, dtype: torch.dtype, gen: torch.Generator) -> BalancedSparseWeight:
-    W = torch.randn(out, inn, generator=gen)
-    w = BalancedSparseWeight.from_dense(W, bank=bank, keep=keep).to(dtype=dtype)
+    """helpers.make_balanced, drawing from the test's generator, with the index dtype checked."""
+    w = make_balanced(out, inn, bank, keep, dtype=dtype, seed=gen)
     assert w.indices.dtype == (torch.uint8 if bank <= 256 else torch.int16)
     return w
 

@@ -34,12 +34,6 @@ CASES = [
 TOKENS = (1, 7, 97)
 
 
-def _weight(out: int, inn: int, block, dtype: torch.dtype, seed: int) -> BlockSparseWeight:
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(out, inn, generator=g)
-    return BlockSparseWeight.from_dense(W.to(dtype), block, sparsity=0.4)
-
-
 def _tokens(T: int, n: int, dtype: torch.dtype, seed: int, strided: bool) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if strided:  # rows further apart than their length: the kernels take X in place with its row stride
@@ -49,9 +43,9 @@ def _tokens(T: int, n: int, dtype: torch.dtype, seed: int, strided: bool) -> tor
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
-def test_forward(isa, dtype, case):
+def test_forward(isa, dtype, case, make_bsr):
     out, inn, block = case
-    w = _weight(out, inn, block, dtype, seed=out * 7 + inn)
+    w = make_bsr(out, inn, block, sparsity=0.4, dtype=dtype, seed=out * 7 + inn)
     Wd = w.to_dense()
     for i, T in enumerate(TOKENS):
         x = _tokens(T, inn, dtype, seed=T, strided=T == 7)
@@ -67,9 +61,9 @@ def test_forward(isa, dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
-def test_grad_input(isa, dtype, case):
+def test_grad_input(isa, dtype, case, make_bsr):
     out, inn, block = case
-    w = _weight(out, inn, block, dtype, seed=out + inn)
+    w = make_bsr(out, inn, block, sparsity=0.4, dtype=dtype, seed=out + inn)
     Wd = w.to_dense()
     for T in TOKENS:
         dy = _tokens(T, out, dtype, seed=100 + T, strided=T == 7)
@@ -80,13 +74,11 @@ def test_grad_input(isa, dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block", [(32, 32), (16, 16), (20, 48)], ids=lambda b: f"b{b[0]}x{b[1]}")
-def test_grad_input_column_groups(isa, dtype, block):
+def test_grad_input_column_groups(isa, dtype, block, make_bsr):
     """dx is written a group of block columns at a time, over chunks of 512 tokens: many groups, empty columns
     inside a group, a ragged last column, more tokens than one chunk, and every thread count giving the same bits."""
     out, inn = 72, 1000
-    g = torch.Generator().manual_seed(7)
-    W = torch.randn(out, inn, generator=g).to(dtype)
-    w = BlockSparseWeight.from_dense(W, block, sparsity=0.7)
+    w = make_bsr(out, inn, block, sparsity=0.7, dtype=dtype, seed=7)
     counts = (w.col_offsets[1:] - w.col_offsets[:-1]).tolist()
     assert 0 in counts[:-1] and max(counts) > 0, "the case needs empty and non-empty columns"
     dy = _tokens(600, out, dtype, seed=11, strided=True)
@@ -106,9 +98,9 @@ def test_grad_input_column_groups(isa, dtype, block):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
-def test_sddmm(isa, dtype, case):
+def test_sddmm(isa, dtype, case, make_bsr):
     out, inn, block = case
-    w = _weight(out, inn, block, dtype, seed=3 * out + inn)
+    w = make_bsr(out, inn, block, sparsity=0.4, dtype=dtype, seed=3 * out + inn)
     bo, bi = block
     rows, cols = w._block_rows(), w.col_indices.long()
     inside = BlockSparseWeight._blocked(torch.ones(out, inn, dtype=torch.bool), bo, bi)[rows, cols]
@@ -124,13 +116,12 @@ def test_sddmm(isa, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_other_layout_and_empty_rows(isa, dtype):
+def test_other_layout_and_empty_rows(isa, dtype, make_bsr):
     """values in the logical (contiguous) layout take the portable kernels; rows and columns without any kept
     block still get the bias (forward) and zeros (grad_input)."""
     out, inn, block = 96, 96, (32, 32)
-    W = torch.randn(out, inn).to(dtype)
     mask = torch.tensor([[True, False, True], [False, False, False], [False, True, False]])
-    w = BlockSparseWeight.from_dense(W, block, mask=mask)
+    w = make_bsr(out, inn, block, mask=mask, dtype=dtype)
     bias = torch.randn(out).to(dtype)
     x = torch.randn(7, inn).to(dtype)
     for values in (w.values, w.values.contiguous()):
@@ -146,11 +137,11 @@ def test_other_layout_and_empty_rows(isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_never_reads_outside_the_matrix(isa, dtype):
+def test_forward_never_reads_outside_the_matrix(isa, dtype, make_bsr):
     """The parts of ragged edge blocks outside the matrix may hold anything (here NaN): no kernel reads them into
     a result."""
     for out, inn, block in [(50, 41, (16, 16)), (70, 75, (32, 32)), (45, 39, (5, 7))]:
-        w = _weight(out, inn, block, dtype, seed=out + 3 * inn)
+        w = make_bsr(out, inn, block, sparsity=0.4, dtype=dtype, seed=out + 3 * inn)
         bo, bi = block
         rows, cols = w._block_rows(), w.col_indices.long()
         inside = BlockSparseWeight._blocked(torch.ones(out, inn, dtype=torch.bool), bo, bi)[rows, cols]
@@ -166,7 +157,7 @@ def test_forward_never_reads_outside_the_matrix(isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_high_sparsity_empty_rows_every_activation(isa, dtype):
+def test_forward_high_sparsity_empty_rows_every_activation(isa, dtype, make_bsr):
     """95%-sparse 32x32 blocks: rows of 0, 1 and 2 blocks, the first and last block rows empty, a ragged last
     row and column. Empty rows give act(bias); the kernels start the accumulators from the bias. A weight without
     any block takes the same kernels (forward: act(bias); grad_input: zeros)."""
@@ -174,7 +165,7 @@ def test_forward_high_sparsity_empty_rows_every_activation(isa, dtype):
     mask = torch.zeros(10, 11, dtype=torch.bool)
     mask[1, 3] = mask[2, 0] = mask[2, 10] = mask[4, 7] = mask[5, 5] = mask[5, 6] = mask[8, 10] = True
     g = torch.Generator().manual_seed(11)
-    w = BlockSparseWeight.from_dense(torch.randn(out, inn, generator=g).to(dtype), (32, 32), mask=mask)
+    w = make_bsr(out, inn, (32, 32), mask=mask, dtype=dtype, seed=g)
     empty = BlockSparseWeight.from_dense(w.to_dense(), (32, 32), mask=torch.zeros_like(mask))
     for T in (1, 13, 16):
         x = _tokens(T, inn, dtype, seed=40 + T, strided=T == 13)
@@ -205,14 +196,15 @@ def test_forward_high_sparsity_empty_rows_every_activation(isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_panels_and_thread_splits(isa, dtype):
+def test_forward_panels_and_thread_splits(isa, dtype, make_bsr):
     """32x32 blocks over more than one 512 KiB panel of W, token tiles with a ragged last one; and a weight small
     enough for the threads to split the tokens instead of the block rows (T >= 32 per thread): every split gives
     bitwise the result of one thread (each output element is computed the same way by whichever thread)."""
     threads = torch.get_num_threads()
-    big = _weight(1056, 1040, (32, 32), dtype, seed=9)  # 33 x 33 blocks, 60% kept: over 1 MiB in either dtype
+    # 33 x 33 blocks, 60% kept: over 1 MiB in either dtype
+    big = make_bsr(1056, 1040, (32, 32), sparsity=0.4, dtype=dtype, seed=9)
     assert big.values.numel() * big.values.element_size() > 2 * 512 * 1024
-    small = BlockSparseWeight.from_dense(torch.randn(768, 768).to(dtype), (32, 32), sparsity=0.95)
+    small = make_bsr(768, 768, (32, 32), sparsity=0.95, dtype=dtype, seed=1)
     try:
         for w, T in ((big, 37), (small, 37), (small, 133)):
             out, inn = w.shape
@@ -234,12 +226,12 @@ def test_forward_panels_and_thread_splits(isa, dtype):
 
 @pytest.mark.skipif(_C.best_isa() != "avx512", reason="the 16x16 float32 kernel is AVX-512 code")
 @pytest.mark.parametrize("T", [37, 1000])
-def test_forward_16x16_tiles_and_panels(T):
+def test_forward_16x16_tiles_and_panels(T, make_bsr):
     """The AVX-512 float32 16x16 kernel: 16-token tiles and a ragged last tile, W slices of more than one panel
     (512 KiB of blocks), ragged edges. T = 37 packs X once per call, T = 1000 (over 2 MiB packed) per (panel,
     tile)."""
     out, inn = 1040, 520
-    w = _weight(out, inn, (16, 16), torch.float32, seed=T)
+    w = make_bsr(out, inn, (16, 16), sparsity=0.4, dtype=torch.float32, seed=T)
     assert w.values.shape[0] * 16 * 16 * 4 > 2 * 512 * 1024, "the weight must span more than one panel per thread"
     x = _tokens(T, inn, torch.float32, seed=T, strided=True)
     bias = torch.randn(out)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import sparse  # noqa: F401  (loads the extension and registers fake kernels + autograd)
-from sparse import BalancedSparseWeight, BlockSparseWeight, reference
+from sparse import BlockSparseWeight, reference
 from sparse import _ext
-from tests.helpers import assert_close_to_ref
+from tests.helpers import assert_close_to_ref, make_balanced, make_bsr, randn
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not _ext.available() or not _ext.require().has_cuda(),
@@ -24,30 +24,19 @@ ops = torch.ops.sparsekern
 DEV = "cuda"
 
 
-def _data(shape, dtype, seed):
-    """Normal samples; in float64 rounded to multiples of 1/256 in [-8, 8], so that every product and partial
-    sum is exact and any reduction order (ours, cuBLAS, the reference) gives the same bits: the tolerance
-    rule's floor (4 ulp) is otherwise below float64's reduction-order noise at a few hundred features, while
-    an indexing bug still shows as a large error."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(*shape, generator=g)
-    if dtype == torch.float64:
-        t = ((t.double() * 256).round() / 256).clamp(-8, 8)
-    return t
-
-
+# This file's weights and data (tests/helpers.py) on the GPU; in float64 exact (multiples of 1/256 in [-8, 8]), so
+# that every product and partial sum is exact and any reduction order (ours, cuBLAS, the reference) gives the same
+# bits: the rule's default floor is otherwise below float64's reduction-order noise at a few hundred features.
 def _block(shape, block, sparsity, dtype, seed=0):
-    w = BlockSparseWeight.from_dense(_data(shape, dtype, seed), block=block, sparsity=sparsity)
-    return w.to(device=DEV, dtype=dtype)
+    return make_bsr(*shape, block, sparsity=sparsity, dtype=dtype, seed=seed, device=DEV, exact=dtype == torch.float64)
 
 
 def _balanced(shape, bank, keep, dtype, seed=0):
-    w = BalancedSparseWeight.from_dense(_data(shape, dtype, seed), bank=bank, keep=keep)
-    return w.to(device=DEV, dtype=dtype)
+    return make_balanced(*shape, bank, keep, dtype=dtype, seed=seed, device=DEV, exact=dtype == torch.float64)
 
 
 def _rand(*shape, dtype, seed=1):
-    return _data(shape, dtype, seed).to(device=DEV, dtype=dtype)
+    return randn(shape, dtype, seed, device=DEV, exact=dtype == torch.float64)
 
 
 def _bsr_fwd(w, x, bias, act):

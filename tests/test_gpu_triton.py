@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 import sparse
 from sparse import reference
-from sparse.formats import BalancedSparseWeight, BlockSparseWeight
-from tests.helpers import KERNEL_FLOOR, assert_close_to_ref
+from tests.helpers import KERNEL_FLOOR, assert_close_to_ref, make_balanced, make_bsr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytest.importorskip("sparse.triton_backend")  # registers torch.ops.sparsekern.triton_*
@@ -21,12 +20,12 @@ ops = torch.ops.sparsekern
 
 
 def _weights(dtype: torch.dtype):
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(320, 200, generator=g) / 200**0.5
+    """Three formats of the same random 320 x 200 matrix (one seed), scaled by 1/sqrt(in)."""
+    kw = dict(dtype=dtype, seed=0, scale=200**-0.5, device="cuda")
     return [
-        BlockSparseWeight.from_dense(W, 32, sparsity=0.5).to("cuda", dtype),
-        BlockSparseWeight.from_dense(W, (16, 64), sparsity=0.75).to("cuda", dtype),  # rectangular, ragged
-        BalancedSparseWeight.from_dense(W, 64, 16).to("cuda", dtype),  # ragged last bank (200 = 3*64 + 8)
+        make_bsr(320, 200, 32, sparsity=0.5, **kw),
+        make_bsr(320, 200, (16, 64), sparsity=0.75, **kw),  # rectangular, ragged
+        make_balanced(320, 200, 64, 16, **kw),  # ragged last bank (200 = 3*64 + 8)
     ]
 
 

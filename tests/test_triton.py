@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import sparse
 from sparse import reference
 from sparse.formats import BalancedSparseWeight, BlockSparseWeight
-from tests.helpers import KERNEL_FLOOR, assert_close_to_ref
+from tests.helpers import KERNEL_FLOOR, assert_close_to_ref, make_balanced, make_bsr, randn
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -72,21 +72,17 @@ def _interpreter_bf16():
     builder.create_dot, builder.cast_impl = original_dot, original_cast
 
 
+# This file's weights and data (tests/helpers.py): weights scaled by 1/sqrt(in), half the blocks kept, on DEVICE.
 def _bsr(out: int, inn: int, block, dtype: torch.dtype, seed: int = 0) -> BlockSparseWeight:
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(out, inn, generator=g) / inn**0.5
-    return BlockSparseWeight.from_dense(W, block, sparsity=0.5).to(DEVICE, dtype)
+    return make_bsr(out, inn, block, sparsity=0.5, dtype=dtype, seed=seed, scale=inn**-0.5, device=DEVICE)
 
 
 def _bal(out: int, inn: int, bank: int, keep: int, dtype: torch.dtype, seed: int = 0) -> BalancedSparseWeight:
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(out, inn, generator=g) / inn**0.5
-    return BalancedSparseWeight.from_dense(W, bank, keep).to(DEVICE, dtype)
+    return make_balanced(out, inn, bank, keep, dtype=dtype, seed=seed, scale=inn**-0.5, device=DEVICE)
 
 
 def _randn(*shape, dtype, seed=1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+    return randn(shape, dtype, seed, device=DEVICE)
 
 
 def _dense_linear(x, w, bias, act):
