@@ -9,14 +9,13 @@ import torch
 import sparse
 from sparse import reference
 from sparse.formats import BalancedSparseWeight
-from tests.helpers import KERNEL_FLOOR, assert_close_to_ref, make_balanced
+from tests.helpers import KERNEL_FLOOR, VECTOR_DTYPES, assert_close_to_ref, make_balanced
 
 _C = sparse._ext._C
 
 # (bank, keep, in_features): exact banks, ragged last banks, 2:4, wide banks with int16 indices.
 PATTERNS = [(32, 16, 96), (32, 4, 80), (4, 2, 22), (64, 16, 150), (8, 3, 45), (300, 7, 610)]
 TOKENS = [1, 7, 97]
-DTYPES = [torch.float32, torch.bfloat16]
 
 
 def _weight(out: int, inn: int, bank: int, keep: int, dtype: torch.dtype, gen: torch.Generator) -> BalancedSparseWeight:
@@ -26,7 +25,7 @@ def _weight(out: int, inn: int, bank: int, keep: int, dtype: torch.dtype, gen: t
     return w
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES)
 @pytest.mark.parametrize("bank,keep,inn", PATTERNS)
 @pytest.mark.parametrize("T", TOKENS)
 def test_forward(isa: str, dtype: torch.dtype, bank: int, keep: int, inn: int, T: int) -> None:
@@ -42,7 +41,7 @@ def test_forward(isa: str, dtype: torch.dtype, bank: int, keep: int, inn: int, T
         assert_close_to_ref(ours, ref, dense, floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES)
 @pytest.mark.parametrize("bank,keep,inn", PATTERNS)
 @pytest.mark.parametrize("T", TOKENS)
 def test_grad_input(isa: str, dtype: torch.dtype, bank: int, keep: int, inn: int, T: int) -> None:
@@ -54,7 +53,7 @@ def test_grad_input(isa: str, dtype: torch.dtype, bank: int, keep: int, inn: int
     assert_close_to_ref(ours, reference.linear_grad_input(dy, w), dy @ w.to_dense().to(dtype), floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES)
 @pytest.mark.parametrize("bank,keep,inn", PATTERNS)
 @pytest.mark.parametrize("T", TOKENS)
 def test_sddmm(isa: str, dtype: torch.dtype, bank: int, keep: int, inn: int, T: int) -> None:
@@ -83,7 +82,7 @@ def test_forward_strided_input_and_many_rows(isa: str, T: int) -> None:
                         torch.relu(torch.nn.functional.linear(x, w.to_dense(), b)), floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES)
 @pytest.mark.parametrize("T", [16, 40])
 def test_forward_int16_indices_keep_multiple_of_4(isa: str, dtype: torch.dtype, T: int) -> None:
     """Wide banks (int16 indices) with keep a multiple of 4: the AVX-512 forward reads 4 indices per load there."""
@@ -101,7 +100,7 @@ def test_forward_int16_indices_keep_multiple_of_4(isa: str, dtype: torch.dtype, 
 DECODE_INS = {16: [256, 224, 250], 8: [256, 224, 250, 40], 4: [256, 224, 250, 70, 36]}
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES)
 @pytest.mark.parametrize("idx_dtype", [torch.uint8, torch.int16])
 @pytest.mark.parametrize("keep,inn", [(k, i) for k, ins in DECODE_INS.items() for i in ins])
 @pytest.mark.parametrize("T", [1, 2, 3])

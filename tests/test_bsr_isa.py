@@ -11,10 +11,7 @@ import torch.nn.functional as F
 from sparse import reference
 from sparse._ext import _C
 from sparse.formats import BlockSparseWeight
-from tests.helpers import KERNEL_FLOOR, assert_close_to_ref
-
-DTYPES = [torch.float32, torch.bfloat16]
-ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
+from tests.helpers import ACTS, KERNEL_FLOOR, VECTOR_DTYPES, assert_close_to_ref
 
 # (out, in, block): shapes the block divides and ragged ones, the common square blocks, thin and odd blocks,
 # blocks of 3 vectors; all at most 64 a side, so the vectorised kernels take every one of them.
@@ -41,7 +38,7 @@ def _tokens(T: int, n: int, dtype: torch.dtype, seed: int, strided: bool) -> tor
     return torch.randn(T, n, generator=g).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
 def test_forward(isa, dtype, case, make_bsr):
     out, inn, block = case
@@ -59,7 +56,7 @@ def test_forward(isa, dtype, case, make_bsr):
                                 f"{isa} forward T={T} act={act} bias={bias is not None}", floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
 def test_grad_input(isa, dtype, case, make_bsr):
     out, inn, block = case
@@ -72,7 +69,7 @@ def test_grad_input(isa, dtype, case, make_bsr):
                             floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
 @pytest.mark.parametrize("block", [(32, 32), (16, 16), (20, 48)], ids=lambda b: f"b{b[0]}x{b[1]}")
 def test_grad_input_column_groups(isa, dtype, block, make_bsr):
     """dx is written a group of block columns at a time, over chunks of 512 tokens: many groups, empty columns
@@ -96,7 +93,7 @@ def test_grad_input_column_groups(isa, dtype, block, make_bsr):
     assert all(torch.equal(r, runs[0]) for r in runs[1:]), "every thread count must give the same bits"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
 def test_sddmm(isa, dtype, case, make_bsr):
     out, inn, block = case
@@ -115,7 +112,7 @@ def test_sddmm(isa, dtype, case, make_bsr):
         assert torch.all(dw[~inside] == 0), f"{isa} sddmm T={T}: nonzero gradient outside the matrix"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
 def test_other_layout_and_empty_rows(isa, dtype, make_bsr):
     """values in the logical (contiguous) layout take the portable kernels; rows and columns without any kept
     block still get the bias (forward) and zeros (grad_input)."""
@@ -136,7 +133,7 @@ def test_other_layout_and_empty_rows(isa, dtype, make_bsr):
                             floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
 def test_forward_never_reads_outside_the_matrix(isa, dtype, make_bsr):
     """The parts of ragged edge blocks outside the matrix may hold anything (here NaN): no kernel reads them into
     a result."""
@@ -156,7 +153,7 @@ def test_forward_never_reads_outside_the_matrix(isa, dtype, make_bsr):
                             f"{isa} forward {out}x{inn} block {block} with NaN outside", floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
 def test_forward_high_sparsity_empty_rows_every_activation(isa, dtype, make_bsr):
     """95%-sparse 32x32 blocks: rows of 0, 1 and 2 blocks, the first and last block rows empty, a ragged last
     row and column. Empty rows give act(bias); the kernels start the accumulators from the bias. A weight without
@@ -195,7 +192,7 @@ def test_forward_high_sparsity_empty_rows_every_activation(isa, dtype, make_bsr)
                                     f"{isa} T={T} act={act} bias={bias is not None}", floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
 def test_forward_panels_and_thread_splits(isa, dtype, make_bsr):
     """32x32 blocks over more than one 512 KiB panel of W, token tiles with a ragged last one; and a weight small
     enough for the threads to split the tokens instead of the block rows (T >= 32 per thread): every split gives

@@ -18,8 +18,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU and sparse._C built with CUDA (SPARSEKERN_CUDA=1)",
 )
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
 ops = torch.ops.sparsekern
 DEV = "cuda"
 
@@ -28,7 +26,8 @@ DEV = "cuda"
 # that every product and partial sum is exact and any reduction order (ours, cuBLAS, the reference) gives the same
 # bits: the rule's default floor is otherwise below float64's reduction-order noise at a few hundred features.
 def _block(shape, block, sparsity, dtype, seed=0):
-    return make_bsr(*shape, block, sparsity=sparsity, dtype=dtype, seed=seed, device=DEV, exact=dtype == torch.float64)
+    return make_bsr(*shape, block, sparsity=sparsity, dtype=dtype, seed=seed, device=DEV,
+                    exact=dtype == torch.float64)
 
 
 def _balanced(shape, bank, keep, dtype, seed=0):
@@ -62,7 +61,6 @@ BLOCK_CASES = [((256, 192), 32, 0.5), ((192, 256), 64, 0.5), ((200, 136), 32, 0.
                ((96, 64), 16, 0.7), ((70, 45), (32, 1), 0.8), ((136, 200), (32, 64), 0.6)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,block,sparsity", BLOCK_CASES)
 @pytest.mark.parametrize("T", [1, 7, 97, 300])
 def test_bsr_ops_match_reference(dtype, shape, block, sparsity, T):
@@ -75,14 +73,13 @@ def test_bsr_ops_match_reference(dtype, shape, block, sparsity, T):
     _check_all(w, x, None, "gelu", _bsr_fwd, gi, sd)
 
 
-@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_bsr_epilogue_every_activation(act, dtype):
+def test_bsr_epilogue_every_activation(activation, dtype):
     w = _block((192, 256), 64, 0.5, dtype)
     x, bias = _rand(77, 256, dtype=dtype), _rand(192, dtype=dtype, seed=3)
-    y = _bsr_fwd(w, x, bias, act)
-    dense = reference.activation(F.linear(x, w.to_dense(), bias), act)
-    assert_close_to_ref(y, reference.linear(x, w, bias, act), dense, f"act={act}")
+    y = _bsr_fwd(w, x, bias, activation)
+    dense = reference.activation(F.linear(x, w.to_dense(), bias), activation)
+    assert_close_to_ref(y, reference.linear(x, w, bias, activation), dense, f"activation={activation}")
 
 
 def test_bsr_strided_rows_empty_rows_and_empty_input():
@@ -103,7 +100,6 @@ BALANCED_CASES = [((48, 64), 32, 16), ((33, 70), 32, 4), ((64, 128), 4, 2), ((17
                   ((16, 700), 300, 7)]  # the last: int16 indices, ragged last bank
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,bank,keep", BALANCED_CASES)
 @pytest.mark.parametrize("T", [1, 7, 97])
 def test_balanced_ops_match_reference(dtype, shape, bank, keep, T):

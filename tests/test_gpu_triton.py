@@ -10,12 +10,11 @@ import torch.nn.functional as F
 
 import sparse
 from sparse import reference
-from tests.helpers import KERNEL_FLOOR, assert_close_to_ref, make_balanced, make_bsr
+from tests.helpers import KERNEL_FLOOR, TRITON_DTYPES, assert_close_to_ref, make_balanced, make_bsr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytest.importorskip("sparse.triton_backend")  # registers torch.ops.sparsekern.triton_*
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.sparsekern
 
 
@@ -34,7 +33,7 @@ def test_triton_is_the_default_on_cuda():
 
 
 @pytest.mark.parametrize("act", ["none", "gelu"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 def test_linear_forward_and_backward(dtype, act, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     for w in _weights(dtype):

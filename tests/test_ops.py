@@ -6,9 +6,8 @@ import torch.nn.functional as F
 
 import sparse
 from sparse import BalancedSparseWeight, BlockSparseWeight, reference
-from tests.helpers import assert_close_to_ref, make_balanced, make_bsr
+from tests.helpers import NONLINEAR, assert_close_to_ref, make_balanced, make_bsr
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 ops = torch.ops.sparsekern
 
 
@@ -35,7 +34,6 @@ BLOCK_CASES = [((64, 96), 32, 0.5), ((96, 64), 16, 0.7), ((40, 56), 8, 0.5), ((1
                ((70, 45), (32, 1), 0.8), ((37, 70), (1, 32), 0.6), ((30, 22), 4, 0.5), ((50, 45), (16, 8), 0.3)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,block,sparsity", BLOCK_CASES)
 @pytest.mark.parametrize("T", [1, 7, 97])
 def test_block_ops_match_reference(dtype, shape, block, sparsity, T):
@@ -51,7 +49,6 @@ BALANCED_CASES = [((48, 64), 32, 16), ((33, 70), 32, 4), ((20, 16), 4, 2), ((17,
                   ((6, 610), 300, 7)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,bank,keep", BALANCED_CASES)
 @pytest.mark.parametrize("T", [1, 7, 97])
 def test_balanced_ops_match_reference(dtype, shape, bank, keep, T):
@@ -63,7 +60,7 @@ def test_balanced_ops_match_reference(dtype, shape, bank, keep, T):
     _check_backward_ops(w, x)
 
 
-@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("act", NONLINEAR)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_activations(act, dtype):
     x = torch.randn(13, 64).to(dtype)

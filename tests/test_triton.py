@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import sparse
 from sparse import reference
 from sparse.formats import BalancedSparseWeight, BlockSparseWeight
-from tests.helpers import KERNEL_FLOOR, assert_close_to_ref, make_balanced, make_bsr, randn
+from tests.helpers import KERNEL_FLOOR, TRITON_DTYPES, assert_close_to_ref, make_balanced, make_bsr, randn
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -27,8 +27,6 @@ from sparse.kernels import balanced, bsr  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
 # (out, in, block): square, bigger block, rectangular + ragged, ragged square.
 BSR_CASES = [(64, 64, 16), (64, 96, 32), (40, 72, (16, 32)), (50, 70, 16)]
 # (out, in, bank, keep): ragged last bank (104 = 3*32 + 8), 2:4, the benchmark's bank 64 / keep 16.
@@ -93,7 +91,7 @@ def _dense_linear(x, w, bias, act):
 # ---- block-sparse ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [1, 33])
 @pytest.mark.parametrize("case", BSR_CASES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 def test_bsr_forward(dtype, case, T):
     out, inn, block = case
     w = _bsr(out, inn, block, dtype)
@@ -103,7 +101,7 @@ def test_bsr_forward(dtype, case, T):
 
 
 @pytest.mark.parametrize("case", list(zip(BSR_CASES, GRAD_T)), ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 def test_bsr_grad_input_and_sddmm(dtype, case):
     (out, inn, block), T = case
     w = _bsr(out, inn, block, dtype)
@@ -115,13 +113,13 @@ def test_bsr_grad_input_and_sddmm(dtype, case):
     assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bsr_activations(dtype, act):
+def test_bsr_activations(dtype, activation):
     w = _bsr(40, 72, (16, 32), dtype)
     x, bias = _randn(7, 72, dtype=dtype) * 3, _randn(40, dtype=dtype, seed=2)  # reach the non-linear parts
-    y = bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, 40, bias, act)
-    assert_close_to_ref(y, reference.linear(x, w, bias, act), _dense_linear(x, w, bias, act), floor=KERNEL_FLOOR)
+    y = bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, 40, bias, activation)
+    assert_close_to_ref(y, reference.linear(x, w, bias, activation), _dense_linear(x, w, bias, activation),
+                        floor=KERNEL_FLOOR)
 
 
 def test_bsr_empty_rows_columns_and_weight():
@@ -164,7 +162,7 @@ def test_bsr_non_contiguous_inputs_and_no_tokens():
 # ---- balanced -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [1, 33])
 @pytest.mark.parametrize("case", BAL_CASES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 def test_balanced_forward(dtype, case, T):
     out, inn, bank, keep = case
     w = _bal(out, inn, bank, keep, dtype)
@@ -174,7 +172,7 @@ def test_balanced_forward(dtype, case, T):
 
 
 @pytest.mark.parametrize("case", list(zip(BAL_CASES, GRAD_T)), ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 def test_balanced_grad_input_and_sddmm(dtype, case):
     (out, inn, bank, keep), T = case
     w = _bal(out, inn, bank, keep, dtype)
@@ -185,13 +183,13 @@ def test_balanced_grad_input_and_sddmm(dtype, case):
     assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_balanced_activations(dtype, act):
+def test_balanced_activations(dtype, activation):
     w = _bal(33, 104, 32, 8, dtype)
     x, bias = _randn(7, 104, dtype=dtype) * 3, _randn(33, dtype=dtype, seed=2)
-    y = balanced.balanced_linear(x, w.values, w.indices, 32, bias, act)
-    assert_close_to_ref(y, reference.linear(x, w, bias, act), _dense_linear(x, w, bias, act), floor=KERNEL_FLOOR)
+    y = balanced.balanced_linear(x, w.values, w.indices, 32, bias, activation)
+    assert_close_to_ref(y, reference.linear(x, w, bias, activation), _dense_linear(x, w, bias, activation),
+                        floor=KERNEL_FLOOR)
 
 
 def test_balanced_int16_indices():
