@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Union
 
+import pytest
 import torch
 
 import sparse
@@ -27,6 +28,16 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Every fused activation, as the package defines them; NONLINEAR: those that are not the identity.
 ACTS = tuple(sparse.ops.ACTIVATIONS)
 NONLINEAR = tuple(a for a in ACTS if a != "none")
+
+
+
+def slow_except(values: Sequence, fast: Sequence) -> list:
+    """``values`` for pytest.mark.parametrize with every one not in ``fast`` marked slow: ``make test-fast`` runs
+    the ``fast`` ones, ``make test`` all of them."""
+    missing = [v for v in fast if v not in values]
+    assert not missing, f"fast values {missing} are not among the values"
+    return [v if v in fast else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
 
 # ---- the tolerance rule ------------------------------------------------------------------------------------
 

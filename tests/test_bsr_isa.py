@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sparse import reference
 from sparse._ext import _C
 from sparse.formats import BlockSparseWeight
-from tests.helpers import ACTS, KERNEL_FLOOR, VECTOR_DTYPES, assert_close_to_ref
+from tests.helpers import ACTS, KERNEL_FLOOR, VECTOR_DTYPES, assert_close_to_ref, slow_except
 
 # (out, in, block): shapes the block divides and ragged ones, the common square blocks, thin and odd blocks,
 # blocks of 3 vectors; all at most 64 a side, so the vectorised kernels take every one of them.
@@ -29,6 +29,9 @@ CASES = [
     (40, 100, (16, 48)),
 ]
 TOKENS = (1, 7, 97)
+# The forward's cases in make test-fast (the forward sweep is the slowest of this file on a busy machine): a ragged
+# square block, a thin one, an odd one and a rectangular one.
+FAST_FORWARD_CASES = [(70, 75, (32, 32)), (70, 33, (32, 1)), (45, 39, (5, 7)), (40, 100, (16, 48))]
 
 
 def _tokens(T: int, n: int, dtype: torch.dtype, seed: int, strided: bool) -> torch.Tensor:
@@ -39,7 +42,8 @@ def _tokens(T: int, n: int, dtype: torch.dtype, seed: int, strided: bool) -> tor
 
 
 @pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
+@pytest.mark.parametrize("case", slow_except(CASES, FAST_FORWARD_CASES),
+                         ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
 def test_forward(isa, dtype, case, make_bsr):
     out, inn, block = case
     w = make_bsr(out, inn, block, sparsity=0.4, dtype=dtype, seed=out * 7 + inn)

@@ -176,6 +176,7 @@ def test_bad_model_and_pattern_parameters(tiny_model, tmp_path, capsys):
         assert message in err and err.count("\n") == 1, (argv, err)
 
 
+@pytest.mark.slow  # a fresh interpreter loading transformers
 def test_error_exit_code_from_a_real_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-m", "sparse", "sparsify", "--model", str(tmp_path / "nope")],
@@ -304,6 +305,7 @@ def test_reconstruct_prunes_every_block_and_stays_closer_than_magnitude(tiny_mod
     assert loss["sparsegpt"] < loss["magnitude"]
 
 
+@pytest.mark.slow  # 3 s of distillation by design
 def test_distill_keeps_masks_and_lowers_the_loss(tiny_model):
     tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
     teacher = transformers.AutoModel.from_pretrained(tiny_model).eval()

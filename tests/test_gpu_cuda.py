@@ -13,10 +13,13 @@ from sparse import BlockSparseWeight, reference
 from sparse import _ext
 from tests.helpers import assert_close_to_ref, make_balanced, make_bsr, randn
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or not _ext.available() or not _ext.require().has_cuda(),
-    reason="needs a CUDA GPU and sparse._C built with CUDA (SPARSEKERN_CUDA=1)",
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not _ext.available() or not _ext.require().has_cuda(),
+        reason="needs a CUDA GPU and sparse._C built with CUDA (SPARSEKERN_CUDA=1)",
+    ),
+]
 
 ops = torch.ops.sparsekern
 DEV = "cuda"

@@ -12,7 +12,7 @@ import sparse
 from sparse import reference
 from tests.helpers import KERNEL_FLOOR, TRITON_DTYPES, assert_close_to_ref, make_balanced, make_bsr
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 pytest.importorskip("sparse.triton_backend")  # registers torch.ops.sparsekern.triton_*
 
 ops = torch.ops.sparsekern

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import sparse
 from sparse import reference
 from sparse.formats import BalancedSparseWeight, BlockSparseWeight
-from tests.helpers import KERNEL_FLOOR, TRITON_DTYPES, assert_close_to_ref, make_balanced, make_bsr, randn
+from tests.helpers import KERNEL_FLOOR, TRITON_DTYPES, assert_close_to_ref, make_balanced, make_bsr, randn, slow_except
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -34,6 +34,10 @@ BAL_CASES = [(40, 64, 16, 4), (33, 104, 32, 8), (20, 24, 4, 2), (24, 128, 64, 16
 # The interpreter is slow: the forward sweeps T = 1 and 33 (7 in the activation tests); the gradients take
 # one odd T per case, each T in (1, 7, 33) at least once.
 GRAD_T = (33, 7, 33, 1)
+BSR_GRAD_CASES, BAL_GRAD_CASES = list(zip(BSR_CASES, GRAD_T)), list(zip(BAL_CASES, GRAD_T))
+# make test-fast takes half the cases (the rest are slow): ragged blocks and banks, 2:4, each T at least once.
+FAST_BSR, FAST_BAL = BSR_CASES[2:], BAL_CASES[1:3]
+FAST_BSR_GRAD, FAST_BAL_GRAD = BSR_GRAD_CASES[2:], BAL_GRAD_CASES[1:3]
 ops = torch.ops.sparsekern
 
 
@@ -90,7 +94,7 @@ def _dense_linear(x, w, bias, act):
 
 # ---- block-sparse ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [1, 33])
-@pytest.mark.parametrize("case", BSR_CASES, ids=str)
+@pytest.mark.parametrize("case", slow_except(BSR_CASES, FAST_BSR), ids=str)
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 def test_bsr_forward(dtype, case, T):
     out, inn, block = case
@@ -100,7 +104,7 @@ def test_bsr_forward(dtype, case, T):
     assert_close_to_ref(y, reference.linear(x, w, bias), _dense_linear(x, w, bias, "none"), floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("case", list(zip(BSR_CASES, GRAD_T)), ids=str)
+@pytest.mark.parametrize("case", slow_except(BSR_GRAD_CASES, FAST_BSR_GRAD), ids=str)
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 def test_bsr_grad_input_and_sddmm(dtype, case):
     (out, inn, block), T = case
@@ -161,7 +165,7 @@ def test_bsr_non_contiguous_inputs_and_no_tokens():
 
 # ---- balanced -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [1, 33])
-@pytest.mark.parametrize("case", BAL_CASES, ids=str)
+@pytest.mark.parametrize("case", slow_except(BAL_CASES, FAST_BAL), ids=str)
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 def test_balanced_forward(dtype, case, T):
     out, inn, bank, keep = case
@@ -171,7 +175,7 @@ def test_balanced_forward(dtype, case, T):
     assert_close_to_ref(y, reference.linear(x, w, bias), _dense_linear(x, w, bias, "none"), floor=KERNEL_FLOOR)
 
 
-@pytest.mark.parametrize("case", list(zip(BAL_CASES, GRAD_T)), ids=str)
+@pytest.mark.parametrize("case", slow_except(BAL_GRAD_CASES, FAST_BAL_GRAD), ids=str)
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 def test_balanced_grad_input_and_sddmm(dtype, case):
     (out, inn, bank, keep), T = case
