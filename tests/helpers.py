@@ -1,6 +1,7 @@
 """Shared test utilities: the tolerance rule of the whole suite, the random weights and data, the dtype and
-activation grids. conftest.py exposes the grids as the ``dtype`` and ``activation`` fixtures and the weight
-factories as the ``make_bsr`` and ``make_balanced`` fixtures.
+activation grids, and ``slow_except`` for grids whose tail is left out of ``make test-fast``. conftest.py exposes
+the grids as the ``dtype`` and ``activation`` fixtures and the weight factories as the ``make_bsr`` and
+``make_balanced`` fixtures.
 
 The tolerance rule (flash-attention's): ours is compared with the float64 reference, and allowed at most twice
 the error that dense torch makes in the same dtype on the same data, plus a small floor (see
@@ -29,6 +30,7 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTS = tuple(sparse.ops.ACTIVATIONS)
 NONLINEAR = tuple(a for a in ACTS if a != "none")
 
+# ---- the fast subset (pyproject.toml registers the markers: slow, gpu) -------------------------------------
 
 
 def slow_except(values: Sequence, fast: Sequence) -> list:
