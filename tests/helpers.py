@@ -60,7 +60,7 @@ def assert_close_to_ref(ours: torch.Tensor, ref: torch.Tensor, dense: torch.Tens
 
     * default: 4 ulp of the dtype, relative to max(1, max |ref|). In float64 dense torch *is* the reference
       (its error is ~0), so the floor alone must cover the reordering of a k-term sum and is sqrt(k) times
-      larger. In the other dtypes dense torch's own rounding dominates. For tests of whole modules and models.
+      larger. In the other dtypes dense torch's own rounding dominates. For the op, module and model tests.
     * ``floor=KERNEL_FLOOR`` (1e-6 relative to max(1, max |ref|), whatever the dtype): the kernel tests (every
       CPU ISA path, the Triton kernels), which want a kernel that loses accuracy not to hide under a floor of
       several ulps of bf16 / fp16.
