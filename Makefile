@@ -8,7 +8,7 @@ BUILT := $(VENV)/.ext-built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: all build test test-avx2 demo bench fuzz test-asan check-install clean
+.PHONY: all build test test-fast test-avx2 demo bench fuzz test-asan check-install clean
 
 all: build
 
@@ -29,6 +29,9 @@ build: $(BUILT)
 
 test: $(BUILT)
 	$(PY) -m pytest -q tests
+
+test-fast: $(BUILT)
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
 # The suite as an AVX2-only CPU runs it, on any machine: the kernels capped at AVX2 (SPARSEKERN_ISA, which also
 # hides the AVX-512 features from `sparse`), and torch's own code paths capped the same way (ATen, oneDNN, MKL).

@@ -1,14 +1,12 @@
-"""Shared helpers of the reliability tests (property, fuzz, numerics, threads, scale, memory).
+"""Shared helpers of the reliability tests (property, fuzz, numerics, threads, scale, memory): ISA levels and
+thread counts, hypothesis profiles, references from raw metadata, memory layouts.
 
-The tolerance rule (flash-attention's): the error of a kernel against the float64 reference is at most twice
-the error of dense torch in the same dtype, plus a floor of one unit in the last place (of the dtype) of the
-sum of absolute terms, so that an exactly-rounded dense result does not demand an exact kernel.
-"""
+The tolerance rule, the random weights and data and the dtype / activation grids are tests/helpers.py's (these
+tests use its rule with ``terms=``: a floor relative to the sums of absolute terms)."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Iterator, List
 
@@ -19,10 +17,11 @@ from hypothesis import HealthCheck, settings
 from sparse import BalancedSparseWeight, BlockSparseWeight, reference
 from sparse._ext import available, require
 
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+from tests.helpers import ACTS
+
 # sup |act''(z)|: how far a rounding of z moves act'(z) (gelu: 2 phi(0) = 0.798; silu: 1/2; relu: 0 off zero).
 ACT_CURVATURE = {"none": 0.0, "relu": 0.0, "gelu": 0.8, "gelu_tanh": 0.8, "silu": 0.5}
+assert set(ACT_CURVATURE) == set(ACTS), "ACT_CURVATURE must name every activation of sparse.ops.ACTIVATIONS"
 
 # "ci" is the bounded profile of `make test`; "long" (HYPOTHESIS_PROFILE=long, `make fuzz`) runs
 # SPARSEKERN_FUZZ_EXAMPLES examples per test with fresh randomness each run.
@@ -78,33 +77,6 @@ def num_threads(n: int) -> Iterator[None]:
 
 def dense(weight) -> torch.Tensor:
     return weight.to_dense().detach()
-
-
-def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    return (a.double() - ref.double()).abs().max().item()
-
-
-def check_rule(ours: torch.Tensor, ref: torch.Tensor, dense_same_dtype: torch.Tensor, abs_terms: torch.Tensor,
-               dtype: torch.dtype, reduce_len: int, what: str) -> None:
-    """ours and dense_same_dtype against the float64 ref: err(ours) <= 2 err(dense) + floor.
-
-    ``abs_terms``: the sums of absolute values of the terms behind each output (same shape as ref or
-    broadcastable); ``reduce_len``: how many terms each output sums. The floor is one unit in the last place of
-    the largest such sum in ``dtype`` (covers the final rounding when dense torch happens to be exact), plus
-    the typical (probabilistic, sqrt(K)) error of a K-term running sum in the accumulation dtype: a dot product
-    of one output, unlike a max over many, can land on an unlucky rounding for either side."""
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
-    assert ours.dtype == dtype, f"{what}: dtype {ours.dtype}, expected {dtype}"
-    e_ours, e_dense = max_err(ours, ref), max_err(dense_same_dtype, ref)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    scale = abs_terms.double().abs().max().item() if abs_terms.numel() else 0.0
-    floor = (torch.finfo(dtype).eps + torch.finfo(acc).eps * math.sqrt(max(reduce_len, 1))) * scale
-    floor = max(floor, torch.finfo(torch.float64).tiny)
-    assert e_ours <= 2 * e_dense + floor, (
-        f"{what}: error {e_ours:.3e} > 2 x dense torch error {e_dense:.3e} + floor {floor:.3e}"
-    )
 
 
 def structural_mask(weight) -> torch.Tensor:
@@ -220,24 +192,6 @@ def with_values(weight, values: torch.Tensor):
                              block_perm=weight.block_perm, validate=False)
 
 
-def block_weight(out: int, inn: int, block, density: float, dtype: torch.dtype, seed: int,
-                 scale: float = 1.0) -> BlockSparseWeight:
-    """A random BlockSparseWeight whose block grid keeps each block with probability ``density``."""
-    g = torch.Generator().manual_seed(seed)
-    bo, bi = block
-    n_brow, n_bcol = -(-out // bo), -(-inn // bi)
-    keep = torch.rand(n_brow, n_bcol, generator=g) < density
-    W = (torch.randn(out, inn, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return BlockSparseWeight.from_dense(W, block, mask=keep)
-
-
-def balanced_weight(out: int, inn: int, bank: int, keep: int, dtype: torch.dtype, seed: int,
-                    scale: float = 1.0) -> BalancedSparseWeight:
-    g = torch.Generator().manual_seed(seed)
-    W = (torch.randn(out, inn, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return BalancedSparseWeight.from_dense(W, bank, keep)
-
-
 def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     """The same values as ``t`` in another memory layout: 'contiguous', 'row_strided' (a column slice of a
     wider buffer: rows padded, features contiguous), 'feature_strided' (every other element) or 'transposed'."""
@@ -259,11 +213,6 @@ def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 LAYOUTS = ("contiguous", "row_strided", "feature_strided", "transposed")
-
-
-def randn(shape, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
 def act_grad(grad: torch.Tensor, z: torch.Tensor, act: str) -> torch.Tensor:

@@ -18,6 +18,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 
 from tests import _reliab as R  # noqa: E402
+from tests import helpers as H  # noqa: E402
 
 
 @pytest.fixture(params=R.isa_levels())
@@ -26,3 +27,30 @@ def isa(request: pytest.FixtureRequest):
     with R.isa(request.param):
         assert R.require().get_isa() == request.param
         yield request.param
+
+
+@pytest.fixture(params=H.DTYPES, ids=str)
+def dtype(request: pytest.FixtureRequest) -> torch.dtype:
+    """Every dtype the ops take (tests/helpers.py DTYPES). A test over a subset parametrizes ``dtype`` itself
+    (e.g. with helpers.VECTOR_DTYPES), which overrides this fixture."""
+    return request.param
+
+
+@pytest.fixture(params=H.ACTS)
+def activation(request: pytest.FixtureRequest) -> str:
+    """Every fused activation of the package (sparse.ops.ACTIVATIONS)."""
+    return request.param
+
+
+@pytest.fixture
+def make_bsr():
+    """The random BlockSparseWeight factory, tests/helpers.py make_bsr(out, in, block, sparsity=/density=/mask=,
+    dtype=, seed=, ...)."""
+    return H.make_bsr
+
+
+@pytest.fixture
+def make_balanced():
+    """The random BalancedSparseWeight factory, tests/helpers.py make_balanced(out, in, bank, keep, dtype=,
+    seed=, ...)."""
+    return H.make_balanced

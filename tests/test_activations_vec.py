@@ -10,11 +10,9 @@ import torch
 
 from sparse import reference
 from sparse.formats import BalancedSparseWeight, BlockSparseWeight
-from tests.helpers import assert_close_to_ref
+from tests.helpers import NONLINEAR, VECTOR_DTYPES, assert_close_to_ref, slow_except
 
 
-ACTS = ["relu", "gelu", "gelu_tanh", "silu"]
-DTYPES = [torch.float32, torch.bfloat16]
 # T = 1 takes the decode (gather) path, 7 and 97 the token tiles (one partial 16-token vector, several).
 TOKENS = [1, 7, 97]
 
@@ -44,9 +42,9 @@ def _tail_values() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", ["balanced", "bsr"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TOKENS)
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES)
+@pytest.mark.parametrize("T", slow_except(TOKENS, [1, 7]))  # make test-fast: the decode path and a partial tile
+@pytest.mark.parametrize("act", NONLINEAR)
 def test_tails_and_zeros(isa: str, act: str, T: int, dtype: torch.dtype, fmt: str) -> None:
     """Pre-activations set exactly (through the bias) across the tails: ours vs act(float64 z)."""
     z = _tail_values().to(dtype)
@@ -65,9 +63,9 @@ def test_tails_and_zeros(isa: str, act: str, T: int, dtype: torch.dtype, fmt: st
 
 
 @pytest.mark.parametrize("fmt", ["balanced", "bsr"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES)
 @pytest.mark.parametrize("T", [1, 7, 20])
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", NONLINEAR)
 def test_nan_inf_like_torch(isa: str, act: str, T: int, dtype: torch.dtype, fmt: str) -> None:
     """NaN and +-Inf pre-activations give exactly what torch.nn.functional gives on the float64 dense result
     (gelu(+inf) = inf, gelu(-inf) = nan, silu(-inf) = nan, relu(nan) = nan, ...); finite neighbours unaffected."""
@@ -79,17 +77,17 @@ def test_nan_inf_like_torch(isa: str, act: str, T: int, dtype: torch.dtype, fmt:
     assert torch.equal(ours[inf], ref[inf]) and torch.equal(torch.isinf(ours), inf), f"{fmt} {isa} {act}: {ours[0]}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
-def test_random_layer(isa: str, T: int, dtype: torch.dtype) -> None:
+def test_random_layer(isa: str, T: int, dtype: torch.dtype, make_balanced) -> None:
     """A real layer (3 rows of registers wide and a ragged tail: out = 53) with large pre-activations (|z| up to
     ~30) for every activation, with and without bias."""
     gen = torch.Generator().manual_seed(1000 + T)
     out, inn, bank, keep = 53, 96, 32, 8
-    w = BalancedSparseWeight.from_dense(torch.randn(out, inn, generator=gen), bank=bank, keep=keep).to(dtype=dtype)
+    w = make_balanced(out, inn, bank, keep, dtype=dtype, seed=gen)
     x = (4 * torch.randn(T, inn, generator=gen)).to(dtype)
     Wd = w.to_dense().to(dtype)
-    for act in ACTS:
+    for act in NONLINEAR:
         for bias in (None, (10 * torch.randn(out, generator=gen)).to(dtype)):
             ours = torch.ops.sparsekern.balanced_linear(x, w.values, w.indices, bank, bias, act)
             ref = reference.linear(x, w, bias, act)

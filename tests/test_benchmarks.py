@@ -69,6 +69,7 @@ def test_cpu_ops_tiny_csv_schema_and_ratios(tmp_path):
     assert all(os.path.getsize(x) > 0 for x in paths) and len(paths) == 3
 
 
+@pytest.mark.slow  # end-to-end model timings: ~20 s on a busy machine
 def test_e2e_tiny_rows(tmp_path):
     rows, skipped = e2e_bert.run(e2e_bert.PRESETS["tiny"], str(tmp_path), progress=False)
     # bf16 contenders are left out, with a line saying why, only where this CPU has no native bf16

@@ -88,6 +88,7 @@ def _demangle(names: list[str]) -> list[str]:
     return [re.sub(r"^.*?(\w+(<.*>)?)\(.*$", r"\1", n.replace("sparsekern::cuda::", "").replace("(anonymous namespace)::", "")) for n in out]
 
 
+@pytest.mark.slow  # nvcc for two archs: ~20 s
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 def test_every_cu_compiles_for_sm80_sm90_without_spills(tmp_path):
     sources = sorted(CUDA_SRC.glob("*.cu"))
@@ -122,6 +123,7 @@ def test_parse_ptxas_reads_registers_and_spills():
     assert parse_ptxas(log) == [{"kernel": "_Z1kv", "arch": "sm_90", "regs": 255, "stack": 8, "spill": 16}]
 
 
+@pytest.mark.slow  # the host compiler over torch's headers: ~8 s
 @pytest.mark.skipif(CXX is None or _cuda_include() is None, reason="needs a host C++ compiler and the CUDA headers")
 def test_launcher_passes_host_syntax_check(tmp_path):
     torch = pytest.importorskip("torch")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sparse import BalancedSparseWeight, BlockSparseWeight
+from tests.helpers import make_bsr
 
 torch.manual_seed(0)
 
@@ -137,10 +138,6 @@ def test_balanced_mask_argument():
         BalancedSparseWeight.from_dense(W, bank=4, keep=2, mask=m)
 
 
-def _block_weight():
-    return BlockSparseWeight.from_dense(torch.randn(64, 64), block=16, sparsity=0.5)
-
-
 @pytest.mark.parametrize("field,mutate,match", [
     ("col_indices", lambda t: t.fill_(7), "out of range"),
     ("col_indices", lambda t: t.__setitem__(0, -1), "out of range"),
@@ -152,7 +149,7 @@ def _block_weight():
     ("row_offsets", lambda t: t.long(), "int32"),
 ])
 def test_block_validate_rejects_malformed(field, mutate, match):
-    w = _block_weight()
+    w = make_bsr(64, 64, 16, sparsity=0.5)
     ro, ci = w.row_offsets.clone(), w.col_indices.clone()
     # make row 0 hold at least two blocks for the ordering cases
     ro = torch.tensor([0, 2, 4, 6, 8], dtype=torch.int32)
@@ -167,7 +164,7 @@ def test_block_validate_rejects_malformed(field, mutate, match):
 
 
 def test_block_validate_rejects_inconsistent_transposed_metadata():
-    w = _block_weight()
+    w = make_bsr(64, 64, 16, sparsity=0.5)
     with pytest.raises(ValueError, match="block_perm does not match"):
         BlockSparseWeight(w.values, w.row_offsets, w.col_indices, w.shape, col_offsets=w.col_offsets,
                           row_indices=w.row_indices, block_perm=w.block_perm.flip(0))

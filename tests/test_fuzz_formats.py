@@ -29,6 +29,7 @@ from sparse import BalancedSparseWeight, BlockSparseWeight, reference
 from sparse._ext import available
 
 from tests import _reliab as R
+from tests import helpers as H
 
 pytestmark = pytest.mark.skipif(not available(), reason="sparse._C not built")
 
@@ -137,13 +138,13 @@ def _base_block(data):
     out, inn = data.draw(st.integers(1, 12), label="out"), data.draw(st.integers(1, 12), label="in")
     bo, bi = data.draw(st.integers(1, out), label="bo"), data.draw(st.integers(1, inn), label="bi")
     density = data.draw(st.sampled_from([0.0, 0.5, 1.0]), label="density")
-    return R.block_weight(out, inn, (bo, bi), density, torch.float64, seed=out * 13 + inn)
+    return H.make_bsr(out, inn, (bo, bi), density=density, dtype=torch.float64, seed=out * 13 + inn)
 
 
 def _check_python_weight(w, what: str) -> None:
     """A weight the constructor accepted must be valid and compute the reference result."""
     w.validate()
-    x = R.randn((3, w.shape[1]), w.dtype, 4)
+    x = H.randn((3, w.shape[1]), w.dtype, 4)
     y = sparse.linear(x, w)
     _close(y, reference.linear(x, w), f"{what}: linear of an accepted weight")
 
@@ -171,8 +172,8 @@ def test_fuzz_block_sparse(data):
     args = {
         "values": w.values, "row_offsets": w.row_offsets, "col_indices": w.col_indices,
         "col_offsets": w.col_offsets, "row_indices": w.row_indices, "block_perm": w.block_perm,
-        "x": R.randn((T, inn), torch.float64, 1), "bias": R.randn((out,), torch.float64, 2),
-        "grad_out": R.randn((T, out), torch.float64, 3), "out_features": out, "in_features": inn,
+        "x": H.randn((T, inn), torch.float64, 1), "bias": H.randn((out,), torch.float64, 2),
+        "grad_out": H.randn((T, out), torch.float64, 3), "out_features": out, "in_features": inn,
         "activation": "none",
     }
     for field in data.draw(st.lists(st.sampled_from(BSR_FIELDS), min_size=1, max_size=3), label="fields"):
@@ -223,11 +224,11 @@ def test_fuzz_balanced(data):
     bank = data.draw(st.integers(1, inn), label="bank")
     last = inn - (-(-inn // bank) - 1) * bank
     keep = data.draw(st.integers(1, last), label="keep")
-    w = R.balanced_weight(out, inn, bank, keep, torch.float64, seed=out * 7 + inn)
+    w = H.make_balanced(out, inn, bank, keep, dtype=torch.float64, seed=out * 7 + inn)
     T = data.draw(st.integers(0, 3), label="T")
     args = {
-        "values": w.values, "indices": w.indices, "x": R.randn((T, inn), torch.float64, 1),
-        "bias": R.randn((out,), torch.float64, 2), "grad_out": R.randn((T, out), torch.float64, 3),
+        "values": w.values, "indices": w.indices, "x": H.randn((T, inn), torch.float64, 1),
+        "bias": H.randn((out,), torch.float64, 2), "grad_out": H.randn((T, out), torch.float64, 3),
         "bank": bank, "in_features": inn, "activation": "none",
     }
     if data.draw(st.booleans(), label="int16 indices"):
@@ -273,7 +274,7 @@ def test_running_the_expected_build():
 
 def test_constructors_reject_non_tensors():
     """Arbitrary Python objects in place of tensors and sizes."""
-    w = R.block_weight(6, 6, (2, 3), 0.5, torch.float32, seed=0)
+    w = H.make_bsr(6, 6, (2, 3), density=0.5, dtype=torch.float32, seed=0)
     for bad in (None, 3, "x", [0, 1], 2.5):
         with pytest.raises(CLEAN):
             BlockSparseWeight(bad, w.row_offsets, w.col_indices, w.shape)
@@ -283,7 +284,7 @@ def test_constructors_reject_non_tensors():
             BlockSparseWeight(w.values, w.row_offsets, bad, w.shape)
         with pytest.raises(CLEAN):
             BlockSparseWeight(w.values, w.row_offsets, w.col_indices, bad)
-    b = R.balanced_weight(4, 8, 4, 2, torch.float32, seed=0)
+    b = H.make_balanced(4, 8, 4, 2, dtype=torch.float32, seed=0)
     for bad in (None, "x", [0, 1], 2.5, True):
         with pytest.raises(CLEAN):
             BalancedSparseWeight(b.values, bad, b.bank, 8)
@@ -300,10 +301,10 @@ BSR_META = ["values", "row_offsets", "col_indices", "col_offsets", "row_indices"
 def test_meta_metadata_is_named(field):
     """One tensor of a CPU call on the meta device: a ValueError that names the field and the device, from the
     constructor and from every op that takes it (never a result of uninitialised memory)."""
-    w = R.block_weight(6, 6, (2, 3), 0.5, torch.float32, seed=0)
-    x, g = R.randn((3, 6), torch.float32, 1), R.randn((3, 6), torch.float32, 2)
+    w = H.make_bsr(6, 6, (2, 3), density=0.5, dtype=torch.float32, seed=0)
+    x, g = H.randn((3, 6), torch.float32, 1), H.randn((3, 6), torch.float32, 2)
     a = {"values": w.values, "row_offsets": w.row_offsets, "col_indices": w.col_indices, "col_offsets": w.col_offsets,
-         "row_indices": w.row_indices, "block_perm": w.block_perm, "bias": R.randn((6,), torch.float32, 3)}
+         "row_indices": w.row_indices, "block_perm": w.block_perm, "bias": H.randn((6,), torch.float32, 3)}
     a[field] = a[field].to("meta")
     match = rf"{field} is on meta|values are on meta"
     calls = [lambda: OPS.bsr_linear(x, a["values"], a["row_offsets"], a["col_indices"], a["col_offsets"],
@@ -324,9 +325,9 @@ def test_meta_metadata_is_named(field):
 
 @pytest.mark.parametrize("field", ["values", "indices", "bias"])
 def test_meta_balanced_metadata_is_named(field):
-    w = R.balanced_weight(4, 16, 8, 2, torch.float32, seed=0)
-    x, g = R.randn((3, 16), torch.float32, 1), R.randn((3, 4), torch.float32, 2)
-    a = {"values": w.values, "indices": w.indices, "bias": R.randn((4,), torch.float32, 3)}
+    w = H.make_balanced(4, 16, 8, 2, dtype=torch.float32, seed=0)
+    x, g = H.randn((3, 16), torch.float32, 1), H.randn((3, 4), torch.float32, 2)
+    a = {"values": w.values, "indices": w.indices, "bias": H.randn((4,), torch.float32, 3)}
     a[field] = a[field].to("meta")
     match = rf"{field} is on meta|values are on meta|indices are on meta"
     calls = [lambda: OPS.balanced_linear(x, a["values"], a["indices"], 8, a["bias"], "none")]

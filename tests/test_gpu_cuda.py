@@ -9,45 +9,36 @@ import torch
 import torch.nn.functional as F
 
 import sparse  # noqa: F401  (loads the extension and registers fake kernels + autograd)
-from sparse import BalancedSparseWeight, BlockSparseWeight, reference
+from sparse import BlockSparseWeight, reference
 from sparse import _ext
-from tests.helpers import assert_close_to_ref
+from tests.helpers import assert_close_to_ref, make_balanced, make_bsr, randn
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or not _ext.available() or not _ext.require().has_cuda(),
-    reason="needs a CUDA GPU and sparse._C built with CUDA (SPARSEKERN_CUDA=1)",
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not _ext.available() or not _ext.require().has_cuda(),
+        reason="needs a CUDA GPU and sparse._C built with CUDA (SPARSEKERN_CUDA=1)",
+    ),
+]
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
 ops = torch.ops.sparsekern
 DEV = "cuda"
 
 
-def _data(shape, dtype, seed):
-    """Normal samples; in float64 rounded to multiples of 1/256 in [-8, 8], so that every product and partial
-    sum is exact and any reduction order (ours, cuBLAS, the reference) gives the same bits: the tolerance
-    rule's floor (4 ulp) is otherwise below float64's reduction-order noise at a few hundred features, while
-    an indexing bug still shows as a large error."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(*shape, generator=g)
-    if dtype == torch.float64:
-        t = ((t.double() * 256).round() / 256).clamp(-8, 8)
-    return t
-
-
+# This file's weights and data (tests/helpers.py) on the GPU; in float64 exact (multiples of 1/256 in [-8, 8]), so
+# that every product and partial sum is exact and any reduction order (ours, cuBLAS, the reference) gives the same
+# bits: the rule's default floor is otherwise below float64's reduction-order noise at a few hundred features.
 def _block(shape, block, sparsity, dtype, seed=0):
-    w = BlockSparseWeight.from_dense(_data(shape, dtype, seed), block=block, sparsity=sparsity)
-    return w.to(device=DEV, dtype=dtype)
+    return make_bsr(*shape, block, sparsity=sparsity, dtype=dtype, seed=seed, device=DEV,
+                    exact=dtype == torch.float64)
 
 
 def _balanced(shape, bank, keep, dtype, seed=0):
-    w = BalancedSparseWeight.from_dense(_data(shape, dtype, seed), bank=bank, keep=keep)
-    return w.to(device=DEV, dtype=dtype)
+    return make_balanced(*shape, bank, keep, dtype=dtype, seed=seed, device=DEV, exact=dtype == torch.float64)
 
 
 def _rand(*shape, dtype, seed=1):
-    return _data(shape, dtype, seed).to(device=DEV, dtype=dtype)
+    return randn(shape, dtype, seed, device=DEV, exact=dtype == torch.float64)
 
 
 def _bsr_fwd(w, x, bias, act):
@@ -73,7 +64,6 @@ BLOCK_CASES = [((256, 192), 32, 0.5), ((192, 256), 64, 0.5), ((200, 136), 32, 0.
                ((96, 64), 16, 0.7), ((70, 45), (32, 1), 0.8), ((136, 200), (32, 64), 0.6)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,block,sparsity", BLOCK_CASES)
 @pytest.mark.parametrize("T", [1, 7, 97, 300])
 def test_bsr_ops_match_reference(dtype, shape, block, sparsity, T):
@@ -86,14 +76,13 @@ def test_bsr_ops_match_reference(dtype, shape, block, sparsity, T):
     _check_all(w, x, None, "gelu", _bsr_fwd, gi, sd)
 
 
-@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_bsr_epilogue_every_activation(act, dtype):
+def test_bsr_epilogue_every_activation(activation, dtype):
     w = _block((192, 256), 64, 0.5, dtype)
     x, bias = _rand(77, 256, dtype=dtype), _rand(192, dtype=dtype, seed=3)
-    y = _bsr_fwd(w, x, bias, act)
-    dense = reference.activation(F.linear(x, w.to_dense(), bias), act)
-    assert_close_to_ref(y, reference.linear(x, w, bias, act), dense, f"act={act}")
+    y = _bsr_fwd(w, x, bias, activation)
+    dense = reference.activation(F.linear(x, w.to_dense(), bias), activation)
+    assert_close_to_ref(y, reference.linear(x, w, bias, activation), dense, f"activation={activation}")
 
 
 def test_bsr_strided_rows_empty_rows_and_empty_input():
@@ -114,7 +103,6 @@ BALANCED_CASES = [((48, 64), 32, 16), ((33, 70), 32, 4), ((64, 128), 4, 2), ((17
                   ((16, 700), 300, 7)]  # the last: int16 indices, ragged last bank
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,bank,keep", BALANCED_CASES)
 @pytest.mark.parametrize("T", [1, 7, 97])
 def test_balanced_ops_match_reference(dtype, shape, bank, keep, T):

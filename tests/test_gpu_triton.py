@@ -10,31 +10,21 @@ import torch.nn.functional as F
 
 import sparse
 from sparse import reference
-from sparse.formats import BalancedSparseWeight, BlockSparseWeight
+from tests.helpers import KERNEL_FLOOR, TRITON_DTYPES, assert_close_to_ref, make_balanced, make_bsr
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 pytest.importorskip("sparse.triton_backend")  # registers torch.ops.sparsekern.triton_*
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.sparsekern
 
 
-def _close(ours: torch.Tensor, dense: torch.Tensor, ref: torch.Tensor) -> None:
-    """ours may err at most 2x dense torch in the same dtype (both against float64) + a tiny floor."""
-    assert ours.shape == ref.shape and torch.isfinite(ours).all()
-    err = (ours.double() - ref).abs().max().item()
-    err_dense = (dense.double() - ref).abs().max().item()
-    floor = 1e-6 * (1.0 + ref.abs().max().item())
-    assert err <= 2 * err_dense + floor, f"error {err:.3g} vs dense torch {err_dense:.3g}"
-
-
 def _weights(dtype: torch.dtype):
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(320, 200, generator=g) / 200**0.5
+    """Three formats of the same random 320 x 200 matrix (one seed), scaled by 1/sqrt(in)."""
+    kw = dict(dtype=dtype, seed=0, scale=200**-0.5, device="cuda")
     return [
-        BlockSparseWeight.from_dense(W, 32, sparsity=0.5).to("cuda", dtype),
-        BlockSparseWeight.from_dense(W, (16, 64), sparsity=0.75).to("cuda", dtype),  # rectangular, ragged
-        BalancedSparseWeight.from_dense(W, 64, 16).to("cuda", dtype),  # ragged last bank (200 = 3*64 + 8)
+        make_bsr(320, 200, 32, sparsity=0.5, **kw),
+        make_bsr(320, 200, (16, 64), sparsity=0.75, **kw),  # rectangular, ragged
+        make_balanced(320, 200, 64, 16, **kw),  # ragged last bank (200 = 3*64 + 8)
     ]
 
 
@@ -43,7 +33,7 @@ def test_triton_is_the_default_on_cuda():
 
 
 @pytest.mark.parametrize("act", ["none", "gelu"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 def test_linear_forward_and_backward(dtype, act, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     for w in _weights(dtype):
@@ -53,7 +43,7 @@ def test_linear_forward_and_backward(dtype, act, monkeypatch):
         w.values = values
         y = sparse.linear(x, w, bias, act)
         dense = reference.activation(F.linear(x, w.to_dense(), bias), act)
-        _close(y, dense, reference.linear(x, w, bias, act))
+        assert_close_to_ref(y, reference.linear(x, w, bias, act), dense, floor=KERNEL_FLOOR)
         grad = torch.randn_like(y)
         gx, gv, gb = torch.autograd.grad(y, (x, values, bias), grad)
         dgx, dgv, dgb = torch.autograd.grad(dense, (x, values, bias), grad)
@@ -63,9 +53,9 @@ def test_linear_forward_and_backward(dtype, act, monkeypatch):
         w64.values = vd
         ref = reference.activation(F.linear(xd, w64.to_dense(), bd), act)
         rgx, rgv, rgb = torch.autograd.grad(ref, (xd, vd, bd), grad.double())
-        _close(gx, dgx, rgx)
-        _close(gv, dgv, rgv)
-        _close(gb, dgb, rgb)
+        assert_close_to_ref(gx, rgx, dgx, floor=KERNEL_FLOOR)
+        assert_close_to_ref(gv, rgv, dgv, floor=KERNEL_FLOOR)
+        assert_close_to_ref(gb, rgb, dgb, floor=KERNEL_FLOOR)
 
 
 def test_fp32_uses_tf32_only_when_allowed(monkeypatch):

@@ -51,6 +51,7 @@ def _real_best() -> str:
     return json.loads(r.stdout)["best"]
 
 
+@pytest.mark.slow  # two fresh interpreters each
 @pytest.mark.parametrize("cap", ["avx2", "portable"])
 def test_cap_behaves_as_an_older_cpu(cap):
     real = _real_best()
@@ -75,6 +76,7 @@ def test_cap_behaves_as_an_older_cpu(cap):
                 assert f"capped by SPARSEKERN_ISA={cap}" in msg, msg
 
 
+@pytest.mark.slow  # three fresh interpreters
 def test_cap_at_or_above_the_cpu_changes_nothing():
     real = _real_best()
     for cap in ("auto", "avx512"):

@@ -22,6 +22,7 @@ import sparse
 from sparse._ext import available
 
 from tests import _reliab as R
+from tests import helpers as H
 
 pytestmark = [
     pytest.mark.skipif(not available(), reason="sparse._C not built"),
@@ -39,12 +40,13 @@ def _rss() -> int:
 
 def _steps():
     """One forward + backward per weight format: all six ops run (gelu makes the backward recompute z)."""
-    ws = [R.block_weight(64, 64, (8, 8), 0.5, torch.float32, seed=1), R.balanced_weight(64, 64, 16, 4, torch.float32, 2)]
+    ws = [H.make_bsr(64, 64, (8, 8), density=0.5, dtype=torch.float32, seed=1),
+          H.make_balanced(64, 64, 16, 4, dtype=torch.float32, seed=2)]
     params = []
     for w in ws:
         v = w.values.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
         params.append((R.with_values(w, v), v, torch.zeros(64, requires_grad=True)))
-    x = R.randn((8, 64), torch.float32, 3).requires_grad_(True)
+    x = H.randn((8, 64), torch.float32, 3).requires_grad_(True)
 
     def step(i: int) -> None:
         w, v, b = params[i % 2]

@@ -23,6 +23,7 @@ from sparse import reference
 from sparse._ext import available
 
 from tests import _reliab as R
+from tests import helpers as H
 
 pytestmark = pytest.mark.skipif(not available(), reason="sparse._C not built")
 
@@ -55,12 +56,11 @@ def _assert_same_specials(got: torch.Tensor, want: torch.Tensor, reduce_len: int
 
 
 def _weights(dtype: torch.dtype):
-    yield R.block_weight(23, 37, (4, 8), 0.6, dtype, seed=1)  # ragged edges, explicit zeros kept in blocks
-    yield R.block_weight(64, 32, (16, 16), 0.5, dtype, seed=2)
-    yield R.balanced_weight(19, 70, 16, 5, dtype, seed=3)  # ragged last bank of 6
+    yield H.make_bsr(23, 37, (4, 8), density=0.6, dtype=dtype, seed=1)  # ragged edges, explicit zeros kept in blocks
+    yield H.make_bsr(64, 32, (16, 16), density=0.5, dtype=dtype, seed=2)
+    yield H.make_balanced(19, 70, 16, 5, dtype=dtype, seed=3)  # ragged last bank of 6
 
 
-@pytest.mark.parametrize("dtype", R.DTYPES, ids=str)
 @pytest.mark.parametrize("where", ["input", "weight", "both"])
 def test_nan_inf_propagate_like_the_reference(dtype, where):
     for wi, clean in enumerate(_weights(dtype)):
@@ -71,11 +71,11 @@ def test_nan_inf_propagate_like_the_reference(dtype, where):
             weight = R.with_values(clean, _sprinkle(clean.values.contiguous(), seed=wi))
         W = R.dense(weight)
         T = 11
-        x = R.randn((T, inn), dtype, seed=10 + wi)
-        g = R.randn((T, out), dtype, seed=20 + wi)
+        x = H.randn((T, inn), dtype, seed=10 + wi)
+        g = H.randn((T, out), dtype, seed=20 + wi)
         if where != "weight":
             x, g = _sprinkle(x, seed=30 + wi), _sprinkle(g, seed=40 + wi)
-        bias = _sprinkle(R.randn((out,), dtype, seed=50 + wi), seed=60 + wi, frac=0.1)
+        bias = _sprinkle(H.randn((out,), dtype, seed=50 + wi), seed=60 + wi, frac=0.1)
         z_ref = R.masked_matmul(x, W, mask) + bias.double()
         gi_ref = R.masked_matmul(g, W.t(), mask.t())
         sd_ref = R.gather_pattern(weight, R.masked_matmul(g.t(), x.t(), torch.ones(inn, T, dtype=torch.bool)))
@@ -85,24 +85,23 @@ def test_nan_inf_propagate_like_the_reference(dtype, where):
         for level in R.isa_levels():
             with R.isa(level):
                 tag = f"[{level} {dtype} {weight!r} NaN/Inf in {where}]"
-                for act in R.ACTIVATIONS:
+                for act in H.ACTS:
                     y = sparse.linear(x, weight, bias, act)
                     _assert_same_specials(y, reference.activation(z_ref, act), inn, scale, f"forward {act} {tag}")
                 _assert_same_specials(sparse.linear_grad_input(g, weight), gi_ref, out, scale, f"grad_input {tag}")
                 _assert_same_specials(sparse.sddmm(g, x, weight), sd_ref, T, scale, f"sddmm {tag}")
 
 
-@pytest.mark.parametrize("dtype", R.DTYPES, ids=str)
 def test_empty_weight_reads_nothing(dtype):
     """With no stored block, NaN/Inf in x reach nothing: forward gives act(bias), grad_input exact zeros."""
-    weight = R.block_weight(16, 16, (4, 4), 0.0, dtype, seed=0)
+    weight = H.make_bsr(16, 16, (4, 4), density=0.0, dtype=dtype, seed=0)
     assert weight.nnz_blocks == 0
-    x = _sprinkle(R.randn((5, 16), dtype, seed=1), seed=2, frac=0.5)
-    bias = R.randn((16,), dtype, seed=3)
+    x = _sprinkle(H.randn((5, 16), dtype, seed=1), seed=2, frac=0.5)
+    bias = H.randn((16,), dtype, seed=3)
     for level in R.isa_levels():
         with R.isa(level):
             assert torch.equal(sparse.linear(x, weight, bias), bias.expand(5, 16)), f"[{level} {dtype}]"
-            for act in R.ACTIVATIONS:
+            for act in H.ACTS:
                 y = sparse.linear(x, weight, bias, act)
                 _assert_same_specials(y, reference.activation(bias.double(), act).expand(5, 16), 1, 1.0,
                                       f"[{level} {dtype} {act}] empty weight")

@@ -6,20 +6,9 @@ import torch.nn.functional as F
 
 import sparse
 from sparse import BalancedSparseWeight, BlockSparseWeight, reference
-from tests.helpers import assert_close_to_ref
+from tests.helpers import NONLINEAR, assert_close_to_ref, make_balanced, make_bsr, slow_except
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 ops = torch.ops.sparsekern
-
-
-def _block(shape, block, sparsity, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return BlockSparseWeight.from_dense(torch.randn(*shape, generator=g), block=block, sparsity=sparsity).to(dtype=dtype)
-
-
-def _balanced(shape, bank, keep, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return BalancedSparseWeight.from_dense(torch.randn(*shape, generator=g), bank=bank, keep=keep).to(dtype=dtype)
 
 
 def _check_forward(w, x, bias, act):
@@ -45,11 +34,10 @@ BLOCK_CASES = [((64, 96), 32, 0.5), ((96, 64), 16, 0.7), ((40, 56), 8, 0.5), ((1
                ((70, 45), (32, 1), 0.8), ((37, 70), (1, 32), 0.6), ((30, 22), 4, 0.5), ((50, 45), (16, 8), 0.3)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,block,sparsity", BLOCK_CASES)
-@pytest.mark.parametrize("T", [1, 7, 97])
+@pytest.mark.parametrize("T", slow_except([1, 7, 97], [1, 7]))  # more tokens: the 3-D test
 def test_block_ops_match_reference(dtype, shape, block, sparsity, T):
-    w = _block(shape, block, sparsity, dtype)
+    w = make_bsr(*shape, block, sparsity=sparsity, dtype=dtype)
     x = torch.randn(T, shape[1]).to(dtype)
     bias = torch.randn(shape[0]).to(dtype)
     _check_forward(w, x, bias, "none")
@@ -61,11 +49,10 @@ BALANCED_CASES = [((48, 64), 32, 16), ((33, 70), 32, 4), ((20, 16), 4, 2), ((17,
                   ((6, 610), 300, 7)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,bank,keep", BALANCED_CASES)
-@pytest.mark.parametrize("T", [1, 7, 97])
+@pytest.mark.parametrize("T", slow_except([1, 7, 97], [1, 7]))  # more tokens: the 3-D test
 def test_balanced_ops_match_reference(dtype, shape, bank, keep, T):
-    w = _balanced(shape, bank, keep, dtype)
+    w = make_balanced(*shape, bank, keep, dtype=dtype)
     x = torch.randn(T, shape[1]).to(dtype)
     bias = torch.randn(shape[0]).to(dtype)
     _check_forward(w, x, bias, "none")
@@ -73,17 +60,17 @@ def test_balanced_ops_match_reference(dtype, shape, bank, keep, T):
     _check_backward_ops(w, x)
 
 
-@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("act", NONLINEAR)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_activations(act, dtype):
     x = torch.randn(13, 64).to(dtype)
     bias = torch.randn(48).to(dtype)
-    _check_forward(_block((48, 64), 16, 0.5, dtype), x, bias, act)
-    _check_forward(_balanced((48, 64), 16, 4, dtype), x, bias, act)
+    _check_forward(make_bsr(48, 64, 16, sparsity=0.5, dtype=dtype), x, bias, act)
+    _check_forward(make_balanced(48, 64, 16, 4, dtype=dtype), x, bias, act)
 
 
-@pytest.mark.parametrize("make", [lambda: _block((48, 64), 16, 0.5, torch.float32),
-                                  lambda: _balanced((48, 64), 16, 8, torch.float32)])
+@pytest.mark.parametrize("make", [lambda: make_bsr(48, 64, 16, sparsity=0.5),
+                                  lambda: make_balanced(48, 64, 16, 8)])
 def test_3d_and_noncontiguous_inputs(make):
     w = make()
     x3 = torch.randn(3, 5, 64)
@@ -113,9 +100,9 @@ def test_empty_rows_zero_and_dense_weights():
 
 
 def test_empty_token_batch():
-    w = _block((48, 64), 16, 0.5, torch.float32)
+    w = make_bsr(48, 64, 16, sparsity=0.5)
     assert sparse.linear(torch.randn(0, 64), w).shape == (0, 48)
-    b = _balanced((48, 64), 16, 8, torch.float32)
+    b = make_balanced(48, 64, 16, 8)
     assert sparse.linear(torch.randn(2, 0, 64), b).shape == (2, 0, 48)
 
 
@@ -125,7 +112,7 @@ def _block_args(w, x, bias=None, act="none"):
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_opcheck_block(with_bias):
-    w = _block((40, 48), 16, 0.5, torch.float32)
+    w = make_bsr(40, 48, 16, sparsity=0.5)
     x = torch.randn(5, 48, requires_grad=True)
     w.values.requires_grad_()
     bias = torch.randn(40, requires_grad=True) if with_bias else None
@@ -137,7 +124,7 @@ def test_opcheck_block(with_bias):
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_opcheck_balanced(with_bias):
-    w = _balanced((40, 48), 16, 4, torch.float32)
+    w = make_balanced(40, 48, 16, 4)
     x = torch.randn(5, 48, requires_grad=True)
     values = w.values.clone().requires_grad_()
     bias = torch.randn(40, requires_grad=True) if with_bias else None
@@ -152,7 +139,8 @@ def test_opcheck_balanced(with_bias):
 @pytest.mark.parametrize("fmt", ["block", "balanced"])
 @pytest.mark.parametrize("wants", ["x", "values", "bias", "x+bias", "values+bias", "x+values+bias"])
 def test_autograd_each_subset_of_inputs(fmt, wants):
-    w = _block((40, 48), 16, 0.5, torch.float64) if fmt == "block" else _balanced((40, 48), 16, 4, torch.float64)
+    w = make_bsr(40, 48, 16, sparsity=0.5, dtype=torch.float64) if fmt == "block" else \
+        make_balanced(40, 48, 16, 4, dtype=torch.float64)
     x = torch.randn(5, 48, dtype=torch.float64, requires_grad="x" in wants)
     values = w.values.detach().clone().requires_grad_("values" in wants)
     bias = torch.randn(40, dtype=torch.float64, requires_grad="bias" in wants)
@@ -180,7 +168,7 @@ def test_autograd_each_subset_of_inputs(fmt, wants):
 @pytest.mark.parametrize("fmt", ["block", "balanced"])
 def test_no_graph_when_nothing_requires_grad(fmt):
     """With grad mode on but no input requiring a gradient, the op records no autograd node (the fast path)."""
-    w = _block((40, 48), 16, 0.5, torch.float32) if fmt == "block" else _balanced((40, 48), 16, 4, torch.float32)
+    w = make_bsr(40, 48, 16, sparsity=0.5) if fmt == "block" else make_balanced(40, 48, 16, 4)
     x = torch.randn(5, 48)
     y = sparse.linear(x, w, torch.randn(40), "relu")
     assert y.grad_fn is None and not y.requires_grad
@@ -190,7 +178,7 @@ def test_no_graph_when_nothing_requires_grad(fmt):
 
 @pytest.mark.parametrize("act", ["none", "gelu", "relu"])
 def test_gradcheck_block(act):
-    w = _block((20, 24), (8, 4), 0.4, torch.float64)
+    w = make_bsr(20, 24, (8, 4), sparsity=0.4, dtype=torch.float64)
     x = torch.randn(3, 24, dtype=torch.float64, requires_grad=True)
     # keep pre-activations away from ReLU's kink, where finite differences are not the derivative
     bias = (torch.randn(20, dtype=torch.float64) + 0.1).requires_grad_()
@@ -202,7 +190,7 @@ def test_gradcheck_block(act):
 
 @pytest.mark.parametrize("act", ["none", "silu", "gelu_tanh"])
 def test_gradcheck_balanced(act):
-    w = _balanced((10, 22), 8, 3, torch.float64)
+    w = make_balanced(10, 22, 8, 3, dtype=torch.float64)
     x = torch.randn(4, 22, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(10, dtype=torch.float64, requires_grad=True)
     values = w.values.detach().clone().requires_grad_()
@@ -211,7 +199,7 @@ def test_gradcheck_balanced(act):
 
 
 def test_autograd_through_linear_matches_dense():
-    w = _block((48, 64), 16, 0.5, torch.float32)
+    w = make_bsr(48, 64, 16, sparsity=0.5)
     w.values.requires_grad_()
     x = torch.randn(2, 7, 64, requires_grad=True)
     bias = torch.randn(48, requires_grad=True)
@@ -233,8 +221,9 @@ def _gelu_grad(xd, Wd, bd, g):
     return z.grad.reshape(-1, z.shape[-1])
 
 
-@pytest.mark.parametrize("make", [lambda: _block((48, 64), 16, 0.5, torch.float32),
-                                  lambda: _balanced((48, 64), 16, 8, torch.float32)])
+@pytest.mark.slow  # torch.compile: ~10 s, mostly Inductor's first compile
+@pytest.mark.parametrize("make", [lambda: make_bsr(48, 64, 16, sparsity=0.5),
+                                  lambda: make_balanced(48, 64, 16, 8)])
 def test_torch_compile_fullgraph_matches_eager(make):
     torch._dynamo.reset()
     w = make()
@@ -259,7 +248,7 @@ def test_torch_compile_fullgraph_matches_eager(make):
 # ---- bad input ----------------------------------------------------------------------------------------------
 
 def test_linear_rejects_bad_arguments():
-    w = _block((48, 64), 16, 0.5, torch.float32)
+    w = make_bsr(48, 64, 16, sparsity=0.5)
     with pytest.raises(ValueError, match="must end in 64 features"):
         sparse.linear(torch.randn(3, 63), w)
     with pytest.raises(TypeError, match="dtype torch.float64 but the weight has torch.float32"):
@@ -280,7 +269,7 @@ def test_linear_rejects_bad_arguments():
 
 def test_ops_reject_malformed_metadata_without_crashing():
     """The C++ ops check what keeps memory safe, even when called directly with hand-built metadata."""
-    w = _block((48, 64), 16, 0.5, torch.float32)
+    w = make_bsr(48, 64, 16, sparsity=0.5)
     x = torch.randn(3, 64)
     base = list(_block_args(w, x))
 
@@ -319,7 +308,7 @@ def test_ops_reject_malformed_metadata_without_crashing():
     with pytest.raises(RuntimeError, match="row_indices"):
         ops.bsr_linear_grad_input(g, w.values, w.col_offsets, bad_rows, w.block_perm, 64)
 
-    b = _balanced((48, 64), 16, 4, torch.float32)
+    b = make_balanced(48, 64, 16, 4)
     idx = b.indices.clone(); idx[5, 3, 1] = 16
     with pytest.raises(RuntimeError, match=r"indices\[5, 3, 1\] = 16 is out of range \[0, 16\)"):
         ops.balanced_linear(x, b.values, idx, 16)

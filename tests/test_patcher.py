@@ -280,6 +280,7 @@ def test_copies_and_bfloat16():
     assert_close_to_ref(hidden(bf, IDS), ref64, hidden(copy.deepcopy(ref).to(torch.bfloat16), IDS))
 
 
+@pytest.mark.slow  # torch.compile
 def test_torch_compile_fullgraph_equals_eager():
     torch.manual_seed(11)
     model = tiny_bert(layers=1)
@@ -361,6 +362,7 @@ def test_bad_arguments():
     assert not any(isinstance(m, SparseLinear) for m in model.modules())  # failed calls changed nothing
 
 
+@pytest.mark.slow  # torch.compile
 def test_torch_compile_fullgraph_training_step_equals_eager():
     torch.manual_seed(15)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))

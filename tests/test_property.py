@@ -26,6 +26,7 @@ from sparse import reference
 from sparse._ext import available
 
 from tests import _reliab as R
+from tests import helpers as H
 
 pytestmark = pytest.mark.skipif(not available(), reason="sparse._C not built")
 
@@ -41,9 +42,9 @@ def check_every_op(weight, lead, x_layout: str, g_layout: str, with_bias: bool, 
     """All ops of ``weight`` at every ISA level against the float64 reference."""
     dtype = weight.dtype
     out, inn = weight.shape
-    x = R.randn((*lead, inn), dtype, seed)
-    g = R.randn((*lead, out), dtype, seed + 1)
-    bias = R.randn((out,), dtype, seed + 2) if with_bias else None
+    x = H.randn((*lead, inn), dtype, seed)
+    g = H.randn((*lead, out), dtype, seed + 1)
+    bias = H.randn((out,), dtype, seed + 2) if with_bias else None
     W = R.dense(weight)
     W64, x64, g64 = W.double(), x.double().reshape(-1, inn), g.double().reshape(-1, out)
     T = x64.shape[0]
@@ -79,21 +80,23 @@ def check_every_op(weight, lead, x_layout: str, g_layout: str, with_bias: bool, 
         with R.isa(level):
             tag = f"[{level} {dtype} {weight!r} lead={lead} x:{x_layout} g:{g_layout} act={act} bias={with_bias}]"
             y = sparse.linear(xl, weight, bias, act)
-            R.check_rule(y, y_ref, y_dense, y_terms.reshape(y_ref.shape), dtype, inn, f"forward {tag}")
+            H.assert_close_to_ref(y, y_ref, y_dense, f"forward {tag}", k=inn, terms=y_terms.reshape(y_ref.shape))
             gi = sparse.linear_grad_input(gl, weight)
-            R.check_rule(gi, gi_ref, gi_dense, gi_terms.reshape(gi_ref.shape), dtype, out, f"grad_input {tag}")
+            H.assert_close_to_ref(gi, gi_ref, gi_dense, f"grad_input {tag}", k=out,
+                                  terms=gi_terms.reshape(gi_ref.shape))
             sd = sparse.sddmm(gl, xl, weight)
-            R.check_rule(sd, sd_ref, sd_dense, sd_terms, dtype, T, f"sddmm {tag}")
+            H.assert_close_to_ref(sd, sd_ref, sd_dense, f"sddmm {tag}", k=T, terms=sd_terms)
 
             v = weight.values.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
             wg = R.with_values(weight, v)
             xa = xl.detach().requires_grad_(True)
             ba = bias.detach().requires_grad_(True) if bias is not None else None
             sparse.linear(xa, wg, ba, act).backward(gl)
-            R.check_rule(xa.grad.reshape(-1, inn), ag_ref[0], ag_dense[0], ag_terms[0], dtype, out, f"autograd x {tag}")
-            R.check_rule(v.grad, ag_ref[1], ag_dense[1], ag_terms[1], dtype, T, f"autograd values {tag}")
+            H.assert_close_to_ref(xa.grad.reshape(-1, inn), ag_ref[0], ag_dense[0], f"autograd x {tag}", k=out,
+                                  terms=ag_terms[0])
+            H.assert_close_to_ref(v.grad, ag_ref[1], ag_dense[1], f"autograd values {tag}", k=T, terms=ag_terms[1])
             if ba is not None:
-                R.check_rule(ba.grad, ag_ref[2], ag_dense[2], ag_terms[2], dtype, T, f"autograd bias {tag}")
+                H.assert_close_to_ref(ba.grad, ag_ref[2], ag_dense[2], f"autograd bias {tag}", k=T, terms=ag_terms[2])
 
 
 @st.composite
@@ -106,13 +109,13 @@ def block_shape(draw, out: int, inn: int):
 
 @R.profile(ci_examples=40)
 @given(
-    data=st.data(), out=SIZES, inn=SIZES, density=DENSITY, dtype=st.sampled_from(R.DTYPES), lead=LEADS,
+    data=st.data(), out=SIZES, inn=SIZES, density=DENSITY, dtype=st.sampled_from(H.DTYPES), lead=LEADS,
     x_layout=st.sampled_from(R.LAYOUTS), g_layout=st.sampled_from(R.LAYOUTS), with_bias=st.booleans(),
-    act=st.sampled_from(R.ACTIVATIONS), seed=st.integers(0, 2**31 - 1),
+    act=st.sampled_from(H.ACTS), seed=st.integers(0, 2**31 - 1),
 )
 def test_block_sparse_every_op(data, out, inn, density, dtype, lead, x_layout, g_layout, with_bias, act, seed):
     block = data.draw(block_shape(out, inn), label="block")
-    weight = R.block_weight(out, inn, block, density, dtype, seed)
+    weight = H.make_bsr(out, inn, block, density=density, dtype=dtype, seed=seed)
     check_every_op(weight, lead, x_layout, g_layout, with_bias, act, seed)
 
 
@@ -128,17 +131,16 @@ def bank_keep(draw, inn: int):
 
 @R.profile(ci_examples=40)
 @given(
-    data=st.data(), out=SIZES, inn=st.one_of(SIZES, st.sampled_from([257, 300])), dtype=st.sampled_from(R.DTYPES),
+    data=st.data(), out=SIZES, inn=st.one_of(SIZES, st.sampled_from([257, 300])), dtype=st.sampled_from(H.DTYPES),
     lead=LEADS, x_layout=st.sampled_from(R.LAYOUTS), g_layout=st.sampled_from(R.LAYOUTS),
-    with_bias=st.booleans(), act=st.sampled_from(R.ACTIVATIONS), seed=st.integers(0, 2**31 - 1),
+    with_bias=st.booleans(), act=st.sampled_from(H.ACTS), seed=st.integers(0, 2**31 - 1),
 )
 def test_balanced_every_op(data, out, inn, dtype, lead, x_layout, g_layout, with_bias, act, seed):
     bank, keep = data.draw(bank_keep(inn), label="bank, keep")
-    weight = R.balanced_weight(out, inn, bank, keep, dtype, seed)
+    weight = H.make_balanced(out, inn, bank, keep, dtype=dtype, seed=seed)
     check_every_op(weight, lead, x_layout, g_layout, with_bias, act, seed)
 
 
-@pytest.mark.parametrize("dtype", R.DTYPES, ids=str)
 @pytest.mark.parametrize(
     "kind, out, inn, arg",
     [
@@ -154,8 +156,8 @@ def test_balanced_every_op(data, out, inn, dtype, lead, x_layout, g_layout, with
 def test_fixed_cases_every_op(kind, out, inn, arg, dtype):
     """Shapes the fast paths specialise on, at T below, at and above their token tiles, with every activation."""
     if kind == "block":
-        weight = R.block_weight(out, inn, arg, 0.5, dtype, seed=out * inn)
+        weight = H.make_bsr(out, inn, arg, density=0.5, dtype=dtype, seed=out * inn)
     else:
-        weight = R.balanced_weight(out, inn, arg[0], arg[1], dtype, seed=out * inn)
-    for i, (T, act) in enumerate(zip((1, 8, 33, 64, 7), R.ACTIVATIONS)):
+        weight = H.make_balanced(out, inn, arg[0], arg[1], dtype=dtype, seed=out * inn)
+    for i, (T, act) in enumerate(zip((1, 8, 33, 64, 7), H.ACTS)):
         check_every_op(weight, (T,), R.LAYOUTS[i % 4], "contiguous", i % 2 == 0, act, seed=i)

@@ -45,6 +45,7 @@ def _faults(mode: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two fresh interpreters faulting in 2 x 1.8 GB
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_tuned_malloc_reuses_large_buffers():
     # 20 rounds touch 20 * 90 MiB = 460,800 pages of 4 KiB
@@ -97,6 +98,7 @@ def test_dtype_support_follows_the_cpu_features():
     assert line.startswith("cpu: ") and f"code path {sparse._ext._C.get_isa()}" in line and "native dtypes: float32" in line
 
 
+@pytest.mark.slow  # two fresh interpreters
 @needs_ext
 def test_capped_cpu_reports_bf16_emulated():
     """Under SPARSEKERN_ISA=avx2 the package answers as an AVX2-only CPU: bf16 is not native, and `sparse info`

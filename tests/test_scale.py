@@ -26,6 +26,7 @@ from sparse import BalancedSparseWeight, BlockSparseWeight, reference
 from sparse._ext import available
 
 from tests import _reliab as R
+from tests import helpers as H
 
 pytestmark = pytest.mark.skipif(not available(), reason="sparse._C not built")
 
@@ -50,9 +51,9 @@ def test_block_sparse_weight_of_five_billion_entries():
     row_offsets = torch.zeros(n_brow + 1, dtype=torch.int32)
     row_offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=n_brow), 0)
     col_indices = torch.tensor([c for _, c in coords], dtype=torch.int32)
-    values = R.randn((len(coords), bo, bi), torch.float32, 1)
+    values = H.randn((len(coords), bo, bi), torch.float32, 1)
     w = BlockSparseWeight(values, row_offsets, col_indices, (out, inn))
-    x, g = R.randn((3, inn), torch.float32, 2), R.randn((3, out), torch.float32, 3)
+    x, g = H.randn((3, inn), torch.float32, 2), H.randn((3, out), torch.float32, 3)
     y_ref = R.bsr_forward_raw(x, w.values, w.row_offsets, w.col_indices, out)
     gi_ref = R.bsr_grad_input_raw(g, w.values, w.col_offsets, w.row_indices, w.block_perm, inn)
     sd_ref = R.bsr_sddmm_raw(g, x, w.values, w.row_offsets, w.col_indices)
@@ -79,7 +80,7 @@ def test_balanced_weight_of_two_billion_entries():
     width[-1] = inn - (n_banks - 1) * bank
     indices = (torch.rand(out, n_banks, keep, generator=g_) * width[None, :, None]).to(torch.int16)
     w = BalancedSparseWeight(values, indices, bank, inn)
-    x, g = R.randn((2, inn), torch.float32, 5), R.randn((2, out), torch.float32, 6)
+    x, g = H.randn((2, inn), torch.float32, 5), H.randn((2, out), torch.float32, 6)
     y_ref = R.balanced_forward_raw(x, values, indices, bank)
     gi_ref = R.balanced_grad_input_raw(g, values, indices, bank, inn)
     sd_ref = R.balanced_sddmm_raw(g, x, indices, bank)
@@ -107,10 +108,11 @@ def _far_apart_rows(tmp_path, rows: torch.Tensor, stride: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_row_stride_beyond_2_to_31(tmp_path, dtype):
     """x and grad_out rows 2^31+64 elements apart give exactly the results of their contiguous copies."""
-    weights = [R.block_weight(48, 40, (16, 8), 0.6, dtype, seed=7), R.balanced_weight(24, 40, 8, 3, dtype, seed=8)]
+    weights = [H.make_bsr(48, 40, (16, 8), density=0.6, dtype=dtype, seed=7),
+               H.make_balanced(24, 40, 8, 3, dtype=dtype, seed=8)]
     for w in weights:
         out, inn = w.shape
-        x, g = R.randn((2, inn), dtype, 9), R.randn((2, out), dtype, 10)
+        x, g = H.randn((2, inn), dtype, 9), H.randn((2, out), dtype, 10)
         xf, gf = _far_apart_rows(tmp_path, x, BIG_STRIDE), _far_apart_rows(tmp_path, g, BIG_STRIDE)
         assert xf.stride(0) > 2**31 and torch.equal(xf, x)
         for level in R.isa_levels():
@@ -125,13 +127,13 @@ def test_row_stride_beyond_2_to_31(tmp_path, dtype):
 
 def test_block_stride_beyond_2_to_31(tmp_path):
     """BSR values whose blocks lie 2^31+64 elements apart, passed to the ops directly."""
-    w = R.block_weight(24, 24, (8, 8), 0.5, torch.float32, seed=11)
+    w = H.make_bsr(24, 24, (8, 8), density=0.5, dtype=torch.float32, seed=11)
     assert w.nnz_blocks >= 2
     nnz, bo, bi = w.values.shape
     flat = w.values.transpose(1, 2).reshape(nnz, bo * bi)  # each block input-major, as the kernels store it
     far = _far_apart_rows(tmp_path, flat, BIG_STRIDE).as_strided((nnz, bo, bi), (BIG_STRIDE, 1, bo))
     assert torch.equal(far, w.values)
-    x, g = R.randn((5, 24), torch.float32, 12), R.randn((5, 24), torch.float32, 13)
+    x, g = H.randn((5, 24), torch.float32, 12), H.randn((5, 24), torch.float32, 13)
     meta = (w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm)
     for level in R.isa_levels():
         with R.isa(level):

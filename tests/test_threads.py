@@ -25,6 +25,7 @@ from sparse import reference
 from sparse._ext import available
 
 from tests import _reliab as R
+from tests import helpers as H
 
 pytestmark = pytest.mark.skipif(not available(), reason="sparse._C not built")
 
@@ -32,9 +33,9 @@ pytestmark = pytest.mark.skipif(not available(), reason="sparse._C not built")
 def _weights(dtype: torch.dtype):
     """Several block rows/columns and banks, so that 2 and 3 threads really split the work."""
     return [
-        R.block_weight(96, 80, (8, 16), 0.5, dtype, seed=1),
-        R.block_weight(67, 45, (32, 32), 0.7, dtype, seed=2),
-        R.balanced_weight(50, 96, 32, 8, dtype, seed=3),
+        H.make_bsr(96, 80, (8, 16), density=0.5, dtype=dtype, seed=1),
+        H.make_bsr(67, 45, (32, 32), density=0.7, dtype=dtype, seed=2),
+        H.make_balanced(50, 96, 32, 8, dtype=dtype, seed=3),
     ]
 
 
@@ -53,12 +54,11 @@ def _all_ops(weight, x, g, bias):
     return out
 
 
-@pytest.mark.parametrize("dtype", R.DTYPES, ids=str)
 def test_bitwise_deterministic_per_thread_count(dtype):
     for weight in _weights(dtype):
         out, inn = weight.shape
-        x, g = R.randn((37, inn), dtype, 1), R.randn((37, out), dtype, 2)
-        bias = R.randn((out,), dtype, 3)
+        x, g = H.randn((37, inn), dtype, 1), H.randn((37, out), dtype, 2)
+        bias = H.randn((out,), dtype, 3)
         for level in R.isa_levels():
             for n in (1, 2, 3):
                 with R.isa(level), R.num_threads(n):
@@ -68,11 +68,10 @@ def test_bitwise_deterministic_per_thread_count(dtype):
                         f"{name} [{level}, {n} threads, {dtype}, {weight!r}]: two calls differ bitwise")
 
 
-@pytest.mark.parametrize("dtype", R.DTYPES, ids=str)
 def test_thread_count_changes_nothing_beyond_tolerance(dtype):
     for weight in _weights(dtype):
         out, inn = weight.shape
-        x, g = R.randn((37, inn), dtype, 4), R.randn((37, out), dtype, 5)
+        x, g = H.randn((37, inn), dtype, 4), H.randn((37, out), dtype, 5)
         W = R.dense(weight)
         W64 = W.double()
         refs = {
@@ -92,13 +91,14 @@ def test_thread_count_changes_nothing_beyond_tolerance(dtype):
                     }
             for name, (ref, dense, terms, k) in refs.items():
                 for n in (1, 2, 3):
-                    R.check_rule(results[n][name], ref, dense, terms, dtype, k, f"{name} [{level}, {n} threads]")
+                    H.assert_close_to_ref(results[n][name], ref, dense, f"{name} [{level}, {n} threads]", k=k,
+                                          terms=terms)
                 # The thread counts against each other: as close as either is to the reference.
-                R.check_rule(results[2][name], results[1][name].double(), dense, terms, dtype, k,
-                             f"{name} [{level}] 2 threads vs 1")
+                H.assert_close_to_ref(results[2][name], results[1][name].double(), dense,
+                                      f"{name} [{level}] 2 threads vs 1", k=k, terms=terms)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", H.VECTOR_DTYPES, ids=str)
 def test_same_weight_from_many_python_threads(dtype):
     """8 Python threads share each weight, each running forward + backward on its own input, at once."""
     weights = _weights(dtype)
@@ -111,8 +111,8 @@ def test_same_weight_from_many_python_threads(dtype):
             barrier.wait()
             for r in range(rounds):
                 w = weights[(i + r) % len(weights)]
-                x = R.randn((9 + i, w.shape[1]), dtype, 100 * i + r)
-                g = R.randn((9 + i, w.shape[0]), dtype, 7 * i + r)
+                x = H.randn((9 + i, w.shape[1]), dtype, 100 * i + r)
+                g = H.randn((9 + i, w.shape[0]), dtype, 7 * i + r)
                 results[(i, r)] = (w, x, g, _all_ops(w, x, g, None))
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)

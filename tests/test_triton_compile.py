@@ -173,6 +173,7 @@ def compiled_rows(tmp_path_factory) -> Iterator[Dict[int, subprocess.Popen]]:
             proc.wait()
 
 
+@pytest.mark.slow  # ptxas and MLIR for every config of both archs: ~30 s of two cores
 @pytest.mark.parametrize("arch", sorted(SMEM_LIMIT))
 def test_every_kernel_and_config_compiles_within_limits(arch: int, compiled_rows) -> None:
     out, err = compiled_rows[arch].communicate(timeout=600)
