@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .formats import BalancedSparseWeight, BlockSparseWeight, _check_sparsity
-from .nn import SparseLinear, _is_conv1d, dense_weight_of
+from .nn import _is_conv1d, dense_weight_of
+from .walk import filter_reason, linear_layers, name_filter, parameter_names, tied_elsewhere, weight_read_directly
 
 __all__ = [
     "topk_mask", "magnitude_mask", "global_magnitude_masks", "block_mask", "balanced_mask", "movement_scores",
@@ -186,8 +187,6 @@ class GradualPruner:
         include: Any = None,
         exclude: Any = None,
     ) -> None:
-        from .patch import _candidates, _filter_fn, _tied_elsewhere
-
         if pattern not in PRUNE_PATTERNS:
             raise ValueError(f"pattern must be one of {PRUNE_PATTERNS}, got {pattern!r}")
         if method not in ("magnitude", "movement"):
@@ -203,20 +202,18 @@ class GradualPruner:
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
         self.pattern, self.block, self.norm, self.bank, self.method, self.scope = pattern, block, norm, bank, method, scope
 
-        cands = [(n, m) for n, m in _candidates(model) if not isinstance(m, SparseLinear)]
-        mha_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+        cands = linear_layers(model, dense_only=True)
+        read_directly = weight_read_directly(model)
         names = [n for n, _ in cands]
-        inc = _filter_fn(include, "include", names)
-        exc = _filter_fn(exclude, "exclude", names)
-        param_names: Dict[int, List[str]] = {}
-        for pname, p in model.named_parameters(remove_duplicate=False):
-            param_names.setdefault(id(p), []).append(pname)
+        inc = name_filter(include, "include", names)
+        exc = name_filter(exclude, "exclude", names)
+        param_names = parameter_names(model)
         self.layers: Dict[str, nn.Module] = {}
         self.skipped: Dict[str, str] = {}
         for name, m in cands:
-            if id(m) in mha_out or (inc is not None and not inc(name, m)) or (exc is not None and exc(name, m)):
+            if id(m) in read_directly or filter_reason(name, m, inc, exc) is not None:
                 continue
-            tied = _tied_elsewhere(model, m, param_names)
+            tied = tied_elsewhere(model, m, param_names)
             if tied:
                 self.skipped[name] = f"weight is tied to {', '.join(tied)}"
                 continue
