@@ -11,8 +11,6 @@ by a ``FusedActivation`` (an identity that records the move).
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -20,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, timing
 from .formats import BlockSparseWeight, _check_sparsity
 from .nn import BalancedSparseLinear, BlockSparseLinear, SparseLinear, _is_conv1d, dense_nbytes, dense_weight_of
 from .walk import (Filter, filter_reason, linear_layers, module_name, name_filter, parameter_names, replace_modules,
@@ -241,18 +239,10 @@ def _time_pair(dense_fn: Callable[[torch.Tensor], torch.Tensor], sparse_fn: Call
                x: torch.Tensor, repeats: int) -> Tuple[float, float]:
     """Median wall times (ms) of ``dense_fn(x)`` and ``sparse_fn(x)`` after two warm-up calls each. The two are
     timed alternately, so that load from other processes hits both alike."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times: Tuple[List[float], List[float]] = ([], [])
     with torch.no_grad():
-        for i in range(repeats + 2):
-            for fn, out in ((dense_fn, times[0]), (sparse_fn, times[1])):
-                sync()
-                t0 = time.perf_counter()
-                fn(x)
-                sync()
-                if i >= 2:
-                    out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+        t = timing.interleaved({"dense": lambda: dense_fn(x), "sparse": lambda: sparse_fn(x)}, repeats=repeats,
+                               warmup=2, device=x)
+    return t["dense"].median * 1e3, t["sparse"].median * 1e3
 
 
 # ---- the patcher ---------------------------------------------------------------------------------------------------

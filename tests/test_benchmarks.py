@@ -176,7 +176,7 @@ def test_a_wrong_contender_is_left_out_not_timed():
 
 
 def test_pick_attention_keeps_the_faster_and_rejects_unknown(monkeypatch):
-    from sparse import evaluate
+    from sparse import evaluate, timing
 
     class FakeModel(torch.nn.Module):  # a transformers-like switch; "eager" made slow by the call below
         impl = "sdpa"
@@ -186,7 +186,7 @@ def test_pick_attention_keeps_the_faster_and_rejects_unknown(monkeypatch):
 
     m = FakeModel()
     clock = iter(range(1000))
-    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(clock) * (1.0 if m.impl == "sdpa" else 5.0))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock) * (1.0 if m.impl == "sdpa" else 5.0))
     winner, secs = evaluate.pick_attention(m, lambda: None, calls=2)
     assert winner == "sdpa" and m.impl == "sdpa" and secs["eager"] > secs["sdpa"]
     with pytest.raises(ValueError, match="'flash': expected one of"):
