@@ -186,7 +186,26 @@ def issue3_tables(rows: List[Row]) -> List[Table]:
             sc.add(_case_label(two[0]), f"{one['format']} {one['block']} d={float(one['density']):.3f}", 0.9, eff,
                    noise(one, two[0]).strip())
     tables.append(sc)
+    if any(str(r["op"]).startswith("linear+") for rs in cases.values() for r in rs):
+        tables.append(_fused_activation_table(cases))
     return tables
+
+
+def _fused_activation_table(cases: Dict[str, List[Row]]) -> Table:
+    t = Table("Activation fused into the kernel's output stage: unfused pair / fused >= 1",
+              "ratio = time of the kernel followed by torch's activation / time of the kernel with it fused, same case")
+    for rows in cases.values():
+        for fused in _ours(rows):
+            if not str(fused["op"]).startswith("linear+"):
+                continue
+            pair = [r for r in _ours(rows, "sparsekern+torch") if (r["format"], r["block"], r["density"])
+                    == (fused["format"], fused["block"], fused["density"])]
+            if not pair:
+                continue
+            act = str(fused["op"]).split("+", 1)[1]
+            t.add(_case_label(fused), f"{fused['format']} {fused['block']} d={float(fused['density']):.3f} {act}", 1.0,
+                  float(pair[0]["median_s"]) / float(fused["median_s"]), noise(fused, pair[0]).strip())
+    return t
 
 
 def issue6_tables(rows: List[Row]) -> List[Table]:
