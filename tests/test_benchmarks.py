@@ -138,7 +138,7 @@ def test_summary_pass_and_miss_against_the_targets():
     passing = _rows("a", 1.0 / 9.5, 1.0, format="bsr", block="32x32", density=0.1)
     missing = _rows("b", 1.0 / 8.0, 1.0, format="bsr", block="32x32", density=0.1)
     assert passing[-1]["baseline"] == "best_dense(onednn_prepacked)" and passing[-1]["ratio"] == pytest.approx(9.5)
-    table = report.issue3_tables(passing + missing)[0]
+    table = report.kernel_target_tables(passing + missing)[0]
     assert table.total == 2 and table.passed == 1
     md = report.summary_markdown(passing + missing)
     assert "| PASS |" in md and "**MISS**" in md and "9.00x" in md
