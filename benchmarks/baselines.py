@@ -85,8 +85,8 @@ def _refuse(reason: str) -> Callable[[], torch.Tensor]:
 def ours_linear(w: SparseWeight, X: torch.Tensor, copies: int = 1, *, via_api: bool = True, suffix: str = "") -> List[Contender]:
     """Our kernel called as the raw op through its direct entry point (``sparse._C.bsr_linear_call`` /
     ``balanced_linear_call``: the typed dispatcher call, the same as ``torch.ops.sparsekern.*`` without its generic
-    argument parsing, about 1.3 us less per call) and, if ``via_api``, through ``sparse.linear`` (argument checks +
-    backend choice + the same entry point)."""
+    argument parsing, which is a large part of a small call's cost) and, if ``via_api``, through ``sparse.linear``
+    (argument checks + backend choice + the same entry point)."""
     from sparse._ext import _C
 
     ws = _copies(w, copies, clone_weight)

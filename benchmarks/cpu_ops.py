@@ -1,6 +1,6 @@
 """CPU microbenchmark of the sparsekern ops against every dense and sparse baseline, on Transformer shapes.
 
-    python -m benchmarks.cpu_ops --preset quick        # the CPU kernel target grid, BERT-base shapes, ~3-5 min on 2 cores
+    python -m benchmarks.cpu_ops --preset quick        # the CPU kernel target grid on BERT-base shapes (minutes)
     python -m benchmarks.cpu_ops --preset full         # every shape preset, op, format, dtype, thread count
     python -m benchmarks.cpu_ops --preset bsr          # block 32 only: forward, thread scaling, gradients, cold T = 1
     python -m benchmarks.cpu_ops --preset balanced     # balanced bank 32, keep 16/8/4 only: forward

@@ -4,8 +4,9 @@ A *case* is one problem (op, shape, tokens, dtype, threads, hot|cold weights). A
 kernels and every baseline) are timed in the same call of :func:`measure`, on the same inputs, with their repeats
 interleaved: round r times contender A, then B, then C (the order rotates each round), and each timed sample is
 preceded by one untimed call of the same contender so every sample is taken in that contender's steady state.
-(oneDNN and MKL calls in one process shift each other's timings by 20-40% on the CPU, see
-shared/notes/cpu-landscape.md; interleaving spreads that interference over all contenders instead of biasing one.)
+(oneDNN and MKL calls in one process shift each other's timings, by tens of percent on the CPUs measured, see
+docs/measurements.md; interleaving spreads that interference over all contenders instead of biasing one.)
+The loop itself is :func:`sparse.timing.interleaved`, shared with the library.
 Ratios are ``baseline_s / median_s`` from that same measurement, so a row never mixes two runs.
 
 Cold weights: a contender is given a list of weight copies whose total size exceeds the last-level cache several
