@@ -61,7 +61,7 @@ def _extension():
 
 
 setup(
-    packages=["sparse", "sparse.kernels", "sparse.benchmarks"],
+    packages=["sparse", "sparse.prune", "sparse.kernels", "sparse.benchmarks"],
     package_dir={"sparse": "sparse", "sparse.kernels": "kernels", "sparse.benchmarks": "benchmarks"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},

@@ -85,8 +85,8 @@ def _refuse(reason: str) -> Callable[[], torch.Tensor]:
 def ours_linear(w: SparseWeight, X: torch.Tensor, copies: int = 1, *, via_api: bool = True, suffix: str = "") -> List[Contender]:
     """Our kernel called as the raw op through its direct entry point (``sparse._C.bsr_linear_call`` /
     ``balanced_linear_call``: the typed dispatcher call, the same as ``torch.ops.sparsekern.*`` without its generic
-    argument parsing, about 1.3 us less per call) and, if ``via_api``, through ``sparse.linear`` (argument checks +
-    backend choice + the same entry point)."""
+    argument parsing, which is a large part of a small call's cost) and, if ``via_api``, through ``sparse.linear``
+    (argument checks + backend choice + the same entry point)."""
     from sparse._ext import _C
 
     ws = _copies(w, copies, clone_weight)
@@ -103,6 +103,59 @@ def ours_linear(w: SparseWeight, X: torch.Tensor, copies: int = 1, *, via_api: b
     if via_api:
         out.append(Contender(name + ":api", cycling(ws, lambda v: sparse.linear(X, v)), {**info, "backend": "sparse.linear"}, ref))
     return out
+
+
+# torch's activations, as a model runs them after a Linear (the same functions as ``sparse.reference.activation``)
+TORCH_ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def dense_linear_act(W: torch.Tensor, X: torch.Tensor, bias: torch.Tensor, act: str) -> List[Contender]:
+    """A dense Linear with ``bias`` followed by torch's ``act``, through ``F.linear`` and through oneDNN with a
+    pre-packed weight, in X's dtype; both are dense references."""
+    f = TORCH_ACTIVATIONS[act]
+    W, bias = W.to(X.dtype), bias.to(X.dtype)
+    info = {"format": "dense", "block": "", "density": 1.0, "weight_bytes": dense_bytes(W), "dense_ref": True,
+            "notes": f"then torch's {act}"}
+    ref = reference.activation(F.linear(X.double(), W.double(), bias.double()), act)
+    out = [Contender(f"F.linear+{act}", lambda: f(F.linear(X, W, bias)), {**info, "backend": "F.linear"}, ref)]
+    reason = onednn_unsupported(X.dtype)
+    if reason is not None:  # the harness records the contender as skipped, with the reason
+        out.append(Contender(f"onednn+{act}", _refuse(reason), {**info, "backend": "onednn_prepacked"}, ref))
+        return out
+    packed = torch.ops.mkldnn._reorder_linear_weight(W, None)
+    out.append(Contender(f"onednn+{act}", lambda: f(torch.ops.mkldnn._linear_pointwise(X, packed, bias, "none", [], "")),
+                         {**info, "backend": "onednn_prepacked"}, ref))
+    return out
+
+
+def ours_linear_act(w: SparseWeight, X: torch.Tensor, bias: torch.Tensor, act: str) -> List[Contender]:
+    """Our kernel (direct entry point, as :func:`ours_linear`) with ``bias``: with ``act`` fused into its output
+    stage (backend ``sparsekern``), followed by torch's ``act`` instead (``sparsekern+torch``: the unfused pair),
+    and alone, without activation (``sparsekern:no_act``: what the activation costs on top)."""
+    from sparse._ext import _C
+
+    f = TORCH_ACTIVATIONS[act]
+    bias = bias.to(w.dtype)
+    info = describe(w)
+    name = f"{info['format']}:{info['block']}:{info['density']:.4f}"
+    if isinstance(w, BlockSparseWeight):
+        raw = lambda a: _C.bsr_linear_call(X, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices,
+                                           w.block_perm, w.shape[0], bias, a)
+    else:
+        raw = lambda a: _C.balanced_linear_call(X, w.values, w.indices, w.bank, bias, a)
+    ref = reference.linear(X, w, bias, act)
+    return [
+        Contender(f"{name}:fused", lambda: raw(act), {**info, "backend": "sparsekern", "notes": f"{act} fused"}, ref),
+        Contender(f"{name}:unfused", lambda: f(raw("none")),
+                  {**info, "backend": "sparsekern+torch", "notes": f"then torch's {act}"}, ref),
+        Contender(f"{name}:no_act", lambda: raw("none"), {**info, "backend": "sparsekern:no_act", "notes": "no activation"},
+                  reference.linear(X, w, bias)),
+    ]
 
 
 def with_threads(c: Contender, n: int) -> Contender:

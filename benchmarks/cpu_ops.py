@@ -1,7 +1,11 @@
 """CPU microbenchmark of the sparsekern ops against every dense and sparse baseline, on Transformer shapes.
 
-    python -m benchmarks.cpu_ops --preset quick        # issue-3 target grid, BERT-base shapes, ~3-5 min on 2 cores
+    python -m benchmarks.cpu_ops --preset quick        # the CPU kernel target grid on BERT-base shapes (minutes)
     python -m benchmarks.cpu_ops --preset full         # every shape preset, op, format, dtype, thread count
+    python -m benchmarks.cpu_ops --preset bsr          # block 32 only: forward, thread scaling, gradients, cold T = 1
+    python -m benchmarks.cpu_ops --preset balanced     # balanced bank 32, keep 16/8/4 only: forward
+    python -m benchmarks.cpu_ops --preset decode       # batch-1 decode only: T = 1, cold weights
+    python -m benchmarks.cpu_ops --preset act          # an activation fused into the kernel vs kernel + torch's
 
 Writes ``<out>/cpu_ops.csv`` (the harness schema), ``<out>/summary.md`` (one table per target: PASS/MISS) and
 PNG plots. A case = (op, shape, tokens, dtype, threads, hot|cold); all contenders of a case are timed together
@@ -13,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -65,6 +69,12 @@ class Preset:
     rounds: int
     min_sample_s: float
     cold_cache_factor: float = 2.0  # cold copies total this many times the last-level cache
+    # Forward with an activation (op "linear+<act>"): the kernel with the activation fused into its output stage,
+    # the kernel followed by torch's activation, and the kernel alone, against dense F.linear / oneDNN + torch's.
+    activations: List[str] = field(default_factory=list)
+    act_tokens: List[int] = field(default_factory=list)
+    act_dtypes: List[str] = field(default_factory=list)
+    act_specs: List[Spec] = field(default_factory=list)
 
 
 _TARGET_SPARSITIES = [0.0, 0.5, 0.75, 0.9, 0.95]
@@ -142,6 +152,37 @@ PRESETS: Dict[str, Preset] = {
 }
 
 
+def _only(**fields) -> Preset:
+    """A focused preset: BERT-base shapes, 2 threads, and only the cases ``fields`` ask for."""
+    nothing = dict(
+        shapes=SHAPES["bert-base"], tokens=[], dtypes=[], threads=[2], fwd_specs={}, api_specs=[],
+        torch_sparse_specs=[], torch_sparse_user_form=False, scipy=False, scaling_specs=[], cold_tokens=[],
+        cold_dtypes=[], cold_specs=[], grad_tokens=[], grad_dtypes=[], grad_specs=[], rounds=7, min_sample_s=0.005,
+    )
+    return Preset(**{**nothing, **fields})
+
+
+_BSR32 = _bsr(32, _TARGET_SPARSITIES)  # density 1, 0.5, 0.25, 0.1, 0.05
+_BAL32 = _bal(32, [16, 8, 4])
+
+# Parts of the quick grid on their own, for iterating on one kernel (``--dtypes float32,bfloat16`` adds bf16 to the
+# hot forward of "bsr" and "balanced"); "act" times what the quick grid does not: fusing the activation.
+PRESETS.update({
+    # block 32: forward (with the 1-thread scaling contender), input and weight gradients, batch-1 cold weights
+    "bsr": _only(tokens=[16, 128, 512], dtypes=["float32"], fwd_specs={"float32": _BSR32, "bfloat16": _BSR32},
+                 scaling_specs=_BSR32, grad_tokens=[16, 128, 512], grad_dtypes=["float32"], grad_specs=_BSR32[1:],
+                 cold_tokens=[1], cold_dtypes=["float32"], cold_specs=_BSR32[1:]),
+    # balanced bank 32, keep 16 / 8 / 4: forward against the best dense path
+    "balanced": _only(tokens=[16, 128, 512], dtypes=["float32"], fwd_specs={"float32": _BAL32, "bfloat16": _BAL32}),
+    # batch-1 decode: T = 1, every contender streaming its weight from memory (copies 2x the last-level cache)
+    "decode": _only(cold_tokens=[1], cold_dtypes=["float32"], cold_specs=_BSR32[1:] + _BAL32),
+    # GELU fused into the output stage vs the kernel then torch's GELU, on BERT-base's intermediate layer at
+    # 1024 tokens, densities 0.1 and 0.5, 1 and 2 threads
+    "act": _only(shapes=[(3072, 768)], threads=[1, 2], activations=["gelu"], act_tokens=[1024],
+                 act_dtypes=["float32", "bfloat16"], act_specs=_bsr(32, [0.9, 0.5]) + _bal(32, [3, 16]), rounds=11),
+})
+
+
 @dataclass
 class Case:
     op: str  # linear | grad_input | sddmm
@@ -170,6 +211,10 @@ def plan(p: Preset) -> List[Case]:
                 for t in p.grad_tokens:
                     cases.append(Case("grad_input", shape, t, dt, n, "hot"))
                     cases.append(Case("sddmm", shape, t, dt, n, "hot"))
+            for act in p.activations:
+                for dt in p.act_dtypes:
+                    for t in p.act_tokens:
+                        cases.append(Case(f"linear+{act}", shape, t, dt, n, "hot"))
     return cases
 
 
@@ -211,6 +256,8 @@ def contenders_for(case: Case, p: Preset, skipped: List[str]) -> List[Contender]
     X = torch.randn(case.tokens, in_f, generator=gen).to(dtype)
     dY = torch.randn(case.tokens, out_f, generator=gen).to(dtype)
     cold = case.weights == "cold"
+    if case.op.startswith("linear+"):
+        return _act_contenders(case, p, W, X, torch.randn(out_f, generator=gen).to(dtype), skipped)
     specs = {"linear": p.cold_specs if cold else p.fwd_specs.get(case.dtype, []), "grad_input": p.grad_specs, "sddmm": p.grad_specs}[case.op]
     specs = [s for s in specs if _usable(s, case.shape)]
 
@@ -248,6 +295,19 @@ def contenders_for(case: Case, p: Preset, skipped: List[str]) -> List[Contender]
             cs += B.ours_grad_input(w, dY)
         else:
             cs += B.ours_sddmm(w, dY, X)
+    return [c for c in cs if _try(c, skipped, case)]
+
+
+def _act_contenders(case: Case, p: Preset, W: torch.Tensor, X: torch.Tensor, bias: torch.Tensor,
+                    skipped: List[str]) -> List[Contender]:
+    """A ``linear+<act>`` case: per spec, our kernel with the activation fused, the kernel then torch's
+    activation, and the kernel alone; the dense references are F.linear and oneDNN, each then torch's."""
+    act = case.op.split("+", 1)[1]
+    dtype = DTYPES[case.dtype]
+    cs = B.dense_linear_act(W, X, bias, act)
+    for spec in p.act_specs:
+        if _usable(spec, case.shape):
+            cs += B.ours_linear_act(B.build_weight(W, spec, dtype), X, bias, act)
     return [c for c in cs if _try(c, skipped, case)]
 
 
@@ -289,7 +349,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     ap.add_argument("--out", default="bench-out", help="output folder (default: bench-out/)")
     ap.add_argument("--shapes", help=f"comma list of shape presets ({', '.join(SHAPES)}) or OUTxIN")
-    ap.add_argument("--tokens", help="comma list of token counts for the hot forward cases")
+    ap.add_argument("--tokens", help="comma list of token counts for the hot forward cases (with or without activation)")
     ap.add_argument("--dtypes", help="comma list: float32,bfloat16")
     ap.add_argument("--threads", help="comma list of thread counts")
     ap.add_argument("--rounds", type=int, help="timed samples per contender (interleaved)")
@@ -317,6 +377,8 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
         changes["shapes"] = parse_shapes(args.shapes)
     if args.tokens:
         changes["tokens"] = [int(t) for t in args.tokens.split(",")]
+        if p.act_tokens:
+            changes["act_tokens"] = changes["tokens"]
     if args.dtypes:
         dts = [d.strip() for d in args.dtypes.split(",")]
         bad = [d for d in dts if d not in DTYPES]
@@ -325,6 +387,7 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
         changes["dtypes"] = dts
         changes["cold_dtypes"] = [d for d in p.cold_dtypes if d in dts]
         changes["grad_dtypes"] = [d for d in p.grad_dtypes if d in dts]
+        changes["act_dtypes"] = [d for d in p.act_dtypes if d in dts]
     if args.threads:
         changes["threads"] = [int(t) for t in args.threads.split(",")]
     if args.rounds:

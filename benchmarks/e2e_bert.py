@@ -5,8 +5,9 @@ sequence 128, dense vs sparsified, forward (inference) and one training step (fo
     python -m benchmarks.e2e_bert --preset full      # batch 1 and 8, 50/75/90%
 
 Dense contenders: eager fp32 and bf16; every Linear through oneDNN with a pre-packed weight
-(``sparse.evaluate.prepack_linears``, inference only; in fp32 twice as fast as eager, whose ``F.linear`` takes
-MKL's path on this CPU); ``torch.compile`` fp32 and bf16 with ``torch._inductor.config.freezing`` (inference only).
+(``sparse.evaluate.prepack_linears``, inference only; the fastest dense fp32 path where eager ``F.linear`` takes
+MKL's path, as on AMD EPYC); ``torch.compile`` fp32 and bf16 with ``torch._inductor.config.freezing`` (inference
+only).
 Attention is not this package's business, but it is a third to a half of the sparse model's time: each model
 (dense and sparse alike) is timed with ``transformers``' ``sdpa`` and ``eager`` attention and keeps the faster, as
 its user would; the ``notes`` column names the choice and both times. Sparse contenders:
@@ -132,8 +133,8 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
     # (pattern, sparsity, dtype, GELU fused into the sparse kernel's output stage)
     wanted = [(pattern, s, "float32", False) for pattern in p.patterns for s in p.sparsities]
     top = max(p.sparsities)
-    # Without native bf16 arithmetic every bf16 model runs torch's emulated bf16 ops, 5-10x slower than fp32: the
-    # bf16 contenders would take most of the run and compare nothing a user of this CPU should pick.
+    # Without native bf16 arithmetic every bf16 model runs torch's emulated bf16 ops, several times slower than
+    # fp32: the bf16 contenders would take most of the run and compare nothing a user of this CPU should pick.
     bf16_ok = native_dtype(torch.bfloat16)
     if not bf16_ok:
         skipped.append(f"bfloat16 contenders: not run: {dtype_support()['bfloat16']['why']} on this CPU "
@@ -150,7 +151,8 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
             skipped.append(f"sparsify {key}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     bf16 = copy.deepcopy(base).to(torch.bfloat16) if bf16_ok else None
     dense_models = [("float32", base)] + ([("bfloat16", bf16)] if bf16_ok else [])
-    # oneDNN with pre-packed weights (GELU in its output stage): the best dense path on this CPU, 2x F.linear in fp32
+    # oneDNN with pre-packed weights (GELU in its output stage): the best dense fp32 path where F.linear takes
+    # MKL's path (AMD EPYC, for one)
     prepacked: Dict[str, nn.Module] = {}
     for dt, dense in dense_models:
         reason = onednn_unsupported(DTYPE[dt])
@@ -211,10 +213,9 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                     ok.append(c)
                 except Exception as exc:
                     skipped.append(f"{op} batch {batch} {c.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-            # Each sample follows an untimed call of the same model, as in every other benchmark (its steady state:
-            # a sparse model's weights, 17-34 MB, about fill the 32 MB L3 that a dense contender's 340 MB flush).
-            # Sampled right after other contenders, the bf16 sparse model measured 52-72 ms over five runs; in its
-            # steady state 49-54 ms over two.
+            # Each sample follows an untimed call of the same model, as in every other benchmark: a sparse model's
+            # weights about fill the last-level cache that a dense contender's flush, so a sample taken right after
+            # another contender measures the refill and varies from run to run (docs/measurements.md).
             timings = measure(ok, rounds=p.rounds, min_sample_s=0.0, warmup=0, presample_call=True)
             base.eval()
             common = {"op": op, "shape": shape, "tokens": batch * SEQ, "threads": p.threads, "weights": "hot",

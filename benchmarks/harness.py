@@ -4,8 +4,9 @@ A *case* is one problem (op, shape, tokens, dtype, threads, hot|cold weights). A
 kernels and every baseline) are timed in the same call of :func:`measure`, on the same inputs, with their repeats
 interleaved: round r times contender A, then B, then C (the order rotates each round), and each timed sample is
 preceded by one untimed call of the same contender so every sample is taken in that contender's steady state.
-(oneDNN and MKL calls in one process shift each other's timings by 20-40% on the CPU, see
-shared/notes/cpu-landscape.md; interleaving spreads that interference over all contenders instead of biasing one.)
+(oneDNN and MKL calls in one process shift each other's timings, by tens of percent on the CPUs measured, see
+docs/measurements.md; interleaving spreads that interference over all contenders instead of biasing one.)
+The loop itself is :func:`sparse.timing.interleaved`, shared with the library.
 Ratios are ``baseline_s / median_s`` from that same measurement, so a row never mixes two runs.
 
 Cold weights: a contender is given a list of weight copies whose total size exceeds the last-level cache several
@@ -22,13 +23,13 @@ import itertools
 import math
 import os
 import platform
-import statistics
 import subprocess
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
+
+from sparse.timing import interleaved, sample
 
 # Every row carries every column, in this order (benchmarks on any device write the same schema).
 COLUMNS: List[str] = [
@@ -187,19 +188,6 @@ def cycling(items: Sequence[Any], call: Callable[[Any], Any]) -> Callable[[], An
     return lambda: call(next(it))
 
 
-def _sync_for(device: str) -> Callable[[], None]:
-    if device.startswith("cuda"):
-        return torch.cuda.synchronize
-    return lambda: None
-
-
-def _quantile(xs: Sequence[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def measure(
     contenders: Sequence[Contender],
     *,
@@ -221,36 +209,19 @@ def measure(
     names = [c.name for c in contenders]
     if len(set(names)) != len(names):
         raise ValueError(f"contender names must be unique, got {names}")
-    sync = _sync_for(device)
     inner: Dict[str, int] = {}
     for c in contenders:
-        for _ in range(warmup):
-            c.fn()
         if min_sample_s <= 0:  # one call per sample: no calibration needed
+            for _ in range(warmup):
+                c.fn()
             inner[c.name] = 1
             continue
-        sync()
-        t0 = time.perf_counter()
-        c.fn()
-        sync()
-        one = max(time.perf_counter() - t0, 1e-7)
+        one = max(sample(c.fn, repeats=1, warmup=warmup, device=device).median, 1e-7)
         inner[c.name] = max(1, min(1000, math.ceil(min_sample_s / one)))
-    samples: Dict[str, List[float]] = {c.name: [] for c in contenders}
-    n = len(contenders)
-    for r in range(rounds):
-        for k in range(n):
-            c = contenders[(k + r) % n]
-            if presample_call:  # steady state: the previous call was another contender's
-                c.fn()
-                sync()
-            t0 = time.perf_counter()
-            for _ in range(inner[c.name]):
-                c.fn()
-            sync()
-            samples[c.name].append((time.perf_counter() - t0) / inner[c.name])
-    return {
-        name: Timing(statistics.median(s), _quantile(s, 0.1), _quantile(s, 0.9), len(s)) for name, s in samples.items()
-    }
+    # steady state: with presample_call, each sample follows an untimed call of the same contender, not another's
+    samples = interleaved({c.name: c.fn for c in contenders}, repeats=rounds, device=device, calls=inner, rotate=True,
+                          presample=presample_call)
+    return {name: Timing(s.median, s.quantile(0.1), s.quantile(0.9), len(s)) for name, s in samples.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""The markdown summary: one table per target of issues 3 (CPU kernels) and 6 (end-to-end), each line a measured
-ratio against its target with PASS/MISS. Everything is computed from harness rows, and every ratio compares two
-rows of the same case (timed together), never two runs.
+"""The markdown summary: one table per target of the CPU kernels (:func:`kernel_target_tables`) and of the
+end-to-end model (:func:`e2e_target_tables`), each line a measured ratio against its target with PASS/MISS.
+Everything is computed from harness rows, and every ratio compares two rows of the same case (timed together),
+never two runs.
 
     python -m benchmarks.report bench-out/cpu_ops.csv [bench-out/e2e_bert.csv] --out bench-out
 """
@@ -105,7 +106,10 @@ def _fwd_ratio_table(
     return t
 
 
-def issue3_tables(rows: List[Row]) -> List[Table]:
+def kernel_target_tables(rows: List[Row]) -> List[Table]:
+    """The CPU kernel targets, from ``cpu_ops`` rows: forward ratios per format and dtype, batch-1 decode with cold
+    weights, gradients, torch.sparse, thread scaling; and, for runs with ``linear+<act>`` cases (preset ``act``),
+    the gain of fusing the activation."""
     cases = by_case(r for r in rows if r["bench"] == "cpu_ops")
     tables = []
     tables.append(_fwd_ratio_table(
@@ -186,10 +190,30 @@ def issue3_tables(rows: List[Row]) -> List[Table]:
             sc.add(_case_label(two[0]), f"{one['format']} {one['block']} d={float(one['density']):.3f}", 0.9, eff,
                    noise(one, two[0]).strip())
     tables.append(sc)
+    if any(str(r["op"]).startswith("linear+") for rs in cases.values() for r in rs):
+        tables.append(_fused_activation_table(cases))
     return tables
 
 
-def issue6_tables(rows: List[Row]) -> List[Table]:
+def _fused_activation_table(cases: Dict[str, List[Row]]) -> Table:
+    t = Table("Activation fused into the kernel's output stage: unfused pair / fused >= 1",
+              "ratio = time of the kernel followed by torch's activation / time of the kernel with it fused, same case")
+    for rows in cases.values():
+        for fused in _ours(rows):
+            if not str(fused["op"]).startswith("linear+"):
+                continue
+            pair = [r for r in _ours(rows, "sparsekern+torch") if (r["format"], r["block"], r["density"])
+                    == (fused["format"], fused["block"], fused["density"])]
+            if not pair:
+                continue
+            act = str(fused["op"]).split("+", 1)[1]
+            t.add(_case_label(fused), f"{fused['format']} {fused['block']} d={float(fused['density']):.3f} {act}", 1.0,
+                  float(pair[0]["median_s"]) / float(fused["median_s"]), noise(fused, pair[0]).strip())
+    return t
+
+
+def e2e_target_tables(rows: List[Row]) -> List[Table]:
+    """The end-to-end targets, from ``e2e_bert`` rows: BERT-base forward and training step, 90% block 32."""
     cases = by_case(r for r in rows if r["bench"] == "e2e_bert")
     fwd = Table("BERT-base, 90% block-32 linears, batch 8, seq 128, forward: >= 6x dense eager fp32, >= 3.5x best dense "
                 "(issue 6); bf16 >= 3.5x dense eager bf16 (issue 10)",
@@ -286,12 +310,12 @@ def summary_markdown(rows: List[Row], skipped: Sequence[str] = ()) -> str:
     parts = ["# sparsekern benchmark summary", "", f"`{cpu_summary()}`", "", machine_line(rows), "", malloc_line(), "",
              f"Ratios compare rows timed together in one case (interleaved medians). A detail marked noisy had its "
              f"samples spread by more than {NOISY:.0f}x (p90/p10): the machine was busy; rerun before trusting it.", ""]
-    t3 = issue3_tables(rows) if any(r["bench"] == "cpu_ops" for r in rows) else []
-    t6 = issue6_tables(rows) if any(r["bench"] == "e2e_bert" for r in rows) else []
-    if t3:
-        parts += ["## CPU kernel targets (issue 3)", ""] + [t.markdown() for t in t3]
-    if t6:
-        parts += ["## End-to-end targets (issue 6)", ""] + [t.markdown() for t in t6] + [e2e_table(rows)]
+    kernel = kernel_target_tables(rows) if any(r["bench"] == "cpu_ops" for r in rows) else []
+    e2e = e2e_target_tables(rows) if any(r["bench"] == "e2e_bert" for r in rows) else []
+    if kernel:
+        parts += ["## CPU kernel targets (issue 3)", ""] + [t.markdown() for t in kernel]
+    if e2e:
+        parts += ["## End-to-end targets (issue 6)", ""] + [t.markdown() for t in e2e] + [e2e_table(rows)]
     parts.append(other_table(rows))
     if skipped:
         parts += ["## Contenders that could not run", ""] + [f"- {s}" for s in skipped] + [""]

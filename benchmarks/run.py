@@ -3,6 +3,7 @@ BERT benchmark, one summary over both.
 
     python -m benchmarks                                  # --preset quick --suite ops,e2e --out bench-out
     python -m benchmarks --preset full --suite ops        # the long op grid only
+    python -m benchmarks --preset act                     # one kernel's part of the op grid: bsr, balanced, decode, act
     python -m benchmarks --report bench-out/*.csv         # summary and plots again from CSVs
 """
 
@@ -17,11 +18,17 @@ SUITES = ("ops", "e2e")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from . import cpu_ops, e2e_bert
+
+    # Each suite has its own presets; quick, full and tiny are in both, the focused ones in the op benchmark only.
+    presets = {"ops": cpu_ops.PRESETS, "e2e": e2e_bert.PRESETS}
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=("quick", "full", "tiny"), default="quick",
-                    help="quick: issue-3 target grid on BERT-base shapes (~3-5 min on 2 cores) + BERT batch 8 at 90%%; "
-                    "full: every shape preset, op, format and thread count; tiny: seconds, for smoke tests")
-    ap.add_argument("--suite", default="ops,e2e", help=f"comma list of {SUITES}")
+    ap.add_argument("--preset", choices=sorted(set(cpu_ops.PRESETS) | set(e2e_bert.PRESETS)), default="quick",
+                    help="quick: the CPU kernel target grid on BERT-base shapes (~3-5 min on 2 cores) + BERT batch 8 at "
+                    "90%%; full: every shape preset, op, format and thread count; tiny: seconds, for smoke tests; "
+                    "op benchmark only: bsr (block 32), balanced (bank 32), decode (T = 1, cold weights), act (activation "
+                    "fused vs not); see benchmarks/README.md")
+    ap.add_argument("--suite", help=f"comma list of {SUITES} (default: every suite that has the preset)")
     ap.add_argument("--out", default="bench-out", help="output folder (default: bench-out/)")
     ap.add_argument("--no-compile", action="store_true", help="e2e: leave out torch.compile")
     ap.add_argument("--no-progress", action="store_true")
@@ -46,23 +53,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for path in write_report(rows, args.out):
             print(f"wrote {path}")
         return 0
-    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    default_suites = ",".join(s for s in SUITES if args.preset in presets[s])
+    suites = [s.strip() for s in (args.suite or default_suites).split(",") if s.strip()]
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:
         ap.error(f"--suite: {bad or suites} not in {SUITES}")
+    lacking = [s for s in suites if args.preset not in presets[s]]
+    if lacking:
+        ap.error(f"--preset {args.preset} is not a preset of --suite {','.join(lacking)}; it belongs to "
+                 f"--suite {default_suites} (the default for it)")
     os.makedirs(args.out, exist_ok=True)
     rows: List[dict] = []
     skipped: List[str] = []
     written = []
     if "ops" in suites:
-        from . import cpu_ops
-
         r, s = cpu_ops.run(cpu_ops.PRESETS[args.preset], args.out, progress=not args.no_progress)
         rows, skipped, written = rows + r, skipped + s, written + [os.path.join(args.out, "cpu_ops.csv")]
     if "e2e" in suites:
         from dataclasses import replace
-
-        from . import e2e_bert
 
         p = e2e_bert.PRESETS[args.preset]
         r, s = e2e_bert.run(replace(p, compile=False) if args.no_compile else p, args.out, progress=not args.no_progress)

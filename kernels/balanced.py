@@ -16,7 +16,7 @@ tensor cores. The alternative, gathering KEEP columns of X per output and reduci
 dense FLOPs but all of them on the CUDA cores plus KEEP scattered loads per output; the decompress costs
 BLOCK_O x BANK x KEEP selects per BLOCK_T tokens, i.e. BANK/BLOCK_T of the gather's CUDA-core work, so with
 BLOCK_T >= 128 it is the cheaper of the two whenever T >= BANK (prefill and training).
-Expected speed (an estimate, UNMEASURED: no GPU yet). Per bank and program the dot costs
+Expected speed (estimated from instruction counts, not measured). Per bank and program the dot costs
 BLOCK_T x BLOCK_O x BANK tensor-core FMAs (~2048 per clock per SM on H100/H200, bf16) and the decompress
 2 x KEEP x BLOCK_O x BANK CUDA-core operations (128 lanes per clock per SM): the decompress takes
 KEEP x 32 / BLOCK_T times the dot's time, 2x at KEEP 16 and BLOCK_T 256, and the dot itself runs at dense
@@ -40,8 +40,8 @@ from .bsr import ACTIVATION_CODES, _DTYPES, _activation, _launch, _precision
 __all__ = ["balanced_linear", "balanced_linear_grad_input", "balanced_sddmm", "CONFIGS"]
 
 # ---- autotune configurations ------------------------------------------------------------------------------
-# A starting point, UNMEASURED: no GPU was available when these were written (2026-11-29). Chosen from tile
-# shapes and kept only if each compiles on sm_80 and sm_90 without spills and inside shared memory (checked
+# A starting point, chosen from tile shapes rather than timings, and kept only if each compiles on sm_80 and
+# sm_90 without spills and inside shared memory (checked
 # by tests/test_triton_compile.py). benchmarks/gpu_triton.py must measure, per arch, bank 64 / keep 16 at
 # T=4096 on the three Llama shapes, which config wins, and the rest be pruned here with the numbers.
 # Keyed on T, N, K and (BANK, keep). Sets per (arch, element bits) as in bsr.py: fp32 gets smaller tiles.
@@ -106,8 +106,8 @@ def _decompress(values_ptr, indices_ptr, offs_o, o_mask, b, offs_c,
     """The dense [BANK_P, BLOCK_O] slice of W^T for outputs offs_o and bank b (zeros off the pattern).
     Outputs lie along the tile's fast axis so each thread holds few of them: the per-output value and index
     vectors (and their 64-bit addresses) then cost a few registers, not one per row of the tile. (Built as
-    [BLOCK_O, BANK_P] the bf16 forward used 255 registers and spilled 576 B on sm_90; this way, 185 and none:
-    compile test, 2026-11-29.)"""
+    [BLOCK_O, BANK_P] the bf16 forward used 255 registers and spilled 576 B on sm_90; this way, 185 and none, in
+    the compile test.)"""
     v_row = values_ptr + offs_o.to(tl.int64) * stride_vo + b * stride_vb
     i_row = indices_ptr + offs_o.to(tl.int64) * stride_io + b * stride_ib
     w = tl.zeros((offs_c.shape[0], offs_o.shape[0]), dtype=values_ptr.dtype.element_ty)

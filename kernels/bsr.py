@@ -24,7 +24,7 @@ Programs:
 fp16/bf16/fp32 inputs, fp32 accumulation; fp32 uses tf32 only when the caller allows it (the launchers pass
 ``torch.backends.cuda.matmul.allow_tf32``).
 
-Expected speed (an estimate, UNMEASURED: no GPU yet). The forward re-reads its X tile from L2 for every
+Expected speed (estimated from the data flow, not measured). The forward re-reads its X tile from L2 for every
 block row, so it does at most BO FLOP per byte of X fetched (64 at block 64, 32 at block 32), against
 ~170 for cuBLAS's 128x256 tiles. If the L2 delivers about 5-7 TB/s on H100/H200, block 64 runs at roughly
 half of cuBLAS's FLOP rate, i.e. about 0.5/d x cuBLAS, short of the issue's 0.8/d; block 32 lower still.
@@ -45,8 +45,8 @@ ACTIVATION_CODES: Dict[str, int] = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ---- autotune configurations ------------------------------------------------------------------------------
-# A starting point, UNMEASURED: no GPU was available when these were written (2026-11-29). They were chosen
-# from the tile shapes alone and kept only if they compile without spills and within shared memory for both
+# A starting point, chosen from the tile shapes rather than timings, and kept only if they compile without
+# spills and within shared memory for both
 # targets (tests/test_triton_compile.py checks every one). benchmarks/gpu_triton.py must measure, per arch,
 # which config wins for T=4096 at block 32 and 64 and d=0.1..0.5, and the losers be pruned here with the
 # numbers. Only BLOCK_T (tokens per program) is tuned: the other tile sides are the weight's block.
@@ -70,14 +70,14 @@ CONFIGS: Dict[str, Dict[Tuple[int, int], List[triton.Config]]] = {
             triton.Config({"BLOCK_T": 128}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_T": 256}, num_warps=8, num_stages=3),
         ],
-        # fp32 (compile test, 2026-11-29): 128x64 fp32 at 4 warps spilled 2.4 KB on sm_90; on sm_80 64 tokens
+        # fp32 (compile test): 128x64 fp32 at 4 warps spilled 2.4 KB on sm_90; on sm_80 64 tokens
         # on 4 warps and 128 on 8 spilled 90-250 B, 64 tokens on 8 warps uses 80-122 registers.
         (80, 32): [
             triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
         ],
-        # Triton 3.6 (the GPU machine's) spills 232-240 B on sm_90 in the fp32 (ieee) forward at 64 tokens on
-        # 4 warps and at 128 on 8 (255 registers; Triton 3.9 needs 128): 32 tokens on 4 warps and 64 on 8 stay
-        # at 80-92 registers on both (compile test, 2026-12-03).
+        # Triton 3.6 spills 232-240 B on sm_90 in the fp32 (ieee) forward at 64 tokens on 4 warps and at 128
+        # on 8 (255 registers; Triton 3.9 needs 128): 32 tokens on 4 warps and 64 on 8 stay at 80-92 registers
+        # on both (compile test).
         (90, 32): [
             triton.Config({"BLOCK_T": 32}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),

@@ -2,10 +2,10 @@
 accuracy recovery by distillation from the dense model.
 
 Recovery trains with dense, masked weights (fast on a CPU: MKL/oneDNN dense GEMMs and no sparse backward) and
-only at the end are the sparse modules swapped in, built from the same masks. The recipe, measured on
-all-MiniLM-L6-v2 (see notes/accuracy-landscape.md): student = pruned copy whose masks are re-applied after every
-step; teacher = the dense model; loss = sum over layers of the MSE between student and teacher hidden states
-(padding excluded); AdamW.
+only at the end are the sparse modules swapped in, built from the same masks. The recipe, chosen from runs on
+all-MiniLM-L6-v2 (docs/measurements.md): student = pruned copy whose masks are re-applied after every step;
+teacher = the dense model; loss = sum over layers of the MSE between student and teacher hidden states (padding
+excluded); AdamW.
 """
 
 from __future__ import annotations

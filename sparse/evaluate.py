@@ -6,13 +6,13 @@ over the attention mask, then L2-normalised.
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import timing
 
 __all__ = [
     "mean_pool",
@@ -112,8 +112,9 @@ def weight_bytes(model: nn.Module) -> int:
 
 class PrepackedLinear(nn.Module):
     """``nn.Linear`` (optionally followed by an activation) through oneDNN with the weight reordered once into
-    oneDNN's blocked layout. On this project's CPUs this is 2-2.5x faster than ``F.linear`` (which takes MKL's
-    path), so it is the dense baseline a careful user would pick. Inference only."""
+    oneDNN's blocked layout, so no call reorders it. On CPUs where ``F.linear`` takes MKL's path (AMD EPYC, for
+    one) this is the fastest dense fp32 Linear, the baseline a careful user would pick (docs/measurements.md).
+    Inference only."""
 
     def __init__(self, linear: nn.Linear, activation: str = "none") -> None:
         super().__init__()
@@ -166,18 +167,9 @@ def time_forward(
 
     The contenders take turns, one call each per round, so that a slow phase of a shared machine hits all of
     them alike; ``warmup`` untimed rounds come first. ``progress`` is called after each round."""
-    times: Dict[str, List[float]] = {name: [] for name in contenders}
     with torch.inference_mode():
-        for r in range(warmup + rounds):
-            for name, fn in contenders.items():
-                t0 = time.perf_counter()
-                fn()
-                dt = time.perf_counter() - t0
-                if r >= warmup:
-                    times[name].append(dt)
-            if progress is not None:
-                progress()
-    return {name: statistics.median(t) for name, t in times.items()}
+        samples = timing.interleaved(contenders, repeats=rounds, warmup=warmup, progress=progress)
+    return {name: s.median for name, s in samples.items()}
 
 
 def set_attention(model: nn.Module, impl: str) -> bool:
@@ -202,13 +194,7 @@ def pick_attention(model: nn.Module, run: Callable[[], object], calls: int = 2) 
     for impl in ATTENTION_IMPLEMENTATIONS:
         if not set_attention(model, impl):
             return None, {}
-        run()
-        best = float("inf")
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            run()
-            best = min(best, time.perf_counter() - t0)
-        seconds[impl] = best
+        seconds[impl] = timing.sample(run, repeats=calls, warmup=1).min
     winner = min(seconds, key=seconds.get)
     set_attention(model, winner)
     return winner, seconds

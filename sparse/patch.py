@@ -11,9 +11,6 @@ by a ``FusedActivation`` (an identity that records the move).
 
 from __future__ import annotations
 
-import fnmatch
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -21,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, timing
 from .formats import BlockSparseWeight, _check_sparsity
 from .nn import BalancedSparseLinear, BlockSparseLinear, SparseLinear, _is_conv1d, dense_nbytes, dense_weight_of
+from .walk import (Filter, filter_reason, linear_layers, module_name, name_filter, parameter_names, replace_modules,
+                   tied_elsewhere, weight_read_directly)
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport", "Fusion", "FusedActivation", "activation_name", "Filter"]
 
 PATTERNS = ("block", "balanced")
-# A filter: a glob or a list of globs on the dotted module name, or a predicate (name, module) -> bool.
-Filter = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
 
 CONVERTED = "converted"
 KEPT_DENSE = "kept-dense-because-slower"
@@ -237,65 +234,18 @@ def _find_fusions(model: nn.Module, selected: Dict[int, str]) -> Dict[str, Tuple
     return found
 
 
-# ---- filters -------------------------------------------------------------------------------------------------------
-def _pattern_matches(pattern: str, name: str) -> bool:
-    """A glob on the full dotted name, or on any trailing part of it: ``"pooler.dense"``, ``"*attention*"``,
-    ``"c_fc"`` (every ``...c_fc``), ``"encoder.layer.0.*"``."""
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
-
-
-def _filter_fn(spec: Optional[Filter], what: str, names: List[str]) -> Optional[Callable[[str, nn.Module], bool]]:
-    if spec is None:
-        return None
-    if callable(spec):
-        return spec
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{what} must be a glob string, a non-empty list of glob strings or a callable, got {spec!r}")
-    for p in patterns:
-        if not any(_pattern_matches(p, n) for n in names):
-            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ValueError(f"{what} pattern {p!r} matches no Linear layer of the model; the layers are: {shown}")
-    return lambda name, module: any(_pattern_matches(p, name) for p in patterns)
-
-
 # ---- timing --------------------------------------------------------------------------------------------------------
 def _time_pair(dense_fn: Callable[[torch.Tensor], torch.Tensor], sparse_fn: Callable[[torch.Tensor], torch.Tensor],
                x: torch.Tensor, repeats: int) -> Tuple[float, float]:
     """Median wall times (ms) of ``dense_fn(x)`` and ``sparse_fn(x)`` after two warm-up calls each. The two are
     timed alternately, so that load from other processes hits both alike."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times: Tuple[List[float], List[float]] = ([], [])
     with torch.no_grad():
-        for i in range(repeats + 2):
-            for fn, out in ((dense_fn, times[0]), (sparse_fn, times[1])):
-                sync()
-                t0 = time.perf_counter()
-                fn(x)
-                sync()
-                if i >= 2:
-                    out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+        t = timing.interleaved({"dense": lambda: dense_fn(x), "sparse": lambda: sparse_fn(x)}, repeats=repeats,
+                               warmup=2, device=x)
+    return t["dense"].median * 1e3, t["sparse"].median * 1e3
 
 
 # ---- the patcher ---------------------------------------------------------------------------------------------------
-def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    seen = set()
-    out = []
-    for name, m in model.named_modules():
-        if id(m) in seen:
-            continue
-        if isinstance(m, (nn.Linear, SparseLinear)) or _is_conv1d(m):
-            seen.add(id(m))
-            out.append((name, m))
-    return out
-
-
-def _tied_elsewhere(model: nn.Module, m: nn.Module, param_names: Dict[int, List[str]]) -> List[str]:
-    """Names of parameters outside ``m`` that are ``m.weight`` itself (tied weights, e.g. GPT-2's lm_head)."""
-    return [n for n in param_names.get(id(m.weight), ()) if model.get_submodule(n.rpartition(".")[0]) is not m]
-
-
 def _resolve_pattern_args(pattern: str, sparsity: Optional[float], block, bank: int, keep: Optional[int]) -> Dict[str, Any]:
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
@@ -326,14 +276,6 @@ def _build(pattern: str, layer: nn.Module, args: Dict[str, Any], mask: Optional[
     return BalancedSparseLinear.from_linear(layer, bank=args["bank"], keep=args["keep"], mask=mask, activation=activation)
 
 
-def _replace_everywhere(model: nn.Module, replacements: Dict[int, nn.Module]) -> None:
-    """Points every parent that holds a replaced module at its replacement (a module may be shared)."""
-    for parent in list(model.modules()):
-        for key, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacements:
-                parent._modules[key] = replacements[id(child)]
-
-
 def sparsify(
     model: nn.Module,
     pattern: str = "block",
@@ -360,7 +302,7 @@ def sparsify(
             ``keep = round(bank * (1 - sparsity))`` unless ``keep`` is given.
         block: block size (int or ``(rows, cols)``); bank, keep: balanced parameters.
         include, exclude: which layers (by dotted module name): a glob, a list of globs (each must match some
-            layer, see ``_pattern_matches``), or a predicate ``(name, module) -> bool``. Default: all layers.
+            layer, see ``sparse.walk.pattern_matches``), or a predicate ``(name, module) -> bool``. Default: all layers.
         skip_if_slower: time each layer dense and sparse on a sample input ``[sample_tokens, in]`` in its
             dtype (median of ``repeats`` runs after two warm-ups) and keep it dense when sparse measures slower.
         fuse_activations: move a Linear's following activation into the sparse kernel (see the module doc).
@@ -387,20 +329,18 @@ def sparsify(
         raise TypeError("sparsify patches the layers inside a model; for a single layer use "
                         "BlockSparseLinear.from_linear or BalancedSparseLinear.from_linear")
 
-    candidates = _candidates(model)
+    candidates = linear_layers(model)
     names = [n for n, _ in candidates]
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layer to sparsify")
-    inc = _filter_fn(include, "include", names)
-    exc = _filter_fn(exclude, "exclude", names)
+    inc = name_filter(include, "include", names)
+    exc = name_filter(exclude, "exclude", names)
     if masks is not None:
         unknown = sorted(set(masks) - set(names))
         if unknown:
             raise ValueError(f"masks name layers that are not Linear layers of the model: {unknown}")
-    mha_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    param_names: Dict[int, List[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        param_names.setdefault(id(p), []).append(pname)
+    read_directly = weight_read_directly(model)
+    param_names = parameter_names(model)
 
     layers: List[LayerReport] = []
     selected: Dict[int, str] = {}
@@ -416,14 +356,12 @@ def sparsify(
             rep.reason = "already sparse"
         elif isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
             rep.reason = f"{type(m).__name__} overrides nn.Linear.forward; a sparse layer would drop that behaviour"
-        elif id(m) in mha_out:
+        elif id(m) in read_directly:
             rep.reason = "nn.MultiheadAttention reads out_proj.weight directly instead of calling it"
-        elif inc is not None and not inc(name, m):
-            rep.reason = "not matched by include"
-        elif exc is not None and exc(name, m):
-            rep.reason = "matched by exclude"
-        elif _tied_elsewhere(model, m, param_names):
-            rep.reason = (f"weight is tied to {', '.join(_tied_elsewhere(model, m, param_names))} "
+        elif filter_reason(name, m, inc, exc) is not None:
+            rep.reason = filter_reason(name, m, inc, exc)
+        elif tied_elsewhere(model, m, param_names):
+            rep.reason = (f"weight is tied to {', '.join(tied_elsewhere(model, m, param_names))} "
                           "(pruning it would change those too)")
         elif masks is not None and name not in masks:
             rep.reason = "no mask given"
@@ -490,13 +428,13 @@ def sparsify(
         rep.activation = act
         replacements[id(m)] = sp
         if act_parent is not None:
-            prefix = next(n for n, mod in model.named_modules() if mod is act_parent)
+            prefix = module_name(model, act_parent)
             replaced = f"{prefix}.{act_attr}" if prefix else act_attr
             applied.append(Fusion(linear=name, replaced=replaced, activation=act))
             pending.append((act_parent, act_attr, FusedActivation(name, act)))
     if fit_errors and not replacements and not any(r.status == KEPT_DENSE for r in layers):
         raise ValueError(f"the {pattern} pattern {args} fits none of the selected layers: " + "; ".join(fit_errors[:4]))
-    _replace_everywhere(model, replacements)
+    replace_modules(model, replacements)
     for parent, attr, fused in pending:
         setattr(parent, attr, fused)
 

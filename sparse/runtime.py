@@ -4,10 +4,10 @@ glibc's ``malloc`` serves blocks above its *mmap threshold* with fresh ``mmap`` 
 the top of its heap back to the kernel above its *trim threshold*. Both thresholds adapt at run time, and a
 Transformer's forward allocates and frees activation buffers of several MB per layer (BERT-base at batch 8,
 sequence 128: 3 MB per Linear output, 12.6 MB for the intermediate one). Depending on the order in which earlier
-code happened to allocate, the thresholds settle where every one of those buffers is faulted in again on every
-call: measured here, 46,000-68,000 minor page faults (180-270 MB) per BERT-base forward, and the 90% sparse model
-at 190 ms instead of 140 ms, from one process to the next. That is why PyTorch's CPU tuning guide recommends
-preloading jemalloc or tcmalloc. :func:`tune_malloc` gives glibc fixed thresholds instead, with no preload.
+code happened to allocate, the thresholds can settle where every one of those buffers is faulted in again on
+every call: tens of thousands of page faults per BERT-base forward, and a forward time that changes from one
+process to the next (docs/measurements.md). That is why PyTorch's CPU tuning guide recommends preloading jemalloc
+or tcmalloc. :func:`tune_malloc` gives glibc fixed thresholds instead, with no preload.
 
 It is process-global, so the library never calls it on import: applications opt in. ``python -m sparse`` and the
 benchmarks call it at start-up, before any model exists, so dense and sparse models alike run with it
@@ -69,9 +69,8 @@ def tune_malloc_from_env() -> bool:
 
 # ---- dtypes this CPU computes natively ------------------------------------------------------------------------
 # Without native bf16 (AVX512_BF16 or AMX) or fp16 (AVX512_FP16 or AMX-FP16) arithmetic, torch's CPU kernels for
-# those dtypes convert element by element: measured on an AVX2-only CPU (2 cores), dense F.linear ran 7x slower in
-# bf16 than in fp32, and BERT-base with 90% block-32 Linears took 2.5-2.9 s per batch-8 forward in bf16 against
-# 0.40 s in fp32. On such CPUs float32 is the fast dtype.
+# those dtypes convert element by element and run several times slower than in fp32, so on such CPUs float32 is
+# the fast dtype. _MEASURED is the measurement the warning quotes (docs/measurements.md has where and when).
 _MEASURED = ("measured on an AVX2-only CPU: BERT-base with 90% block-32 Linears ran a batch-8 forward in 2.5-2.9 s "
              "in bfloat16 against 0.40 s in float32")
 

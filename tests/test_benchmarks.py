@@ -139,7 +139,7 @@ def test_summary_pass_and_miss_against_the_targets():
     passing = _rows("a", 1.0 / 9.5, 1.0, format="bsr", block="32x32", density=0.1)
     missing = _rows("b", 1.0 / 8.0, 1.0, format="bsr", block="32x32", density=0.1)
     assert passing[-1]["baseline"] == "best_dense(onednn_prepacked)" and passing[-1]["ratio"] == pytest.approx(9.5)
-    table = report.issue3_tables(passing + missing)[0]
+    table = report.kernel_target_tables(passing + missing)[0]
     assert table.total == 2 and table.passed == 1
     md = report.summary_markdown(passing + missing)
     assert "| PASS |" in md and "**MISS**" in md and "9.00x" in md
@@ -177,7 +177,7 @@ def test_a_wrong_contender_is_left_out_not_timed():
 
 
 def test_pick_attention_keeps_the_faster_and_rejects_unknown(monkeypatch):
-    from sparse import evaluate
+    from sparse import evaluate, timing
 
     class FakeModel(torch.nn.Module):  # a transformers-like switch; "eager" made slow by the call below
         impl = "sdpa"
@@ -187,7 +187,7 @@ def test_pick_attention_keeps_the_faster_and_rejects_unknown(monkeypatch):
 
     m = FakeModel()
     clock = iter(range(1000))
-    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(clock) * (1.0 if m.impl == "sdpa" else 5.0))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock) * (1.0 if m.impl == "sdpa" else 5.0))
     winner, secs = evaluate.pick_attention(m, lambda: None, calls=2)
     assert winner == "sdpa" and m.impl == "sdpa" and secs["eager"] > secs["sdpa"]
     with pytest.raises(ValueError, match="'flash': expected one of"):
