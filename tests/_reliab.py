@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
 
 from sparse import BalancedSparseWeight, BlockSparseWeight, reference
+from sparse import activations as _activations
 from sparse._ext import available, require
 
 from tests.helpers import ACTS
 
-# sup |act''(z)|: how far a rounding of z moves act'(z) (gelu: 2 phi(0) = 0.798; silu: 1/2; relu: 0 off zero).
-ACT_CURVATURE = {"none": 0.0, "relu": 0.0, "gelu": 0.8, "gelu_tanh": 0.8, "silu": 0.5}
+# sup |act''(z)|: how far a rounding of z moves act'(z) (gelu: 2 phi(0) = 0.798; silu: 1/2; relu: 0 off zero),
+# from the activation table.
+ACT_CURVATURE = {a.name: a.curvature for a in _activations.TABLE}
 assert set(ACT_CURVATURE) == set(ACTS), "ACT_CURVATURE must name every activation of sparse.ops.ACTIVATIONS"
 
 # "ci" is the bounded profile of `make test`; "long" (HYPOTHESIS_PROFILE=long, `make fuzz`) runs

@@ -121,7 +121,9 @@ def test_bsr_grad_input_and_sddmm(dtype, case):
 def test_bsr_activations(dtype, activation):
     w = _bsr(40, 72, (16, 32), dtype)
     x, bias = _randn(7, 72, dtype=dtype) * 3, _randn(40, dtype=dtype, seed=2)  # reach the non-linear parts
-    y = bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, 40, bias, activation)
+    # The op: the kernel fuses the activations it has code for (bsr.ACTIVATION_CODES), the op applies the others.
+    y = torch.ops.sparsekern.triton_bsr_linear(x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices,
+                                               w.block_perm, 40, bias, activation)
     assert_close_to_ref(y, reference.linear(x, w, bias, activation), _dense_linear(x, w, bias, activation),
                         floor=KERNEL_FLOOR)
 
@@ -191,7 +193,7 @@ def test_balanced_grad_input_and_sddmm(dtype, case):
 def test_balanced_activations(dtype, activation):
     w = _bal(33, 104, 32, 8, dtype)
     x, bias = _randn(7, 104, dtype=dtype) * 3, _randn(33, dtype=dtype, seed=2)
-    y = balanced.balanced_linear(x, w.values, w.indices, 32, bias, activation)
+    y = torch.ops.sparsekern.triton_balanced_linear(x, w.values, w.indices, 32, bias, activation)
     assert_close_to_ref(y, reference.linear(x, w, bias, activation), _dense_linear(x, w, bias, activation),
                         floor=KERNEL_FLOOR)
 
