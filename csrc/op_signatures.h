@@ -39,33 +39,19 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
 }
 
-inline const c10::TypedOperatorHandle<BsrLinear>& bsr_linear() {
-  static const auto op = handle<BsrLinear>("sparsekern::bsr_linear");
-  return op;
-}
-inline const c10::TypedOperatorHandle<BsrLinearGradInput>& bsr_linear_grad_input() {
-  static const auto op = handle<BsrLinearGradInput>("sparsekern::bsr_linear_grad_input");
-  return op;
-}
-inline const c10::TypedOperatorHandle<BsrSddmm>& bsr_sddmm() {
-  static const auto op = handle<BsrSddmm>("sparsekern::bsr_sddmm");
-  return op;
-}
-inline const c10::TypedOperatorHandle<BalancedLinear>& balanced_linear() {
-  static const auto op = handle<BalancedLinear>("sparsekern::balanced_linear");
-  return op;
-}
-inline const c10::TypedOperatorHandle<BalancedLinearGradInput>& balanced_linear_grad_input() {
-  static const auto op = handle<BalancedLinearGradInput>("sparsekern::balanced_linear_grad_input");
-  return op;
-}
-inline const c10::TypedOperatorHandle<BalancedSddmm>& balanced_sddmm() {
-  static const auto op = handle<BalancedSddmm>("sparsekern::balanced_sddmm");
-  return op;
-}
-inline const c10::TypedOperatorHandle<ActBackward>& act_backward() {
-  static const auto op = handle<ActBackward>("sparsekern::act_backward");
-  return op;
-}
+// ops::bsr_linear() etc.: the handle of sparsekern::<name>, typed with Sig, looked up once.
+#define SK_OP_HANDLE(name, Sig)                                             \
+  inline const c10::TypedOperatorHandle<Sig>& name() {                      \
+    static const auto op = handle<Sig>("sparsekern::" #name);               \
+    return op;                                                              \
+  }
+SK_OP_HANDLE(bsr_linear, BsrLinear)
+SK_OP_HANDLE(bsr_linear_grad_input, BsrLinearGradInput)
+SK_OP_HANDLE(bsr_sddmm, BsrSddmm)
+SK_OP_HANDLE(balanced_linear, BalancedLinear)
+SK_OP_HANDLE(balanced_linear_grad_input, BalancedLinearGradInput)
+SK_OP_HANDLE(balanced_sddmm, BalancedSddmm)
+SK_OP_HANDLE(act_backward, ActBackward)
+#undef SK_OP_HANDLE
 
 }  // namespace sparsekern::ops
