@@ -21,13 +21,12 @@
 #endif
 
 // X(enum name, op name, result for input v of floating type T)
-#define SK_ACTIVATIONS(X)                                                                            \
-  X(None, "none", v)                                                                                 \
-  X(Relu, "relu", v < T(0) ? T(0) : v) /* keeps NaN, as torch.relu does */                           \
-  X(Gelu, "gelu", T(0.5) * v * (T(1) + erf(v * T(0.70710678118654752440))))                         \
-  X(GeluTanh, "gelu_tanh",                                                                           \
-    T(0.5) * v * (T(1) + tanh(T(0.79788456080286535588) * (v + T(0.044715) * v * v * v))))          \
-  X(Silu, "silu", v / (T(1) + exp(-v)))                                                             \
+#define SK_ACTIVATIONS(X)                                                                                         \
+  X(None, "none", v)                                                                                              \
+  X(Relu, "relu", v < T(0) ? T(0) : v) /* keeps NaN, as torch.relu does */                                        \
+  X(Gelu, "gelu", T(0.5) * v * (T(1) + erf(v * T(0.70710678118654752440))))                                       \
+  X(GeluTanh, "gelu_tanh", T(0.5) * v * (T(1) + tanh(T(0.79788456080286535588) * (v + T(0.044715) * v * v * v)))) \
+  X(Silu, "silu", v / (T(1) + exp(-v)))                                                                           \
   X(QuickGelu, "quick_gelu", v / (T(1) + exp(T(-1.702) * v)))
 
 namespace sparsekern {
@@ -73,8 +72,7 @@ SK_ACT_FN T apply_act(T v, Act act) {
   using std::tanh;
   switch (act) {
 #define SK_ACT_CASE(e, name, f) \
-  case Act::e:                  \
-    return f;
+  case Act::e: return f;
     SK_ACTIVATIONS(SK_ACT_CASE)
 #undef SK_ACT_CASE
   }

@@ -34,8 +34,8 @@ bool needs_grad(const at::Tensor& x, const at::Tensor& values, const std::option
 
 // ---------------------------------------------------------------------------------------------- block-sparse
 at::Tensor bsr_linear_call(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_offsets,
-                           const at::Tensor& col_indices, const at::Tensor& col_offsets,
-                           const at::Tensor& row_indices, const at::Tensor& block_perm, c10::SymInt out_features,
+                           const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices,
+                           const at::Tensor& block_perm, c10::SymInt out_features,
                            const std::optional<at::Tensor>& bias, c10::string_view activation) {
   return ops::bsr_linear().call(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
                                 std::move(out_features), bias, activation);
@@ -51,8 +51,8 @@ class BsrLinearFn : public torch::autograd::Function<BsrLinearFn> {
     ctx->saved_data["in_features"] = x.sym_size(1);
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->save_for_backward({x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
-                            bias.value_or(at::Tensor())});
+    ctx->save_for_backward(
+        {x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias.value_or(at::Tensor())});
     at::AutoDispatchBelowADInplaceOrView guard;
     return bsr_linear_call(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
                            std::move(out_features), bias, activation);
@@ -76,7 +76,7 @@ class BsrLinearFn : public torch::autograd::Function<BsrLinearFn> {
     grad = grad.contiguous();
     if (ctx->needs_input_grad(0))
       out[0] = ops::bsr_linear_grad_input().call(grad, values, col_offsets, row_indices, block_perm,
-                                                  ctx->saved_data["in_features"].toSymInt());
+                                                 ctx->saved_data["in_features"].toSymInt());
     if (ctx->needs_input_grad(1)) out[1] = ops::bsr_sddmm().call(grad, x, values, row_offsets, col_indices);
     if (bias.has_value() && ctx->needs_input_grad(7)) out[8] = grad.sum(0);  // edges: tensors only
     return out;
@@ -97,8 +97,8 @@ at::Tensor bsr_linear_autograd(const at::Tensor& x, const at::Tensor& values, co
 }
 
 // ---------------------------------------------------------------------------------------------- balanced
-at::Tensor balanced_linear_call(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
-                                int64_t bank, const std::optional<at::Tensor>& bias, c10::string_view activation) {
+at::Tensor balanced_linear_call(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t bank,
+                                const std::optional<at::Tensor>& bias, c10::string_view activation) {
   return ops::balanced_linear().call(x, values, indices, bank, bias, activation);
 }
 
@@ -130,7 +130,7 @@ class BalancedLinearFn : public torch::autograd::Function<BalancedLinearFn> {
     grad = grad.contiguous();
     if (ctx->needs_input_grad(0))
       out[0] = ops::balanced_linear_grad_input().call(grad, values, indices, bank,
-                                                       ctx->saved_data["in_features"].toSymInt());
+                                                      ctx->saved_data["in_features"].toSymInt());
     if (ctx->needs_input_grad(1)) out[1] = ops::balanced_sddmm().call(grad, x, indices, bank);
     if (bias.has_value() && ctx->needs_input_grad(3)) out[4] = grad.sum(0);  // edges: tensors only
     return out;

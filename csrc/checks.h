@@ -2,8 +2,8 @@
 // these errors reach users who called a module, not the op.
 #pragma once
 
-#include <torch/library.h>
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <string>
@@ -12,23 +12,22 @@
 
 #define SK_CHECK_CPU(t) TORCH_CHECK((t).device().is_cpu(), #t " must be a CPU tensor, got device ", (t).device())
 
-#define SK_CHECK_DIM(t, d) \
-  TORCH_CHECK((t).dim() == (d), #t " must have ", d, " dimensions, got shape ", (t).sizes())
+#define SK_CHECK_DIM(t, d) TORCH_CHECK((t).dim() == (d), #t " must have ", d, " dimensions, got shape ", (t).sizes())
 
 #define SK_CHECK_DTYPE(t, dt) \
   TORCH_CHECK((t).scalar_type() == (dt), #t " must have dtype ", dt, ", got ", (t).scalar_type())
 
-#define SK_CHECK_SAME_DTYPE(a, b)                                                                          \
-  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), #a " and " #b " must have the same dtype, got ",    \
+#define SK_CHECK_SAME_DTYPE(a, b)                                                                      \
+  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), #a " and " #b " must have the same dtype, got ", \
               (a).scalar_type(), " and ", (b).scalar_type())
 
-#define SK_CHECK_SAME_DEVICE(a, b)                                                                           \
-  TORCH_CHECK((a).device() == (b).device(), #a " and " #b " must be on the same device, got ", (a).device(), \
-              " and ", (b).device())
+#define SK_CHECK_SAME_DEVICE(a, b)                                                                                    \
+  TORCH_CHECK((a).device() == (b).device(), #a " and " #b " must be on the same device, got ", (a).device(), " and ", \
+              (b).device())
 
-#define SK_CHECK_FLOATING(t)                                                                                 \
-  TORCH_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kDouble ||                         \
-                  (t).scalar_type() == at::kBFloat16 || (t).scalar_type() == at::kHalf,                      \
+#define SK_CHECK_FLOATING(t)                                                            \
+  TORCH_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kDouble ||    \
+                  (t).scalar_type() == at::kBFloat16 || (t).scalar_type() == at::kHalf, \
               #t " must be float32, float64, bfloat16 or float16, got ", (t).scalar_type())
 
 namespace sparsekern {
@@ -52,8 +51,8 @@ inline void check_offsets(const at::Tensor& offsets, int64_t n, int64_t total, c
   const int32_t* p = offsets.data_ptr<int32_t>();
   TORCH_CHECK(p[0] == 0, name, "[0] must be 0, got ", p[0]);
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(p[i + 1] >= p[i], name, " must be non-decreasing, but ", name, "[", i + 1, "] = ", p[i + 1],
-                " < ", name, "[", i, "] = ", p[i]);
+    TORCH_CHECK(p[i + 1] >= p[i], name, " must be non-decreasing, but ", name, "[", i + 1, "] = ", p[i + 1], " < ",
+                name, "[", i, "] = ", p[i]);
   }
   TORCH_CHECK(p[n] == total, name, "[-1] must equal the number of stored blocks ", total, ", got ", p[n]);
 }

@@ -24,8 +24,7 @@ using BsrLinearGradInput = Tensor(const Tensor&, const Tensor&, const Tensor&, c
 // sparsekern::bsr_sddmm(grad_out, x, values, row_offsets, col_indices)
 using BsrSddmm = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&);
 // sparsekern::balanced_linear(x, values, indices, bank, bias, activation)
-using BalancedLinear = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, const OptTensor&,
-                              std::string_view);
+using BalancedLinear = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, const OptTensor&, std::string_view);
 // sparsekern::balanced_linear_grad_input(grad_out, values, indices, bank, in_features)
 using BalancedLinearGradInput = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, c10::SymInt);
 // sparsekern::balanced_sddmm(grad_out, x, indices, bank)
@@ -40,10 +39,10 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 }
 
 // ops::bsr_linear() etc.: the handle of sparsekern::<name>, typed with Sig, looked up once.
-#define SK_OP_HANDLE(name, Sig)                                             \
-  inline const c10::TypedOperatorHandle<Sig>& name() {                      \
-    static const auto op = handle<Sig>("sparsekern::" #name);               \
-    return op;                                                              \
+#define SK_OP_HANDLE(name, Sig)                               \
+  inline const c10::TypedOperatorHandle<Sig>& name() {        \
+    static const auto op = handle<Sig>("sparsekern::" #name); \
+    return op;                                                \
   }
 SK_OP_HANDLE(bsr_linear, BsrLinear)
 SK_OP_HANDLE(bsr_linear_grad_input, BsrLinearGradInput)

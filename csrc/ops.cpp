@@ -26,8 +26,7 @@ TORCH_LIBRARY(sparsekern, m) {
       "bsr_linear_grad_input(Tensor grad_out, Tensor values, Tensor col_offsets, Tensor row_indices, "
       "Tensor block_perm, SymInt in_features) -> Tensor");
   // dW[kept blocks] = (dY^T X)[kept blocks] (SDDMM). The result has the shape and strides of `values`.
-  m.def(
-      "bsr_sddmm(Tensor grad_out, Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices) -> Tensor");
+  m.def("bsr_sddmm(Tensor grad_out, Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices) -> Tensor");
   // Y = act(X W^T + b) for a balanced-sparse W (each bank of `bank` columns keeps `keep` values).
   m.def(
       "balanced_linear(Tensor x, Tensor values, Tensor indices, int bank, Tensor? bias=None, "
@@ -58,8 +57,8 @@ PyObject* py_cpu_features(PyObject*, PyObject*) {
   const auto& f = sparsekern::cpu::features();
   return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
                        f.fma ? Py_True : Py_False, "avx512f", f.avx512f ? Py_True : Py_False, "avx512bw",
-                       f.avx512bw ? Py_True : Py_False, "avx512vl", f.avx512vl ? Py_True : Py_False,
-                       "avx512bf16", f.avx512bf16 ? Py_True : Py_False);
+                       f.avx512bw ? Py_True : Py_False, "avx512vl", f.avx512vl ? Py_True : Py_False, "avx512bf16",
+                       f.avx512bf16 ? Py_True : Py_False);
 }
 
 PyObject* py_get_isa(PyObject*, PyObject*) {
@@ -109,7 +108,8 @@ PyObject* py_has_cuda(PyObject*, PyObject*) {
 }
 
 PyMethodDef methods[] = {
-    {"cpu_features", py_cpu_features, METH_NOARGS, "x86 features the CPU kernels can use on this machine (less those SPARSEKERN_ISA removes)."},
+    {"cpu_features", py_cpu_features, METH_NOARGS,
+     "x86 features the CPU kernels can use on this machine (less those SPARSEKERN_ISA removes)."},
     {"get_isa", py_get_isa, METH_NOARGS, "The code path the CPU kernels take now: avx512, avx2 or portable."},
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest code path this CPU supports (capped by SPARSEKERN_ISA)."},
     {"set_isa", py_set_isa, METH_O,

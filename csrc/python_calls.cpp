@@ -11,8 +11,8 @@
 // takes torch.ops instead. torch.compile never sees them (sparse.linear calls them only outside compilation).
 #include <Python.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -55,7 +55,9 @@ PyObject* register_plain_tensor_type(PyObject*, PyObject* type) {
   return nullptr;
 }
 
-bool plain_or_none(PyObject* o) { return o == Py_None || plain(o); }
+bool plain_or_none(PyObject* o) {
+  return o == Py_None || plain(o);
+}
 
 std::optional<at::Tensor> optional_tensor(PyObject* o) {
   if (o == Py_None) return std::nullopt;
@@ -115,9 +117,7 @@ PyObject* balanced_linear_call(PyObject*, PyObject* args) {
   const at::Tensor& xt = THPVariable_Unpack(x);
   const at::Tensor& vt = THPVariable_Unpack(values);
   const std::optional<at::Tensor> b = optional_tensor(bias);
-  auto call = [&] {
-    return op.call(xt, vt, THPVariable_Unpack(indices), bank, b, std::string_view(activation));
-  };
+  auto call = [&] { return op.call(xt, vt, THPVariable_Unpack(indices), bank, b, std::string_view(activation)); };
   return call_and_wrap(xt.numel() * (vt.dim() > 0 ? vt.size(0) : 0), call);
   END_HANDLE_TH_ERRORS
 }
@@ -131,8 +131,7 @@ PyMethodDef python_call_methods[] = {
     {"bsr_linear_call", bsr_linear_call, METH_VARARGS,
      "torch.ops.sparsekern.bsr_linear with the same arguments, without the generic op-call overhead; None when a "
      "__torch_function__ override is in play (then call torch.ops)."},
-    {"balanced_linear_call", balanced_linear_call, METH_VARARGS,
-     "torch.ops.sparsekern.balanced_linear likewise."},
+    {"balanced_linear_call", balanced_linear_call, METH_VARARGS, "torch.ops.sparsekern.balanced_linear likewise."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace sparsekern

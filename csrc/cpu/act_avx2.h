@@ -75,7 +75,9 @@ SK_ACT_INLINE __m256 x_sigmoid_avx2(__m256 x, __m256 s) {
 }
 
 // SiLU: x sigmoid(x).
-SK_ACT_INLINE __m256 silu_avx2(__m256 x) { return x_sigmoid_avx2(x, x); }
+SK_ACT_INLINE __m256 silu_avx2(__m256 x) {
+  return x_sigmoid_avx2(x, x);
+}
 
 // tanh-GELU 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), evaluated as x sigmoid(2u): the same function
 // without tanh's cancellation near 0 or the cancellation of 1 + tanh(u) for negative x.
@@ -100,16 +102,11 @@ SK_ACT_INLINE __m256 act_avx2(__m256 v, Act act) {
   switch (act) {
     case Act::Relu:  // keeps NaN, as torch.relu does
       return _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ));
-    case Act::Gelu:
-      return gelu_avx2(v);
-    case Act::GeluTanh:
-      return gelu_tanh_avx2(v);
-    case Act::Silu:
-      return silu_avx2(v);
-    case Act::None:
-      return v;
-    default:
-      return act_lanes_avx2(v, act);
+    case Act::Gelu: return gelu_avx2(v);
+    case Act::GeluTanh: return gelu_tanh_avx2(v);
+    case Act::Silu: return silu_avx2(v);
+    case Act::None: return v;
+    default: return act_lanes_avx2(v, act);
   }
 }
 
@@ -120,17 +117,10 @@ SK_ACT_INLINE void act_tile_avx2(__m256* r, int64_t n, Act act) {
     case Act::Relu:
       for (int64_t i = 0; i < n; ++i) r[i] = act_avx2(r[i], Act::Relu);
       break;
-    case Act::Gelu:
-      _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = gelu_avx2(r[i]);
-      break;
-    case Act::GeluTanh:
-      _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = gelu_tanh_avx2(r[i]);
-      break;
-    case Act::Silu:
-      _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = silu_avx2(r[i]);
-      break;
-    case Act::None:
-      break;
+    case Act::Gelu: _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = gelu_avx2(r[i]); break;
+    case Act::GeluTanh: _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = gelu_tanh_avx2(r[i]); break;
+    case Act::Silu: _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = silu_avx2(r[i]); break;
+    case Act::None: break;
     default:
       for (int64_t i = 0; i < n; ++i) r[i] = act_lanes_avx2(r[i], act);
       break;

@@ -96,7 +96,9 @@ SK_ACT_INLINE __m512 x_sigmoid_avx512(__m512 x, __m512 s) {
 }
 
 // SiLU: x sigmoid(x).
-SK_ACT_INLINE __m512 silu_avx512(__m512 x) { return x_sigmoid_avx512(x, x); }
+SK_ACT_INLINE __m512 silu_avx512(__m512 x) {
+  return x_sigmoid_avx512(x, x);
+}
 
 // tanh-GELU 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), evaluated as x sigmoid(2u): the same function
 // without tanh's cancellation near 0 or the cancellation of 1 + tanh(u) for negative x.
@@ -121,16 +123,11 @@ SK_ACT_INLINE __m512 act_avx512(__m512 v, Act act) {
   switch (act) {
     case Act::Relu:  // keeps NaN, as torch.relu does
       return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps());
-    case Act::Gelu:
-      return gelu_avx512(v);
-    case Act::GeluTanh:
-      return gelu_tanh_avx512(v);
-    case Act::Silu:
-      return silu_avx512(v);
-    case Act::None:
-      return v;
-    default:
-      return act_lanes_avx512(v, act);
+    case Act::Gelu: return gelu_avx512(v);
+    case Act::GeluTanh: return gelu_tanh_avx512(v);
+    case Act::Silu: return silu_avx512(v);
+    case Act::None: return v;
+    default: return act_lanes_avx512(v, act);
   }
 }
 
@@ -141,17 +138,10 @@ SK_ACT_INLINE void act_tile_avx512(__m512* r, int64_t n, Act act) {
     case Act::Relu:
       for (int64_t i = 0; i < n; ++i) r[i] = act_avx512(r[i], Act::Relu);
       break;
-    case Act::Gelu:
-      _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = gelu_avx512(r[i]);
-      break;
-    case Act::GeluTanh:
-      _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = gelu_tanh_avx512(r[i]);
-      break;
-    case Act::Silu:
-      _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = silu_avx512(r[i]);
-      break;
-    case Act::None:
-      break;
+    case Act::Gelu: _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = gelu_avx512(r[i]); break;
+    case Act::GeluTanh: _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = gelu_tanh_avx512(r[i]); break;
+    case Act::Silu: _Pragma("GCC unroll 4") for (int64_t i = 0; i < n; ++i) r[i] = silu_avx512(r[i]); break;
+    case Act::None: break;
     default:
       for (int64_t i = 0; i < n; ++i) r[i] = act_lanes_avx512(r[i], act);
       break;

@@ -7,8 +7,8 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
-#include <type_traits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -99,8 +99,8 @@ at::Tensor check_act_input(const at::Tensor& x, const at::Tensor& values, int64_
 }
 
 template <typename scalar_t, typename idx_t>
-void fwd_portable(const BalGeom& g, const scalar_t* x, int64_t ldx, int64_t T, const scalar_t* w,
-                  const idx_t* idx, const scalar_t* bias, Act act, scalar_t* y, int64_t o0, int64_t o1) {
+void fwd_portable(const BalGeom& g, const scalar_t* x, int64_t ldx, int64_t T, const scalar_t* w, const idx_t* idx,
+                  const scalar_t* bias, Act act, scalar_t* y, int64_t o0, int64_t o1) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t acc[kTokTile];
   const int64_t row = g.n_banks * g.keep;
@@ -269,8 +269,8 @@ at::Tensor balanced_linear_cpu(const at::Tensor& x_in, const at::Tensor& values,
   return y;
 }
 
-at::Tensor balanced_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& values,
-                                          const at::Tensor& indices, int64_t bank, int64_t in_features) {
+at::Tensor balanced_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& values, const at::Tensor& indices,
+                                          int64_t bank, int64_t in_features) {
   TORCH_CHECK(dy_in.dim() == 2, "grad_out must be 2-D [tokens, out_features], got shape ", dy_in.sizes());
   const BalGeom g = check_balanced(values, indices, bank, in_features);
   const at::Tensor dy = check_act_input(dy_in, values, g.out, "grad_out");
@@ -313,13 +313,14 @@ at::Tensor balanced_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, c
                               int64_t bank) {
   TORCH_CHECK(dy_in.dim() == 2, "grad_out must be 2-D [tokens, out_features], got shape ", dy_in.sizes());
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x_in.sizes());
-  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "grad_out and x must have the same number of tokens, got ",
-              dy_in.size(0), " and ", x_in.size(0));
-  TORCH_CHECK(indices.dim() == 3 && indices.size(0) == dy_in.size(1), "indices must have shape [",
-              dy_in.size(1), ", n_banks, keep], got ", indices.sizes());
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "grad_out and x must have the same number of tokens, got ", dy_in.size(0),
+              " and ", x_in.size(0));
+  TORCH_CHECK(indices.dim() == 3 && indices.size(0) == dy_in.size(1), "indices must have shape [", dy_in.size(1),
+              ", n_banks, keep], got ", indices.sizes());
   SK_CHECK_FLOATING(x_in);
   // The values are not read: a stand-in with the pattern's shape and the activations' dtype reuses the checks.
-  const at::Tensor shape_of_values = at::empty(indices.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor shape_of_values =
+      at::empty(indices.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
   const BalGeom g = check_balanced(shape_of_values, indices, bank, x_in.size(1));
   const at::Tensor dy = check_act_input(dy_in, shape_of_values, g.out, "grad_out");
   const at::Tensor x = check_act_input(x_in, shape_of_values, g.in, "x");

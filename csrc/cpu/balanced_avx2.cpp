@@ -62,8 +62,12 @@ inline void store_n(uint16_t* p, __m256 v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = t[i];
 }
 
-inline float to_f32(float v) { return v; }
-inline float to_f32(uint16_t v) { return bf16_to_float(v); }
+inline float to_f32(float v) {
+  return v;
+}
+inline float to_f32(uint16_t v) {
+  return bf16_to_float(v);
+}
 
 // In-register transpose of an L x L fp32 tile: r[i][j] -> r[j][i].
 inline void transpose(__m256 r[8]) {
@@ -145,8 +149,12 @@ void store_transposed(const float* buf, int64_t rows, int64_t tb, D* dst, int64_
 // ---------------------------------------------------------------------------------------------------------------
 // Forward, token tiles.
 
-inline __m256 bcast(const float* p) { return _mm256_set1_ps(*p); }
-inline __m256 bcast(const uint16_t* p) { return _mm256_set1_ps(bf16_to_float(*p)); }
+inline __m256 bcast(const float* p) {
+  return _mm256_set1_ps(*p);
+}
+inline __m256 bcast(const uint16_t* p) {
+  return _mm256_set1_ps(bf16_to_float(*p));
+}
 
 // Rows ahead whose weight slice for this chunk is prefetched: a chunk visits every row for a few banks only, a
 // strided walk the hardware prefetchers miss (the weights stream from L3 when they exceed L2).
@@ -176,8 +184,8 @@ inline void entry_offsets(const I* idx, const int32_t* colpat, int64_t n, int32_
 // R output rows (row stride row_len in w/idx) over the n kept entries of the current chunk (starting at entry e0 of
 // each row) against the packed chunk xt; partial sums in acc_buf[r * TT + t] (started from zero when first).
 template <int R, int NV, typename W, typename I>
-void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, const int32_t* colpat,
-              int32_t* off, const float* xt, float* acc_buf, bool first) {
+void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, const int32_t* colpat, int32_t* off,
+              const float* xt, float* acc_buf, bool first) {
   constexpr int64_t TT = NV * L;
   for (int r = 0; r < R; ++r) {  // past the last row this touches other memory or none: prefetches never fault
     prefetch_range(w + (r + kPrefetchRows) * row_len + e0, n * int64_t(sizeof(W)));
@@ -186,8 +194,7 @@ void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, 
   for (int r = 0; r < R; ++r) entry_offsets<TT>(idx + r * row_len + e0, colpat, n, off + r * n);
   __m256 acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_buf + r * TT + v * L);
+    for (int v = 0; v < NV; ++v) acc[r][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_buf + r * TT + v * L);
   const char* xc0 = reinterpret_cast<const char*>(xt);
   const W* wr = w + e0;
   for (int64_t j = 0; j < n; ++j) {
@@ -202,8 +209,8 @@ void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, 
 }
 
 template <int NV, typename W, typename I>
-void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w, const I* idx, const W* bias,
-              Act act, W* y, int64_t o0, int64_t o1, float* xt, float* ybuf, int32_t* colpat, int32_t* off) {
+void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w, const I* idx, const W* bias, Act act,
+              W* y, int64_t o0, int64_t o1, float* xt, float* ybuf, int32_t* colpat, int32_t* off) {
   constexpr int64_t TT = NV * L;
   const int64_t row_len = s.n_banks * s.keep;
   const int64_t cb = bal_chunk_banks(s, TT);
@@ -251,11 +258,10 @@ void fwd_gather(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
     const W* wr = w + o * row_len;
     const I* ir = idx + o * row_len;
     for (int64_t j = 0; j < full; j += L) {
-      const __m256i col = _mm256_add_epi32(load_idx8(ir + j),
-                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colbase + j)));
+      const __m256i col =
+          _mm256_add_epi32(load_idx8(ir + j), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colbase + j)));
       const __m256 wv = load_n(wr + j, L);
-      for (int t = 0; t < T; ++t)
-        acc[t] = _mm256_fmadd_ps(wv, _mm256_i32gather_ps(xf + t * s.in, col, 4), acc[t]);
+      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_i32gather_ps(xf + t * s.in, col, 4), acc[t]);
     }
     const float bv = bias ? to_f32(bias[o]) : 0.0f;
     for (int t = 0; t < T; ++t) {
@@ -268,8 +274,8 @@ void fwd_gather(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
 }
 
 template <typename W, typename I>
-void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act,
-         W* y, int64_t o0, int64_t o1, float* scratch) {
+void fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act, W* y,
+         int64_t o0, int64_t o1, float* scratch) {
   static_assert(kGatherMaxTokens == 4, "fwd_gather is instantiated for T = 1, 2, 3");
   if (T == 1) return fwd_gather<1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
   if (T == 2) return fwd_gather<2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
@@ -322,7 +328,8 @@ void grad_input_tile(const BalShape& s, const W* dy, int64_t lddy, int64_t tb, c
         for (int64_t k = 0; k < s.keep; ++k) {
           const __m256 wv = bcast(wb + k);
           float* p = xb + static_cast<int64_t>(ib[k]) * TT;
-          for (int v = 0; v < NV; ++v) _mm256_storeu_ps(p + v * L, _mm256_fmadd_ps(wv, d[v], _mm256_loadu_ps(p + v * L)));
+          for (int v = 0; v < NV; ++v)
+            _mm256_storeu_ps(p + v * L, _mm256_fmadd_ps(wv, d[v], _mm256_loadu_ps(p + v * L)));
         }
       }
     }
@@ -331,8 +338,8 @@ void grad_input_tile(const BalShape& s, const W* dy, int64_t lddy, int64_t tb, c
 }
 
 template <typename W, typename I>
-void grad_input(const BalShape& s, const W* dy, int64_t lddy, int64_t T, const W* w, const I* idx, W* dx,
-                int64_t b0, int64_t b1, float* scratch) {
+void grad_input(const BalShape& s, const W* dy, int64_t lddy, int64_t T, const W* w, const I* idx, W* dx, int64_t b0,
+                int64_t b1, float* scratch) {
   constexpr int64_t kTile = 4 * L;
   float* dxt = align64(scratch);
   float* dyt = align64(dxt + bal_chunk_floats(s));
@@ -430,8 +437,8 @@ void sddmm(const BalShape& s, const S* dy, int64_t lddy, const S* x, int64_t ldx
 }  // namespace
 
 void balanced_fwd_avx2(const BalShape& s, const void* x, int64_t ldx, int64_t T, const void* values,
-                         const void* indices, const void* bias, int act, void* y, int64_t o0, int64_t o1,
-                         float* scratch) {
+                       const void* indices, const void* bias, int act, void* y, int64_t o0, int64_t o1,
+                       float* scratch) {
   const Act a = static_cast<Act>(act);
   if (s.bf16) {
     using W = uint16_t;
@@ -453,7 +460,7 @@ void balanced_fwd_avx2(const BalShape& s, const void* x, int64_t ldx, int64_t T,
 }
 
 void balanced_grad_input_avx2(const BalShape& s, const void* dy, int64_t lddy, int64_t T, const void* values,
-                                const void* indices, void* dx, int64_t b0, int64_t b1, float* scratch) {
+                              const void* indices, void* dx, int64_t b0, int64_t b1, float* scratch) {
   if (s.bf16) {
     using W = uint16_t;
     if (s.idx16)
@@ -474,23 +481,23 @@ void balanced_grad_input_avx2(const BalShape& s, const void* dy, int64_t lddy, i
 }
 
 void balanced_sddmm_avx2(const BalShape& s, const void* dy, int64_t lddy, const void* x, int64_t ldx, int64_t T,
-                           const void* indices, void* dw, int64_t o0, int64_t o1, float* scratch) {
+                         const void* indices, void* dw, int64_t o0, int64_t o1, float* scratch) {
   if (s.bf16) {
     using W = uint16_t;
     if (s.idx16)
-      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
-            static_cast<const int16_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T, static_cast<const int16_t*>(indices),
+            static_cast<W*>(dw), o0, o1, scratch);
     else
-      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
-            static_cast<const uint8_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T, static_cast<const uint8_t*>(indices),
+            static_cast<W*>(dw), o0, o1, scratch);
   } else {
     using W = float;
     if (s.idx16)
-      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
-            static_cast<const int16_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T, static_cast<const int16_t*>(indices),
+            static_cast<W*>(dw), o0, o1, scratch);
     else
-      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
-            static_cast<const uint8_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T, static_cast<const uint8_t*>(indices),
+            static_cast<W*>(dw), o0, o1, scratch);
   }
 }
 

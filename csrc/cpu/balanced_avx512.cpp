@@ -28,8 +28,8 @@ inline __m512 load_n(const float* p, int64_t n) {
   return n >= L ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lane_mask(n), p);
 }
 inline __m512 load_n(const uint16_t* p, int64_t n) {
-  const __m256i h = n >= L ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                           : _mm256_maskz_loadu_epi16(lane_mask(n), p);
+  const __m256i h =
+      n >= L ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(lane_mask(n), p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
@@ -53,8 +53,12 @@ inline void store_n(uint16_t* p, __m512 v, int64_t n) {
   else _mm256_mask_storeu_epi16(p, lane_mask(n), h);
 }
 
-inline float to_f32(float v) { return v; }
-inline float to_f32(uint16_t v) { return bf16_to_float(v); }
+inline float to_f32(float v) {
+  return v;
+}
+inline float to_f32(uint16_t v) {
+  return bf16_to_float(v);
+}
 
 // In-register transpose of an L x L fp32 tile: r[i][j] -> r[j][i].
 inline void transpose(__m512 r[16]) {
@@ -87,8 +91,8 @@ inline __m512 reduce(const __m512 v[16]) {
   for (int i = 0; i < 8; ++i)
     s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
   for (int m = 0; m < 4; ++m)
-    q[m] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * m], s[2 * m + 1], 0x44),
-                         _mm512_shuffle_ps(s[2 * m], s[2 * m + 1], 0xEE));
+    q[m] =
+        _mm512_add_ps(_mm512_shuffle_ps(s[2 * m], s[2 * m + 1], 0x44), _mm512_shuffle_ps(s[2 * m], s[2 * m + 1], 0xEE));
   const __m512 r01 = _mm512_add_ps(_mm512_shuffle_f32x4(q[0], q[1], 0x88), _mm512_shuffle_f32x4(q[0], q[1], 0xDD));
   const __m512 r23 = _mm512_add_ps(_mm512_shuffle_f32x4(q[2], q[3], 0x88), _mm512_shuffle_f32x4(q[2], q[3], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xDD));
@@ -139,11 +143,17 @@ void store_transposed(const float* buf, int64_t rows, int64_t tb, D* dst, int64_
 // ---------------------------------------------------------------------------------------------------------------
 // Forward, token tiles.
 
-inline __m512 bcast(const float* p) { return _mm512_set1_ps(*p); }
-inline __m512 bcast(const uint16_t* p) { return _mm512_set1_ps(bf16_to_float(*p)); }
+inline __m512 bcast(const float* p) {
+  return _mm512_set1_ps(*p);
+}
+inline __m512 bcast(const uint16_t* p) {
+  return _mm512_set1_ps(bf16_to_float(*p));
+}
 
 // p[0..3] as fp32 in every 128-bit lane.
-inline __m512 load4(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+inline __m512 load4(const float* p) {
+  return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+}
 inline __m512 load4(const uint16_t* p) {
   const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm512_broadcast_f32x4(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
@@ -156,7 +166,9 @@ constexpr int kQuadMaxNV = 2;
 // Byte offsets into the packed chunk of n kept entries of one row: colb[j] + idx[j] * TT * 4, where colb[j] is the
 // byte offset of entry j's bank in the chunk. Computed 16 at a time before the FMA loop, so the loop does half an
 // 8-byte load per entry instead of a byte load, a shift and an add.
-inline __m512i load_idx(const uint8_t* p, __mmask16 m) { return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)); }
+inline __m512i load_idx(const uint8_t* p, __mmask16 m) {
+  return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p));
+}
 inline __m512i load_idx(const int16_t* p, __mmask16 m) {
   return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p));
 }
@@ -216,8 +228,7 @@ void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, 
   constexpr int64_t TT = NV * L;
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * TT + v * L);
+    for (int v = 0; v < NV; ++v) acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * TT + v * L);
   const char* xc0 = reinterpret_cast<const char*>(xt);
   const W* wr = w + e0;
   const I* ir = idx + e0;
@@ -270,8 +281,8 @@ void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, 
 }
 
 template <int NV, typename W, typename I>
-void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w, const I* idx, const W* bias,
-              Act act, W* y, int64_t o0, int64_t o1, float* xt, float* ybuf, int32_t* colb, int32_t* off) {
+void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w, const I* idx, const W* bias, Act act,
+              W* y, int64_t o0, int64_t o1, float* xt, float* ybuf, int32_t* colb, int32_t* off) {
   constexpr int64_t TT = NV * L;
   const int64_t row_len = s.n_banks * s.keep;
   const int64_t cb = bal_chunk_banks(s, TT);
@@ -313,7 +324,9 @@ void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w
 // ---------------------------------------------------------------------------------------------------------------
 // Forward, few tokens (decode): per output row, a vector of kept weights at a time gathers its x values.
 
-inline __m512 load_w(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_w(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
 inline __m512 load_w(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
@@ -326,8 +339,8 @@ inline __m512 pick(const float* xw, __m512i rel) {
   __m512 g = _mm512_permutex2var_ps(_mm512_loadu_ps(xw), rel, _mm512_loadu_ps(xw + 16));
   for (int k = 1; k < NW; ++k) {
     const __mmask16 in_k = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(rel, 5), _mm512_set1_epi32(k));
-    g = _mm512_mask_mov_ps(g, in_k, _mm512_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), rel,
-                                                           _mm512_loadu_ps(xw + 32 * k + 16)));
+    g = _mm512_mask_mov_ps(
+        g, in_k, _mm512_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), rel, _mm512_loadu_ps(xw + 32 * k + 16)));
   }
   return g;
 }
@@ -335,8 +348,7 @@ inline __m512 pick(const float* xw, __m512i rel) {
 template <int NW, int T>
 inline void fwd_small_group(const float* xf, int64_t ldf, int64_t first, __m512i rel, __m512 wv, __mmask16 m,
                             __m512 acc[T]) {
-  for (int t = 0; t < T; ++t)
-    acc[t] = _mm512_mask3_fmadd_ps(wv, pick<NW>(xf + t * ldf + first, rel), acc[t], m);
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_mask3_fmadd_ps(wv, pick<NW>(xf + t * ldf + first, rel), acc[t], m);
 }
 
 // T is a template parameter so that the accumulators stay in registers.
@@ -400,15 +412,16 @@ inline __m512 pick_banks(const float* xw, __m512i idx) {
   if (K == 16) return _mm512_permutex2var_ps(_mm512_loadu_ps(xw), idx, _mm512_loadu_ps(xw + 16));
   __m512i g = idx;
   for (int k = 0; k < 16 / K; ++k)
-    g = _mm512_castps_si512(_mm512_mask2_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), g,
-                                                         __mmask16(((1u << K) - 1u) << (k * K)),
-                                                         _mm512_loadu_ps(xw + 32 * k + 16)));
+    g = _mm512_castps_si512(_mm512_mask2_permutex2var_ps(
+        _mm512_loadu_ps(xw + 32 * k), g, __mmask16(((1u << K) - 1u) << (k * K)), _mm512_loadu_ps(xw + 32 * k + 16)));
   return _mm512_castsi512_ps(g);
 }
 
 // Whether any in-bank index of the vector is outside [0, 32): OR-ing the indices keeps them below 32 unless one is
 // not (negative int16 values sign-extend to all ones).
-inline __m512i or_idx(__m512i acc, __m512i idx) { return _mm512_or_si512(acc, idx); }
+inline __m512i or_idx(__m512i acc, __m512i idx) {
+  return _mm512_or_si512(acc, idx);
+}
 
 constexpr int64_t kDecodePrefetch = 2048;  // kept entries ahead of the demand loads (see fwd_bank32)
 
@@ -476,8 +489,7 @@ bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
         const __m512i i0 = load_idx(ir + j, 0xFFFF);
         bad_or = or_idx(bad_or, i0);
         const __m512 w0 = load_w(wr + j, 0xFFFF);
-        for (int t = 0; t < T; ++t)
-          a0[t] = _mm512_fmadd_ps(w0, pick_banks<K>(xf + t * ldf + j / K * kBank, i0), a0[t]);
+        for (int t = 0; t < T; ++t) a0[t] = _mm512_fmadd_ps(w0, pick_banks<K>(xf + t * ldf + j / K * kBank, i0), a0[t]);
       }
       if (n_tail > 0) {
         const __m512i it = load_idx(ir + n_full, m_tail);
@@ -488,9 +500,9 @@ bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
           const float* xw = xf + t * ldf + c0;
           __m512 g = _mm512_permutex2var_ps(_mm512_loadu_ps(xw), it, _mm512_loadu_ps(xw + 16));
           for (int64_t k = 1; k < tail_banks; ++k)
-            g = _mm512_mask_blend_ps(__mmask16(((1u << K) - 1u) << (k * K)), g,
-                                     _mm512_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), it,
-                                                            _mm512_loadu_ps(xw + 32 * k + 16)));
+            g = _mm512_mask_blend_ps(
+                __mmask16(((1u << K) - 1u) << (k * K)), g,
+                _mm512_permutex2var_ps(_mm512_loadu_ps(xw + 32 * k), it, _mm512_loadu_ps(xw + 32 * k + 16)));
           // Masked: a zero weight times an infinite x of another column would still be NaN.
           a1[t] = _mm512_mask3_fmadd_ps(wt, g, a1[t], m_tail);
         }
@@ -504,8 +516,8 @@ bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
 }
 
 template <int K, typename W, typename I>
-bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias,
-                Act act, W* y, int64_t o0, int64_t o1, float* scratch) {
+bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act,
+                W* y, int64_t o0, int64_t o1, float* scratch) {
   if (T == 1) return fwd_bank32<K, 1>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
   if (T == 2) return fwd_bank32<K, 2>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
   return fwd_bank32<K, 3>(s, x, ldx, w, idx, bias, act, y, o0, o1, scratch);
@@ -513,8 +525,8 @@ bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* 
 
 // Returns false if the bank-32 decode path found an index out of range (the other paths run on checked indices).
 template <typename W, typename I>
-bool fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act,
-         W* y, int64_t o0, int64_t o1, float* scratch) {
+bool fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, const I* idx, const W* bias, Act act, W* y,
+         int64_t o0, int64_t o1, float* scratch) {
   static_assert(kGatherMaxTokens == 4, "fwd_gather is instantiated for T = 1, 2, 3");
   if (bal_fwd_checks_indices_avx512(s, T)) {
     if (s.keep == 16) return fwd_bank32<16>(s, x, ldx, T, w, idx, bias, act, y, o0, o1, scratch);
@@ -575,7 +587,8 @@ void grad_input_tile(const BalShape& s, const W* dy, int64_t lddy, int64_t tb, c
         for (int64_t k = 0; k < s.keep; ++k) {
           const __m512 wv = bcast(wb + k);
           float* p = xb + static_cast<int64_t>(ib[k]) * TT;
-          for (int v = 0; v < NV; ++v) _mm512_storeu_ps(p + v * L, _mm512_fmadd_ps(wv, d[v], _mm512_loadu_ps(p + v * L)));
+          for (int v = 0; v < NV; ++v)
+            _mm512_storeu_ps(p + v * L, _mm512_fmadd_ps(wv, d[v], _mm512_loadu_ps(p + v * L)));
         }
       }
     }
@@ -584,8 +597,8 @@ void grad_input_tile(const BalShape& s, const W* dy, int64_t lddy, int64_t tb, c
 }
 
 template <typename W, typename I>
-void grad_input(const BalShape& s, const W* dy, int64_t lddy, int64_t T, const W* w, const I* idx, W* dx,
-                int64_t b0, int64_t b1, float* scratch) {
+void grad_input(const BalShape& s, const W* dy, int64_t lddy, int64_t T, const W* w, const I* idx, W* dx, int64_t b0,
+                int64_t b1, float* scratch) {
   constexpr int64_t kTile = 4 * L;
   float* dxt = align64(scratch);
   float* dyt = align64(dxt + bal_chunk_floats(s));
@@ -720,19 +733,19 @@ void balanced_sddmm_avx512(const BalShape& s, const void* dy, int64_t lddy, cons
   if (s.bf16) {
     using W = uint16_t;
     if (s.idx16)
-      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
-            static_cast<const int16_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T, static_cast<const int16_t*>(indices),
+            static_cast<W*>(dw), o0, o1, scratch);
     else
-      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
-            static_cast<const uint8_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T, static_cast<const uint8_t*>(indices),
+            static_cast<W*>(dw), o0, o1, scratch);
   } else {
     using W = float;
     if (s.idx16)
-      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
-            static_cast<const int16_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T, static_cast<const int16_t*>(indices),
+            static_cast<W*>(dw), o0, o1, scratch);
     else
-      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T,
-            static_cast<const uint8_t*>(indices), static_cast<W*>(dw), o0, o1, scratch);
+      sddmm(s, static_cast<const W*>(dy), lddy, static_cast<const W*>(x), ldx, T, static_cast<const uint8_t*>(indices),
+            static_cast<W*>(dw), o0, o1, scratch);
   }
 }
 

@@ -79,8 +79,8 @@ constexpr int64_t kMaxRowGroup = 8;
 static inline int64_t bal_scratch_floats(const BalShape& s, int64_t rows) {
   const int64_t row_len = s.n_banks * s.keep;
   // Entry offsets: the AVX-512 forward keeps two row groups' worth (the next one computed ahead).
-  const int64_t tiles = bal_chunk_floats(s) + (rows + 16) * kMaxTokTile +
-                        (2 * kMaxRowGroup + 1) * (bal_chunk_entries(s) + 16) + 128;
+  const int64_t tiles =
+      bal_chunk_floats(s) + (rows + 16) * kMaxTokTile + (2 * kMaxRowGroup + 1) * (bal_chunk_entries(s) + 16) + 128;
   const int64_t gather = kGatherMaxTokens * (s.in + 128) + row_len + 96;
   return tiles > gather ? tiles : gather;
 }
@@ -109,8 +109,7 @@ bool balanced_fwd_avx512(const BalShape& s, const void* x, int64_t ldx, int64_t 
                          const void* indices, const void* bias, int act, void* y, int64_t o0, int64_t o1,
                          float* scratch);
 void balanced_fwd_avx2(const BalShape& s, const void* x, int64_t ldx, int64_t T, const void* values,
-                       const void* indices, const void* bias, int act, void* y, int64_t o0, int64_t o1,
-                       float* scratch);
+                       const void* indices, const void* bias, int act, void* y, int64_t o0, int64_t o1, float* scratch);
 // dx[t, c] = sum_{o,k} dy[t, o] * values[o, b, k] over the entries of bank b naming column c, for banks [b0, b1).
 void balanced_grad_input_avx512(const BalShape& s, const void* dy, int64_t lddy, int64_t T, const void* values,
                                 const void* indices, void* dx, int64_t b0, int64_t b1, float* scratch);

@@ -35,10 +35,9 @@ void check_block_fits(int64_t bo, int64_t bi, int64_t out, int64_t in) {
               ") must not exceed the matrix [", out, ", ", in, "]");
 }
 
-BsrGeom check_bsr(const at::Tensor& values, const at::Tensor& row_offsets, const at::Tensor& col_indices,
-                  int64_t out, int64_t in) {
-  TORCH_CHECK(values.dim() == 3, "values must have shape [nnz_blocks, block_rows, block_cols], got ",
-              values.sizes());
+BsrGeom check_bsr(const at::Tensor& values, const at::Tensor& row_offsets, const at::Tensor& col_indices, int64_t out,
+                  int64_t in) {
+  TORCH_CHECK(values.dim() == 3, "values must have shape [nnz_blocks, block_rows, block_cols], got ", values.sizes());
   SK_CHECK_FLOATING(values);
   const int64_t bo = values.size(1), bi = values.size(2), nnz = values.size(0);
   TORCH_CHECK(bo >= 1 && bi >= 1, "block shape must be positive, got (", bo, ", ", bi, ")");
@@ -70,7 +69,9 @@ at::Tensor check_x(const at::Tensor& x, const at::Tensor& values, int64_t in, co
   return x.stride(1) == 1 && x.stride(0) >= x.size(1) ? x : x.contiguous();
 }
 
-VStrides vstrides(const at::Tensor& v) { return {v.stride(0), v.stride(1), v.stride(2)}; }
+VStrides vstrides(const at::Tensor& v) {
+  return {v.stride(0), v.stride(1), v.stride(2)};
+}
 
 // The vectorised kernels of bsr_kernels.h: float32 or bfloat16 values in the kernel layout (strides
 // (bo*bi, 1, bo), what BlockSparseWeight builds), blocks up to kBsrFastMaxBlock a side. Anything else, or a
@@ -86,8 +87,8 @@ FastPath fast_path(const at::Tensor& values) {
   if (bo > kBsrFastMaxBlock || bi > kBsrFastMaxBlock) return FastPath::None;
   // With no blocks the layout is moot (an empty tensor reports the logical strides): a fully pruned layer still
   // takes the fast kernels, which write the bias (forward) or zeros (grad_input).
-  if (values.size(0) > 0 && ((values.size(0) > 1 && values.stride(0) != bo * bi) ||
-                             (bo > 1 && values.stride(1) != 1) || (bi > 1 && values.stride(2) != bo)))
+  if (values.size(0) > 0 && ((values.size(0) > 1 && values.stride(0) != bo * bi) || (bo > 1 && values.stride(1) != 1) ||
+                             (bi > 1 && values.stride(2) != bo)))
     return FastPath::None;
   if (st == at::kFloat) return isa == Isa::Avx512 ? FastPath::F32Avx512 : FastPath::F32Avx2;
   // AVX-512 without AVX512_BF16 (Skylake-X, Ice Lake) widens bf16 to float32 in the AVX2 kernels.
@@ -99,9 +100,8 @@ FastPath fast_path(const at::Tensor& values) {
 }
 
 template <typename scalar_t>
-void fwd_portable(const BsrGeom& g, const int32_t* ro, const int32_t* ci, const scalar_t* x, int64_t ldx,
-                  int64_t T, const scalar_t* w, VStrides vs, const scalar_t* bias, Act act, scalar_t* y,
-                  int64_t r0, int64_t r1) {
+void fwd_portable(const BsrGeom& g, const int32_t* ro, const int32_t* ci, const scalar_t* x, int64_t ldx, int64_t T,
+                  const scalar_t* w, VStrides vs, const scalar_t* bias, Act act, scalar_t* y, int64_t r0, int64_t r1) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> acc(kTokTile * g.bo);
   for (int64_t r = r0; r < r1; ++r) {
@@ -135,8 +135,8 @@ void fwd_portable(const BsrGeom& g, const int32_t* ro, const int32_t* ci, const 
 
 template <typename scalar_t>
 void grad_input_portable(const BsrGeom& g, const int32_t* co, const int32_t* ri, const int32_t* perm,
-                         const scalar_t* dy, int64_t lddy, int64_t T, const scalar_t* w, VStrides vs,
-                         scalar_t* dx, int64_t c0, int64_t c1) {
+                         const scalar_t* dy, int64_t lddy, int64_t T, const scalar_t* w, VStrides vs, scalar_t* dx,
+                         int64_t c0, int64_t c1) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> acc(kTokTile * g.bi);
   for (int64_t c = c0; c < c1; ++c) {
@@ -219,9 +219,9 @@ std::vector<int64_t> fwd_split(const BsrGeom& g, const int32_t* ro, int64_t T, i
 }
 
 at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& row_offsets,
-                          const at::Tensor& col_indices, const at::Tensor& col_offsets,
-                          const at::Tensor& row_indices, const at::Tensor& block_perm, int64_t out_features,
-                          const std::optional<at::Tensor>& bias_in, c10::string_view activation) {
+                          const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices,
+                          const at::Tensor& block_perm, int64_t out_features, const std::optional<at::Tensor>& bias_in,
+                          c10::string_view activation) {
   (void)col_offsets, (void)row_indices, (void)block_perm;  // used by the registered backward only
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x_in.sizes());
   const BsrGeom g = check_bsr(values, row_offsets, col_indices, out_features, x_in.size(1));
@@ -246,9 +246,20 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, cons
   };
 #if defined(__x86_64__)
   if (const FastPath fp = fast_path(values); fp != FastPath::None) {
-    const BsrFwdArgs a{g.out, g.in, g.bo, g.bi, T, ro, ci, x.data_ptr(), x.stride(0), values.data_ptr(),
-                       bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(), static_cast<int>(act)};
-    auto* kernel = fp == FastPath::F32Avx512  ? &bsr_fwd_f32_avx512
+    const BsrFwdArgs a{g.out,
+                       g.in,
+                       g.bo,
+                       g.bi,
+                       T,
+                       ro,
+                       ci,
+                       x.data_ptr(),
+                       x.stride(0),
+                       values.data_ptr(),
+                       bias.defined() ? bias.data_ptr() : nullptr,
+                       y.data_ptr(),
+                       static_cast<int>(act)};
+    auto* kernel = fp == FastPath::F32Avx512    ? &bsr_fwd_f32_avx512
                    : fp == FastPath::Bf16Avx512 ? &bsr_fwd_bf16_avx512
                    : fp == FastPath::F32Avx2    ? &bsr_fwd_f32_avx2
                                                 : &bsr_fwd_bf16_avx2;
@@ -281,13 +292,11 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, cons
   return y;
 }
 
-at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& values,
-                                     const at::Tensor& col_offsets, const at::Tensor& row_indices,
-                                     const at::Tensor& block_perm, int64_t in_features) {
+at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& values, const at::Tensor& col_offsets,
+                                     const at::Tensor& row_indices, const at::Tensor& block_perm, int64_t in_features) {
   SK_CHECK_CPU(values);
   TORCH_CHECK(dy_in.dim() == 2, "grad_out must be 2-D [tokens, out_features], got shape ", dy_in.sizes());
-  TORCH_CHECK(values.dim() == 3, "values must have shape [nnz_blocks, block_rows, block_cols], got ",
-              values.sizes());
+  TORCH_CHECK(values.dim() == 3, "values must have shape [nnz_blocks, block_rows, block_cols], got ", values.sizes());
   const int64_t out = dy_in.size(1);
   const BsrGeom g{out, in_features, values.size(1), values.size(2), 0, 0, values.size(0)};
   TORCH_CHECK(g.bo >= 1 && g.bi >= 1, "block shape must be positive, got (", g.bo, ", ", g.bi, ")");
@@ -307,9 +316,9 @@ at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& 
   const auto bounds = split_rows(co, n_bcol, T * g.bo * g.bi, T * g.bi, at::get_num_threads());
 #if defined(__x86_64__)
   if (const FastPath fp = fast_path(values); fp != FastPath::None) {
-    const BsrGradInputArgs a{out, in_features, g.bo, g.bi, T, co, ri, perm, dy.data_ptr(), dy.stride(0),
-                             values.data_ptr(), dx.data_ptr()};
-    auto* kernel = fp == FastPath::F32Avx512  ? &bsr_grad_input_f32_avx512
+    const BsrGradInputArgs a{out,          in_features,       g.bo,         g.bi, T, co, ri, perm, dy.data_ptr(),
+                             dy.stride(0), values.data_ptr(), dx.data_ptr()};
+    auto* kernel = fp == FastPath::F32Avx512    ? &bsr_grad_input_f32_avx512
                    : fp == FastPath::Bf16Avx512 ? &bsr_grad_input_bf16_avx512
                    : fp == FastPath::F32Avx2    ? &bsr_grad_input_f32_avx2
                                                 : &bsr_grad_input_bf16_avx2;
@@ -334,8 +343,8 @@ at::Tensor bsr_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const 
                          const at::Tensor& row_offsets, const at::Tensor& col_indices) {
   TORCH_CHECK(dy_in.dim() == 2, "grad_out must be 2-D [tokens, out_features], got shape ", dy_in.sizes());
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x_in.sizes());
-  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "grad_out and x must have the same number of tokens, got ",
-              dy_in.size(0), " and ", x_in.size(0));
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "grad_out and x must have the same number of tokens, got ", dy_in.size(0),
+              " and ", x_in.size(0));
   const BsrGeom g = check_bsr(values, row_offsets, col_indices, dy_in.size(1), x_in.size(1));
   const at::Tensor dy = check_x(dy_in, values, g.out, "grad_out");
   const at::Tensor x = check_x(x_in, values, g.in, "x");
@@ -348,9 +357,9 @@ at::Tensor bsr_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const 
   const auto bounds = split_rows(ro, g.n_brow, std::max<int64_t>(T, 1) * g.bo * g.bi, 0, at::get_num_threads());
 #if defined(__x86_64__)
   if (const FastPath fp = fast_path(values); fp != FastPath::None) {
-    const BsrSddmmArgs a{g.out, g.in, g.bo, g.bi, T, ro, ci, dy.data_ptr(), dy.stride(0), x.data_ptr(),
-                         x.stride(0), dw.data_ptr()};
-    auto* kernel = fp == FastPath::F32Avx512  ? &bsr_sddmm_f32_avx512
+    const BsrSddmmArgs a{g.out, g.in,          g.bo,         g.bi,         T,           ro,
+                         ci,    dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), dw.data_ptr()};
+    auto* kernel = fp == FastPath::F32Avx512    ? &bsr_sddmm_f32_avx512
                    : fp == FastPath::Bf16Avx512 ? &bsr_sddmm_bf16_avx512
                    : fp == FastPath::F32Avx2    ? &bsr_sddmm_f32_avx2
                                                 : &bsr_sddmm_bf16_avx2;

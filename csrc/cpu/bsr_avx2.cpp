@@ -38,10 +38,15 @@ inline void dispatch_upto(int64_t n, const F& f) {
   }
 }
 
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
 
 inline __m256i lane_mask(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n < 0 ? 0 : n > 8 ? 8 : n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n < 0   ? 0
+                                                  : n > 8 ? 8
+                                                          : n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 // 8 lanes from p, lanes >= n zero (never read past lane n).
@@ -59,8 +64,12 @@ inline __m256 load8(const uint16_t* p, int64_t n) {
   }
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-inline float load1(const float* p) { return *p; }
-inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
+inline float load1(const float* p) {
+  return *p;
+}
+inline float load1(const uint16_t* p) {
+  return bf16_to_float(*p);
+}
 
 inline void store8(float* p, __m256 v, int64_t n) {
   if (n >= 8) {
@@ -89,7 +98,8 @@ inline void store8(uint16_t* p, __m256 v, int64_t n) {
 // Output stage of a tile: + bias, f (the activation), store of the lanes < nv of every accumulator. One instance
 // per activation, the switch outside the tile, so that the TT x V independent evaluations interleave.
 template <typename E, int V, int TT, typename F>
-__attribute__((always_inline)) inline void store_tile(__m256 (&acc)[TT][V], const E* bias, E* y, int64_t ldy, int64_t nv, F f) {
+__attribute__((always_inline)) inline void store_tile(__m256 (&acc)[TT][V], const E* bias, E* y, int64_t ldy,
+                                                      int64_t nv, F f) {
 #pragma GCC unroll 16
   for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 16
@@ -102,23 +112,20 @@ __attribute__((always_inline)) inline void store_tile(__m256 (&acc)[TT][V], cons
 // ---------------------------------------------------------------- forward
 // Output stage of a tile, activation switch outside the tile (see store_tile); the accumulators hold the bias.
 template <typename E, int V, int TT>
-__attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m256 (&acc)[TT][V], E* y,
-                                                        int64_t nv) {
+__attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m256 (&acc)[TT][V], E* y, int64_t nv) {
   // relu keeps NaN (max(0, v) returns v when v is NaN); the transcendental activations are those of act_avx2.h.
   switch (static_cast<Act>(a.act)) {
     case Act::Relu:
       return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv,
                                   [](__m256 z) { return _mm256_max_ps(_mm256_setzero_ps(), z); });
-    case Act::Gelu:
-      return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return gelu_avx2(z); });
+    case Act::Gelu: return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return gelu_avx2(z); });
     case Act::GeluTanh:
       return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return gelu_tanh_avx2(z); });
-    case Act::Silu:
-      return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return silu_avx2(z); });
-    case Act::None:
-      return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return z; });
+    case Act::Silu: return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return silu_avx2(z); });
+    case Act::None: return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [](__m256 z) { return z; });
     default:
-      return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv, [act = static_cast<Act>(a.act)](__m256 z) { return act_lanes_avx2(z, act); });
+      return store_tile<E, V, TT>(acc, nullptr, y, a.out, nv,
+                                  [act = static_cast<Act>(a.act)](__m256 z) { return act_lanes_avx2(z, act); });
   }
 }
 
@@ -133,8 +140,8 @@ constexpr int64_t kWLead = 16384;
 // bound near 5 instructions per cycle. W is masked by the block shape only (lanes >= bo of an outer vector),
 // never by `out`: the rows of a ragged edge block past `out` are stored, computed in lanes that are not stored.
 template <typename E, typename XE, int V, int TT, int BO, int BI, bool StreamW>
-__attribute__((always_inline)) inline void block_f32(__m256 (&acc)[TT][V], const E* wk, const XE* const* xp,
-                                                     int64_t bo, int64_t ib, int64_t nw) {
+__attribute__((always_inline)) inline void block_f32(__m256 (&acc)[TT][V], const E* wk, const XE* const* xp, int64_t bo,
+                                                     int64_t ib, int64_t nw) {
   auto step = [&](const E* w, int64_t k) __attribute__((always_inline)) {
     if constexpr (StreamW) {
       for (int64_t l = 0; l < 8 * V * int64_t(sizeof(E)); l += 64)
@@ -426,9 +433,9 @@ void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
       E* dwb = dw + p * blk;
       for (int64_t k = 0; k < a.bi; ++k)
         for (int64_t o = 0; o < a.bo; o += 8) {
-          const __m256 s = k < ib ? _mm256_and_ps(_mm256_load_ps(acc + k * kLd + o),
-                                                  _mm256_castsi256_ps(lane_mask(ob - o)))
-                                  : _mm256_setzero_ps();
+          const __m256 s =
+              k < ib ? _mm256_and_ps(_mm256_load_ps(acc + k * kLd + o), _mm256_castsi256_ps(lane_mask(ob - o)))
+                     : _mm256_setzero_ps();
           store8(dwb + k * a.bo + o, s, a.bo - o);
         }
     }
@@ -437,12 +444,24 @@ void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
 
 }  // namespace
 
-void bsr_fwd_f32_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1) { fwd_dispatch<float>(a, r0, r1); }
-void bsr_fwd_bf16_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1) { fwd_dispatch<uint16_t>(a, r0, r1); }
-void bsr_grad_input_f32_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1) { gi_cols<float>(a, c0, c1); }
-void bsr_grad_input_bf16_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1) { gi_cols<uint16_t>(a, c0, c1); }
-void bsr_sddmm_f32_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1) { sddmm_rows<float>(a, r0, r1); }
-void bsr_sddmm_bf16_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1) { sddmm_rows<uint16_t>(a, r0, r1); }
+void bsr_fwd_f32_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
+  fwd_dispatch<float>(a, r0, r1);
+}
+void bsr_fwd_bf16_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
+  fwd_dispatch<uint16_t>(a, r0, r1);
+}
+void bsr_grad_input_f32_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
+  gi_cols<float>(a, c0, c1);
+}
+void bsr_grad_input_bf16_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
+  gi_cols<uint16_t>(a, c0, c1);
+}
+void bsr_sddmm_f32_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  sddmm_rows<float>(a, r0, r1);
+}
+void bsr_sddmm_bf16_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  sddmm_rows<uint16_t>(a, r0, r1);
+}
 
 }  // namespace sparsekern::cpu
 

@@ -54,7 +54,9 @@ inline void dispatch_upto(int64_t n, const F& f) {
   }
 }
 
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
 inline __mmask16 mask16(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
 }
@@ -64,7 +66,7 @@ inline __mmask32 mask32(int64_t n) {
 
 // Index vectors for vpermt2w: interleave the 16-bit lanes of a (row k) and b (row k+1) into 32-bit pairs;
 // kPairLo covers lanes 0..15, kPairHi lanes 16..31.
-alignas(64) const uint16_t kPairLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+alignas(64) const uint16_t kPairLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
                                           8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
 alignas(64) const uint16_t kPairHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
                                           24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
@@ -89,11 +91,15 @@ __attribute__((always_inline)) inline void permute_pairs(__m512 (&acc)[N][V], __
     }
 }
 
-inline __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_f32(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
 inline __m512 load_f32(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
-inline void store_f32(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store_f32(float* p, __m512 v, __mmask16 m) {
+  _mm512_mask_storeu_ps(p, m, v);
+}
 inline void store_f32(uint16_t* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
@@ -117,7 +123,8 @@ __attribute__((always_inline)) inline void store_tile(__m512 (&acc)[TT][V], cons
 // relu keeps NaN (max(0, v) returns v when v is NaN); the transcendental activations are those of act_avx512.h.
 // AddBias = false: the accumulators already hold the bias.
 template <typename E, int V, int TT, bool AddBias = true>
-__attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m512 (&acc)[TT][V], int64_t r, const __mmask16* m, int64_t t0) {
+__attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m512 (&acc)[TT][V], int64_t r,
+                                                        const __mmask16* m, int64_t t0) {
   const int64_t o0 = r * a.bo;
   const E* bias = AddBias && a.bias ? static_cast<const E*>(a.bias) + o0 : nullptr;
   E* y = static_cast<E*>(a.y) + t0 * a.out + o0;
@@ -125,24 +132,22 @@ __attribute__((always_inline)) inline void fwd_epilogue(const BsrFwdArgs& a, __m
     case Act::Relu:
       return store_tile<E, V, TT>(acc, bias, y, a.out, m,
                                   [](__m512 z) { return _mm512_max_ps(_mm512_setzero_ps(), z); });
-    case Act::Gelu:
-      return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return gelu_avx512(z); });
+    case Act::Gelu: return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return gelu_avx512(z); });
     case Act::GeluTanh:
       return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return gelu_tanh_avx512(z); });
-    case Act::Silu:
-      return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return silu_avx512(z); });
-    case Act::None:
-      return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return z; });
+    case Act::Silu: return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return silu_avx512(z); });
+    case Act::None: return store_tile<E, V, TT>(acc, bias, y, a.out, m, [](__m512 z) { return z; });
     default:
-      return store_tile<E, V, TT>(acc, bias, y, a.out, m, [act = static_cast<Act>(a.act)](__m512 z) { return act_lanes_avx512(z, act); });
+      return store_tile<E, V, TT>(acc, bias, y, a.out, m,
+                                  [act = static_cast<Act>(a.act)](__m512 z) { return act_lanes_avx512(z, act); });
   }
 }
 
 // Output stage for bfloat16 with an even V, the accumulators in the vpunpck order (kScrLo): the activation is
 // elementwise, so it runs in that order; each pair of vectors becomes 32 bf16 in one vcvtne2ps2bf16, one vpermw
 // (kUnsW) restores the order, one store. Half the conversions and stores of the generic stage, and no vpermt2ps.
-alignas(64) const uint16_t kUnsW[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
-                                        8,  9,  10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+alignas(64) const uint16_t kUnsW[32] = {0, 1, 2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
+                                        8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
 
 template <int V, int TT, typename F>
 __attribute__((always_inline)) inline void store_tile_bf16_pairs(__m512 (&acc)[TT][V], uint16_t* y, int64_t ldy,
@@ -158,23 +163,21 @@ __attribute__((always_inline)) inline void store_tile_bf16_pairs(__m512 (&acc)[T
 }
 
 template <int V, int TT>
-__attribute__((always_inline)) inline void fwd_epilogue_bf16_pairs(const BsrFwdArgs& a, __m512 (&acc)[TT][V],
-                                                                   int64_t r, const __mmask32* m, int64_t t0) {
+__attribute__((always_inline)) inline void fwd_epilogue_bf16_pairs(const BsrFwdArgs& a, __m512 (&acc)[TT][V], int64_t r,
+                                                                   const __mmask32* m, int64_t t0) {
   uint16_t* y = static_cast<uint16_t*>(a.y) + t0 * a.out + r * a.bo;
   switch (static_cast<Act>(a.act)) {
     case Act::Relu:
       return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m,
                                           [](__m512 z) { return _mm512_max_ps(_mm512_setzero_ps(), z); });
-    case Act::Gelu:
-      return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return gelu_avx512(z); });
+    case Act::Gelu: return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return gelu_avx512(z); });
     case Act::GeluTanh:
       return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return gelu_tanh_avx512(z); });
-    case Act::Silu:
-      return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return silu_avx512(z); });
-    case Act::None:
-      return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return z; });
+    case Act::Silu: return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return silu_avx512(z); });
+    case Act::None: return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [](__m512 z) { return z; });
     default:
-      return store_tile_bf16_pairs<V, TT>(acc, y, a.out, m, [act = static_cast<Act>(a.act)](__m512 z) { return act_lanes_avx512(z, act); });
+      return store_tile_bf16_pairs<V, TT>(
+          acc, y, a.out, m, [act = static_cast<Act>(a.act)](__m512 z) { return act_lanes_avx512(z, act); });
   }
 }
 
@@ -200,7 +203,6 @@ template <int V>
 constexpr int fwd_tile_tokens() {
   return V <= 2 ? 8 : V == 3 ? 6 : 5;
 }
-
 
 // k loop of one kept block, float32: acc[t][v] += W[k][16v..] * x[t][k] for k < ib.
 template <int V, int TT, bool StreamW>
@@ -396,8 +398,8 @@ constexpr int kTile16 = 16;
 constexpr int64_t kPackAllBytes = int64_t(2) << 20;  // T = 128 tokens of in = 4096
 
 struct Scratch16 {
-  float* xs = nullptr;         // [slots][block columns][16][16]
-  uint32_t* stamp = nullptr;   // [slots][block columns]: epoch at which the column was packed
+  float* xs = nullptr;        // [slots][block columns][16][16]
+  uint32_t* stamp = nullptr;  // [slots][block columns]: epoch at which the column was packed
   int64_t cols = 0;
   uint32_t epoch = 0;
   ~Scratch16() {
@@ -445,8 +447,8 @@ __attribute__((always_inline)) inline void pack_col16(const float* x, int64_t ld
 // xs, stamp: the tile's slot. `cnext`: block column of the first block of the next row of this (panel, tile),
 // or -1.
 template <int N>
-void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, float* xs, uint32_t* stamp,
-                    uint32_t epoch, int64_t cnext) {
+void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, float* xs, uint32_t* stamp, uint32_t epoch,
+                    int64_t cnext) {
   constexpr int KS = N == 1 ? 4 : N <= 3 ? 2 : 1;
   const float* x = static_cast<const float*>(a.x) + t0 * a.ldx;
   const float* w = static_cast<const float*>(a.w);
@@ -515,8 +517,8 @@ void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, flo
 // Returns false (nothing done) when the scratch cannot be allocated.
 bool fwd_rows16_f32(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
   const int64_t nc = (a.in + 15) / 16, ntiles = (a.T + kTile16 - 1) / kTile16;
-  const bool per_call = ntiles * nc * 1024 <= kPackAllBytes &&
-                        int64_t(a.row_offsets[r1] - a.row_offsets[r0]) * 1024 > kPanelBytes;
+  const bool per_call =
+      ntiles * nc * 1024 <= kPackAllBytes && int64_t(a.row_offsets[r1] - a.row_offsets[r0]) * 1024 > kPanelBytes;
   Scratch16* s = scratch16((per_call ? ntiles : 1) * nc);
   if (!s) return false;
   const uint32_t call_epoch = next_epoch(*s);
@@ -530,9 +532,8 @@ bool fwd_rows16_f32(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
       const uint32_t epoch = per_call ? call_epoch : next_epoch(*s);
       const int64_t slot = per_call ? t0 / kTile16 : 0;
       for (int64_t r = p0; r < p1; ++r) {
-        const int64_t cnext = r + 1 < p1 && a.row_offsets[r + 1] < a.row_offsets[r + 2]
-                                  ? a.col_indices[a.row_offsets[r + 1]]
-                                  : -1;
+        const int64_t cnext =
+            r + 1 < p1 && a.row_offsets[r + 1] < a.row_offsets[r + 2] ? a.col_indices[a.row_offsets[r + 1]] : -1;
         fwd_tile16_f32<N>(a, r, mask16(a.out - r * 16), t0, s->xs + slot * nc * 256, s->stamp + slot * nc, epoch,
                           cnext);
       }
@@ -572,8 +573,8 @@ constexpr int kGiTile = 8;
 constexpr int64_t kGiAccLd = 128;  // floats per token row of the partial-sum buffer
 
 template <int V, int TT, bool Bf16>
-void gi_tile(const BsrGradInputArgs& a, const void* wt_, int64_t nrows, int64_t o0, int64_t t0, float* accb,
-             bool first, bool odd_tail) {
+void gi_tile(const BsrGradInputArgs& a, const void* wt_, int64_t nrows, int64_t o0, int64_t t0, float* accb, bool first,
+             bool odd_tail) {
   constexpr int LD = 16 * V;
   __m512 acc[TT][V];
 #pragma GCC unroll 8
@@ -818,8 +819,8 @@ void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
         for (int64_t k = 0; k < a.bi; ++k)
 #pragma GCC unroll 16
           for (int v = 0; v < V; ++v) {
-            const __m512 s =
-                k < ib && !first ? _mm512_maskz_load_ps(m[v], acc + k * kBsrFastMaxBlock + 16 * v) : _mm512_setzero_ps();
+            const __m512 s = k < ib && !first ? _mm512_maskz_load_ps(m[v], acc + k * kBsrFastMaxBlock + 16 * v)
+                                              : _mm512_setzero_ps();
             store_f32(dwb + k * a.bo + 16 * v, s, mb[v]);
           }
       } else {
@@ -849,12 +850,24 @@ void sddmm_dispatch(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
 
 }  // namespace
 
-void bsr_fwd_f32_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1) { fwd_dispatch<false>(a, r0, r1); }
-void bsr_fwd_bf16_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1) { fwd_dispatch<true>(a, r0, r1); }
-void bsr_grad_input_f32_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1) { gi_dispatch<false>(a, c0, c1); }
-void bsr_grad_input_bf16_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1) { gi_dispatch<true>(a, c0, c1); }
-void bsr_sddmm_f32_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1) { sddmm_dispatch<false>(a, r0, r1); }
-void bsr_sddmm_bf16_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1) { sddmm_dispatch<true>(a, r0, r1); }
+void bsr_fwd_f32_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
+  fwd_dispatch<false>(a, r0, r1);
+}
+void bsr_fwd_bf16_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
+  fwd_dispatch<true>(a, r0, r1);
+}
+void bsr_grad_input_f32_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
+  gi_dispatch<false>(a, c0, c1);
+}
+void bsr_grad_input_bf16_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
+  gi_dispatch<true>(a, c0, c1);
+}
+void bsr_sddmm_f32_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  sddmm_dispatch<false>(a, r0, r1);
+}
+void bsr_sddmm_bf16_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  sddmm_dispatch<true>(a, r0, r1);
+}
 
 }  // namespace sparsekern::cpu
 

@@ -16,12 +16,13 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kGradTokTile = 32;  // token tile of the input-gradient CTA (fewer when the bank is wide)
 
-int grid_for(int64_t work) { return int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), 1 << 16))); }
+int grid_for(int64_t work) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), 1 << 16)));
+}
 
 template <typename T, typename I>
 __global__ void balanced_fwd_kernel(BalShape s, const T* __restrict__ x, int64_t ldx, const T* __restrict__ w,
-                                    const I* __restrict__ idx, const T* __restrict__ bias, Act act,
-                                    T* __restrict__ y) {
+                                    const I* __restrict__ idx, const T* __restrict__ bias, Act act, T* __restrict__ y) {
   using A = typename AccT<T>::type;
   const int64_t row = s.n_banks * s.keep;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < s.T * s.out;
@@ -82,9 +83,7 @@ __global__ void balanced_sddmm_kernel(BalShape s, const T* __restrict__ dy, int6
 // Calls f(T{}, I{}) with the element and index types.
 template <typename F>
 cudaError_t dispatch(DType dt, bool idx16, F&& f) {
-  auto with_index = [&](auto tag) -> cudaError_t {
-    return idx16 ? f(tag, int16_t{}) : f(tag, uint8_t{});
-  };
+  auto with_index = [&](auto tag) -> cudaError_t { return idx16 ? f(tag, int16_t{}) : f(tag, uint8_t{}); };
   switch (dt) {
     case DType::F32: return with_index(float{});
     case DType::F64: return with_index(double{});
@@ -97,8 +96,7 @@ cudaError_t dispatch(DType dt, bool idx16, F&& f) {
 }  // namespace
 
 cudaError_t balanced_linear(DType dt, const BalShape& s, const void* x, int64_t ldx, const void* values,
-                            const void* indices, bool idx16, const void* bias, Act act, void* y,
-                            cudaStream_t stream) {
+                            const void* indices, bool idx16, const void* bias, Act act, void* y, cudaStream_t stream) {
   if (s.T == 0 || s.out == 0) return cudaSuccess;
   return dispatch(dt, idx16, [&](auto tt, auto it) -> cudaError_t {
     using T = decltype(tt);
@@ -111,9 +109,8 @@ cudaError_t balanced_linear(DType dt, const BalShape& s, const void* x, int64_t 
   });
 }
 
-cudaError_t balanced_linear_grad_input(DType dt, const BalShape& s, const void* dy, int64_t lddy,
-                                       const void* values, const void* indices, bool idx16, void* dx,
-                                       cudaStream_t stream) {
+cudaError_t balanced_linear_grad_input(DType dt, const BalShape& s, const void* dy, int64_t lddy, const void* values,
+                                       const void* indices, bool idx16, void* dx, cudaStream_t stream) {
   if (s.T == 0 || s.in == 0) return cudaSuccess;
   return dispatch(dt, idx16, [&](auto tt, auto it) -> cudaError_t {
     using T = decltype(tt);
@@ -148,9 +145,9 @@ cudaError_t balanced_sddmm(DType dt, const BalShape& s, const void* dy, int64_t 
   return dispatch(dt, idx16, [&](auto tt, auto it) -> cudaError_t {
     using T = decltype(tt);
     using I = decltype(it);
-    balanced_sddmm_kernel<T, I><<<grid_for(n), kThreads, 0, stream>>>(
-        s, static_cast<const T*>(dy), lddy, static_cast<const T*>(x), ldx, static_cast<const I*>(indices),
-        static_cast<T*>(dw));
+    balanced_sddmm_kernel<T, I>
+        <<<grid_for(n), kThreads, 0, stream>>>(s, static_cast<const T*>(dy), lddy, static_cast<const T*>(x), ldx,
+                                               static_cast<const I*>(indices), static_cast<T*>(dw));
     SK_LAUNCH_CHECK();
     return cudaSuccess;
   });

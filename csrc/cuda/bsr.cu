@@ -25,17 +25,19 @@ constexpr int kStages = 3;
 constexpr int kThreads = 128;
 constexpr int kAPitch = kBK + 8;  // shared row pitch (elements) of k-contiguous tiles: conflict-free ldmatrix
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
 
 // One kernel for forward (GRAD = false) and input gradient (GRAD = true). In both, A is a dense [T, a_width]
 // activation (x or dy), the reduction runs over segments (kept blocks of one block row / column) of seg_k
 // elements each, and B is the block's [seg_k x BN] slice of W^T (forward) or W (gradient).
 template <typename T, int BN, bool GRAD>
 __global__ void __launch_bounds__(kThreads)
-    bsr_tc_kernel(int64_t T_tokens, int64_t a_width, int64_t n_total, int64_t bo, int64_t bi,
-                  const T* __restrict__ a, int64_t lda, const T* __restrict__ values,
-                  const int32_t* __restrict__ offsets, const int32_t* __restrict__ seg_index,
-                  const int32_t* __restrict__ perm, const T* __restrict__ bias, Act act, T* __restrict__ c) {
+    bsr_tc_kernel(int64_t T_tokens, int64_t a_width, int64_t n_total, int64_t bo, int64_t bi, const T* __restrict__ a,
+                  int64_t lda, const T* __restrict__ values, const int32_t* __restrict__ offsets,
+                  const int32_t* __restrict__ seg_index, const int32_t* __restrict__ perm, const T* __restrict__ bias,
+                  Act act, T* __restrict__ c) {
   constexpr int kBPitch = GRAD ? kAPitch : BN + 8;
   constexpr int kBRows = GRAD ? BN : kBK;
   constexpr int kNJ = BN / 8;
@@ -43,8 +45,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(16) T Bs[kStages][kBRows][kBPitch];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t seg_k = GRAD ? bo : bi;    // reduction length of one block
-  const int64_t n_ext = GRAD ? bi : bo;    // output width of one block
+  const int64_t seg_k = GRAD ? bo : bi;  // reduction length of one block
+  const int64_t n_ext = GRAD ? bi : bo;  // output width of one block
   const int64_t n_sub = n_ext / BN;
   const int64_t line = blockIdx.x / n_sub;  // block row (forward) or block column (gradient)
   const int64_t n_off = (blockIdx.x % n_sub) * BN;
@@ -110,10 +112,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int nj = 0; nj < kNJ; nj += 2) {
         uint32_t bf[4];
-        if (GRAD)
-          ldmatrix_x4(bf, &Bs[s][nj * 8 + (lane & 7) + (lane >> 4) * 8][kk * 16 + ((lane >> 3) & 1) * 8]);
-        else
-          ldmatrix_x4_trans(bf, &Bs[s][kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][nj * 8 + (lane >> 4) * 8]);
+        if (GRAD) ldmatrix_x4(bf, &Bs[s][nj * 8 + (lane & 7) + (lane >> 4) * 8][kk * 16 + ((lane >> 3) & 1) * 8]);
+        else ldmatrix_x4_trans(bf, &Bs[s][kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][nj * 8 + (lane >> 4) * 8]);
         const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
@@ -162,7 +162,8 @@ __global__ void __launch_bounds__(kThreads)
   int64_t lo = 0, hi = n_brow;
   while (hi - lo > 1) {
     const int64_t mid = (lo + hi) / 2;
-    if (row_offsets[mid] <= p) lo = mid; else hi = mid;
+    if (row_offsets[mid] <= p) lo = mid;
+    else hi = mid;
   }
   const int64_t o0 = lo * bo + m_off, i0 = int64_t(col_indices[p]) * bi + n_off;
   const int iters = int((T_tokens + kBK - 1) / kBK);
@@ -213,12 +214,13 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t af[kMI][4];
 #pragma unroll
       for (int mi = 0; mi < kMI; ++mi)  // A = dY^T, stored [k][m]: transposed load gives the row-major fragment
-        ldmatrix_x4_trans(af[mi], &As[s][kk * 16 + (lane & 7) + (lane >> 4) * 8]
-                                         [wm * (TM / 2) + mi * 16 + ((lane >> 3) & 1) * 8]);
+        ldmatrix_x4_trans(
+            af[mi], &As[s][kk * 16 + (lane & 7) + (lane >> 4) * 8][wm * (TM / 2) + mi * 16 + ((lane >> 3) & 1) * 8]);
 #pragma unroll
       for (int nj = 0; nj < kNJ; nj += 2) {
         uint32_t bf[4];
-        ldmatrix_x4_trans(bf, &Bs[s][kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][wn * (TN / 2) + nj * 8 + (lane >> 4) * 8]);
+        ldmatrix_x4_trans(
+            bf, &Bs[s][kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][wn * (TN / 2) + nj * 8 + (lane >> 4) * 8]);
         const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
 #pragma unroll
         for (int mi = 0; mi < kMI; ++mi) {
@@ -249,8 +251,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 __global__ void bsr_fwd_simt(BsrShape s, const T* __restrict__ x, int64_t ldx, const T* __restrict__ w,
-                             const int32_t* __restrict__ ro, const int32_t* __restrict__ ci,
-                             const T* __restrict__ bias, Act act, T* __restrict__ y) {
+                             const int32_t* __restrict__ ro, const int32_t* __restrict__ ci, const T* __restrict__ bias,
+                             Act act, T* __restrict__ y) {
   using A = typename AccT<T>::type;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < s.T * s.out;
        e += int64_t(gridDim.x) * blockDim.x) {
@@ -298,7 +300,8 @@ __global__ void bsr_sddmm_simt(BsrShape s, int64_t n_brow, const T* __restrict__
     int64_t lo = 0, hi = n_brow;
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
-      if (ro[mid] <= p) lo = mid; else hi = mid;
+      if (ro[mid] <= p) lo = mid;
+      else hi = mid;
     }
     const int64_t o = lo * s.bo + ol, i = int64_t(ci[p]) * s.bi + il;
     A acc = 0;
@@ -308,7 +311,9 @@ __global__ void bsr_sddmm_simt(BsrShape s, int64_t n_brow, const T* __restrict__
   }
 }
 
-int simt_blocks(int64_t work) { return int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, 256), 1 << 16))); }
+int simt_blocks(int64_t work) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, 256), 1 << 16)));
+}
 
 template <typename F>
 cudaError_t dispatch(DType dt, F&& f) {
@@ -385,14 +390,12 @@ cudaError_t bsr_linear_grad_input(DType dt, const BsrShape& s, const void* dy, i
       auto* xp = static_cast<T*>(dx);
       if (s.bi % 64 == 0) {
         const dim3 grid(unsigned(n_bcol * (s.bi / 64)), unsigned(ceil_div(s.T, kBM)));
-        bsr_tc_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(s.T, s.out, s.in, s.bo, s.bi, gp, lddy, wp,
-                                                                  col_offsets, row_indices, block_perm, nullptr,
-                                                                  Act::None, xp);
+        bsr_tc_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(
+            s.T, s.out, s.in, s.bo, s.bi, gp, lddy, wp, col_offsets, row_indices, block_perm, nullptr, Act::None, xp);
       } else {
         const dim3 grid(unsigned(n_bcol * (s.bi / 32)), unsigned(ceil_div(s.T, kBM)));
-        bsr_tc_kernel<T, 32, true><<<grid, kThreads, 0, stream>>>(s.T, s.out, s.in, s.bo, s.bi, gp, lddy, wp,
-                                                                  col_offsets, row_indices, block_perm, nullptr,
-                                                                  Act::None, xp);
+        bsr_tc_kernel<T, 32, true><<<grid, kThreads, 0, stream>>>(
+            s.T, s.out, s.in, s.bo, s.bi, gp, lddy, wp, col_offsets, row_indices, block_perm, nullptr, Act::None, xp);
       }
       SK_LAUNCH_CHECK();
       return cudaSuccess;
@@ -400,9 +403,9 @@ cudaError_t bsr_linear_grad_input(DType dt, const BsrShape& s, const void* dy, i
   }
   return dispatch(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    bsr_grad_input_simt<T><<<simt_blocks(s.T * s.in), 256, 0, stream>>>(
-        s, static_cast<const T*>(dy), lddy, static_cast<const T*>(values), col_offsets, row_indices, block_perm,
-        static_cast<T*>(dx));
+    bsr_grad_input_simt<T><<<simt_blocks(s.T * s.in), 256, 0, stream>>>(s, static_cast<const T*>(dy), lddy,
+                                                                        static_cast<const T*>(values), col_offsets,
+                                                                        row_indices, block_perm, static_cast<T*>(dx));
     SK_LAUNCH_CHECK();
     return cudaSuccess;
   });
@@ -435,9 +438,9 @@ cudaError_t bsr_sddmm(DType dt, const BsrShape& s, const void* dy, int64_t lddy,
   }
   return dispatch(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    bsr_sddmm_simt<T><<<simt_blocks(s.nnz * s.bo * s.bi), 256, 0, stream>>>(
-        s, n_brow, static_cast<const T*>(dy), lddy, static_cast<const T*>(x), ldx, row_offsets, col_indices,
-        static_cast<T*>(dw));
+    bsr_sddmm_simt<T><<<simt_blocks(s.nnz * s.bo * s.bi), 256, 0, stream>>>(s, n_brow, static_cast<const T*>(dy), lddy,
+                                                                            static_cast<const T*>(x), ldx, row_offsets,
+                                                                            col_indices, static_cast<T*>(dw));
     SK_LAUNCH_CHECK();
     return cudaSuccess;
   });

@@ -43,22 +43,20 @@ struct BalShape {
 };
 
 cudaError_t balanced_linear(DType dt, const BalShape& s, const void* x, int64_t ldx, const void* values,
-                            const void* indices, bool idx16, const void* bias, Act act, void* y,
-                            cudaStream_t stream);
-cudaError_t balanced_linear_grad_input(DType dt, const BalShape& s, const void* dy, int64_t lddy,
-                                       const void* values, const void* indices, bool idx16, void* dx,
-                                       cudaStream_t stream);
+                            const void* indices, bool idx16, const void* bias, Act act, void* y, cudaStream_t stream);
+cudaError_t balanced_linear_grad_input(DType dt, const BalShape& s, const void* dy, int64_t lddy, const void* values,
+                                       const void* indices, bool idx16, void* dx, cudaStream_t stream);
 cudaError_t balanced_sddmm(DType dt, const BalShape& s, const void* dy, int64_t lddy, const void* x, int64_t ldx,
                            const void* indices, bool idx16, void* dw, cudaStream_t stream);
 
 // ---- 2:4 on sparse tensor cores (nm24.cu; layout in nm24_layout.h) --------------------------------------------
 // Packs values [out, in/4, 2] (16-bit elements, any 16-bit type: the bits are copied) and uint8 indices of the
 // same shape into packed_values [out/16, in/32, 32, 8] and packed_meta [out/16, in/64, 32] (uint32).
-cudaError_t nm24_pack(int64_t out, int64_t in, const uint16_t* values, const uint8_t* indices,
-                      uint16_t* packed_values, uint32_t* packed_meta, cudaStream_t stream);
+cudaError_t nm24_pack(int64_t out, int64_t in, const uint16_t* values, const uint8_t* indices, uint16_t* packed_values,
+                      uint32_t* packed_meta, cudaStream_t stream);
 // y [T, out] = act(x W^T + bias) for fp16/bf16 (dt), x rows `ldx` apart (ldx % 8 == 0, 16-byte aligned).
 cudaError_t nm24_linear(DType dt, int64_t T, int64_t out, int64_t in, const void* x, int64_t ldx,
-                        const uint16_t* packed_values, const uint32_t* packed_meta, const void* bias, Act act,
-                        void* y, cudaStream_t stream);
+                        const uint16_t* packed_values, const uint32_t* packed_meta, const void* bias, Act act, void* y,
+                        cudaStream_t stream);
 
 }  // namespace sparsekern::cuda

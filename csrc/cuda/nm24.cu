@@ -19,12 +19,12 @@
 namespace sparsekern::cuda {
 namespace {
 
-constexpr int kBM = 128;        // outputs per CTA
-constexpr int kBN = 128;        // tokens per CTA
-constexpr int kBK = 64;         // logical input columns per stage
+constexpr int kBM = 128;  // outputs per CTA
+constexpr int kBN = 128;  // tokens per CTA
+constexpr int kBK = 64;   // logical input columns per stage
 constexpr int kStages = 3;
 constexpr int kThreads = 256;
-constexpr int kMT = kBM / 16;   // 16-row A tiles per CTA
+constexpr int kMT = kBM / 16;  // 16-row A tiles per CTA
 
 // Per-stage shared memory, in bytes: packed A (kMT tiles x 2 k-tiles x 512 B), metadata (kMT x 32 words), X.
 constexpr int kASmem = kMT * 2 * 32 * 8 * 2;
@@ -69,8 +69,8 @@ __global__ void nm24_pack_kernel(int64_t out, int64_t in, const uint16_t* __rest
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     nm24_linear_kernel(int64_t T_tokens, int64_t out, int64_t in, const T* __restrict__ x, int64_t ldx,
-                       const uint16_t* __restrict__ pv, const uint32_t* __restrict__ pm,
-                       const T* __restrict__ bias, Act act, T* __restrict__ y) {
+                       const uint16_t* __restrict__ pv, const uint32_t* __restrict__ pm, const T* __restrict__ bias,
+                       Act act, T* __restrict__ y) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 2, warp_n = warp & 3;  // 2 x 4 warps
@@ -192,8 +192,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
-cudaError_t nm24_pack(int64_t out, int64_t in, const uint16_t* values, const uint8_t* indices,
-                      uint16_t* packed_values, uint32_t* packed_meta, cudaStream_t stream) {
+cudaError_t nm24_pack(int64_t out, int64_t in, const uint16_t* values, const uint8_t* indices, uint16_t* packed_values,
+                      uint32_t* packed_meta, cudaStream_t stream) {
   if (!nm24::shape_ok(out, in)) return cudaErrorInvalidValue;
   const int64_t work = (out / 16) * (in / 32) * 32 + (out / 16) * (in / 64) * 32;
   const int threads = 256;
@@ -209,19 +209,20 @@ static cudaError_t nm24_linear_t(int64_t T_tokens, int64_t out, int64_t in, cons
                                  cudaStream_t stream) {
   SK_CUDA_TRY(cudaFuncSetAttribute(nm24_linear_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   const dim3 grid(unsigned(ceil_div(out, kBM)), unsigned(ceil_div(T_tokens, kBN)));
-  nm24_linear_kernel<T><<<grid, kThreads, kSmem, stream>>>(T_tokens, out, in, static_cast<const T*>(x), ldx, pv,
-                                                           pm, static_cast<const T*>(bias), act, static_cast<T*>(y));
+  nm24_linear_kernel<T><<<grid, kThreads, kSmem, stream>>>(T_tokens, out, in, static_cast<const T*>(x), ldx, pv, pm,
+                                                           static_cast<const T*>(bias), act, static_cast<T*>(y));
   SK_LAUNCH_CHECK();
   return cudaSuccess;
 }
 
 cudaError_t nm24_linear(DType dt, int64_t T, int64_t out, int64_t in, const void* x, int64_t ldx,
-                        const uint16_t* packed_values, const uint32_t* packed_meta, const void* bias, Act act,
-                        void* y, cudaStream_t stream) {
+                        const uint16_t* packed_values, const uint32_t* packed_meta, const void* bias, Act act, void* y,
+                        cudaStream_t stream) {
   if (!nm24::shape_ok(out, in) || ldx % 8 != 0 || ldx < in) return cudaErrorInvalidValue;
   if (T == 0) return cudaSuccess;
   if (ceil_div(T, kBN) > 65535) return cudaErrorInvalidConfiguration;
-  if (dt == DType::F16) return nm24_linear_t<__half>(T, out, in, x, ldx, packed_values, packed_meta, bias, act, y, stream);
+  if (dt == DType::F16)
+    return nm24_linear_t<__half>(T, out, in, x, ldx, packed_values, packed_meta, bias, act, y, stream);
   if (dt == DType::BF16)
     return nm24_linear_t<__nv_bfloat16>(T, out, in, x, ldx, packed_values, packed_meta, bias, act, y, stream);
   return cudaErrorInvalidValue;

@@ -30,9 +30,9 @@
 
 namespace sparsekern::nm24 {
 
-constexpr int kTileRows = 16;   // rows of one A tile
-constexpr int kTileCols = 32;   // logical columns of one A tile (16 kept)
-constexpr int kFragElems = 8;   // kept values per lane per tile
+constexpr int kTileRows = 16;  // rows of one A tile
+constexpr int kTileCols = 32;  // logical columns of one A tile (16 kept)
+constexpr int kFragElems = 8;  // kept values per lane per tile
 constexpr int kLanes = 32;
 
 // Where element i of lane `lane` in tile (mt, kt) comes from in values [out, in/4, 2]: row, bank (4-column
@@ -70,6 +70,8 @@ SK_HD uint32_t meta_word(const idx_t* idx, int64_t n_banks, int64_t mt, int64_t 
 }
 
 // Shapes the packed layout supports: whole 16-row tiles and whole pairs of 32-column tiles.
-SK_HD bool shape_ok(int64_t out, int64_t in) { return out > 0 && in > 0 && out % 16 == 0 && in % 64 == 0; }
+SK_HD bool shape_ok(int64_t out, int64_t in) {
+  return out > 0 && in > 0 && out % 16 == 0 && in % 64 == 0;
+}
 
 }  // namespace sparsekern::nm24

@@ -40,7 +40,9 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
-Act act_of(c10::string_view name) { return parse_activation(name); }
+Act act_of(c10::string_view name) {
+  return parse_activation(name);
+}
 
 // A 2-D activation [T, features] on `like`'s device and dtype, rows possibly strided, features contiguous.
 at::Tensor dense_input(const at::Tensor& t, const at::Tensor& like, int64_t features, const char* name) {
@@ -62,9 +64,8 @@ void check_meta(const at::Tensor& t, const at::Tensor& values, int64_t n, const 
 
 const void* bias_ptr(const std::optional<at::Tensor>& bias, const at::Tensor& values, int64_t out, at::Tensor& keep) {
   if (!bias) return nullptr;
-  TORCH_CHECK(bias->device() == values.device() && bias->scalar_type() == values.scalar_type(),
-              "bias must be ", values.scalar_type(), " on ", values.device(), ", got ", bias->scalar_type(), " on ",
-              bias->device());
+  TORCH_CHECK(bias->device() == values.device() && bias->scalar_type() == values.scalar_type(), "bias must be ",
+              values.scalar_type(), " on ", values.device(), ", got ", bias->scalar_type(), " on ", bias->device());
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must have shape [", out, "], got ", bias->sizes());
   keep = bias->contiguous();
   return keep.data_ptr();
@@ -83,9 +84,9 @@ at::Tensor bsr_values(const at::Tensor& values) {
 }
 
 at::Tensor bsr_linear_cuda(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& row_offsets,
-                           const at::Tensor& col_indices, const at::Tensor& col_offsets,
-                           const at::Tensor& row_indices, const at::Tensor& block_perm, int64_t out_features,
-                           const std::optional<at::Tensor>& bias, c10::string_view activation) {
+                           const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices,
+                           const at::Tensor& block_perm, int64_t out_features, const std::optional<at::Tensor>& bias,
+                           c10::string_view activation) {
   (void)col_offsets, (void)row_indices, (void)block_perm;  // used by the registered backward only
   const at::Tensor values = bsr_values(values_in);
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x_in.sizes());
@@ -99,9 +100,8 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x_in, const at::Tensor& values_in, 
   at::Tensor keep_bias;
   const void* bp = bias_ptr(bias, values, s.out, keep_bias);
   at::Tensor y = at::empty({s.T, s.out}, x.options());
-  check_launch(bsr_linear(dtype_of(x), s, x.data_ptr(), x.stride(0), values.data_ptr(),
-                          row_offsets.data_ptr<int32_t>(), col_indices.data_ptr<int32_t>(), bp, act, y.data_ptr(),
-                          c10::cuda::getCurrentCUDAStream()),
+  check_launch(bsr_linear(dtype_of(x), s, x.data_ptr(), x.stride(0), values.data_ptr(), row_offsets.data_ptr<int32_t>(),
+                          col_indices.data_ptr<int32_t>(), bp, act, y.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "bsr_linear");
   return y;
 }
@@ -129,10 +129,10 @@ at::Tensor bsr_linear_grad_input_cuda(const at::Tensor& dy_in, const at::Tensor&
 at::Tensor bsr_sddmm_cuda(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& values_in,
                           const at::Tensor& row_offsets, const at::Tensor& col_indices) {
   const at::Tensor values = bsr_values(values_in);
-  TORCH_CHECK(dy_in.dim() == 2 && x_in.dim() == 2, "grad_out and x must be 2-D, got shapes ", dy_in.sizes(),
-              " and ", x_in.sizes());
-  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "grad_out and x must have the same number of tokens, got ",
-              dy_in.size(0), " and ", x_in.size(0));
+  TORCH_CHECK(dy_in.dim() == 2 && x_in.dim() == 2, "grad_out and x must be 2-D, got shapes ", dy_in.sizes(), " and ",
+              x_in.sizes());
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "grad_out and x must have the same number of tokens, got ", dy_in.size(0),
+              " and ", x_in.size(0));
   const at::Tensor dy = dense_input(dy_in, values, dy_in.size(1), "grad_out");
   const at::Tensor x = dense_input(x_in, values, x_in.size(1), "x");
   const BsrShape s{x.size(0), dy.size(1), x.size(1), values.size(1), values.size(2), values.size(0)};
@@ -141,10 +141,10 @@ at::Tensor bsr_sddmm_cuda(const at::Tensor& dy_in, const at::Tensor& x_in, const
   const c10::cuda::CUDAGuard guard(x.device());
   // The gradient has the shape and strides of values (the parameter's own layout, which the kernels write).
   at::Tensor dw = at::empty_like(values);
-  check_launch(bsr_sddmm(dtype_of(x), s, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
-                         row_offsets.data_ptr<int32_t>(), col_indices.data_ptr<int32_t>(), dw.data_ptr(),
-                         c10::cuda::getCurrentCUDAStream()),
-               "bsr_sddmm");
+  check_launch(
+      bsr_sddmm(dtype_of(x), s, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), row_offsets.data_ptr<int32_t>(),
+                col_indices.data_ptr<int32_t>(), dw.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+      "bsr_sddmm");
   return dw;
 }
 
@@ -180,10 +180,10 @@ at::Tensor balanced_linear_cuda(const at::Tensor& x_in, const at::Tensor& values
   at::Tensor keep_bias;
   const void* bp = bias_ptr(bias, values, s.out, keep_bias);
   at::Tensor y = at::empty({s.T, s.out}, x.options());
-  check_launch(balanced_linear(dtype_of(x), s, x.data_ptr(), x.stride(0), values.data_ptr(), indices.data_ptr(),
-                               indices.scalar_type() == at::kShort, bp, act, y.data_ptr(),
-                               c10::cuda::getCurrentCUDAStream()),
-               "balanced_linear");
+  check_launch(
+      balanced_linear(dtype_of(x), s, x.data_ptr(), x.stride(0), values.data_ptr(), indices.data_ptr(),
+                      indices.scalar_type() == at::kShort, bp, act, y.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+      "balanced_linear");
   return y;
 }
 
@@ -195,19 +195,19 @@ at::Tensor balanced_linear_grad_input_cuda(const at::Tensor& dy_in, const at::Te
   const at::Tensor dy = dense_input(dy_in, values, s.out, "grad_out");
   const c10::cuda::CUDAGuard guard(dy.device());
   at::Tensor dx = at::empty({s.T, s.in}, dy.options());
-  check_launch(balanced_linear_grad_input(dtype_of(dy), s, dy.data_ptr(), dy.stride(0), values.data_ptr(),
-                                          indices.data_ptr(), indices.scalar_type() == at::kShort, dx.data_ptr(),
-                                          c10::cuda::getCurrentCUDAStream()),
-               "balanced_linear_grad_input (a bank too wide for one CTA's shared memory also lands here)");
+  check_launch(
+      balanced_linear_grad_input(dtype_of(dy), s, dy.data_ptr(), dy.stride(0), values.data_ptr(), indices.data_ptr(),
+                                 indices.scalar_type() == at::kShort, dx.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+      "balanced_linear_grad_input (a bank too wide for one CTA's shared memory also lands here)");
   return dx;
 }
 
 at::Tensor balanced_sddmm_cuda(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& indices_in,
                                int64_t bank) {
-  TORCH_CHECK(dy_in.dim() == 2 && x_in.dim() == 2, "grad_out and x must be 2-D, got shapes ", dy_in.sizes(),
-              " and ", x_in.sizes());
-  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "grad_out and x must have the same number of tokens, got ",
-              dy_in.size(0), " and ", x_in.size(0));
+  TORCH_CHECK(dy_in.dim() == 2 && x_in.dim() == 2, "grad_out and x must be 2-D, got shapes ", dy_in.sizes(), " and ",
+              x_in.sizes());
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "grad_out and x must have the same number of tokens, got ", dy_in.size(0),
+              " and ", x_in.size(0));
   SK_CHECK_CUDA(x_in);
   const at::Tensor indices = indices_in.contiguous();
   // balanced_shape wants values: an empty tensor of the gradient's shape and dtype stands in.
@@ -216,10 +216,10 @@ at::Tensor balanced_sddmm_cuda(const at::Tensor& dy_in, const at::Tensor& x_in, 
   const at::Tensor dy = dense_input(dy_in, dw, s.out, "grad_out");
   const at::Tensor x = dense_input(x_in, dw, s.in, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  check_launch(balanced_sddmm(dtype_of(x), s, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
-                              indices.data_ptr(), indices.scalar_type() == at::kShort, dw.data_ptr(),
-                              c10::cuda::getCurrentCUDAStream()),
-               "balanced_sddmm");
+  check_launch(
+      balanced_sddmm(dtype_of(x), s, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), indices.data_ptr(),
+                     indices.scalar_type() == at::kShort, dw.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+      "balanced_sddmm");
   return dw;
 }
 
@@ -265,7 +265,8 @@ at::Tensor nm24_linear_cuda(const at::Tensor& x_in, const at::Tensor& pv, const 
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x_in.sizes());
   at::Tensor x = dense_input(x_in, pv, in, "x");
   // 16-byte cp.async loads of X rows.
-  if (x.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) x = x.clone(at::MemoryFormat::Contiguous);
+  if (x.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0)
+    x = x.clone(at::MemoryFormat::Contiguous);
   const Act act = act_of(activation);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor keep_bias;
