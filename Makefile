@@ -5,10 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.ext-built
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+CXX_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+SOURCES := $(CXX_SOURCES) setup.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: all build test test-fast test-avx2 demo bench fuzz test-asan check-install clean
+.PHONY: all build test test-fast test-avx2 lint format demo bench fuzz test-asan check-install clean
 
 all: build
 
@@ -38,6 +39,16 @@ test-fast: $(BUILT)
 AS_AVX2 := SPARSEKERN_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 test-avx2: $(BUILT)
 	$(AS_AVX2) $(PY) -m pytest -q tests
+
+# `lint`: ruff (pyflakes, isort, pycodestyle at 120 columns; pyproject.toml) and clang-format (.clang-format) check,
+# change nothing. `format` applies what they can fix; the rest (long strings, names) is by hand.
+lint: $(DEPS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(DEPS)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 demo: $(BUILT)
 	$(PY) -m sparse demo

@@ -55,7 +55,10 @@ def _extension():
     return CUDAExtension(
         "sparse._C",
         sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
-        extra_compile_args={"cxx": cxx + ["-DSPARSEKERN_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "-DSPARSEKERN_WITH_CUDA"]},
+        extra_compile_args={
+            "cxx": cxx + ["-DSPARSEKERN_WITH_CUDA"],
+            "nvcc": ["-O3", "-std=c++17", "-DSPARSEKERN_WITH_CUDA"],
+        },
         extra_link_args=link,
     )
 

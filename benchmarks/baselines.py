@@ -82,7 +82,9 @@ def _refuse(reason: str) -> Callable[[], torch.Tensor]:
     return run
 
 
-def ours_linear(w: SparseWeight, X: torch.Tensor, copies: int = 1, *, via_api: bool = True, suffix: str = "") -> List[Contender]:
+def ours_linear(
+    w: SparseWeight, X: torch.Tensor, copies: int = 1, *, via_api: bool = True, suffix: str = ""
+) -> List[Contender]:
     """Our kernel called as the raw op through its direct entry point (``sparse._C.bsr_linear_call`` /
     ``balanced_linear_call``: the typed dispatcher call, the same as ``torch.ops.sparsekern.*`` without its generic
     argument parsing, which is a large part of a small call's cost) and, if ``via_api``, through ``sparse.linear``
@@ -94,14 +96,29 @@ def ours_linear(w: SparseWeight, X: torch.Tensor, copies: int = 1, *, via_api: b
     name = f"{info['format']}:{info['block']}:{info['density']:.4f}{suffix}"
     if isinstance(w, BlockSparseWeight):
         op = _C.bsr_linear_call
-        raw = lambda v: op(X, v.values, v.row_offsets, v.col_indices, v.col_offsets, v.row_indices, v.block_perm, v.shape[0], None, "none")
+        raw = lambda v: op(
+            X,
+            v.values,
+            v.row_offsets,
+            v.col_indices,
+            v.col_offsets,
+            v.row_indices,
+            v.block_perm,
+            v.shape[0],
+            None,
+            "none",
+        )
     else:
         op = _C.balanced_linear_call
         raw = lambda v: op(X, v.values, v.indices, v.bank, None, "none")
     ref = reference.linear(X, w)
     out = [Contender(name, cycling(ws, raw), {**info, "backend": "sparsekern"}, ref)]
     if via_api:
-        out.append(Contender(name + ":api", cycling(ws, lambda v: sparse.linear(X, v)), {**info, "backend": "sparse.linear"}, ref))
+        out.append(
+            Contender(
+                name + ":api", cycling(ws, lambda v: sparse.linear(X, v)), {**info, "backend": "sparse.linear"}, ref
+            )
+        )
     return out
 
 
@@ -128,8 +145,14 @@ def dense_linear_act(W: torch.Tensor, X: torch.Tensor, bias: torch.Tensor, act: 
         out.append(Contender(f"onednn+{act}", _refuse(reason), {**info, "backend": "onednn_prepacked"}, ref))
         return out
     packed = torch.ops.mkldnn._reorder_linear_weight(W, None)
-    out.append(Contender(f"onednn+{act}", lambda: f(torch.ops.mkldnn._linear_pointwise(X, packed, bias, "none", [], "")),
-                         {**info, "backend": "onednn_prepacked"}, ref))
+    out.append(
+        Contender(
+            f"onednn+{act}",
+            lambda: f(torch.ops.mkldnn._linear_pointwise(X, packed, bias, "none", [], "")),
+            {**info, "backend": "onednn_prepacked"},
+            ref,
+        )
+    )
     return out
 
 
@@ -151,10 +174,18 @@ def ours_linear_act(w: SparseWeight, X: torch.Tensor, bias: torch.Tensor, act: s
     ref = reference.linear(X, w, bias, act)
     return [
         Contender(f"{name}:fused", lambda: raw(act), {**info, "backend": "sparsekern", "notes": f"{act} fused"}, ref),
-        Contender(f"{name}:unfused", lambda: f(raw("none")),
-                  {**info, "backend": "sparsekern+torch", "notes": f"then torch's {act}"}, ref),
-        Contender(f"{name}:no_act", lambda: raw("none"), {**info, "backend": "sparsekern:no_act", "notes": "no activation"},
-                  reference.linear(X, w, bias)),
+        Contender(
+            f"{name}:unfused",
+            lambda: f(raw("none")),
+            {**info, "backend": "sparsekern+torch", "notes": f"then torch's {act}"},
+            ref,
+        ),
+        Contender(
+            f"{name}:no_act",
+            lambda: raw("none"),
+            {**info, "backend": "sparsekern:no_act", "notes": "no activation"},
+            reference.linear(X, w, bias),
+        ),
     ]
 
 
@@ -186,7 +217,12 @@ def torch_sparse_linear(
     fmt = "csr" if block is None else "torch_bsr"
     nbytes = sum(t.numel() * t.element_size() for t in (Ws0.values(), Ws0.crow_indices(), Ws0.col_indices()))
     Ws = _copies(Ws0, copies, torch.clone)
-    info = {"format": fmt, "block": "" if block is None else f"{block}x{block}", "weight_bytes": nbytes, "backend": "torch.sparse"}
+    info = {
+        "format": fmt,
+        "block": "" if block is None else f"{block}x{block}",
+        "weight_bytes": nbytes,
+        "backend": "torch.sparse",
+    }
     ref = F.linear(X.double(), Wd.double())
     out = [Contender(f"{fmt}:{tag}", cycling(Ws, lambda w: torch.mm(w, X.t().contiguous()).t()), info, ref)]
     if user_form:
@@ -244,7 +280,13 @@ def ours_grad_input(w: SparseWeight, dY: torch.Tensor) -> List[Contender]:
 
 def dense_sddmm(W: torch.Tensor, dY: torch.Tensor, X: torch.Tensor) -> List[Contender]:
     """The dense weight gradient ``dY^T @ X`` [out, in]."""
-    info = {"format": "dense", "block": "", "density": 1.0, "weight_bytes": dense_bytes(W.to(X.dtype)), "dense_ref": True}
+    info = {
+        "format": "dense",
+        "block": "",
+        "density": 1.0,
+        "weight_bytes": dense_bytes(W.to(X.dtype)),
+        "dense_ref": True,
+    }
     return [Contender("mm", lambda: torch.mm(dY.t(), X), {**info, "backend": "torch.mm"}, dY.double().t() @ X.double())]
 
 
@@ -296,10 +338,20 @@ def gpu_linear_baselines(
     if Wd is not None:
         Wb = Wd.to(device=X.device, dtype=X.dtype).to_sparse_bsr((block, block))
         density = Wb.values().numel() / W.numel()
-        out.append(Contender("torch_bsr", lambda: F.linear(X, Wb), {
-            "format": "torch_bsr", "block": f"{block}x{block}", "density": density, "backend": "torch.sparse(triton)",
-            "weight_bytes": Wb.values().numel() * Wb.element_size() + (Wb.col_indices().numel() + Wb.crow_indices().numel()) * 8,
-        }))
+        out.append(
+            Contender(
+                "torch_bsr",
+                lambda: F.linear(X, Wb),
+                {
+                    "format": "torch_bsr",
+                    "block": f"{block}x{block}",
+                    "density": density,
+                    "backend": "torch.sparse(triton)",
+                    "weight_bytes": Wb.values().numel() * Wb.element_size()
+                    + (Wb.col_indices().numel() + Wb.crow_indices().numel()) * 8,
+                },
+            )
+        )
     if X.dtype in (torch.float16, torch.bfloat16):
         try:
             groups = W.abs().reshape(W.shape[0], -1, 4)
@@ -307,11 +359,22 @@ def gpu_linear_baselines(
             mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True).reshape(W.shape)
             W24 = torch.sparse.to_sparse_semi_structured(W * mask)
             F.linear(X, W24)
-            out.append(Contender("semi_structured", lambda: F.linear(X, W24), {
-                "format": "semi_structured_2:4", "block": "2:4", "density": 0.5, "backend": "torch.sparse.semi_structured",
-                "weight_bytes": dense_bytes(W) // 2 + dense_bytes(W) // 16,  # values + ~2 bits of metadata each
-            }))
+            out.append(
+                Contender(
+                    "semi_structured",
+                    lambda: F.linear(X, W24),
+                    {
+                        "format": "semi_structured_2:4",
+                        "block": "2:4",
+                        "density": 0.5,
+                        "backend": "torch.sparse.semi_structured",
+                        "weight_bytes": dense_bytes(W) // 2 + dense_bytes(W) // 16,  # values + ~2 bits of metadata each
+                    },
+                )
+            )
         except (RuntimeError, ValueError, NotImplementedError) as exc:  # shape or GPU the 2:4 kernels refuse
             if skipped is not None:
-                skipped.append(f"semi_structured 2:4 {tuple(W.shape)} {X.dtype}: {type(exc).__name__}: {str(exc)[:160]}")
+                skipped.append(
+                    f"semi_structured 2:4 {tuple(W.shape)} {X.dtype}: {type(exc).__name__}: {str(exc)[:160]}"
+                )
     return out

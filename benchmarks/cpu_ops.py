@@ -258,7 +258,11 @@ def contenders_for(case: Case, p: Preset, skipped: List[str]) -> List[Contender]
     cold = case.weights == "cold"
     if case.op.startswith("linear+"):
         return _act_contenders(case, p, W, X, torch.randn(out_f, generator=gen).to(dtype), skipped)
-    specs = {"linear": p.cold_specs if cold else p.fwd_specs.get(case.dtype, []), "grad_input": p.grad_specs, "sddmm": p.grad_specs}[case.op]
+    specs = {
+        "linear": p.cold_specs if cold else p.fwd_specs.get(case.dtype, []),
+        "grad_input": p.grad_specs,
+        "sddmm": p.grad_specs,
+    }[case.op]
     specs = [s for s in specs if _usable(s, case.shape)]
 
     if case.op == "linear":
@@ -349,7 +353,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     ap.add_argument("--out", default="bench-out", help="output folder (default: bench-out/)")
     ap.add_argument("--shapes", help=f"comma list of shape presets ({', '.join(SHAPES)}) or OUTxIN")
-    ap.add_argument("--tokens", help="comma list of token counts for the hot forward cases (with or without activation)")
+    ap.add_argument(
+        "--tokens", help="comma list of token counts for the hot forward cases (with or without activation)"
+    )
     ap.add_argument("--dtypes", help="comma list: float32,bfloat16")
     ap.add_argument("--threads", help="comma list of thread counts")
     ap.add_argument("--rounds", type=int, help="timed samples per contender (interleaved)")

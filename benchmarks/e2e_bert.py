@@ -201,9 +201,18 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
             if not training:
                 for dt, dense in dense_models if p.compile else ():
                     try:
-                        cs.append(Contender(f"compile_{dt}", compiled_forward(dense, ids),
-                                            {**dense_info, "backend": "torch.compile(freezing)", "dtype": dt,
-                                             "notes": f"attention {attention.get(id(dense), '?')} (of the eager model)"}))
+                        cs.append(
+                            Contender(
+                                f"compile_{dt}",
+                                compiled_forward(dense, ids),
+                                {
+                                    **dense_info,
+                                    "backend": "torch.compile(freezing)",
+                                    "dtype": dt,
+                                    "notes": f"attention {attention.get(id(dense), '?')} (of the eager model)",
+                                },
+                            )
+                        )
                     except Exception as exc:  # an inductor failure must not lose the rest of the run
                         skipped.append(f"{op} batch {batch} torch.compile {dt}: {type(exc).__name__}: {str(exc)[:160]}")
             ok = []
@@ -212,7 +221,9 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                     c.fn()
                     ok.append(c)
                 except Exception as exc:
-                    skipped.append(f"{op} batch {batch} {c.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                    skipped.append(
+                        f"{op} batch {batch} {c.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    )
             # Each sample follows an untimed call of the same model, as in every other benchmark: a sparse model's
             # weights about fill the last-level cache that a dense contender's flush, so a sample taken right after
             # another contender measures the refill and varies from run to run (docs/measurements.md).
@@ -258,8 +269,15 @@ def profile_split(models: Sequence[Tuple[str, nn.Module]], p: Preset, out_dir: s
         for name, m in models:
             lin, total, top = _linear_share(m.eval(), ids)
             attn = getattr(m.config, "_attn_implementation", None) or "?"
-            lines += [f"## {name} ({attn} attention)", "", f"Linear layers: {lin:.1f} ms of {total:.1f} ms self time ({100 * lin / total:.0f}%); "
-                      f"the rest: {total - lin:.1f} ms.", "", "| op | self ms |", "|---|---|"]
+            lines += [
+                f"## {name} ({attn} attention)",
+                "",
+                f"Linear layers: {lin:.1f} ms of {total:.1f} ms self time ({100 * lin / total:.0f}%); "
+                f"the rest: {total - lin:.1f} ms.",
+                "",
+                "| op | self ms |",
+                "|---|---|",
+            ]
             lines += [f"| {k} | {t:.1f} |" for k, t in top] + [""]
     path = os.path.join(out_dir, "e2e_profile.md")
     with open(path, "w") as f:

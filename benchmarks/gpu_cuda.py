@@ -147,7 +147,9 @@ def run(out_dir: str, repeats: int, max_seconds: Optional[float] = None) -> List
         wr.writerows(rows[first:])
         f.flush()
         print(f"{case}: {len(rows) - first} rows written", flush=True)
-        del W, x, w24, W24, pv, pm, contenders
+        # Free this shape's tensors before the next one's (the closures in `contenders` hold them too).
+        contenders.clear()
+        W = x = w24 = W24 = pv = pm = None
         torch.cuda.empty_cache()
     f.close()
     _print(rows)

@@ -117,10 +117,24 @@ def run(T: int, dev: torch.device, shapes: Dict[str, Tuple[int, int]], env: Dict
         traceback.print_exc()
         sys.stderr.flush()
 
-    def add(op: str, shape: str, pattern: str, density: float, ours: float, dense: float, target: float, err: float, **extra):
-        row = {"op": op, "shape": shape, "tokens": T, "pattern": pattern, "density": density, "ours_ms": round(ours, 4),
-               "cublas_ms": round(dense, 4), "speedup_vs_cublas": round(dense / ours, 3), "target_vs_cublas": round(target, 2),
-               "meets_cublas_target": dense / ours >= target, "max_rel_err": f"{err:.2e}", **extra, **env}
+    def add(
+        op: str, shape: str, pattern: str, density: float, ours: float, dense: float, target: float, err: float, **extra
+    ):
+        row = {
+            "op": op,
+            "shape": shape,
+            "tokens": T,
+            "pattern": pattern,
+            "density": density,
+            "ours_ms": round(ours, 4),
+            "cublas_ms": round(dense, 4),
+            "speedup_vs_cublas": round(dense / ours, 3),
+            "target_vs_cublas": round(target, 2),
+            "meets_cublas_target": dense / ours >= target,
+            "max_rel_err": f"{err:.2e}",
+            **extra,
+            **env,
+        }
         rows.append(row)
         if writer is not None:
             writer.writerow(row)
@@ -136,8 +150,18 @@ def run(T: int, dev: torch.device, shapes: Dict[str, Tuple[int, int]], env: Dict
         t = bench(lambda: bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, N))
         tb = torch_bsr_times(Wp, block, x)
         best = min((v for v in tb.values() if v is not None), default=None)
-        add("fwd", shape_name, f"block {block}", w.density, t, t_fwd, 0.8 / w.density, err,
-            speedup_vs_torch_bsr=round(best / t, 2) if best else "n/a", **{k: round(v, 4) if v else "n/a" for k, v in tb.items()})
+        add(
+            "fwd",
+            shape_name,
+            f"block {block}",
+            w.density,
+            t,
+            t_fwd,
+            0.8 / w.density,
+            err,
+            speedup_vs_torch_bsr=round(best / t, 2) if best else "n/a",
+            **{k: round(v, 4) if v else "n/a" for k, v in tb.items()},
+        )
         if block == 64:
             dx = bsr.bsr_linear_grad_input(gy, w.values, w.col_offsets, w.row_indices, w.block_perm, K)
             t = bench(lambda: bsr.bsr_linear_grad_input(gy, w.values, w.col_offsets, w.row_indices, w.block_perm, K))
@@ -158,10 +182,22 @@ def run(T: int, dev: torch.device, shapes: Dict[str, Tuple[int, int]], env: Dict
         add("grad_input", shape_name, "balanced 64/16", wb.density, t, t_dx, 0.7 / wb.density, rel_err(dx, gy @ Wp))
         dv = balanced.balanced_sddmm(gy, x, wb.indices, 64)
         t = bench(lambda: balanced.balanced_sddmm(gy, x, wb.indices, 64))
-        add("sddmm", shape_name, "balanced 64/16", wb.density, t, t_dw, 0.7 / wb.density, rel_err(dv, reference.gather(gy.t() @ x, wb)))
+        add(
+            "sddmm",
+            shape_name,
+            "balanced 64/16",
+            wb.density,
+            t,
+            t_dw,
+            0.7 / wb.density,
+            rel_err(dv, reference.gather(gy.t() @ x, wb)),
+        )
 
     print(f"{env['gpu']} (sm_{env['capability']}), torch {env['torch']}, triton {env['triton']}, bf16, T={T}")
-    print(f"{'op':<12}{'shape':<22}{'pattern':<16}{'d':>6}{'ours ms':>9}{'cuBLAS':>9}{'speedup':>9}{'target':>8}  vs torch BSR")
+    print(
+        f"{'op':<12}{'shape':<22}{'pattern':<16}{'d':>6}"
+        f"{'ours ms':>9}{'cuBLAS':>9}{'speedup':>9}{'target':>8}  vs torch BSR"
+    )
     for shape_name, (N, K) in shapes.items():
         if late(shape_name):
             break
@@ -180,7 +216,7 @@ def run(T: int, dev: torch.device, shapes: Dict[str, Tuple[int, int]], env: Dict
                 fn(shape_name, N, K, *params, x, gy, W, t_fwd, t_dx, t_dw)
             except Exception as exc:  # noqa: BLE001  (reported; the other cases still run)
                 failed(case, exc)
-        del x, gy, W
+        x = gy = W = None  # freed before the next shape's tensors
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return rows, errors

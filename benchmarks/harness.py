@@ -22,7 +22,6 @@ import importlib.metadata
 import itertools
 import math
 import os
-import platform
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
@@ -85,7 +84,10 @@ def _git_rev() -> str:
             ["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -200,9 +202,10 @@ def measure(
     """Times every contender, interleaved, and returns its per-call median and p10/p90 over ``rounds`` samples.
 
     Each contender first runs ``warmup`` calls, then one calibration call fixes how many calls one sample holds
-    (enough for ``min_sample_s``, so timer resolution does not matter; ``min_sample_s=0``: one call, no calibration). In each round the contenders take turns,
-    in an order rotated by one per round; each sample is preceded by one untimed call of the same contender
-    (``presample_call``; worth leaving out only for calls long enough to be their own steady state).
+    (enough for ``min_sample_s``, so timer resolution does not matter; ``min_sample_s=0``: one call, no
+    calibration). In each round the contenders take turns, in an order rotated by one per round; each sample
+    is preceded by one untimed call of the same contender (``presample_call``; worth leaving out
+    only for calls long enough to be their own steady state).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")

@@ -67,7 +67,9 @@ def speedup_plot(rows: List[Row], path: str) -> bool:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     machine = fwd[0]["machine"]
-    fig.suptitle(f"sparsekern forward vs best dense (geomean over shapes), {machine}, {fwd[0]['threads']} threads", fontsize=10)
+    fig.suptitle(
+        f"sparsekern forward vs best dense (geomean over shapes), {machine}, {fwd[0]['threads']} threads", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -85,9 +87,13 @@ def break_even_plot(rows: List[Row], path: str) -> bool:
     fwd = _fwd_rows(rows)
     if not fwd:
         return False
-    panels: Dict[Tuple[str, str], Dict[Tuple[str, int], List[Tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    panels: Dict[Tuple[str, str], Dict[Tuple[str, int], List[Tuple[float, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for r in fwd:
-        panels[(_label(r), str(r["dtype"]))][(str(r["shape"]), int(r["tokens"]))].append((float(r["sparsity"]), float(r["ratio"])))
+        panels[(_label(r), str(r["dtype"]))][(str(r["shape"]), int(r["tokens"]))].append(
+            (float(r["sparsity"]), float(r["ratio"]))
+        )
     keys = sorted(panels)
     ncol = min(3, len(keys))
     nrow = -(-len(keys) // ncol)

@@ -88,10 +88,19 @@ def _ours(rows: List[Row], backend: str = "sparsekern") -> List[Row]:
 
 
 def _fwd_ratio_table(
-    cases: Dict[str, List[Row]], title: str, dtype: str, fmt: str, block: str, target: Callable[[float], Optional[float]],
-    densities: Sequence[float], min_tokens: int = 16,
+    cases: Dict[str, List[Row]],
+    title: str,
+    dtype: str,
+    fmt: str,
+    block: str,
+    target: Callable[[float], Optional[float]],
+    densities: Sequence[float],
+    min_tokens: int = 16,
 ) -> Table:
-    t = Table(title, "ratio = best dense (F.linear or pre-packed oneDNN, same dtype, same case) / ours; 2 threads, hot weights")
+    t = Table(
+        title,
+        "ratio = best dense (F.linear or pre-packed oneDNN, same dtype, same case) / ours; 2 threads, hot weights",
+    )
     for rows in cases.values():
         for r in _ours(rows):
             if (r["op"], r["dtype"], r["format"], r["block"], r["weights"]) != ("linear", dtype, fmt, block, "hot"):
@@ -125,7 +134,13 @@ def kernel_target_tables(rows: List[Row]) -> List[Table]:
                 "ratio = best dense fp32 / ours; 2 threads, hot weights")
     for rows in cases.values():
         for r in _ours(rows):
-            if (r["op"], r["dtype"], r["format"], r["weights"], r["threads"]) != ("linear", "float32", "balanced", "hot", 2):
+            if (r["op"], r["dtype"], r["format"], r["weights"], r["threads"]) != (
+                "linear",
+                "float32",
+                "balanced",
+                "hot",
+                2,
+            ):
                 continue
             target = {"bank32/keep16": 1.5, "bank32/keep8": 3.0, "bank32/keep4": 6.0}.get(str(r["block"]))
             if target is None or r["tokens"] < 16 or r["shape"] not in BERT_SHAPES:
@@ -215,10 +230,12 @@ def _fused_activation_table(cases: Dict[str, List[Row]]) -> Table:
 def e2e_target_tables(rows: List[Row]) -> List[Table]:
     """The end-to-end targets, from ``e2e_bert`` rows: BERT-base forward and training step, 90% block 32."""
     cases = by_case(r for r in rows if r["bench"] == "e2e_bert")
-    fwd = Table("BERT-base, 90% block-32 linears, batch 8, seq 128, forward: >= 6x dense eager fp32, >= 3.5x best dense "
-                "(issue 6); bf16 >= 3.5x dense eager bf16 (issue 10)",
-                "best dense = fastest of eager, oneDNN with pre-packed weights and torch.compile in the row's dtype (same "
-                "case); the last line of a case races the fastest sparse model against the fastest dense one in any dtype")
+    fwd = Table(
+        "BERT-base, 90% block-32 linears, batch 8, seq 128, forward: >= 6x dense eager fp32, >= 3.5x best dense "
+        "(issue 6); bf16 >= 3.5x dense eager bf16 (issue 10)",
+        "best dense = fastest of eager, oneDNN with pre-packed weights and torch.compile in the row's dtype (same "
+        "case); the last line of a case races the fastest sparse model against the fastest dense one in any dtype",
+    )
     train = Table("BERT-base training step (forward+backward), 90% block-32, batch 8: >= 3x dense eager fp32")
     for rows in cases.values():
         dense = {str(r["backend"]) + "|" + str(r["dtype"]): r for r in rows if r["format"] == "dense"}
@@ -247,9 +264,13 @@ def e2e_target_tables(rows: List[Row]) -> List[Table]:
         if ours and dense:
             fast = min(ours, key=lambda x: float(x["median_s"]))
             best = min(dense.values(), key=lambda x: float(x["median_s"]))
-            fwd.add(_case_label(fast), f"fastest sparse ({fast['backend']} {fast['dtype']}) vs fastest dense, any dtype",
-                    3.5, float(best["median_s"]) / float(fast["median_s"]),
-                    f"best: {best['backend']} {best['dtype']}" + noise(fast, best))
+            fwd.add(
+                _case_label(fast),
+                f"fastest sparse ({fast['backend']} {fast['dtype']}) vs fastest dense, any dtype",
+                3.5,
+                float(best["median_s"]) / float(fast["median_s"]),
+                f"best: {best['backend']} {best['dtype']}" + noise(fast, best),
+            )
     return [fwd, train]
 
 
@@ -266,8 +287,10 @@ def e2e_table(rows: List[Row]) -> str:
             what = str(r["backend"]) if r["format"] == "dense" else (
                 f"{r['backend']} {r['format']} {r['block']} s={float(r['sparsity']):.2f}")
             sp = f"{float(eager['median_s']) / float(r['median_s']):.2f}x" if eager else ""
-            out.append(f"| {r['op']} | {r['tokens']} | {what} | {r['dtype']} | {1e3 * float(r['median_s']):.1f} | {sp} | "
-                       f"{r.get('notes', '')} |")
+            out.append(
+                f"| {r['op']} | {r['tokens']} | {what} | {r['dtype']} | {1e3 * float(r['median_s']):.1f} | {sp} | "
+                f"{r.get('notes', '')} |"
+            )
     return "\n".join(out + [""])
 
 

@@ -23,11 +23,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Each suite has its own presets; quick, full and tiny are in both, the focused ones in the op benchmark only.
     presets = {"ops": cpu_ops.PRESETS, "e2e": e2e_bert.PRESETS}
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(set(cpu_ops.PRESETS) | set(e2e_bert.PRESETS)), default="quick",
-                    help="quick: the CPU kernel target grid on BERT-base shapes (~3-5 min on 2 cores) + BERT batch 8 at "
-                    "90%%; full: every shape preset, op, format and thread count; tiny: seconds, for smoke tests; "
-                    "op benchmark only: bsr (block 32), balanced (bank 32), decode (T = 1, cold weights), act (activation "
-                    "fused vs not); see benchmarks/README.md")
+    ap.add_argument(
+        "--preset",
+        choices=sorted(set(cpu_ops.PRESETS) | set(e2e_bert.PRESETS)),
+        default="quick",
+        help="quick: the CPU kernel target grid on BERT-base shapes (~3-5 min on 2 cores) + BERT batch 8 at "
+        "90%%; full: every shape preset, op, format and thread count; tiny: seconds, for smoke tests; "
+        "op benchmark only: bsr (block 32), balanced (bank 32), decode (T = 1, cold weights), act (activation "
+        "fused vs not); see benchmarks/README.md",
+    )
     ap.add_argument("--suite", help=f"comma list of {SUITES} (default: every suite that has the preset)")
     ap.add_argument("--out", default="bench-out", help="output folder (default: bench-out/)")
     ap.add_argument("--no-compile", action="store_true", help="e2e: leave out torch.compile")
@@ -73,7 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from dataclasses import replace
 
         p = e2e_bert.PRESETS[args.preset]
-        r, s = e2e_bert.run(replace(p, compile=False) if args.no_compile else p, args.out, progress=not args.no_progress)
+        r, s = e2e_bert.run(
+            replace(p, compile=False) if args.no_compile else p, args.out, progress=not args.no_progress
+        )
         rows, skipped = rows + r, skipped + s
         written += [os.path.join(args.out, "e2e_bert.csv"), os.path.join(args.out, "e2e_profile.md")]
     written += write_report(rows, args.out, skipped=skipped)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bsr import ACTIVATION_CODES, _DTYPES, _activation, _launch, _precision
+from .bsr import _DTYPES, ACTIVATION_CODES, _activation, _launch, _precision
 
 __all__ = ["balanced_linear", "balanced_linear_grad_input", "balanced_sddmm", "CONFIGS"]
 
@@ -217,8 +217,12 @@ def _balanced_sddmm_kernel(
     tl.store(dv, kept.to(dv_ptr.dtype.element_ty), mask=keep_mask)
 
 
-def _autotuned(kernel, configs: Dict[Tuple[int, int], List[triton.Config]]) -> Dict[Tuple[int, int], triton.runtime.Autotuner]:
-    return {k: triton.autotune(configs=cfgs, key=["T", "N", "K", "BANK", "keep"])(kernel) for k, cfgs in configs.items()}
+def _autotuned(
+    kernel, configs: Dict[Tuple[int, int], List[triton.Config]]
+) -> Dict[Tuple[int, int], triton.runtime.Autotuner]:
+    return {
+        k: triton.autotune(configs=cfgs, key=["T", "N", "K", "BANK", "keep"])(kernel) for k, cfgs in configs.items()
+    }
 
 
 _TUNED = {
@@ -241,12 +245,19 @@ def _check_pattern(values: torch.Tensor, indices: torch.Tensor, bank: int, in_fe
     if values.dtype not in _DTYPES:
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32, got {values.dtype}")
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.uint8, torch.int16):
-        raise TypeError(f"indices must be a uint8 or int16 tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
+        raise TypeError(
+            f"indices must be a uint8 or int16 tensor, got {getattr(indices, 'dtype', type(indices).__name__)}"
+        )
     if indices.shape != values.shape or indices.device != values.device:
-        raise ValueError(f"indices must match values {tuple(values.shape)} on {values.device}, got {tuple(indices.shape)} on {indices.device}")
+        raise ValueError(
+            f"indices must match values {tuple(values.shape)} on {values.device}, got {tuple(indices.shape)} on "
+            f"{indices.device}"
+        )
     n_banks = -(-in_features // bank) if bank >= 1 else 0
     if bank < 1 or values.shape[1] != n_banks:
-        raise ValueError(f"values has {values.shape[1]} banks but {in_features} inputs in banks of {bank} need {n_banks}")
+        raise ValueError(
+            f"values has {values.shape[1]} banks but {in_features} inputs in banks of {bank} need {n_banks}"
+        )
     return n_banks
 
 
@@ -313,8 +324,19 @@ def balanced_linear_grad_input(
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * n_banks,)  # noqa: E731
     args = (grad_out, values, indices, dx, T, N, in_features, n_banks, keep,
             grad_out.stride(0), grad_out.stride(1), *values.stride(), *indices.stride(), dx.stride(0), dx.stride(1))
-    _launch(_balanced_grad_input_kernel, _TUNED["grad_input"], _INTERPRET_CONFIG, grad_out.device, grad_out.dtype, grid, args, config,
-            BANK=bank, BANK_P=_pad(bank), PRECISION=_precision(grad_out.dtype))
+    _launch(
+        _balanced_grad_input_kernel,
+        _TUNED["grad_input"],
+        _INTERPRET_CONFIG,
+        grad_out.device,
+        grad_out.dtype,
+        grid,
+        args,
+        config,
+        BANK=bank,
+        BANK_P=_pad(bank),
+        PRECISION=_precision(grad_out.dtype),
+    )
     return dx
 
 
@@ -332,7 +354,10 @@ def balanced_sddmm(
     if x.dtype not in _DTYPES:
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32, got {x.dtype}")
     if not isinstance(indices, torch.Tensor) or indices.dim() != 3:
-        raise ValueError(f"indices must be a 3-D tensor [out, n_banks, keep], got {getattr(indices, 'shape', type(indices).__name__)}")
+        raise ValueError(
+            "indices must be a 3-D tensor [out, n_banks, keep], got "
+            f"{getattr(indices, 'shape', type(indices).__name__)}"
+        )
     dv = torch.empty(indices.shape, dtype=x.dtype, device=x.device)
     n_banks = _check_pattern(dv, indices, bank, x.shape[1])
     N, _, keep = indices.shape

@@ -177,7 +177,9 @@ def _bsr_linear_kernel(
         in_cols = c * BI + offs_i
         i_mask = (offs_i < BI) & (in_cols < K)
         xt = tl.load(x_rows + in_cols[None, :] * stride_xk, mask=t_mask[:, None] & i_mask[None, :], other=0.0)
-        wt = tl.load(values_ptr + tl.cast(k, tl.int64) * stride_vn + w_tile, mask=w_mask, other=0.0)  # W_block^T [BI, BO]
+        wt = tl.load(
+            values_ptr + tl.cast(k, tl.int64) * stride_vn + w_tile, mask=w_mask, other=0.0
+        )  # W_block^T [BI, BO]
         acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + out_cols, mask=o_mask, other=0.0).to(tl.float32)[None, :]
@@ -266,7 +268,9 @@ def _bsr_sddmm_kernel(
     tl.store(dv, acc.to(dv_ptr.dtype.element_ty), mask=(offs_o < BO)[:, None] & (g_mask & (i < BI))[None, :])
 
 
-def _autotuned(kernel, configs: Dict[Tuple[int, int], List[triton.Config]]) -> Dict[Tuple[int, int], triton.runtime.Autotuner]:
+def _autotuned(
+    kernel, configs: Dict[Tuple[int, int], List[triton.Config]]
+) -> Dict[Tuple[int, int], triton.runtime.Autotuner]:
     return {k: triton.autotune(configs=cfgs, key=["T", "N", "K", "BO", "BI"])(kernel) for k, cfgs in configs.items()}
 
 
@@ -318,14 +322,18 @@ def _check(name: str, t: torch.Tensor, dim: int, like: torch.Tensor) -> None:
 
 def _check_values(values: torch.Tensor) -> None:
     if not isinstance(values, torch.Tensor) or values.dim() != 3:
-        raise ValueError(f"values must be a 3-D tensor [nnz, block_rows, block_cols], got {getattr(values, 'shape', values)}")
+        raise ValueError(
+            f"values must be a 3-D tensor [nnz, block_rows, block_cols], got {getattr(values, 'shape', values)}"
+        )
     if values.dtype not in _DTYPES:
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32, got {values.dtype}")
 
 
 def _check_index(name: str, t: torch.Tensor, values: torch.Tensor) -> None:
     if t.dtype != torch.int32 or t.dim() != 1 or t.device != values.device:
-        raise TypeError(f"{name} must be a 1-D int32 tensor on {values.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        raise TypeError(
+            f"{name} must be a 1-D int32 tensor on {values.device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+        )
 
 
 def bsr_linear(
@@ -351,7 +359,10 @@ def bsr_linear(
     bo, bi = values.shape[1], values.shape[2]
     n_brow = -(-out_features // bo)
     if row_offsets.numel() != n_brow + 1:
-        raise ValueError(f"row_offsets must have {n_brow + 1} entries for {out_features} outputs in blocks of {bo}, got {row_offsets.numel()}")
+        raise ValueError(
+            f"row_offsets must have {n_brow + 1} entries for {out_features} outputs in blocks of {bo}, got "
+            f"{row_offsets.numel()}"
+        )
     if bias is not None:
         _check("bias", bias, 1, values)
         if bias.shape[0] != out_features:
@@ -362,8 +373,23 @@ def bsr_linear(
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * n_brow,)  # noqa: E731
     args = (x, values, row_offsets, col_indices, bias if bias is not None else y, y, T, out_features, K,
             x.stride(0), x.stride(1), values.stride(0), values.stride(1), values.stride(2), y.stride(0), y.stride(1))
-    _launch(_bsr_linear_kernel, _TUNED["fwd"], _INTERPRET_CONFIG, x.device, x.dtype, grid, args, config, BO=bo, BI=bi, BO_P=_pad(bo), BI_P=_pad(bi),
-            HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation], PRECISION=_precision(x.dtype))
+    _launch(
+        _bsr_linear_kernel,
+        _TUNED["fwd"],
+        _INTERPRET_CONFIG,
+        x.device,
+        x.dtype,
+        grid,
+        args,
+        config,
+        BO=bo,
+        BI=bi,
+        BO_P=_pad(bo),
+        BI_P=_pad(bi),
+        HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        PRECISION=_precision(x.dtype),
+    )
     return y
 
 
@@ -385,7 +411,10 @@ def bsr_linear_grad_input(
     bo, bi = values.shape[1], values.shape[2]
     n_bcol = -(-in_features // bi)
     if col_offsets.numel() != n_bcol + 1:
-        raise ValueError(f"col_offsets must have {n_bcol + 1} entries for {in_features} inputs in blocks of {bi}, got {col_offsets.numel()}")
+        raise ValueError(
+            f"col_offsets must have {n_bcol + 1} entries for {in_features} inputs in blocks of {bi}, got "
+            f"{col_offsets.numel()}"
+        )
     dx = grad_out.new_empty(T, in_features)
     if T == 0:
         return dx
@@ -393,8 +422,21 @@ def bsr_linear_grad_input(
     args = (grad_out, values, col_offsets, row_indices, block_perm, dx, T, N, in_features,
             grad_out.stride(0), grad_out.stride(1), values.stride(0), values.stride(1), values.stride(2),
             dx.stride(0), dx.stride(1))
-    _launch(_bsr_grad_input_kernel, _TUNED["grad_input"], _INTERPRET_CONFIG, grad_out.device, grad_out.dtype, grid, args, config, BO=bo, BI=bi, BO_P=_pad(bo), BI_P=_pad(bi),
-            PRECISION=_precision(grad_out.dtype))
+    _launch(
+        _bsr_grad_input_kernel,
+        _TUNED["grad_input"],
+        _INTERPRET_CONFIG,
+        grad_out.device,
+        grad_out.dtype,
+        grid,
+        args,
+        config,
+        BO=bo,
+        BI=bi,
+        BO_P=_pad(bo),
+        BI_P=_pad(bi),
+        PRECISION=_precision(grad_out.dtype),
+    )
     return dx
 
 
@@ -420,7 +462,9 @@ def bsr_sddmm(
     nnz, bo, bi = values.shape
     n_brow = -(-N // bo)
     if row_offsets.numel() != n_brow + 1:
-        raise ValueError(f"row_offsets must have {n_brow + 1} entries for {N} outputs in blocks of {bo}, got {row_offsets.numel()}")
+        raise ValueError(
+            f"row_offsets must have {n_brow + 1} entries for {N} outputs in blocks of {bo}, got {row_offsets.numel()}"
+        )
     dv = torch.empty_like(values)
     if nnz == 0:
         return dv

@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Dict, NoReturn, Optional, Sequence, Tuple
 
 PROG = "sparsekern"
 
@@ -223,7 +223,10 @@ def _print_info(data: Dict[str, Any]) -> None:
     print(data["cpu"])
     print("dtypes: " + "; ".join(f"{k} {'native' if v['native'] else 'emulated, slow'} ({v['why']})"
                                  for k, v in data["dtypes"].items()))
-    print("versions: " + ", ".join(f"{k} {v if v is not None else '(not installed)'}" for k, v in data["versions"].items()))
+    print(
+        "versions: "
+        + ", ".join(f"{k} {v if v is not None else '(not installed)'}" for k, v in data["versions"].items())
+    )
     print(f"platform: {data['platform']}; torch threads: {data['torch_threads']}")
     if "cpu_features" in data:
         feats = " ".join(f"{k}{'' if v else '(no)'}" for k, v in data["cpu_features"].items())
@@ -352,6 +355,7 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
     import sparse
+
     from . import corpus, distill, evaluate
 
     if args.threads is not None:
@@ -369,7 +373,10 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
                        "(sparsify handles BERT-style encoders)")
     pattern_args = _pattern_args(args, [m.in_features for m in layers.values()])
     if args.pattern == "block" and args.block > min(min(m.in_features, m.out_features) for m in layers.values()):
-        raise CLIError(f"--block {args.block} is larger than a pruned layer ({min(m.in_features for m in layers.values())} features)")
+        raise CLIError(
+            f"--block {args.block} is larger than a pruned layer ({min(m.in_features for m in layers.values())} "
+            "features)"
+        )
 
     log(f"model: {model_path} ({type(teacher).__name__}, {len(layers)} encoder Linear layers to prune)")
     text = corpus.load(n_heldout=args.heldout)
@@ -389,8 +396,11 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
     if args.prune_method == "sparsegpt":
         pruning["calibration_sentences"] = min(args.calibration, len(text.train))
     accuracy = {"before_recovery": evaluate.agreement(reference, evaluate.embed(student, tokenizer, text.heldout))}
-    log(f"one-shot pruning ({args.prune_method}, {pruning['seconds']:.0f} s): cosine "
-        f"{accuracy['before_recovery']['cosine']:.4f}, top-1 agreement {accuracy['before_recovery']['top1_agreement']:.3f}")
+    log(
+        f"one-shot pruning ({args.prune_method}, {pruning['seconds']:.0f} s): cosine "
+        f"{accuracy['before_recovery']['cosine']:.4f}, top-1 agreement "
+        f"{accuracy['before_recovery']['top1_agreement']:.3f}"
+    )
 
     recovery: Dict[str, Any] = {"seconds_budget": args.recover_seconds}
     if args.recover_seconds > 0:
@@ -426,7 +436,9 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
         evaluate.prepack_linears(models["sparse_leftover_dense_prepacked"])
     vocab = int(getattr(teacher.config, "vocab_size", 1000))
     lat, attention = _latency(models, vocab, args.seq, (1, 8), args.latency_rounds, args.seed, args.progress)
-    best_dense = min((k for k in ("dense_eager", "dense_onednn_prepacked") if k in lat), key=lambda k: lat[k]["batch8_ms"])
+    best_dense = min(
+        (k for k in ("dense_eager", "dense_onednn_prepacked") if k in lat), key=lambda k: lat[k]["batch8_ms"]
+    )
     best_sparse = min((k for k in ("sparse", "sparse_leftover_dense_prepacked") if k in lat),
                       key=lambda k: lat[k]["batch8_ms"])
 
@@ -498,7 +510,8 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
         f"| parameters (stored values) | {size['dense']['parameters']:,} | {size['sparse']['parameters']:,} | "
         f"{size['sparse']['parameters'] / size['dense']['parameters']:.3f} |",
         f"| weight bytes (all tensors) | {size['dense']['weight_bytes'] / 2**20:.2f} MiB | "
-        f"{size['sparse']['weight_bytes'] / 2**20:.2f} MiB | {size['sparse']['weight_bytes'] / size['dense']['weight_bytes']:.3f} |",
+        f"{size['sparse']['weight_bytes'] / 2**20:.2f} MiB | "
+        f"{size['sparse']['weight_bytes'] / size['dense']['weight_bytes']:.3f} |",
         f"| pruned Linear layers | {size['pruned_layers']['dense_bytes'] / 2**20:.2f} MiB | "
         f"{size['pruned_layers']['sparse_bytes'] / 2**20:.2f} MiB | "
         f"{size['pruned_layers']['sparse_bytes'] / size['pruned_layers']['dense_bytes']:.3f} |",
@@ -523,7 +536,10 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
         "",
     ]
     if lat.get("attention"):
-        names = {**{k: f"dense {v}" for k, v in _DENSE_NAMES.items()}, **{k: f"sparse {v}" for k, v in _SPARSE_NAMES.items()}}
+        names = {
+            **{k: f"dense {v}" for k, v in _DENSE_NAMES.items()},
+            **{k: f"sparse {v}" for k, v in _SPARSE_NAMES.items()},
+        }
         lines += ["Attention: each model runs with the faster of transformers' implementations (`sdpa`, `eager`) for "
                   "itself, timed before the comparison: "
                   + "; ".join(f"batch {k[len('batch'):]}: "
@@ -534,7 +550,8 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
         "",
         "| | mean cosine | top-1 retrieval agreement |",
         "|---|---|---|",
-        f"| pruned, before recovery | {acc['before_recovery']['cosine']:.4f} | {acc['before_recovery']['top1_agreement']:.3f} |",
+        f"| pruned, before recovery | {acc['before_recovery']['cosine']:.4f} | "
+        f"{acc['before_recovery']['top1_agreement']:.3f} |",
         f"| after recovery, {acc['after_recovery_measured_on']} | {acc['after_recovery']['cosine']:.4f} | "
         f"{acc['after_recovery']['top1_agreement']:.3f} |",
         "",
@@ -545,9 +562,11 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
                  + f", {pr['seconds']:.0f} s.")
     rec = r["recovery"]
     if rec.get("steps"):
-        lines.append(f"Recovery: {rec['steps']} steps in {rec['seconds']:.0f} s (budget {rec['seconds_budget']:.0f} s), "
-                     f"lr {rec['lr']}, batch {rec['batch_size']}, max length {rec['max_length']}; loss "
-                     f"{rec['first_loss']:.4f} -> {rec['last_loss']:.4f}. {rec['method']}.")
+        lines.append(
+            f"Recovery: {rec['steps']} steps in {rec['seconds']:.0f} s (budget {rec['seconds_budget']:.0f} s), "
+            f"lr {rec['lr']}, batch {rec['batch_size']}, max length {rec['max_length']}; loss "
+            f"{rec['first_loss']:.4f} -> {rec['last_loss']:.4f}. {rec['method']}."
+        )
     else:
         lines.append("Recovery: none (--recover-seconds 0).")
     lines += ["", "## Per-layer latency of the swapped layers (from sparse.sparsify)", "", layer_table.rstrip(), "",

@@ -39,7 +39,9 @@ def compute_masks(layers: Dict[str, nn.Linear], pattern: str, *, sparsity: float
         if pattern == "block":
             masks[name] = prune.block_mask(m.weight, block, sparsity)
         elif pattern == "balanced":
-            masks[name] = prune.balanced_mask(m.weight, bank, keep if keep is not None else round(bank * (1 - sparsity)))
+            masks[name] = prune.balanced_mask(
+                m.weight, bank, keep if keep is not None else round(bank * (1 - sparsity))
+            )
         else:
             raise ValueError(f"pattern must be 'block' or 'balanced', got {pattern!r}")
     return masks
@@ -142,7 +144,9 @@ def reconstruct(
         bar = tqdm(total=len(groups), desc="pruning (SparseGPT)", unit="block", leave=False)
     try:
         for _, names in groups:
-            hessians = {n: torch.zeros(layers[n].in_features, layers[n].in_features, dtype=torch.float64) for n in names}
+            hessians = {
+                n: torch.zeros(layers[n].in_features, layers[n].in_features, dtype=torch.float64) for n in names
+            }
             current: Dict[str, torch.Tensor] = {}
 
             def hook(name):

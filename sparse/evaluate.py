@@ -123,10 +123,14 @@ class PrepackedLinear(nn.Module):
         w = linear.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
-        self._nbytes = w.numel() * w.element_size() + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+        self._nbytes = w.numel() * w.element_size() + (
+            0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation, [], "none" if self.activation == "gelu" else "")
+        return torch.ops.mkldnn._linear_pointwise(
+            x, self.packed, self.bias, self.activation, [], "none" if self.activation == "gelu" else ""
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
@@ -184,7 +188,9 @@ def set_attention(model: nn.Module, impl: str) -> bool:
     return True
 
 
-def pick_attention(model: nn.Module, run: Callable[[], object], calls: int = 2) -> Tuple[Optional[str], Dict[str, float]]:
+def pick_attention(
+    model: nn.Module, run: Callable[[], object], calls: int = 2
+) -> Tuple[Optional[str], Dict[str, float]]:
     """Races :data:`ATTENTION_IMPLEMENTATIONS` on ``model``: ``run()`` (a call of ``model``) once to warm up, then
     the best of ``calls`` timed calls, for each. ``model`` is left with the faster one. Returns it and the seconds
     per implementation; ``(None, {})`` for a model that cannot switch (see :func:`set_attention`)."""

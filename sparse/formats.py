@@ -238,10 +238,15 @@ class BlockSparseWeight:
         if ro.numel() != n_brow + 1:
             raise ValueError(f"row_offsets must have {n_brow + 1} entries (block rows + 1), got {ro.numel()}")
         if ro[0].item() != 0 or ro[-1].item() != nnz:
-            raise ValueError(f"row_offsets must start at 0 and end at nnz_blocks={nnz}, got {ro[0].item()} ... {ro[-1].item()}")
+            raise ValueError(
+                f"row_offsets must start at 0 and end at nnz_blocks={nnz}, got {ro[0].item()} ... {ro[-1].item()}"
+            )
         if (ro[1:] < ro[:-1]).any():
             bad = int((ro[1:] < ro[:-1]).nonzero()[0, 0])
-            raise ValueError(f"row_offsets must be non-decreasing: row_offsets[{bad + 1}]={ro[bad + 1].item()} < row_offsets[{bad}]={ro[bad].item()}")
+            raise ValueError(
+                f"row_offsets must be non-decreasing: row_offsets[{bad + 1}]={ro[bad + 1].item()} < "
+                f"row_offsets[{bad}]={ro[bad].item()}"
+            )
         if ci.numel() != nnz:
             raise ValueError(f"col_indices must have nnz_blocks={nnz} entries, got {ci.numel()}")
         if nnz and (ci.min().item() < 0 or ci.max().item() >= n_bcol):
@@ -270,7 +275,9 @@ class BlockSparseWeight:
         for name, e in zip(("col_offsets", "row_indices", "block_perm"), expect):
             got = getattr(self, name)
             if got.shape != e.shape or not torch.equal(got, e):
-                raise ValueError(f"{name} does not match the block-row metadata (rebuild it, or pass None to compute it)")
+                raise ValueError(
+                    f"{name} does not match the block-row metadata (rebuild it, or pass None to compute it)"
+                )
         return self
 
     # ---- conversions ----------------------------------------------------------------------------------------
@@ -293,11 +300,16 @@ class BlockSparseWeight:
             check_invariants=True,
         )
 
-    def to(self, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> "BlockSparseWeight":
+    def to(
+        self, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None
+    ) -> "BlockSparseWeight":
         """A copy on ``device`` with values in ``dtype`` (metadata stays int32)."""
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float64, bfloat16 or float16, got {dtype}")
-        meta = {n: getattr(self, n).to(device) for n in ("row_offsets", "col_indices", "col_offsets", "row_indices", "block_perm")}
+        meta = {
+            n: getattr(self, n).to(device)
+            for n in ("row_offsets", "col_indices", "col_offsets", "row_indices", "block_perm")
+        }
         values = self.values.to(device=device, dtype=dtype)
         return BlockSparseWeight(
             values, meta["row_offsets"], meta["col_indices"], self.shape,
@@ -355,7 +367,9 @@ class BalancedSparseWeight:
     The last bank is ragged when ``bank`` does not divide ``in_features``; it must still hold ``keep`` columns.
     """
 
-    def __init__(self, values: torch.Tensor, indices: torch.Tensor, bank: int, in_features: int, *, validate: bool = True) -> None:
+    def __init__(
+        self, values: torch.Tensor, indices: torch.Tensor, bank: int, in_features: int, *, validate: bool = True
+    ) -> None:
         if not isinstance(values, torch.Tensor) or values.dim() != 3:
             raise ValueError(
                 "values must be a 3-D tensor [out_features, n_banks, keep], got "
@@ -380,7 +394,8 @@ class BalancedSparseWeight:
         last = in_features - (-(-in_features // bank) - 1) * bank
         if keep < 1 or keep > last:
             raise ValueError(
-                f"keep must be in [1, {last}] (bank={bank}; the last bank of {in_features} columns is {last} wide), got {keep}"
+                f"keep must be in [1, {last}] (bank={bank}; the last bank of {in_features} columns is {last} "
+                f"wide), got {keep}"
             )
 
     @classmethod
@@ -404,7 +419,9 @@ class BalancedSparseWeight:
             counts = m.sum(-1)
             if (counts != keep).any():
                 o, b = (counts != keep).nonzero()[0].tolist()
-                raise ValueError(f"mask is not balanced: row {o}, bank {b} keeps {counts[o, b].item()} entries, expected keep={keep}")
+                raise ValueError(
+                    f"mask is not balanced: row {o}, bank {b} keeps {counts[o, b].item()} entries, expected keep={keep}"
+                )
             score = m.to(torch.float32)
         else:
             score = padded.abs().float()
@@ -432,19 +449,25 @@ class BalancedSparseWeight:
         if self.indices.dtype != _index_dtype(self.bank):
             raise TypeError(f"indices must be {_index_dtype(self.bank)} for bank={self.bank}, got {self.indices.dtype}")
         if self.indices.shape != self.values.shape:
-            raise ValueError(f"indices must have the shape of values {tuple(self.values.shape)}, got {tuple(self.indices.shape)}")
+            raise ValueError(
+                f"indices must have the shape of values {tuple(self.values.shape)}, got {tuple(self.indices.shape)}"
+            )
         if self.indices.device != self.values.device:
             raise ValueError(f"indices are on {self.indices.device} but values are on {self.values.device}")
         n_banks = -(-inn // self.bank)
         if self.n_banks != n_banks:
-            raise ValueError(f"values has {self.n_banks} banks, but {inn} columns in banks of {self.bank} need {n_banks}")
+            raise ValueError(
+                f"values has {self.n_banks} banks, but {inn} columns in banks of {self.bank} need {n_banks}"
+            )
         idx = self.indices.long()
         width = torch.full((n_banks,), self.bank, device=idx.device)
         width[-1] = inn - (n_banks - 1) * self.bank
         bad = (idx < 0) | (idx >= width[None, :, None])
         if bad.any():
             o, b, k = bad.nonzero()[0].tolist()
-            raise ValueError(f"indices[{o}, {b}, {k}]={idx[o, b, k].item()} is out of range [0, {width[b].item()}) for bank {b}")
+            raise ValueError(
+                f"indices[{o}, {b}, {k}]={idx[o, b, k].item()} is out of range [0, {width[b].item()}) for bank {b}"
+            )
         if self.keep > 1:
             unsorted = idx[..., 1:] <= idx[..., :-1]
             if unsorted.any():
@@ -469,11 +492,17 @@ class BalancedSparseWeight:
         m.scatter_(-1, self.indices.long(), True)
         return m.reshape(out, -1)[:, :inn]
 
-    def to(self, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> "BalancedSparseWeight":
+    def to(
+        self, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None
+    ) -> "BalancedSparseWeight":
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float64, bfloat16 or float16, got {dtype}")
         return BalancedSparseWeight(
-            self.values.to(device=device, dtype=dtype), self.indices.to(device), self.bank, self.shape[1], validate=False
+            self.values.to(device=device, dtype=dtype),
+            self.indices.to(device),
+            self.bank,
+            self.shape[1],
+            validate=False,
         )
 
     @property

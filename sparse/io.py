@@ -75,7 +75,11 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     storages = set()
     for key, t in state.items():
         # Tied parameters (e.g. GPT-2's lm_head and wte) are one tensor under two names: store it once.
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else None
+        ident = (
+            (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if t.numel()
+            else None
+        )
         if ident is not None and ident in seen:
             tied[key] = seen[ident]
             continue
@@ -121,7 +125,9 @@ def _build_model(model_or_config: Any, path: str, meta: Dict[str, Any]) -> nn.Mo
 
         config = transformers.AutoConfig.from_pretrained(path)
     if not hasattr(config, "to_json_string"):
-        raise TypeError(f"model_or_config must be an nn.Module, a transformers config or None, got {type(config).__name__}")
+        raise TypeError(
+            f"model_or_config must be an nn.Module, a transformers config or None, got {type(config).__name__}"
+        )
     module_name, _, cls_name = meta["model_class"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
     return cls(config)
@@ -147,7 +153,9 @@ def load(model_or_config: Any, path: Union[str, os.PathLike]) -> nn.Module:
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path} has format_version {meta.get('format_version')}, this sparse reads {FORMAT_VERSION}")
+        raise ValueError(
+            f"{meta_path} has format_version {meta.get('format_version')}, this sparse reads {FORMAT_VERSION}"
+        )
     model = _build_model(model_or_config, path, meta)
     tensors = load_file(os.path.join(path, TENSORS_FILE))
     for alias, key in meta["tied"].items():
@@ -169,10 +177,20 @@ def load(model_or_config: Any, path: Union[str, os.PathLike]) -> nn.Module:
             continue  # already sparse (e.g. a model loaded into twice): load_state_dict checks it
         bias = tensors.get(f"{name}.bias")
         if info["class"] == "BlockSparseLinear":
-            t = {k: tensors[f"{name}.{k}"] for k in ("values", "row_offsets", "col_indices", "col_offsets", "row_indices", "block_perm")}
+            t = {
+                k: tensors[f"{name}.{k}"]
+                for k in ("values", "row_offsets", "col_indices", "col_offsets", "row_indices", "block_perm")
+            }
             out, inn = tensors[f"{name}.pattern_info"][:2].tolist()
-            w = BlockSparseWeight(t["values"], t["row_offsets"], t["col_indices"], (out, inn), col_offsets=t["col_offsets"],
-                                  row_indices=t["row_indices"], block_perm=t["block_perm"])
+            w = BlockSparseWeight(
+                t["values"],
+                t["row_offsets"],
+                t["col_indices"],
+                (out, inn),
+                col_offsets=t["col_offsets"],
+                row_indices=t["row_indices"],
+                block_perm=t["block_perm"],
+            )
             new = BlockSparseLinear.from_weight(w.to(device), None if bias is None else bias.to(device),
                                                 activation=info["activation"])
         elif info["class"] == "BalancedSparseLinear":
@@ -189,6 +207,8 @@ def load(model_or_config: Any, path: Union[str, os.PathLike]) -> nn.Module:
 
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit this model: missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}")
+        raise ValueError(
+            f"{path} does not fit this model: missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}"
+        )
     return model
 

@@ -165,13 +165,16 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"{self._pattern_repr()}, sparsity={self.sparsity:.3f}, activation={self.activation}, backend={self.backend}"
+            f"{self._pattern_repr()}, sparsity={self.sparsity:.3f}, activation={self.activation}, "
+            f"backend={self.backend}"
         )
 
     # The state dict carries a [4] int64 `pattern_info` buffer, so a state dict describes its own shape and
     # pattern; loading checks it and the pattern's invariants before anything is copied (a corrupt index would
     # otherwise reach the kernels).
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         info = state_dict.get(prefix + "pattern_info")
         if info is not None and not torch.equal(info.cpu(), self.pattern_info.cpu()):
             error_msgs.append(
@@ -186,7 +189,9 @@ class SparseLinear(nn.Module):
         except (ValueError, TypeError) as exc:
             error_msgs.append(f"{prefix}: the stored pattern is invalid: {exc}")
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # load_state_dict(assign=True) puts the stored tensor itself in place, in whatever layout it was saved.
         laid_out = self._kernel_layout(self.values.detach())
         if laid_out.stride() != self.values.stride():
@@ -233,7 +238,9 @@ class BlockSparseLinear(SparseLinear):
         weight = BlockSparseWeight.from_dense(W, block, sparsity=sparsity).to(device)
         self._setup(weight, None if b is None else b.to(device), activation, backend)
 
-    def _setup(self, weight: BlockSparseWeight, bias: Optional[torch.Tensor], activation: str, backend: Optional[str]) -> None:
+    def _setup(
+        self, weight: BlockSparseWeight, bias: Optional[torch.Tensor], activation: str, backend: Optional[str]
+    ) -> None:
         self._init_common(weight, activation, backend)
         self.block: Tuple[int, int] = weight.block
         self.values = nn.Parameter(weight.values.detach())  # keeps the physical layout (no copy)
@@ -325,7 +332,9 @@ class BalancedSparseLinear(SparseLinear):
         weight = BalancedSparseWeight.from_dense(W, bank, keep).to(device)
         self._setup(weight, None if b is None else b.to(device), activation, backend)
 
-    def _setup(self, weight: BalancedSparseWeight, bias: Optional[torch.Tensor], activation: str, backend: Optional[str]) -> None:
+    def _setup(
+        self, weight: BalancedSparseWeight, bias: Optional[torch.Tensor], activation: str, backend: Optional[str]
+    ) -> None:
         self._init_common(weight, activation, backend)
         self.bank = weight.bank
         self.keep = weight.keep

@@ -8,13 +8,11 @@ leading dimensions and reshapes.
 from __future__ import annotations
 
 import importlib
-import statistics
-import time
 from typing import Dict, List, Optional, Union
 
 import torch
 
-from . import _ext
+from . import _ext, timing
 from .activations import ACTIVATIONS, check_native
 from .activations import get as _activation
 from .formats import BalancedSparseWeight, BlockSparseWeight
@@ -43,7 +41,18 @@ def _check_same_device(**tensors: Optional[torch.Tensor]) -> None:
 
 def _register() -> None:
     @torch.library.register_fake("sparsekern::bsr_linear")
-    def _(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, out_features, bias=None, activation="none"):
+    def _(
+        x,
+        values,
+        row_offsets,
+        col_indices,
+        col_offsets,
+        row_indices,
+        block_perm,
+        out_features,
+        bias=None,
+        activation="none",
+    ):
         _check_same_device(x=x, values=values, row_offsets=row_offsets, col_indices=col_indices,
                            col_offsets=col_offsets, row_indices=row_indices, block_perm=block_perm, bias=bias)
         torch._check(x.dim() == 2, lambda: f"x must be 2-D, got {x.dim()}-D")
@@ -112,7 +121,9 @@ def _check_bias(bias: Optional[torch.Tensor], weight: SparseWeight) -> None:
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if bias.dtype != weight.dtype or bias.device != weight.device:
-        raise TypeError(f"bias must match the weight ({weight.dtype} on {weight.device}), got {bias.dtype} on {bias.device}")
+        raise TypeError(
+            f"bias must match the weight ({weight.dtype} on {weight.device}), got {bias.dtype} on {bias.device}"
+        )
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing the import
@@ -292,17 +303,8 @@ def _weight_key(weight: SparseWeight) -> tuple:
 def _time_backend(backend: str, x: torch.Tensor, weight: SparseWeight, repeats: int) -> float:
     """Median seconds of one forward call of ``backend`` (after two warm-up calls, which also compile and
     autotune a Triton kernel)."""
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    times = []
     with torch.no_grad():
-        for i in range(repeats + 2):
-            sync()
-            t0 = time.perf_counter()
-            linear(x, weight, backend=backend)
-            sync()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return timing.median_seconds(lambda: linear(x, weight, backend=backend), repeats=repeats, warmup=2, device=x)
 
 
 def fastest_backend(weight: SparseWeight, tokens: int = 512, repeats: int = 5) -> str:

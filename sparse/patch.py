@@ -1,8 +1,8 @@
 """The patcher: replaces a model's dense Linear layers by sparse ones, in place, and reports what it did.
 
-``sparsify`` handles ``nn.Linear`` (and subclasses that keep its forward) and transformers' ``Conv1D`` (GPT-2; weight stored
-``[in, out]``). With ``skip_if_slower`` each layer's dense and sparse forward are timed on a sample input in the
-layer's dtype and device, and a layer whose sparse version measures slower stays dense. With
+``sparsify`` handles ``nn.Linear`` (and subclasses that keep its forward) and transformers' ``Conv1D`` (GPT-2;
+weight stored ``[in, out]``). With ``skip_if_slower`` each layer's dense and sparse forward are timed on a sample
+input in the layer's dtype and device, and a layer whose sparse version measures slower stays dense. With
 ``fuse_activations`` a Linear directly followed by a supported activation (BERT's ``intermediate.dense`` +
 ``intermediate_act_fn``, GPT-2's ``mlp.c_fc`` + ``act``, Llama-style ``gate_proj`` + ``act_fn``, and
 ``nn.Sequential`` neighbours) gets the activation inside the sparse kernel, and the activation's slot is taken
@@ -21,8 +21,17 @@ from torch import nn
 from . import ops, timing
 from .formats import BlockSparseWeight, _check_sparsity
 from .nn import BalancedSparseLinear, BlockSparseLinear, SparseLinear, _is_conv1d, dense_nbytes, dense_weight_of
-from .walk import (Filter, filter_reason, linear_layers, module_name, name_filter, parameter_names, replace_modules,
-                   tied_elsewhere, weight_read_directly)
+from .walk import (
+    Filter,
+    filter_reason,
+    linear_layers,
+    module_name,
+    name_filter,
+    parameter_names,
+    replace_modules,
+    tied_elsewhere,
+    weight_read_directly,
+)
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport", "Fusion", "FusedActivation", "activation_name", "Filter"]
 
@@ -140,7 +149,8 @@ class SparsifyReport:
             lines.append(f"Latency: {s['timing']}.")
         lines += [
             "",
-            "| layer | kind | shape (out, in) | dtype | pattern | sparsity | KiB before | KiB after | dense ms | sparse ms | speedup | activation | status |",
+            "| layer | kind | shape (out, in) | dtype | pattern | sparsity | KiB before | KiB after "
+            "| dense ms | sparse ms | speedup | activation | status |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.layers:
@@ -246,7 +256,9 @@ def _time_pair(dense_fn: Callable[[torch.Tensor], torch.Tensor], sparse_fn: Call
 
 
 # ---- the patcher ---------------------------------------------------------------------------------------------------
-def _resolve_pattern_args(pattern: str, sparsity: Optional[float], block, bank: int, keep: Optional[int]) -> Dict[str, Any]:
+def _resolve_pattern_args(
+    pattern: str, sparsity: Optional[float], block, bank: int, keep: Optional[int]
+) -> Dict[str, Any]:
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
     if pattern == "block":
@@ -264,16 +276,25 @@ def _resolve_pattern_args(pattern: str, sparsity: Optional[float], block, bank: 
         if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= bank:
             raise ValueError(f"keep must be an int in [1, bank={bank}], got {keep!r}")
         if sparsity is not None and abs(_check_sparsity(sparsity) - (1 - keep / bank)) > 0.5 / bank:
-            raise ValueError(f"sparsity={sparsity} disagrees with keep={keep} of bank={bank} (sparsity {1 - keep / bank:.4f}); give one")
+            raise ValueError(
+                f"sparsity={sparsity} disagrees with keep={keep} of bank={bank} (sparsity "
+                f"{1 - keep / bank:.4f}); give one"
+            )
     return {"bank": bank, "keep": keep}
 
 
-def _build(pattern: str, layer: nn.Module, args: Dict[str, Any], mask: Optional[torch.Tensor], activation: str) -> SparseLinear:
+def _build(
+    pattern: str, layer: nn.Module, args: Dict[str, Any], mask: Optional[torch.Tensor], activation: str
+) -> SparseLinear:
     if pattern == "block":
         if mask is not None:
             return BlockSparseLinear.from_linear(layer, block=args["block"], mask=mask, activation=activation)
-        return BlockSparseLinear.from_linear(layer, block=args["block"], sparsity=args["sparsity"], activation=activation)
-    return BalancedSparseLinear.from_linear(layer, bank=args["bank"], keep=args["keep"], mask=mask, activation=activation)
+        return BlockSparseLinear.from_linear(
+            layer, block=args["block"], sparsity=args["sparsity"], activation=activation
+        )
+    return BalancedSparseLinear.from_linear(
+        layer, bank=args["bank"], keep=args["keep"], mask=mask, activation=activation
+    )
 
 
 def sparsify(
@@ -439,9 +460,16 @@ def sparsify(
         setattr(parent, attr, fused)
 
     threads = torch.get_num_threads()
-    timing = (f"median of {repeats} forward calls (dense and sparse alternating) after 2 warm-ups on a random [{sample_tokens}, in] input in "
-              f"the layer's dtype, {threads} threads; dense = the original layer"
-              + (" followed by its activation when fused" if fuse_activations else "")) if sample_tokens else ""
+    timing = (
+        (
+            f"median of {repeats} forward calls (dense and sparse alternating) after 2 warm-ups on a random "
+            f"[{sample_tokens}, in] input in "
+            f"the layer's dtype, {threads} threads; dense = the original layer"
+            + (" followed by its activation when fused" if fuse_activations else "")
+        )
+        if sample_tokens
+        else ""
+    )
     settings = {
         "pattern": pattern,
         "pattern_args": args,

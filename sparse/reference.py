@@ -19,7 +19,9 @@ def activation(z: torch.Tensor, name: str) -> torch.Tensor:
     return _activations.get(name).forward(z)
 
 
-def linear(x: torch.Tensor, weight: SparseWeight, bias: Optional[torch.Tensor] = None, act: str = "none") -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: SparseWeight, bias: Optional[torch.Tensor] = None, act: str = "none"
+) -> torch.Tensor:
     """act(x W^T + b) in float64. x [..., in] -> [..., out]."""
     W = weight.to_dense().double()
     b = None if bias is None else bias.double()

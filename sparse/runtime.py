@@ -111,7 +111,10 @@ def dtype_support() -> Dict[str, Dict[str, object]]:
         "float32": {"native": True, "why": "FMA" if feats.get("fma") else "scalar/SSE"},
         "float64": {"native": True, "why": "FMA at half the float32 rate" if feats.get("fma") else "scalar/SSE"},
         "bfloat16": {"native": bf16, "why": "AVX512_BF16" if bf16 else "no AVX512_BF16: converted in software"},
-        "float16": {"native": fp16, "why": "AVX512_FP16 / AMX-FP16" if fp16 else "no AVX512_FP16: converted in software"},
+        "float16": {
+            "native": fp16,
+            "why": "AVX512_FP16 / AMX-FP16" if fp16 else "no AVX512_FP16: converted in software",
+        },
     }
 
 

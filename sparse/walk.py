@@ -74,7 +74,9 @@ def name_filter(spec: Optional[Filter], what: str, names: List[str]) -> Optional
     return lambda name, module: any(pattern_matches(p, name) for p in patterns)
 
 
-def filter_reason(name: str, module: nn.Module, include: Optional[Predicate], exclude: Optional[Predicate]) -> Optional[str]:
+def filter_reason(
+    name: str, module: nn.Module, include: Optional[Predicate], exclude: Optional[Predicate]
+) -> Optional[str]:
     """Why the ``include`` / ``exclude`` predicates (from :func:`name_filter`) leave a layer out, or None if they
     select it."""
     if include is not None and not include(name, module):

@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, settings
 from sparse import BalancedSparseWeight, BlockSparseWeight, reference
 from sparse import activations as _activations
 from sparse._ext import available, require
-
 from tests.helpers import ACTS
 
 # sup |act''(z)|: how far a rounding of z moves act'(z) (gelu: 2 phi(0) = 0.798; silu: 1/2; relu: 0 off zero),

@@ -12,7 +12,6 @@ from sparse import reference
 from sparse.formats import BalancedSparseWeight, BlockSparseWeight
 from tests.helpers import NONLINEAR, VECTOR_DTYPES, assert_close_to_ref, slow_except
 
-
 # T = 1 takes the decode (gather) path, 7 and 97 the token tiles (one partial 16-token vector, several).
 TOKENS = [1, 7, 97]
 

@@ -106,7 +106,9 @@ DECODE_INS = {16: [256, 224, 250], 8: [256, 224, 250, 40], 4: [256, 224, 250, 70
 @pytest.mark.parametrize("idx_dtype", [torch.uint8, torch.int16])
 @pytest.mark.parametrize("keep,inn", [(k, i) for k, ins in DECODE_INS.items() for i in ins])
 @pytest.mark.parametrize("T", [1, 2, 3])
-def test_forward_decode_bank32(isa: str, dtype: torch.dtype, idx_dtype: torch.dtype, keep: int, inn: int, T: int) -> None:
+def test_forward_decode_bank32(
+    isa: str, dtype: torch.dtype, idx_dtype: torch.dtype, keep: int, inn: int, T: int
+) -> None:
     gen = torch.Generator().manual_seed(T * 100 + keep + inn)
     out = 37
     w = _weight(out, inn, 32, keep, dtype, gen)

@@ -2,9 +2,7 @@
 own case (one measurement), interleaved timing, cold-weight cycling, and the PASS/MISS logic of the summary.
 No timing is asserted: the numbers of a toy run mean nothing."""
 
-import math
 import os
-from dataclasses import replace
 
 import pytest
 import torch
@@ -44,7 +42,18 @@ def test_cpu_ops_tiny_csv_schema_and_ratios(tmp_path):
     with open(os.path.join(tmp_path, "cpu_ops.csv")) as f:
         assert f.readline().strip().split(",") == COLUMNS
     for r in back:
-        for col in ("machine", "cpu_features", "isa", "torch", "git_rev", "op", "backend", "format", "dtype", "weights"):
+        for col in (
+            "machine",
+            "cpu_features",
+            "isa",
+            "torch",
+            "git_rev",
+            "op",
+            "backend",
+            "format",
+            "dtype",
+            "weights",
+        ):
             assert r[col] != "", f"column {col} empty in {r['case']} {r['backend']}"
         assert r["threads"] >= 1 and r["repeats"] == p.rounds
     _check_case_ratios(back)
@@ -54,7 +63,15 @@ def test_cpu_ops_tiny_csv_schema_and_ratios(tmp_path):
     fp32 = [r for r in back if r["case"] == "linear|96x64|T8|float32|2t|hot"]
     backends = {r["backend"] for r in fp32}
     # every baseline the issue asks for sits in the same case as our kernel
-    assert {"F.linear", "onednn_prepacked", "sparsekern", "sparse.linear", "torch.sparse", "torch.sparse:F.linear", "scipy"} <= backends
+    assert {
+        "F.linear",
+        "onednn_prepacked",
+        "sparsekern",
+        "sparse.linear",
+        "torch.sparse",
+        "torch.sparse:F.linear",
+        "scipy",
+    } <= backends
     assert {r["format"] for r in fp32 if r["backend"] == "torch.sparse"} == {"csr", "torch_bsr"}
     assert any(r["threads"] == 1 for r in fp32), "1-thread scaling contender missing"
     bf16 = [r for r in back if r["dtype"] == "bfloat16"]
@@ -124,8 +141,14 @@ def test_write_csv_rejects_columns_outside_the_schema(tmp_path):
 
 def _rows(case, ours_s, dense_s, **ours_info):
     cs = [
-        Contender("F.linear", lambda: None, {"backend": "F.linear", "format": "dense", "dense_ref": True, "density": 1.0}),
-        Contender("onednn", lambda: None, {"backend": "onednn_prepacked", "format": "dense", "dense_ref": True, "density": 1.0}),
+        Contender(
+            "F.linear", lambda: None, {"backend": "F.linear", "format": "dense", "dense_ref": True, "density": 1.0}
+        ),
+        Contender(
+            "onednn",
+            lambda: None,
+            {"backend": "onednn_prepacked", "format": "dense", "dense_ref": True, "density": 1.0},
+        ),
         Contender("ours", lambda: None, {"backend": "sparsekern", **ours_info}),
     ]
     t = {"F.linear": Timing(2 * dense_s, 0, 0, 1), "onednn": Timing(dense_s, 0, 0, 1), "ours": Timing(ours_s, 0, 0, 1)}

@@ -43,7 +43,13 @@ def tiny_model(tmp_path_factory) -> str:
     Face model directory."""
     d = str(tmp_path_factory.mktemp("tiny-bert"))
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + letters + ["##" + c for c in letters] + list(".,;:()'\"-_=")
+    tokens = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        + WORDS
+        + letters
+        + ["##" + c for c in letters]
+        + list(".,;:()'\"-_=")
+    )
     tok = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))})
     tok.save_pretrained(d)
     torch.manual_seed(0)

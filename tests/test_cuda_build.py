@@ -85,7 +85,12 @@ def _demangle(names: list[str]) -> list[str]:
     if len(out) != len(names):
         return names
     # Drop the namespace and the (long) parameter list; keep the template arguments.
-    return [re.sub(r"^.*?(\w+(<.*>)?)\(.*$", r"\1", n.replace("sparsekern::cuda::", "").replace("(anonymous namespace)::", "")) for n in out]
+    return [
+        re.sub(
+            r"^.*?(\w+(<.*>)?)\(.*$", r"\1", n.replace("sparsekern::cuda::", "").replace("(anonymous namespace)::", "")
+        )
+        for n in out
+    ]
 
 
 @pytest.mark.slow  # nvcc for two archs: ~20 s
@@ -183,7 +188,8 @@ int main() {
         }
   for (int64_t mt = 0; mt < MT; ++mt)
     for (int64_t p = 0; p < KP; ++p)
-      for (int lane = 0; lane < 32; ++lane) pm[(mt * KP + p) * 32 + lane] = nm24::meta_word(idx.data(), nb, mt, p, lane);
+      for (int lane = 0; lane < 32; ++lane)
+        pm[(mt * KP + p) * 32 + lane] = nm24::meta_word(idx.data(), nb, mt, p, lane);
 
   // Emulated mma.sp: rebuild each logical 16 x 32 tile of A from the 32 lanes' registers, then compare with W.
   int bad = 0;

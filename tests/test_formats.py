@@ -138,16 +138,27 @@ def test_balanced_mask_argument():
         BalancedSparseWeight.from_dense(W, bank=4, keep=2, mask=m)
 
 
-@pytest.mark.parametrize("field,mutate,match", [
-    ("col_indices", lambda t: t.fill_(7), "out of range"),
-    ("col_indices", lambda t: t.__setitem__(0, -1), "out of range"),
-    ("col_indices", lambda t: t.__setitem__(slice(0, 2), torch.tensor([1, 0], dtype=torch.int32)), "strictly increasing"),
-    ("col_indices", lambda t: t.__setitem__(slice(0, 2), torch.tensor([1, 1], dtype=torch.int32)), "strictly increasing"),
-    ("row_offsets", lambda t: t[:-1], "entries"),
-    ("row_offsets", lambda t: t.__setitem__(-1, 99), "end at nnz_blocks"),
-    ("row_offsets", lambda t: t.__setitem__(1, 9), "non-decreasing"),
-    ("row_offsets", lambda t: t.long(), "int32"),
-])
+@pytest.mark.parametrize(
+    "field,mutate,match",
+    [
+        ("col_indices", lambda t: t.fill_(7), "out of range"),
+        ("col_indices", lambda t: t.__setitem__(0, -1), "out of range"),
+        (
+            "col_indices",
+            lambda t: t.__setitem__(slice(0, 2), torch.tensor([1, 0], dtype=torch.int32)),
+            "strictly increasing",
+        ),
+        (
+            "col_indices",
+            lambda t: t.__setitem__(slice(0, 2), torch.tensor([1, 1], dtype=torch.int32)),
+            "strictly increasing",
+        ),
+        ("row_offsets", lambda t: t[:-1], "entries"),
+        ("row_offsets", lambda t: t.__setitem__(-1, 99), "end at nnz_blocks"),
+        ("row_offsets", lambda t: t.__setitem__(1, 9), "non-decreasing"),
+        ("row_offsets", lambda t: t.long(), "int32"),
+    ],
+)
 def test_block_validate_rejects_malformed(field, mutate, match):
     w = make_bsr(64, 64, 16, sparsity=0.5)
     ro, ci = w.row_offsets.clone(), w.col_indices.clone()

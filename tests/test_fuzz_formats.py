@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 import sparse
 from sparse import BalancedSparseWeight, BlockSparseWeight, reference
 from sparse._ext import available
-
 from tests import _reliab as R
 from tests import helpers as H
 

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse  # noqa: F401  (loads the extension and registers fake kernels + autograd)
-from sparse import BlockSparseWeight, reference
-from sparse import _ext
+from sparse import BlockSparseWeight, _ext, reference
 from tests.helpers import assert_close_to_ref, make_balanced, make_bsr, randn
 
 pytestmark = [
@@ -234,7 +233,9 @@ def test_two_four_module_runs_on_sparse_tensor_cores_and_follows_updates():
     from sparse.nn import BalancedSparseLinear
 
     torch.manual_seed(0)
-    m = BalancedSparseLinear.from_linear(torch.nn.Linear(256, 128), bank=4, keep=2, backend="cuda").to(DEV, torch.bfloat16)
+    m = BalancedSparseLinear.from_linear(torch.nn.Linear(256, 128), bank=4, keep=2, backend="cuda").to(
+        DEV, torch.bfloat16
+    )
     x = torch.randn(96, 256, device=DEV, dtype=torch.bfloat16)
 
     def dense_ref():

@@ -79,7 +79,9 @@ def test_opcheck(dtype):
     bv, av = bw.values.detach().requires_grad_(), aw.values.detach().requires_grad_()
     torch.library.opcheck(ops.triton_bsr_linear, (x, bv, bw.row_offsets, bw.col_indices, bw.col_offsets,
                                                   bw.row_indices, bw.block_perm, 320, bias, "silu"))
-    torch.library.opcheck(ops.triton_bsr_linear_grad_input, (g, bw.values, bw.col_offsets, bw.row_indices, bw.block_perm, 200))
+    torch.library.opcheck(
+        ops.triton_bsr_linear_grad_input, (g, bw.values, bw.col_offsets, bw.row_indices, bw.block_perm, 200)
+    )
     torch.library.opcheck(ops.triton_bsr_sddmm, (g, x.detach(), bw.values, bw.row_offsets, bw.col_indices))
     torch.library.opcheck(ops.triton_balanced_linear, (x, av, aw.indices, 64, bias, "gelu_tanh"))
     torch.library.opcheck(ops.triton_balanced_linear_grad_input, (g, aw.values, aw.indices, 64, 200))

@@ -20,7 +20,6 @@ import torch
 
 import sparse
 from sparse._ext import available
-
 from tests import _reliab as R
 from tests import helpers as H
 

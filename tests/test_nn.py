@@ -204,7 +204,14 @@ def test_load_state_dict_rejects_other_configurations_and_corrupt_patterns():
 def test_extra_repr_and_properties():
     m = BlockSparseLinear(96, 64, block=32, sparsity=0.5, activation="gelu")
     r = repr(m)
-    for part in ("in_features=96", "out_features=64", "block=(32, 32)", "sparsity=0.500", "activation=gelu", "backend=cpu"):
+    for part in (
+        "in_features=96",
+        "out_features=64",
+        "block=(32, 32)",
+        "sparsity=0.500",
+        "activation=gelu",
+        "backend=cpu",
+    ):
         assert part in r
     b = BalancedSparseLinear(96, 64, bank=32, keep=8, bias=False)
     assert "bank=32, keep=8" in repr(b) and "sparsity=0.750" in repr(b) and "bias=False" in repr(b)

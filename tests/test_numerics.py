@@ -21,7 +21,6 @@ import torch
 import sparse
 from sparse import reference
 from sparse._ext import available
-
 from tests import _reliab as R
 from tests import helpers as H
 

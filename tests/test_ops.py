@@ -107,7 +107,18 @@ def test_empty_token_batch():
 
 
 def _block_args(w, x, bias=None, act="none"):
-    return (x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, w.shape[0], bias, act)
+    return (
+        x,
+        w.values,
+        w.row_offsets,
+        w.col_indices,
+        w.col_offsets,
+        w.row_indices,
+        w.block_perm,
+        w.shape[0],
+        bias,
+        act,
+    )
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -118,7 +129,9 @@ def test_opcheck_block(with_bias):
     bias = torch.randn(40, requires_grad=True) if with_bias else None
     torch.library.opcheck(ops.bsr_linear, _block_args(w, x, bias, "gelu"))
     g = torch.randn(5, 40)
-    torch.library.opcheck(ops.bsr_linear_grad_input, (g, w.values.detach(), w.col_offsets, w.row_indices, w.block_perm, 48))
+    torch.library.opcheck(
+        ops.bsr_linear_grad_input, (g, w.values.detach(), w.col_offsets, w.row_indices, w.block_perm, 48)
+    )
     torch.library.opcheck(ops.bsr_sddmm, (g, x.detach(), w.values.detach(), w.row_offsets, w.col_indices))
 
 
@@ -206,7 +219,11 @@ def test_autograd_through_linear_matches_dense():
     y = sparse.linear(x, w, bias, "gelu")
     g = torch.randn_like(y)
     y.backward(g)
-    xd, Wd, bd = x.detach().double().requires_grad_(), w.to_dense().detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    xd, Wd, bd = (
+        x.detach().double().requires_grad_(),
+        w.to_dense().detach().double().requires_grad_(),
+        bias.detach().double().requires_grad_(),
+    )
     F.gelu(F.linear(xd, Wd, bd)).backward(g.double())
     torch.testing.assert_close(x.grad, xd.grad.float(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bias.grad, bd.grad.float(), rtol=1e-4, atol=1e-5)
@@ -280,18 +297,23 @@ def test_ops_reject_malformed_metadata_without_crashing():
             args[names.index(k)] = v
         return ops.bsr_linear(*args)
 
-    bad_ci = w.col_indices.clone(); bad_ci[0] = 4
+    bad_ci = w.col_indices.clone()
+
+    bad_ci[0] = 4
     with pytest.raises(RuntimeError, match=r"col_indices\[0\] = 4 is out of range \[0, 4\)"):
         call(col_indices=bad_ci)
-    neg = w.col_indices.clone(); neg[1] = -3
+    neg = w.col_indices.clone()
+    neg[1] = -3
     with pytest.raises(RuntimeError, match="out of range"):
         call(col_indices=neg)
     with pytest.raises(RuntimeError, match="row_offsets must have shape"):
         call(row_offsets=w.row_offsets[:-1])
-    big = w.row_offsets.clone(); big[-1] = 1000
+    big = w.row_offsets.clone()
+    big[-1] = 1000
     with pytest.raises(RuntimeError, match="must equal the number of stored blocks"):
         call(row_offsets=big)
-    dec = w.row_offsets.clone(); dec[1] = dec[2] + 1
+    dec = w.row_offsets.clone()
+    dec[1] = dec[2] + 1
     with pytest.raises(RuntimeError, match="non-decreasing"):
         call(row_offsets=dec)
     with pytest.raises(RuntimeError, match="must be int32"):
@@ -301,15 +323,18 @@ def test_ops_reject_malformed_metadata_without_crashing():
     with pytest.raises(RuntimeError, match="out of range"):  # x too narrow for the pattern's block columns
         call(x=torch.randn(3, 16))
     g = torch.randn(3, 48)
-    bad_perm = w.block_perm.clone(); bad_perm[0] = 10**6
+    bad_perm = w.block_perm.clone()
+    bad_perm[0] = 10**6
     with pytest.raises(RuntimeError, match="block_perm"):
         ops.bsr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, bad_perm, 64)
-    bad_rows = w.row_indices.clone(); bad_rows[-1] = 3
+    bad_rows = w.row_indices.clone()
+    bad_rows[-1] = 3
     with pytest.raises(RuntimeError, match="row_indices"):
         ops.bsr_linear_grad_input(g, w.values, w.col_offsets, bad_rows, w.block_perm, 64)
 
     b = make_balanced(48, 64, 16, 4)
-    idx = b.indices.clone(); idx[5, 3, 1] = 16
+    idx = b.indices.clone()
+    idx[5, 3, 1] = 16
     with pytest.raises(RuntimeError, match=r"indices\[5, 3, 1\] = 16 is out of range \[0, 16\)"):
         ops.balanced_linear(x, b.values, idx, 16)
     with pytest.raises(RuntimeError, match="banks"):

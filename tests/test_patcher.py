@@ -63,7 +63,9 @@ def check_against_masked_dense(dense, sparsified, run):
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("pattern,kw", [("block", dict(sparsity=0.5, block=16)), ("balanced", dict(sparsity=0.75, bank=16))])
+@pytest.mark.parametrize(
+    "pattern,kw", [("block", dict(sparsity=0.5, block=16)), ("balanced", dict(sparsity=0.75, bank=16))]
+)
 def test_tiny_bert_matches_masked_dense(pattern, kw):
     torch.manual_seed(0)
     dense = tiny_bert()
@@ -100,7 +102,9 @@ def test_all_minilm_l6_v2_matches_masked_dense(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     dense = transformers.AutoModel.from_pretrained(gt.get_model_path()).eval()
     model = copy.deepcopy(dense)
-    report = sparse.sparsify(model, "balanced", 0.5, bank=32, skip_if_slower=False, fuse_activations=True, sample_tokens=0)
+    report = sparse.sparsify(
+        model, "balanced", 0.5, bank=32, skip_if_slower=False, fuse_activations=True, sample_tokens=0
+    )
     assert len(report.converted) == 37 and len(report.fusions) == 6  # 6 layers x 6 Linears + pooler
     ids = torch.randint(1000, 20000, (2, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -301,7 +305,9 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "sparse.json"]
     meta = json.loads((tmp_path / "sparse.json").read_text())
     assert meta["tied"] == {"lm_head.weight": "transformer.wte.weight"}
-    assert meta["fused_activations"] == {"transformer.h.0.mlp.act": {"fused_into": "transformer.h.0.mlp.c_fc", "activation": "gelu_tanh"}}
+    assert meta["fused_activations"] == {
+        "transformer.h.0.mlp.act": {"fused_into": "transformer.h.0.mlp.c_fc", "activation": "gelu_tanh"}
+    }
     torch.manual_seed(13)
     for target in (tiny_gpt2(lm_head=True), None, model.config):
         loaded = sparse.load(target, tmp_path).eval()

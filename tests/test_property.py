@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 import sparse
 from sparse import reference
 from sparse._ext import available
-
 from tests import _reliab as R
 from tests import helpers as H
 

@@ -103,7 +103,9 @@ def mlp():
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
-@pytest.mark.parametrize("pattern,method", [("block", "magnitude"), ("balanced", "movement"), ("unstructured", "magnitude")])
+@pytest.mark.parametrize(
+    "pattern,method", [("block", "magnitude"), ("balanced", "movement"), ("unstructured", "magnitude")]
+)
 def test_gradual_pruner_reaches_the_schedule_and_compacts(pattern, method):
     torch.manual_seed(4)
     model = mlp()
@@ -240,10 +242,10 @@ def test_head_importance_and_fraction_pruning(tmp_path):
 
     done = prune.prune_heads(model, 0.5, importance=imp)
     assert sum(len(v) for v in done.values()) == 4 and all(len(v) < 4 for v in done.values())
-    lowest = sorted((imp[l, h].item(), l, h) for l in range(2) for h in range(4))
-    assert all(h in done.get(l, []) for _, l, h in lowest[:2])  # the two least important heads go first
+    lowest = sorted((imp[layer, h].item(), layer, h) for layer in range(2) for h in range(4))
+    assert all(h in done.get(layer, []) for _, layer, h in lowest[:2])  # the two least important heads go first
     after = prune.head_importance(model, batches(1))
-    assert all(torch.isnan(after[l, h]) for l, hs in done.items() for h in hs)
+    assert all(torch.isnan(after[layer, h]) for layer, hs in done.items() for h in hs)
     with pytest.raises(ValueError, match="needs importance="):
         prune.prune_heads(model, 0.5)
 

@@ -95,7 +95,11 @@ def test_dtype_support_follows_the_cpu_features():
     assert sup["bfloat16"]["native"] == bool(feats["avx512bf16"])
     assert runtime.native_dtype(torch.float32) and not runtime.native_dtype(torch.int8)
     line = runtime.cpu_summary()
-    assert line.startswith("cpu: ") and f"code path {sparse._ext._C.get_isa()}" in line and "native dtypes: float32" in line
+    assert (
+        line.startswith("cpu: ")
+        and f"code path {sparse._ext._C.get_isa()}" in line
+        and "native dtypes: float32" in line
+    )
 
 
 @pytest.mark.slow  # two fresh interpreters

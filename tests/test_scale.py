@@ -24,7 +24,6 @@ import torch
 import sparse
 from sparse import BalancedSparseWeight, BlockSparseWeight, reference
 from sparse._ext import available
-
 from tests import _reliab as R
 from tests import helpers as H
 

@@ -137,7 +137,11 @@ def test_bsr_empty_rows_columns_and_weight():
     W = torch.randn(64, 48)
     for mask in (keep, torch.zeros(4, 3, dtype=torch.bool)):
         w = BlockSparseWeight.from_dense(W, 16, mask=mask).to(DEVICE)
-        x, g, bias = _randn(5, 48, dtype=torch.float32), _randn(5, 64, dtype=torch.float32), _randn(64, dtype=torch.float32)
+        x, g, bias = (
+            _randn(5, 48, dtype=torch.float32),
+            _randn(5, 64, dtype=torch.float32),
+            _randn(64, dtype=torch.float32),
+        )
         y = bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, 64, bias, "relu")
         assert_close_to_ref(y, reference.linear(x, w, bias, "relu"), _dense_linear(x, w, bias, "relu"),
                             floor=KERNEL_FLOOR)
@@ -273,7 +277,9 @@ def test_triton_bsr_op_autograd(act):
     x = _randn(7, 72, dtype=torch.float32).requires_grad_()
     bias = _randn(40, dtype=torch.float32, seed=2).requires_grad_()
     values = w.values.detach().requires_grad_()
-    y = ops.triton_bsr_linear(x, values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, 40, bias, act)
+    y = ops.triton_bsr_linear(
+        x, values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm, 40, bias, act
+    )
     grad = _randn(7, 40, dtype=torch.float32, seed=4)
     y.backward(grad)
     gx, gW, gb = _autograd_reference(x, w.to_dense(), bias, act, grad)

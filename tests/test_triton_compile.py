@@ -74,8 +74,12 @@ def _capture_launches(arch: int) -> List[dict]:
                 ("bsr", "fwd"): lambda c: bsr.bsr_linear(x, values, ro, ci, N, bias, "gelu", config=c),
                 ("bsr", "grad_input"): lambda c: bsr.bsr_linear_grad_input(g, values, co, ri, bp, K, config=c),
                 ("bsr", "sddmm"): lambda c: bsr.bsr_sddmm(g, x, values, ro, ci, config=c),
-                ("balanced", "fwd"): lambda c: balanced.balanced_linear(x, bvalues, bindices, BANK, bias, "gelu", config=c),
-                ("balanced", "grad_input"): lambda c: balanced.balanced_linear_grad_input(g, bvalues, bindices, BANK, K, config=c),
+                ("balanced", "fwd"): lambda c: balanced.balanced_linear(
+                    x, bvalues, bindices, BANK, bias, "gelu", config=c
+                ),
+                ("balanced", "grad_input"): lambda c: balanced.balanced_linear_grad_input(
+                    g, bvalues, bindices, BANK, K, config=c
+                ),
                 ("balanced", "sddmm"): lambda c: balanced.balanced_sddmm(g, x, bindices, BANK, config=c),
             }
             for (family, op), call in calls.items():
@@ -90,7 +94,14 @@ def _capture_launches(arch: int) -> List[dict]:
     return launches
 
 
-_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32", "uint8": "u8", "int16": "i16"}
+_TRITON_TYPES = {
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "float32": "fp32",
+    "int32": "i32",
+    "uint8": "u8",
+    "int16": "i16",
+}
 
 
 def _source(launch: dict):
@@ -182,10 +193,18 @@ def test_every_kernel_and_config_compiles_within_limits(arch: int, compiled_rows
 
     from sparse.kernels import balanced, bsr
 
-    expected = sum(len(m.CONFIGS[op][(arch, _bits(d))]) for m in (bsr, balanced) for op in ("fwd", "grad_input", "sddmm") for d in DTYPES)
+    expected = sum(
+        len(m.CONFIGS[op][(arch, _bits(d))])
+        for m in (bsr, balanced)
+        for op in ("fwd", "grad_input", "sddmm")
+        for d in DTYPES
+    )
     assert len(rows) == expected
     print(f"\nsm_{arch}: T={T}, {N}x{K}, block {BLOCK}, bank {BANK} keep {KEEP}; shared limit {SMEM_LIMIT[arch]} B")
-    print(f"{'kernel':<20}{'cfg':>4} {'dtype':<13}{'tile':<28}{'warps':>6}{'stages':>7}{'regs':>6}{'spill B':>8}{'shared B':>10}")
+    print(
+        f"{'kernel':<20}{'cfg':>4} {'dtype':<13}{'tile':<28}"
+        f"{'warps':>6}{'stages':>7}{'regs':>6}{'spill B':>8}{'shared B':>10}"
+    )
     for r in rows:
         tile = ",".join(f"{k}={v}" for k, v in r["tile"].items())
         print(f"{r['kernel']:<20}{r['config']:>4} {r['dtype']:<13}{tile:<28}{r['num_warps']:>6}{r['num_stages']:>7}"

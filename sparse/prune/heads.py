@@ -58,7 +58,10 @@ def head_importance(
     """
     blocks = _require_blocks(model)
     n_orig = [b.self.num_attention_heads + len(getattr(b.self, "pruned_heads", ())) for _, b in blocks]
-    gates = [torch.ones(b.self.num_attention_heads, requires_grad=True, device=next(b.output.dense.parameters()).device) for _, b in blocks]
+    gates = [
+        torch.ones(b.self.num_attention_heads, requires_grad=True, device=next(b.output.dense.parameters()).device)
+        for _, b in blocks
+    ]
     totals = [torch.zeros(g.shape[0]) for g in gates]
 
     def hook_for(gate: torch.Tensor, d: int):
@@ -67,19 +70,28 @@ def head_importance(
             return (x * gate.to(x.dtype).repeat_interleave(d),) + tuple(args[1:])
         return hook
 
-    handles = [b.output.dense.register_forward_pre_hook(hook_for(g, b.self.attention_head_size)) for (_, b), g in zip(blocks, gates)]
+    handles = [
+        b.output.dense.register_forward_pre_hook(hook_for(g, b.self.attention_head_size))
+        for (_, b), g in zip(blocks, gates)
+    ]
     was_training = model.training
     model.eval()
     try:
         n_batches = 0
         for batch in batches:
-            out = model(**batch) if isinstance(batch, Mapping) else model(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+            out = (
+                model(**batch)
+                if isinstance(batch, Mapping)
+                else model(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+            )
             if loss_fn is not None:
                 loss = loss_fn(out, batch)
             else:
                 loss = getattr(out, "loss", None)
                 if loss is None:
-                    raise ValueError("the model returned no .loss: give batches with labels, or loss_fn=(outputs, batch) -> loss")
+                    raise ValueError(
+                        "the model returned no .loss: give batches with labels, or loss_fn=(outputs, batch) -> loss"
+                    )
             grads = torch.autograd.grad(loss, gates, allow_unused=True)
             for t, g in zip(totals, grads):
                 if g is not None:
@@ -144,15 +156,15 @@ def prune_heads(
             raise ValueError(f"importance must be [n_layers={len(blocks)}, n_heads], got {tuple(importance.shape)}")
         alive = ~torch.isnan(importance)
         n_prune = int(round(heads * int(alive.sum())))
-        order = sorted(((float(importance[l, h]), l, h) for l, h in alive.nonzero().tolist()))
+        order = sorted(((float(importance[layer, h]), layer, h) for layer, h in alive.nonzero().tolist()))
         left = alive.sum(1).tolist()
         plan: Dict[int, List[int]] = {}
-        for _, l, h in order:
+        for _, layer, h in order:
             if n_prune == 0:
                 break
-            if left[l] > 1:
-                plan.setdefault(l, []).append(h)
-                left[l] -= 1
+            if left[layer] > 1:
+                plan.setdefault(layer, []).append(h)
+                left[layer] -= 1
                 n_prune -= 1
         heads = plan
     if not isinstance(heads, Mapping):
@@ -166,7 +178,10 @@ def prune_heads(
         s, o = block.self, block.output
         for lin in (s.query, s.key, s.value, o.dense):
             if not isinstance(lin, nn.Linear):
-                raise TypeError(f"{name}: head pruning needs dense nn.Linear projections, found {type(lin).__name__}; prune heads before sparsify")
+                raise TypeError(
+                    f"{name}: head pruning needs dense nn.Linear projections, found {type(lin).__name__}; prune "
+                    "heads before sparsify"
+                )
         pruned = set(getattr(s, "pruned_heads", set()))
         n_orig = s.num_attention_heads + len(pruned)
         bad = [h for h in hs if not 0 <= int(h) < n_orig]

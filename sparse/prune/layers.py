@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 from ..nn import dense_weight_of
-from ..walk import (Filter, filter_reason, linear_layers, name_filter, parameter_names, tied_elsewhere,
-                    weight_read_directly)
+from ..walk import (
+    Filter,
+    filter_reason,
+    linear_layers,
+    name_filter,
+    parameter_names,
+    tied_elsewhere,
+    weight_read_directly,
+)
 
 __all__ = ["prunable_layers"]
 

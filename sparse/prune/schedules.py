@@ -79,7 +79,10 @@ class GradualPruner:
         if method not in ("magnitude", "movement"):
             raise ValueError(f"method must be 'magnitude' or 'movement', got {method!r}")
         if scope not in ("layer", "global") or (scope == "global" and pattern != "unstructured"):
-            raise ValueError(f"scope must be 'layer', or 'global' with pattern='unstructured'; got scope={scope!r}, pattern={pattern!r}")
+            raise ValueError(
+                f"scope must be 'layer', or 'global' with pattern='unstructured'; got scope={scope!r}, "
+                f"pattern={pattern!r}"
+            )
         if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
             raise ValueError(f"frequency must be an int >= 1, got {frequency!r}")
         cubic_sparsity(start_step, initial_sparsity, final_sparsity, start_step, end_step)  # validates
@@ -87,7 +90,14 @@ class GradualPruner:
             raise ValueError(f"final_sparsity={final_sparsity} keeps nothing of a bank of {bank}")
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
-        self.pattern, self.block, self.norm, self.bank, self.method, self.scope = pattern, block, norm, bank, method, scope
+        self.pattern, self.block, self.norm, self.bank, self.method, self.scope = (
+            pattern,
+            block,
+            norm,
+            bank,
+            method,
+            scope,
+        )
 
         # A layer the final pattern does not fit stays dense.
         self.layers, self.skipped = prunable_layers(
@@ -95,11 +105,14 @@ class GradualPruner:
         if not self.layers:
             raise ValueError(f"no layer to prune: {self.skipped or 'the filters select no Linear layer'}")
         self.masks: Dict[str, torch.Tensor] = {
-            n: torch.ones(dense_weight_of(m).shape, dtype=torch.bool, device=m.weight.device) for n, m in self.layers.items()
+            n: torch.ones(dense_weight_of(m).shape, dtype=torch.bool, device=m.weight.device)
+            for n, m in self.layers.items()
         }
         self.scores: Dict[str, torch.Tensor] = {}
         if method == "movement":
-            self.scores = {n: torch.zeros(dense_weight_of(m).shape, device=m.weight.device) for n, m in self.layers.items()}
+            self.scores = {
+                n: torch.zeros(dense_weight_of(m).shape, device=m.weight.device) for n, m in self.layers.items()
+            }
         self.step_count = 0
         self.sparsity = 0.0
         if self.initial_sparsity > 0 and self.start_step <= 0:
@@ -118,13 +131,17 @@ class GradualPruner:
 
     def update_masks(self) -> None:
         """Recomputes every mask at the schedule's current sparsity and applies it."""
-        self.sparsity = cubic_sparsity(self.step_count, self.initial_sparsity, self.final_sparsity, self.start_step, self.end_step)
+        self.sparsity = cubic_sparsity(
+            self.step_count, self.initial_sparsity, self.final_sparsity, self.start_step, self.end_step
+        )
         weights = {n: dense_weight_of(m) for n, m in self.layers.items()}
         scores = self.scores if self.method == "movement" else None
         if self.scope == "global":
             self.masks = global_magnitude_masks(weights, self.sparsity, scores)
         else:
-            self.masks = {n: self._mask_for(W, None if scores is None else scores[n], self.sparsity) for n, W in weights.items()}
+            self.masks = {
+                n: self._mask_for(W, None if scores is None else scores[n], self.sparsity) for n, W in weights.items()
+            }
         self.apply_masks()
 
     @torch.no_grad()
@@ -141,7 +158,10 @@ class GradualPruner:
                 if g is not None:
                     self.scores[n] += movement_scores(dense_weight_of(m), g.t() if _is_conv1d(m) else g)
         self.step_count += 1
-        due = self.start_step <= self.step_count <= self.end_step and (self.step_count - self.start_step) % self.frequency == 0
+        due = (
+            self.start_step <= self.step_count <= self.end_step
+            and (self.step_count - self.start_step) % self.frequency == 0
+        )
         if due or (self.step_count == self.end_step):
             self.update_masks()
         else:
@@ -152,7 +172,9 @@ class GradualPruner:
         exactly the current masks. Keyword arguments go to ``sparse.sparsify`` (e.g. ``skip_if_slower``,
         ``fuse_activations``). Returns its SparsifyReport."""
         if self.pattern == "unstructured":
-            raise ValueError("unstructured masks have no sparse module; prune with pattern='block' or 'balanced' to compact")
+            raise ValueError(
+                "unstructured masks have no sparse module; prune with pattern='block' or 'balanced' to compact"
+            )
         for n, m in self.layers.items():
             try:
                 found = model.get_submodule(n)
