@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import prune
+from . import prune, walk
 
 __all__ = ["prunable_linears", "compute_masks", "apply_masks", "reconstruct", "distill"]
 
@@ -26,7 +26,11 @@ __all__ = ["prunable_linears", "compute_masks", "apply_masks", "reconstruct", "d
 def prunable_linears(model: nn.Module, prefix: str = "encoder.") -> Dict[str, nn.Linear]:
     """The ``nn.Linear`` layers whose dotted name starts with ``prefix`` (for BERT-style models: every
     attention and feed-forward Linear, but not the pooler), by name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(prefix)}
+    return {
+        name: m
+        for name, m in walk.linear_layers(model, dense_only=True)
+        if isinstance(m, nn.Linear) and name.startswith(prefix)
+    }
 
 
 def compute_masks(layers: Dict[str, nn.Linear], pattern: str, *, sparsity: float, block: int = 32, bank: int = 32,

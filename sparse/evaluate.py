@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import timing
+from . import timing, walk
 
 __all__ = [
     "mean_pool",
@@ -147,17 +147,21 @@ def prepack_linears(model: nn.Module) -> int:
     """Replaces every ``nn.Linear`` of ``model`` (in place) by a :class:`PrepackedLinear`; in BERT-style
     intermediate blocks (``dense`` then ``intermediate_act_fn`` GELU) the GELU is fused into oneDNN's output
     stage, as the sparse patcher fuses it into the sparse kernel. Returns the number of layers replaced."""
-    n = 0
-    for parent in list(model.modules()):
-        for key, child in list(parent._modules.items()):
-            if type(child) is nn.Linear:
-                act = getattr(parent, "intermediate_act_fn", None)
-                fuse = key == "dense" and act is not None and _gelu_module(act)
-                parent._modules[key] = PrepackedLinear(child, "gelu" if fuse else "none")
-                if fuse:
-                    parent.intermediate_act_fn = nn.Identity()
-                n += 1
-    return n
+    replacements, fused = {}, []
+    for name, child in walk.linear_layers(model):
+        if type(child) is not nn.Linear:
+            continue
+        parent_name, _, key = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        act = getattr(parent, "intermediate_act_fn", None)
+        fuse = key == "dense" and act is not None and _gelu_module(act)
+        replacements[id(child)] = PrepackedLinear(child, "gelu" if fuse else "none")
+        if fuse:
+            fused.append(parent)
+    walk.replace_modules(model, replacements)
+    for parent in fused:
+        parent.intermediate_act_fn = nn.Identity()
+    return len(replacements)
 
 
 def time_forward(
