@@ -1,8 +1,9 @@
 // Autograd of the two forward ops (bsr_linear, balanced_linear) on every device whose kernels share these op
 // names (CPU, and CUDA when built). It lives in C++ rather than in torch.library.register_autograd because a
 // Python autograd kernel runs on every call made with grad mode on (the default in a user's nn.Module), even
-// when nothing requires a gradient: that measured ~4 us per call here, as much as a whole 90%-sparse layer at
-// 16 tokens. This kernel costs a flag check when no input needs a gradient.
+// when nothing requires a gradient, and that per-call overhead is comparable to the whole work of a small sparse
+// layer (numbers: docs/measurements.md, "Autograd of the forward ops in C++"). This kernel costs a flag check when
+// no input needs a gradient.
 //
 // The backward is the same as the Triton ops' (sparse/triton_backend.py): the pre-activation is recomputed rather
 // than kept alive, the activation's backward is the act_backward op (its formula in sparse/activations.py), then

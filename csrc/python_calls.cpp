@@ -1,10 +1,10 @@
 // Direct Python entry points to the forward ops, for the eager call path of sparse.linear.
 //
-// `torch.ops.sparsekern.bsr_linear(...)` costs about 2.2 us before any work (measured with an empty weight, one
-// thread): perf puts ~85% of that in Python and in torch's generic op call (schema-driven parsing of every
-// argument into an IValue stack, __torch_function__ checks, the boxed call). These functions parse the fixed
-// argument list directly and make the typed dispatcher call, so everything below the dispatcher is the same:
-// autograd (csrc/autograd.cpp), functorch, dispatch modes, the profiler.
+// Before doing any work, `torch.ops.sparsekern.bsr_linear(...)` spends most of a small call's time in Python and
+// in torch's generic op call (schema-driven parsing of every argument into an IValue stack, __torch_function__
+// checks, the boxed call; numbers: docs/measurements.md, "The ops' direct entry points"). These functions parse
+// the fixed argument list directly and make the typed dispatcher call, so everything below the dispatcher is the
+// same: autograd (csrc/autograd.cpp), functorch, dispatch modes, the profiler.
 //
 // What they do not do is Python-level __torch_function__ handling: when any argument is not exactly a
 // torch.Tensor, or a TorchFunctionMode is active, they return None without calling anything, and the caller

@@ -232,7 +232,8 @@ _OPS: Dict[tuple, object] = {}
 
 def _op(backend: str, name: str):
     """The op ``name`` (e.g. "bsr_linear") of ``backend``, as its OpOverload (looked up once: the attribute walk
-    and the overload resolution of the packet cost about a microsecond per call)."""
+    and the overload resolution of the packet are a noticeable part of a small call; numbers: docs/measurements.md,
+    "The ops' direct entry points")."""
     key = (backend, name)
     op = _OPS.get(key)
     if op is None:
@@ -240,9 +241,9 @@ def _op(backend: str, name: str):
     return op
 
 
-# The C++ entry points that call the CPU forward ops without torch.ops' generic argument handling (about 1.3 us
-# of the 2.8 us an empty call costs; csrc/python_calls.cpp). They return None when a __torch_function__
-# override is in play, and torch.compile traces torch.ops instead.
+# The C++ entry points that call the CPU forward ops without torch.ops' generic argument handling, a large part of
+# what an empty call costs (csrc/python_calls.cpp; numbers: docs/measurements.md, "The ops' direct entry points").
+# They return None when a __torch_function__ override is in play, and torch.compile traces torch.ops instead.
 _DIRECT: Dict[str, object] = {}
 if _ext.available() and hasattr(_ext._C, "register_plain_tensor_type"):
     _ext._C.register_plain_tensor_type(torch.nn.Parameter)

@@ -1,7 +1,7 @@
 // Vectorised activations (8 x fp32, AVX2 + FMA): the twin of act_avx512.h (same formulas, constants and special
 // values; see there for the derivation and accuracy). AVX2 has no scalef, so exp builds 2^n from its exponent bits.
-// Its rcp is coarser than rcp14 (12 bits before the Newton step): measured as in act_avx512.h, GELU 1.2e-7 / 1.2e-6
-// absolute on |x| <= 1 / elsewhere, and SiLU and tanh-GELU up to 2 ulp where x sigmoid(s) ~ x (large x).
+// Its rcp is coarser than rcp14 (12 bits before the Newton step), which shows in the accuracy of SiLU and tanh-GELU
+// where x sigmoid(s) ~ x (large x) (numbers: docs/measurements.md, "Accuracy of the vectorised activations").
 //
 // Include only from translation units compiled with an AVX2 target pragma. No torch or STL headers, and everything
 // has internal linkage (static inline).
@@ -16,7 +16,8 @@
 namespace sparsekern::cpu {
 
 // Forced inlining: GCC otherwise keeps these as calls (they are long), which loads every constant again per vector
-// and keeps a tile's independent evaluations from sharing hoisted constants (fused GELU measured ~2x its cost).
+// and keeps a tile's independent evaluations from sharing hoisted constants, which made a fused GELU much slower
+// (numbers: docs/measurements.md, "Forced inlining and the subnormal flush of the vectorised activations").
 #ifndef SK_ACT_INLINE
 #define SK_ACT_INLINE static inline __attribute__((always_inline))
 #endif

@@ -5,11 +5,10 @@
 // everything has internal linkage (static inline): an AVX-512 body must never be picked by the linker for another
 // translation unit's call.
 //
-// Accuracy (fp32 against float64 erfc / tanh / exp, 3e7 points over [-200, 200] incl. a 1e-5 grid on [-40, 40],
-// 2026-11-29): absolute error on |x| <= 1 / elsewhere: GELU 1.0e-7 / 1.1e-6, tanh-GELU 1.6e-7 / 5.3e-7, SiLU
-// 1.4e-7 / 1.5e-6. In ulp of the result: GELU <= 4.6 for |x| <= 1 and <= 3.5 for x >= 1, but absolute in its
-// negative tail (~1e3 ulp at x = -3), as torch's own float32 GELU is (1 + erf cancels there); tanh-GELU <= 3.4 /
-// 14 ulp and SiLU <= 3.3 / 3.9 ulp for x >= -3 (on |x| <= 1 / beyond).
+// Accuracy: GELU, tanh-GELU and SiLU stay within a small number of ulp of the float64 result, except in GELU's
+// negative tail, where its error is absolute rather than relative, as torch's own float32 GELU's is (1 + erf
+// cancels there); tests/test_activations_vec.py holds every ISA to the suite's rule (numbers: docs/measurements.md,
+// "Accuracy of the vectorised activations").
 // Special values follow torch.nn.functional in float64 (the formula as written): gelu(+inf) = inf,
 // gelu(-inf) = nan (-inf * 0), gelu_tanh likewise, silu(+inf) = inf, silu(-inf) = nan, relu keeps NaN, NaN stays NaN.
 // Far tails: gelu(x) = x exactly for x >~ 5.51 and -0 for x <~ -5.51; SiLU and tanh-GELU give -0 once their
@@ -25,16 +24,18 @@
 namespace sparsekern::cpu {
 
 // Forced inlining: GCC otherwise keeps these as calls (they are long), which loads every constant again per vector
-// and keeps a tile's independent evaluations from sharing hoisted constants (fused GELU measured ~2x its cost).
+// and keeps a tile's independent evaluations from sharing hoisted constants, which made a fused GELU much slower
+// (numbers: docs/measurements.md, "Forced inlining and the subnormal flush of the vectorised activations").
 #ifndef SK_ACT_INLINE
 #define SK_ACT_INLINE static inline __attribute__((always_inline))
 #endif
 
 // e^a for a <= 0, ~1 ulp (Cephes expf: Cody-Waite reduction by ln 2, degree-5 polynomial), flushed to +0 below
 // a = -87 (e^-87 ~ 1.6e-38 is still a normal float). The flush keeps subnormals out of the arithmetic: the AVX-512
-// units take a slow path on them (a fused tanh-GELU measured ~1.7x slower on pre-activations of std 9, where a few
-// percent of the lanes land there). Lanes below -87, -inf and NaN compute garbage that the zero-masked scalef
-// drops, so a needs no clamp; NaN gives 0 (the callers carry NaN through x).
+// units take a slow path on them, which slowed a fused tanh-GELU markedly on widely spread pre-activations, where
+// some lanes land there (numbers: docs/measurements.md, "Forced inlining and the subnormal flush of the vectorised
+// activations"). Lanes below -87, -inf and NaN compute garbage that the zero-masked scalef drops, so a needs no
+// clamp; NaN gives 0 (the callers carry NaN through x).
 SK_ACT_INLINE __m512 exp_nonpos_avx512(__m512 a) {
   const __mmask16 keep = _mm512_cmp_ps_mask(a, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),

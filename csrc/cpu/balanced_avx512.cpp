@@ -159,8 +159,9 @@ inline __m512 load4(const uint16_t* p) {
   return _mm512_broadcast_f32x4(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
 }
 
-// Token vectors per tile up to which fwd_rows takes weights 4 per load (the loads per FMA dominate). Zen 5, 1 thread,
-// inner loop alone: NV = 1 4.0 vs 3.2 FMA/ns, NV = 2 4.7 vs 4.2, NV = 4 4.5 vs 4.9.
+// Token vectors per tile up to which fwd_rows takes weights 4 per load (the loads per FMA dominate): faster at 1 and
+// 2 token vectors, slower at 4, where each weight feeds enough FMAs (numbers: docs/measurements.md, "Balanced
+// AVX-512 forward: inner-loop choices").
 constexpr int kQuadMaxNV = 2;
 
 // Byte offsets into the packed chunk of n kept entries of one row: colb[j] + idx[j] * TT * 4, where colb[j] is the
@@ -202,7 +203,8 @@ inline uint64_t load_idx4(const int16_t* p) {
 // entries share a bank (keep % 4 == 0).
 // Without quads, off holds this call's offsets (off[r * n + j], computed by the previous call) and the call computes
 // those of the next nr_next rows (idx_next) into off_next: written one call ahead, the offsets are read back from L1
-// instead of waiting on their own stores (768x768, 128 tokens, keep 4 / 8 / 16: 9 / 9 / 6% faster).
+// instead of waiting on their own stores, which measured faster at keep 4, 8 and 16 (numbers: docs/measurements.md,
+// "Balanced AVX-512 forward: inner-loop choices").
 // Element q of every 128-bit lane of w4, broadcast in its lane. vpermilps takes the selector as an immediate: the
 // caller's q loop is unrolled at -O3, so q * 0x55 is a constant there. The sanitizer build (-O1) does not unroll
 // it, so there a switch turns the variable back into constants (a function in the -O3 build would change GCC's
@@ -234,8 +236,9 @@ void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, 
   const I* ir = idx + e0;
   if (quads) {
     // With 1-2 FMAs per kept entry the per-entry loads cost as much as the x loads: the offsets are computed in
-    // integer registers from one load of 4 indices (an offset array written and read back cost 15-25% at 16
-    // tokens), and the weights come 4 per load, one in-lane shuffle each.
+    // integer registers from one load of 4 indices (an offset array written and read back was slower at 16
+    // tokens), and the weights come 4 per load, one in-lane shuffle each (numbers: docs/measurements.md, "Balanced
+    // AVX-512 forward: inner-loop choices").
     constexpr int kBits = 8 * sizeof(I);
     constexpr uint64_t kMask = (uint64_t(1) << kBits) - 1;
     for (int64_t j = 0; j < n; j += 4) {
@@ -252,8 +255,8 @@ void fwd_rows(const W* w, const I* idx, int64_t row_len, int64_t e0, int64_t n, 
       }
     }
   } else {
-    // More FMAs per entry: the precomputed offsets measured faster than computing them inline (T = 128: 25%), and
-    // read 2 per load (3-5%).
+    // More FMAs per entry: the precomputed offsets measured faster than computing them inline, and reading them 2
+    // per load faster again (numbers: docs/measurements.md, "Balanced AVX-512 forward: inner-loop choices").
     for (int64_t r = 0; r < nr_next; ++r) entry_offsets<TT>(idx_next + r * row_len + e0, colb, n, off_next + r * n);
     int64_t j = 0;
     for (; j + 2 <= n; j += 2) {
@@ -294,8 +297,8 @@ void fwd_tile(const BalShape& s, const W* x, int64_t ldx, int64_t tb, const W* w
     const int64_t c1 = b1 * s.bank < s.in ? b1 * s.bank : s.in;
     pack_transposed<NV>(x + c0, ldx, tb, c1 - c0, xt);
     const int64_t e0 = b0 * s.keep, n = (b1 - b0) * s.keep;
-    // Up to 16 accumulators (R * NV) hide the FMA latency without spilling. NV = 1 (T = 16, 2026-11-29): 6 rows
-    // 4-8% faster than 4, 8 rows 10-20% slower; NV = 2: 4 rows beat 6 and 8 by 15%.
+    // Up to 16 accumulators (R * NV) hide the FMA latency without spilling; 6 rows at one token vector and 4 at two
+    // were the fastest measured (numbers: docs/measurements.md, "Balanced AVX-512 forward: inner-loop choices").
     constexpr int R = NV > 4 ? 2 : NV == 1 ? 6 : 4;
     const bool rows_quads = quads && NV <= kQuadMaxNV;
     // Groups of R rows, then single rows; off[0] holds the offsets of the current group, off[1] the next one's.
@@ -470,9 +473,9 @@ bool fwd_bank32(const BalShape& s, const W* x, int64_t ldx, const W* w, const I*
       for (int t = 0; t < T; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
       int64_t j = 0;
       for (; j + 2 * L <= n_full; j += 2 * L) {
-        // 2048 entries (8 KiB of fp32 weights) ahead. Cold weights, BERT-base shapes, 1-2 threads (2026-11-29):
-        // keep 4 10-25% faster than the hardware prefetchers alone, keep 8 / 16 within noise; 512-1024 B ahead
-        // was slower than none.
+        // 2048 entries (8 KiB of fp32 weights) ahead: with cold weights this beats the hardware prefetchers alone
+        // at keep 4 and makes no measurable difference at keep 8 / 16, whereas a short distance was slower than
+        // none (numbers: docs/measurements.md, "Balanced decode, bank 32").
         _mm_prefetch(reinterpret_cast<const char*>(wr + j + kDecodePrefetch), _MM_HINT_T0);
         if (sizeof(W) == 4) _mm_prefetch(reinterpret_cast<const char*>(wr + j + kDecodePrefetch + L), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(ir + j + kDecodePrefetch), _MM_HINT_T0);
@@ -541,7 +544,8 @@ bool fwd(const BalShape& s, const W* x, int64_t ldx, int64_t T, const W* w, cons
   int32_t* colb = reinterpret_cast<int32_t*>(align64(ybuf + (o1 - o0 + 16) * kMaxTokTile));
   int32_t* off = colb + bal_chunk_entries(s) + 16;
   // 4 kept entries per bank: 2-vector tiles, whose chunks span 4x the banks and take the 4-index loads, beat
-  // 8-vector tiles by 5-20% (1 thread, BERT-base shapes, T = 64-512, 2026-11-29); at keep 8 and 16 they lose 3-10%.
+  // 8-vector tiles; at keep 8 and 16 they lose (numbers: docs/measurements.md, "Balanced AVX-512 forward:
+  // inner-loop choices").
   const int64_t tile = s.keep == 4 ? 2 * L : 8 * L;
   for (int64_t t0 = 0; t0 < T; t0 += tile) {
     const int64_t tb = T - t0 < tile ? T - t0 : tile;

@@ -16,23 +16,22 @@
 //    offsets of the next row group are computed while the current one runs; with 1-2 token vectors (T <= 32)
 //    and keep % 4 == 0 the offsets come from one load of 4 indices and the weights from one load of 4 instead.
 //  - Partial sums per chunk go to a per-thread buffer [rows, tile]; after the last chunk they are transposed into
-//    Y in registers, adding bias and the activation. The chunked walk over W is strided, but Zen 5's hardware
-//    prefetchers follow it: software prefetches of the next rows' slices made 19 of 20 BERT-base cases measured
-//    3-12% slower (1 thread, 2026-11-29; 3072x768 at T = 512, keep 16 gained up to 8%).
+//    Y in registers, adding bias and the activation. The chunked walk over W is strided, but the hardware
+//    prefetchers follow it, and software prefetches of the next rows' slices made almost every BERT-base case
+//    slower, so there are none (numbers: docs/measurements.md, "Balanced forward: no software prefetch of W").
 //  - Vectorising over 16 output rows instead (weights and in-bank indices transposed per call into [entry][16 rows]
 //    vectors, one vpermt2ps per token picking the rows' x values from the bank's 32 columns, X and Y row-major, no
-//    transposes) was built and measured slower (Zen 5, 1 thread, bank 32, 768x768, 2026-11-29: T = 16 / 128 / 512
-//    at keep 16 0.134 / 0.71 / 2.96 ms against 0.114 / 0.51 / 2.09 ms here): a 512-bit vpermt2ps and the FMA it
-//    feeds sustain only ~1 FMA per cycle together (microbenchmark, 8-16 independent accumulators), below this
-//    plan's inner loop (1.4 per cycle alone, bound by loads).
+//    transposes) was built and measured slower: a 512-bit vpermt2ps and the FMA it feeds sustain fewer FMAs per
+//    cycle together than this plan's inner loop does alone, bound by loads (numbers: docs/measurements.md,
+//    "Balanced forward: tokens vectorised, not output rows").
 //  - T below kGatherMaxTokens (decode) picks x per kept entry instead (permutes of 32-column windows on AVX-512,
 //    gathers on AVX2): the weight stream, not the FMAs, is the bound there. On AVX-512, bank 32 with keep 16 / 8 / 4
 //    has its own path: each 16 kept entries are 1 / 2 / 4 whole banks, so the in-bank indices are the permute
 //    indices (no column arithmetic, ~1 shuffle per bank per 16 entries), 16 rows are reduced into one vector of
 //    outputs, the weights are prefetched 8 KiB ahead, and the indices are range-checked as they are read instead of
-//    in a separate pass. Cold weights, 2 threads, T = 1 (2026-11-29): 50-65 GB/s of sparse weight bytes on the
-//    larger BERT-base shapes, the same as oneDNN's dense stream; what remains is the ~5 us fixed cost of a call
-//    (dispatch + a 2-thread fork/join), which is 20-40% of a keep-4 call.
+//    in a separate pass. With cold weights this path streams the sparse weight bytes as fast as oneDNN streams a
+//    dense weight; what remains is the fixed cost of a call (dispatch + a 2-thread fork/join), a large share of a
+//    keep-4 call (numbers: docs/measurements.md, "Balanced decode, bank 32").
 #pragma once
 
 #include <cstdint>
@@ -45,14 +44,14 @@ struct BalShape {
   bool idx16;  // indices are int16 (else uint8)
 };
 
-// Most tokens per tile of any ISA (8 zmm of fp32). Zen 5, 1 thread, 768x768 T=128 (2026-11-29): 8 zmm per
-// broadcast beat 4 zmm by ~10% at keep 16 of 32; 3 rows x 8 zmm (24 accumulators) was slower than 2 x 8.
+// Most tokens per tile of any ISA (8 zmm of fp32): 8 zmm per broadcast beat 4, and 3 rows x 8 zmm (24
+// accumulators) was slower than 2 x 8 (numbers: docs/measurements.md, "Balanced forward: tile and chunk sizes").
 constexpr int64_t kMaxTokTile = 128;
-// Floats of the packed X^T chunk kept in L1 (32 KiB of Zen 5's 48 KiB L1d). Same measurement: 16 KiB chunks
-// lost 10-20% (more partial-sum traffic), 64 KiB chunks lost 30% at keep 16 (L1 misses).
+// Floats of the packed X^T chunk kept in L1 (32 KiB, most of a 48 KiB L1d): smaller chunks cost more partial-sum
+// traffic, larger ones L1 misses (numbers: the same section).
 constexpr int64_t kChunkFloats = 8192;
-// Below this many tokens the forward picks x per kept entry instead of packing a token tile (3072x768, keep 16
-// of 32: T = 3 costs 0.35 ms that way, a 4-token tile 0.55 ms, dense 0.13 ms).
+// Below this many tokens the forward picks x per kept entry instead of packing a token tile, which is cheaper
+// there than a mostly empty tile (numbers: the same section).
 constexpr int64_t kGatherMaxTokens = 4;
 
 // Banks per packed chunk for a token tile of `tile` tokens: the chunk fits kChunkFloats, at least one bank.
@@ -93,7 +92,8 @@ static inline int64_t bal_sddmm_scratch_floats(const BalShape& s, int64_t rows) 
 
 // Whether the AVX-512 forward takes the bank-32 decode path for these tokens, which checks every in-bank index as it
 // reads it (its permutes use only an index's low 5 bits, so a bad one cannot read outside x) and reports a bad one
-// instead of the caller checking beforehand: a separate pass over every index cost 20-30% of a cold decode call.
+// instead of the caller checking beforehand: a separate pass over every index was a large share of a cold decode
+// call (numbers: docs/measurements.md, "Balanced decode, bank 32").
 static inline bool bal_fwd_checks_indices_avx512(const BalShape& s, int64_t T) {
   return T >= 1 && T < kGatherMaxTokens && s.bank == 32 && (s.keep == 16 || s.keep == 8 || s.keep == 4);
 }

@@ -196,10 +196,10 @@ void sddmm_portable(const BsrGeom& g, const int32_t* ro, const int32_t* ci, cons
 // keeps its part of W in its own L2 across calls. When all of W fits in half of a core's L2 the threads may
 // instead take contiguous token ranges, each running every block row with the whole of W in its L2: the same W
 // traffic per tile, half the X per core, and an exact balance, whereas rows balance the nonzeros only to within a
-// block row (at 95% sparsity rows hold 0-5 blocks of 32x32, and 768x768 split 17.4 : 12.3 blocks, 86% parallel
-// efficiency). The token split is taken with at least four 8-token tiles per thread, or two when the row split
-// is off balance by more than 5%: with fewer tiles each core streams all of W in a larger share of them (T = 16,
-// one tile per thread: 10-15% slower than the row split; T = 32 with balanced rows: 2-3% slower).
+// block row, which at high sparsity (a few blocks per row) leaves one thread with noticeably more work. The token
+// split is taken with at least four 8-token tiles per thread, or two when the row split is off balance by more
+// than 5%: with fewer tiles each core streams all of W in a larger share of them, and the token split measured
+// slower than the row split there (numbers: docs/measurements.md, "Block-sparse forward work split").
 // 16x16 blocks keep the row split: the AVX-512 float32 kernel for them runs 16-token tiles (and splits the k loop
 // of tiles of 1-3 tokens), so halving the tokens would cost it tiles and change its rounding.
 constexpr int64_t kTokenSplitBytes = 512 * 1024;

@@ -135,10 +135,11 @@ constexpr int64_t kWLead = 16384;
 
 // k loop of one kept block over the outputs [oc, oc + 8 V) of its row: acc[t][v] += W[k][oc + 8v..] * x[t][k].
 // BO, BI: the block shape when known at compile time (0: run time). With both known and a full block, the loop
-// is unrolled with every W and X operand a constant displacement from a few pointers: the run-time loop spent
-// ~30 instructions per 12 FMAs (stride and row offsets reloaded from the stack), which kept the k loop issue
-// bound near 5 instructions per cycle. W is masked by the block shape only (lanes >= bo of an outer vector),
-// never by `out`: the rows of a ragged edge block past `out` are stored, computed in lanes that are not stored.
+// is unrolled with every W and X operand a constant displacement from a few pointers: the run-time loop reloaded
+// the stride and row offsets from the stack and was bound by instruction issue, not by the FMAs (numbers:
+// docs/measurements.md, "Block-sparse AVX2 forward: unrolled full blocks"). W is masked by the block shape only
+// (lanes >= bo of an outer vector), never by `out`: the rows of a ragged edge block past `out` are stored,
+// computed in lanes that are not stored.
 template <typename E, typename XE, int V, int TT, int BO, int BI, bool StreamW>
 __attribute__((always_inline)) inline void block_f32(__m256 (&acc)[TT][V], const E* wk, const XE* const* xp, int64_t bo,
                                                      int64_t ib, int64_t nw) {
@@ -207,8 +208,9 @@ void pack_tile(const BsrFwdArgs& a, int64_t t0, int64_t bi, float* xs) {
 
 // One token tile (TT tokens from t0) over the block rows [r0, r1) of a panel, the outputs of each row in chunks
 // of 8 V: all in one function, so that the row loop keeps its state in registers and the accumulators start from
-// the bias (see bsr_avx512.cpp: a call per (row, tile) and a bias added in the output stage cost 10-25% at one or
-// two blocks per row). xs: the tile's packed X (XE = float), or null with XE = E (X in place).
+// the bias (see bsr_avx512.cpp: a call per (row, tile) and a bias added in the output stage were costly at one or
+// two blocks per row; numbers: docs/measurements.md, "Block-sparse forward: the token-tile kernel"). xs: the
+// tile's packed X (XE = float), or null with XE = E (X in place).
 template <typename E, typename XE, int V, int TT, int BO, int BI>
 void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0, const float* xs) {
   const XE* x = xs ? reinterpret_cast<const XE*>(xs) : static_cast<const XE*>(a.x) + t0 * a.ldx;

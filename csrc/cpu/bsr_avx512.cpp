@@ -236,7 +236,9 @@ __attribute__((always_inline)) inline void block_bf16(__m512 (&acc)[TT][V], cons
     for (int u = 0; u < U; ++u) {
       const __m512i ra = _mm512_maskz_loadu_epi16(mr[u], wk + 32 * u);
       const __m512i rb = _mm512_maskz_loadu_epi16(mr[u], wk + bo + 32 * u);
-      if constexpr (V % 2 == 0) {  // 6-8% faster than vpermt2w (Zen 5, 2026-11-29)
+      // Even V: vpunpck[lh]wd pairs rows k, k+1 faster than vpermt2w (numbers: docs/measurements.md, "Block-sparse
+      // forward: the token-tile kernel").
+      if constexpr (V % 2 == 0) {
         wv[2 * u] = _mm512_unpacklo_epi16(ra, rb);
         wv[2 * u + 1] = _mm512_unpackhi_epi16(ra, rb);
       } else {
@@ -273,13 +275,12 @@ __attribute__((always_inline)) inline void block_bf16(__m512 (&acc)[TT][V], cons
   }
 }
 
-// One token tile (TT tokens from t0) over the block rows [r0, r1) of a panel, in one function so that the row
-// loop keeps its state in registers and the block column of the next kept block is loaded one block ahead.
-// With a function call per (row, tile) whose first X address waited on loads of row_offsets and col_indices, each
-// row cost ~86 cycles on top of its blocks (~264 cycles per 32x32 block x 8 tokens) that the out-of-order window
-// did not hide: ~25% at 1-2 blocks per row (d <= 0.1, in = 768). This layout, without the former software prefetch
-// of the next block's X (its 16 prefetches per block cost more than the L1 misses they saved, at in = 768 and
-// 3072 alike), measured 9-15% faster on Zen 5 at every density (fp32 and bf16, T >= 16; 2026-11-29).
+// One token tile (TT tokens from t0) over the block rows [r0, r1) of a panel, in one function so that the row loop
+// keeps its state in registers and the block column of the next kept block is loaded one block ahead. With a function
+// call per (row, tile) whose first X address waited on loads of row_offsets and col_indices, each row paid a fixed cost
+// on top of its blocks that the out-of-order window did not hide, a large share at 1-2 blocks per row. The next block's
+// X is not prefetched: its 16 prefetches per block cost more than the L1 misses they saved. This layout measured faster
+// at every density, fp32 and bf16 (numbers: docs/measurements.md, "Block-sparse forward: the token-tile kernel").
 template <int V, int TT, bool Bf16>
 void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0) {
   using E = typename Cond<Bf16, uint16_t, float>::type;
@@ -311,7 +312,8 @@ void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0) {
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) m[v] = mask16(ob - 16 * v);
     // The accumulators start from the bias: adding it in the output stage (a masked load and an add per
-    // accumulator) cost ~30 cycles per (row, tile), 7% (fp32) and 14% (bf16) at one 32x32 block per row.
+    // accumulator) was a fixed cost per (row, tile) that showed at one 32x32 block per row, more in bf16 (numbers:
+    // docs/measurements.md, "Block-sparse forward: the token-tile kernel").
     __m512 acc[TT][V];
     __m512 b0[V];
 #pragma GCC unroll 4
@@ -354,7 +356,7 @@ void fwd_tile_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1, int64_t t0) {
   }
 }
 
-// Block rows are walked in panels whose W fits in half the L2 (1 MiB per core on Zen 4/5): per token tile, every
+// Block rows are walked in panels whose W fits in kPanelBytes, half of a 1 MiB per-core L2: per token tile, every
 // row of the panel runs while the tile's X rows stay in L1 and the panel's W in L2. A dense row of in = 3072 is
 // a panel by itself (X is then streamed from L3 once per row); at high sparsity a thread's whole slice of W is
 // one panel and X is read once.
@@ -386,14 +388,13 @@ void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
 // use, with its X rows prefetched two blocks ahead; packed columns carry the epoch of their packing. When a
 // thread's rows span several panels and the packed X of the whole call fits in kPackAllBytes, every tile has
 // its own slot and the epoch is the call's, so the panels after the first read the packed tiles instead of
-// packing them again (768x3072, T = 128, d = 0.25: 8-12% faster). Otherwise one slot (L2-resident) is reused,
-// with an epoch per (panel, tile): at T = 512 writing 6 MiB of fresh slots per call cost up to 20% more than
-// packing again.
+// packing them again, which measured faster. Otherwise one slot (L2-resident) is reused, with an epoch per
+// (panel, tile): at T = 512 writing 6 MiB of fresh slots per call cost more than packing again.
 // The scratch stays allocated per thread (up to kPackAllBytes plus one slot), so calls allocate nothing.
-// Measured on Zen 5 (one thread on its half of W, hot cache, 2026-11-29): the packing costs 10-20% at
-// in = 3072 and ~5% at in = 768, whether done up front, lazily, or per block into an L1 buffer (a data-movement
-// cost that the FMAs do not hide); an in-place kernel with 16 row pointers was slower still. Without any packing
-// cost the block body reaches ~85% of the FMA peak (one broadcast load per FMA).
+// The packing is a data-movement cost that the FMAs do not hide, more at in = 3072 than at 768, whether done up
+// front, lazily, or per block into an L1 buffer; an in-place kernel with 16 row pointers was slower still. Without
+// any packing cost the block body reaches most of the FMA peak (one broadcast load per FMA). Numbers:
+// docs/measurements.md, "Block-sparse forward, fp32 16x16 blocks".
 constexpr int kTile16 = 16;
 constexpr int64_t kPackAllBytes = int64_t(2) << 20;  // T = 128 tokens of in = 4096
 
@@ -489,7 +490,8 @@ void fwd_tile16_f32(const BsrFwdArgs& a, int64_t r, __mmask16 m, int64_t t0, flo
 #pragma GCC unroll 16
       for (int k = 0; k < 16; ++k) {
         // One line per column, spread over the block: a burst of 16 prefetches per block made batch-1 decode
-        // with cold weights 20-30% slower (miss buffers full, demand loads waiting behind them).
+        // with cold weights slower (miss buffers full, demand loads waiting behind them; numbers:
+        // docs/measurements.md, "Block-sparse forward, fp32 16x16 blocks").
         if (stream_w) _mm_prefetch(reinterpret_cast<const char*>(wb + 16 * k) + kWLead, _MM_HINT_T0);
         const __m512 wv = _mm512_maskz_loadu_ps(m, wb + 16 * k);
 #pragma GCC unroll 16
@@ -560,13 +562,13 @@ void fwd_dispatch(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
 // chunk of kGiChunk tokens into an L1 buffer with k contiguous (for bf16: (W[o][k], W[o+1][k]) pairs as 32-bit
 // lanes), then the forward's micro-kernel runs over o with dy broadcast. Partial sums over the blocks of a
 // column live in an fp32 buffer in L2 (accumulators reloaded once per block, i.e. every bo FMAs). The chunk
-// covers T <= 512 at once, so the (scalar) transpose is done once per block and call there: ~6% of the FMA
-// time of a 32x32 block at T = 512.
-// The columns are taken in groups of kGiAccLd / (16 V) (4 at bi = 32) that share the buffer's rows, and dx is
-// written a group at a time: a row of dx gets 512 contiguous bytes instead of 128. dx's rows are in * 4 bytes
-// apart, a multiple of 4 KiB at in = 3072, so a column of 512 rows x 128 bytes hits the same cache sets over and
-// over: writing [512, 3072] fp32 that way took 443 us against 57 us in groups of 4 (1 thread), and grad_input of
-// 768x3072 at T = 512 spent 247 us on a weight without blocks. The buffer (256 KiB) is on the stack of the calling
+// covers T <= 512 at once, so the (scalar) transpose is done once per block and call there: a small part of the
+// FMA time of a 32x32 block at T = 512 (numbers: docs/measurements.md, "Block-sparse gradients on AVX-512").
+// The columns are taken in groups of kGiAccLd / (16 V) (4 at bi = 32) that share the buffer's rows, and dx is written a
+// group at a time: a row of dx gets 512 contiguous bytes instead of 128. dx's rows are in * 4 bytes apart, a multiple
+// of 4 KiB at in = 3072, so a column of 512 rows x 128 bytes hits the same cache sets over and over: written that way,
+// dx took many times longer than in groups of 4, a cost that grad_input paid even on a weight without blocks (numbers:
+// docs/measurements.md, "Block-sparse gradients on AVX-512"). The buffer (256 KiB) is on the stack of the calling
 // thread.
 constexpr int64_t kGiChunk = 512;
 constexpr int kGiTile = 8;
@@ -734,7 +736,8 @@ void sddmm_group_f32(const BsrSddmmArgs& a, const __mmask16* m, const __mmask16*
 
 // bfloat16: pairs of tokens. Per chunk of 2 * kSdPairs tokens, dy and x rows t, t+1 are interleaved once into
 // 32-bit pairs (L1 buffers), then vdpbf16ps runs over the pairs; partial sums per block live in an fp32 buffer.
-// 64 pairs: the fp32 partial sums are reloaded every 64 vdpbf16ps per accumulator (~3%).
+// 64 pairs: the fp32 partial sums are reloaded every 64 vdpbf16ps per accumulator, a small overhead (numbers:
+// docs/measurements.md, "Block-sparse gradients on AVX-512").
 constexpr int64_t kSdPairs = 64;
 
 // out[i] = (ra[i], rb[i]) as 32-bit pairs for i < 32 * U (lanes >= n zero); rb may be null (zeros).
