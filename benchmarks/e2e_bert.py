@@ -22,7 +22,8 @@ import argparse
 import copy
 import os
 import sys
-from dataclasses import dataclass, replace
+import tempfile
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +33,7 @@ import sparse
 from sparse.evaluate import pick_attention, prepack_linears
 from sparse.runtime import cpu_model, dtype_support, native_dtype, onednn_unsupported
 
+from . import peers
 from .harness import Contender, make_rows, measure, threads, write_csv
 
 SEQ = 128
@@ -50,10 +52,11 @@ class Preset:
     rounds: int
     threads: int = 2
     config: Optional[Dict[str, int]] = None  # BertConfig overrides (None: BERT-base)
+    peers: bool = True  # other runtimes (benchmarks.peers) as contenders, where configured
 
 
 PRESETS: Dict[str, Preset] = {
-    "quick": Preset(batches=[8], train_batches=[8], sparsities=[0.9], patterns=["block", "balanced"], compile=True,
+    "quick": Preset(batches=[1, 8], train_batches=[8], sparsities=[0.9], patterns=["block", "balanced"], compile=True,
                     bf16_sparse=True, train_patterns=["block"], rounds=5),
     "full": Preset(batches=[1, 8], train_batches=[8], sparsities=[0.5, 0.75, 0.9], patterns=["block", "balanced"],
                    compile=True, bf16_sparse=True, train_patterns=["block", "balanced"], rounds=5),
@@ -61,7 +64,7 @@ PRESETS: Dict[str, Preset] = {
     "tiny": Preset(batches=[1], train_batches=[1], sparsities=[0.75], patterns=["block", "balanced"], compile=False,
                    bf16_sparse=False, train_patterns=["block", "balanced"], rounds=2,
                    config=dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256,
-                               vocab_size=512)),
+                               vocab_size=512), peers=False),
 }
 
 
@@ -113,12 +116,69 @@ def train_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
 
 
 def compiled_forward(model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """``torch.compile`` with weight freezing (inductor folds the weights and pre-packs them for oneDNN)."""
-    import torch._inductor.config as inductor_config
+    """``sparse.compile`` of a copy of ``model``: ``torch.compile`` with weight freezing (Inductor folds the dense
+    weights and pre-packs them for oneDNN, and fuses what lies between the sparse ops).
 
-    inductor_config.freezing = True
-    compiled = torch.compile(copy.deepcopy(model))
-    return forward_fn(compiled, ids)
+    Every model compiled here runs the same ``forward`` code of transformers, and dynamo keeps at most
+    ``recompile_limit`` (8) compiled versions of one code object before it silently runs it eagerly: one run
+    compiles more models than that (4 per batch), so the limit is raised for the benchmark's process."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    return forward_fn(sparse.compile(copy.deepcopy(model)), ids)
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+
+
+def _peer_models(base: nn.Module, sparse_models: Dict[tuple, nn.Module], top: float, skipped: List[str],
+                 tmp: str) -> Dict[str, Tuple[str, Dict[str, object]]]:
+    """The ONNX files the peers run: {label: (path, row info)}: the dense model and the unfused fp32 sparse models
+    at the top sparsity, their pruned weights as zeros. Empty (and a line in ``skipped``) without ``onnx``."""
+    files: Dict[str, Tuple[str, Dict[str, object]]] = {}
+    todo = [("dense", base, {"format": "dense", "block": "", "density": 1.0})]
+    for pattern in ("block", "balanced"):
+        m = sparse_models.get((pattern, top, "float32", False))
+        if m is not None:
+            todo.append((f"{pattern}:{top}", peers.densified(m), _pattern_info(pattern, top)))
+    for label, model, info in todo:
+        try:
+            path = os.path.join(tmp, label.replace(":", "_") + ".onnx")
+            files[label] = (peers.export_bert(model, 1, SEQ, path), info)
+        except ImportError as exc:
+            skipped.append(f"peers: not run: exporting the model to ONNX needs the onnx package here ({exc})")
+            return {}
+        except Exception as exc:  # one model that does not export must not lose the others
+            skipped.append(f"peers: export of the {label} model failed: {_first_line(exc)}")
+    return files
+
+
+# Which of the exported models each runtime runs: ONNX Runtime and OpenVINO take no advantage of zeros (their
+# dense time is their time on any pruned weights); DeepSparse's point is sparsity.
+PEER_MODELS = {"onnxruntime": ("dense",), "openvino": ("dense",), "deepsparse": ("dense", "block:", "balanced:")}
+
+
+def _start_peers(pythons: Dict[str, str], files: Dict[str, Tuple[str, Dict[str, object]]], batch: int,
+                 vocab: int, p: Preset, hidden: Tuple[int, int], skipped: List[str]):
+    """One :class:`peers.Peer` per (runtime, model) for this batch, with its row info: [(name, peer, info)]."""
+    out = []
+    for runtime, python in pythons.items():
+        for label, (path, info) in files.items():
+            if not any(label == m or (m.endswith(":") and label.startswith(m)) for m in PEER_MODELS[runtime]):
+                continue
+            extra = ["--bert-fusions", "--num-heads", str(hidden[1]), "--hidden-size", str(hidden[0])] if (
+                runtime == "onnxruntime") else []
+            try:
+                peer = peers.Peer(runtime, python, path, batch=batch, seq=SEQ, vocab=vocab, threads=p.threads,
+                                  extra=extra)
+            except Exception as exc:  # a peer that cannot start is reported, not fatal
+                skipped.append(f"{runtime} {label} batch {batch}: not run: {_first_line(exc)}")
+                continue
+            notes = ", ".join(f"{k} {v}" for k, v in peer.info.items() if k not in ("runtime", "version"))
+            out.append((f"{runtime}:{label}", peer, {**info, "backend": f"{runtime} {peer.info['version']}",
+                                                     "dtype": "float32", "notes": notes}))
+    return out
 
 
 def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], List[str]]:
@@ -139,16 +199,16 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
     if not bf16_ok:
         skipped.append(f"bfloat16 contenders: not run: {dtype_support()['bfloat16']['why']} on this CPU "
                        f"({cpu_model()}); float32 is the fast dtype here")
-    if "block" in p.patterns:
-        wanted.append(("block", top, "float32", True))
-        if p.bf16_sparse and bf16_ok:
-            wanted.append(("block", top, "bfloat16", True))
+    for pattern in p.patterns:
+        wanted.append((pattern, top, "float32", True))
+    if "block" in p.patterns and p.bf16_sparse and bf16_ok:
+        wanted.append(("block", top, "bfloat16", True))
     sparse_models: Dict[Tuple[str, float, str, bool], nn.Module] = {}
     for key in wanted:
         try:
             sparse_models[key] = sparsify(base, key[0], key[1], fuse=key[3]).to(DTYPE[key[2]])
         except Exception as exc:  # one pattern that cannot be built must not lose the others
-            skipped.append(f"sparsify {key}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            skipped.append(f"sparsify {key}: {_first_line(exc)}")
     bf16 = copy.deepcopy(base).to(torch.bfloat16) if bf16_ok else None
     dense_models = [("float32", base)] + ([("bfloat16", bf16)] if bf16_ok else [])
     # oneDNN with pre-packed weights (GELU in its output stage): the best dense fp32 path where F.linear takes
@@ -161,6 +221,17 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
             continue
         prepacked[dt] = copy.deepcopy(dense)
         prepack_linears(prepacked[dt])
+    pythons: Dict[str, str] = {}
+    if p.peers:
+        try:
+            pythons = peers.configured()
+        except ValueError as exc:
+            skipped.append(f"peers: not run: SPARSEKERN_PEERS: {exc}")
+        skipped += peers.missing(pythons)
+    tmp = tempfile.mkdtemp(prefix="e2e-onnx-")
+    peer_files = _peer_models(base, sparse_models, top, skipped, tmp) if pythons else {}
+    hidden = (base.config.hidden_size, base.config.num_attention_heads)
+    profile_lines: List[str] = []
     bar = tqdm(jobs, desc="e2e_bert", unit="case", disable=not progress, file=sys.stderr)
     with threads(p.threads):
         for op, batch in bar:
@@ -179,7 +250,7 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                 for dt, m in prepacked.items():
                     entries.append((f"onednn_{dt}", m, {**dense_info, "backend": "onednn_prepacked", "dtype": dt}))
             for (pattern, s, dt, fuse), m in sparse_models.items():
-                if training and (dt != "float32" or pattern not in p.train_patterns):
+                if training and (dt != "float32" or pattern not in p.train_patterns or (fuse and pattern != "block")):
                     continue
                 m.train(training)
                 info = {**_pattern_info(pattern, s), "backend": "sparse.sparsify" + ("(fused gelu)" if fuse else ""),
@@ -193,95 +264,184 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                 try:
                     winner, secs = pick_attention(m, make(m, ids))
                 except Exception as exc:  # a contender that fails is reported, not fatal
-                    skipped.append(f"{op} batch {batch} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                    skipped.append(f"{op} batch {batch} {name}: {_first_line(exc)}")
                     continue
                 attention[id(m)] = winner
                 times = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in secs.items())
                 cs.append(Contender(name, make(m, ids), {**info, "notes": f"attention {winner} ({times})"}))
-            if not training:
-                for dt, dense in dense_models if p.compile else ():
+            compiled: Dict[str, Callable[[], torch.Tensor]] = {}
+            if not training and p.compile:
+                # torch.compile (freezing) of the dense models and of the fused fp32 sparse ones at the top
+                # sparsity: Inductor fuses the remainder around the sparse ops.
+                todo = [(f"compile_{dt}", dense, {**dense_info, "backend": "torch.compile(freezing)", "dtype": dt})
+                        for dt, dense in dense_models]
+                todo += [(f"compile_{pattern}:{s}:{dt}:fused", m,
+                          {**_pattern_info(pattern, s), "backend": "sparse.compile(fused gelu)", "dtype": dt})
+                         for (pattern, s, dt, fuse), m in sparse_models.items()
+                         if fuse and s == top and dt == "float32"]
+                for name, m, info in todo:
                     try:
-                        cs.append(
-                            Contender(
-                                f"compile_{dt}",
-                                compiled_forward(dense, ids),
-                                {
-                                    **dense_info,
-                                    "backend": "torch.compile(freezing)",
-                                    "dtype": dt,
-                                    "notes": f"attention {attention.get(id(dense), '?')} (of the eager model)",
-                                },
-                            )
-                        )
+                        compiled[name] = compiled_forward(m, ids)
+                        notes = f"attention {attention.get(id(m), '?')} (of the eager model)"
+                        cs.append(Contender(name, compiled[name], {**info, "notes": notes}))
                     except Exception as exc:  # an inductor failure must not lose the rest of the run
-                        skipped.append(f"{op} batch {batch} torch.compile {dt}: {type(exc).__name__}: {str(exc)[:160]}")
-            ok = []
-            for c in cs:  # the warm-up call (it compiles too); a contender that fails is reported, not fatal
-                try:
-                    c.fn()
-                    ok.append(c)
-                except Exception as exc:
-                    skipped.append(
-                        f"{op} batch {batch} {c.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                    )
-            # Each sample follows an untimed call of the same model, as in every other benchmark: a sparse model's
-            # weights about fill the last-level cache that a dense contender's flush, so a sample taken right after
-            # another contender measures the refill and varies from run to run (docs/measurements.md).
-            timings = measure(ok, rounds=p.rounds, min_sample_s=0.0, warmup=0, presample_call=True)
-            base.eval()
-            common = {"op": op, "shape": shape, "tokens": batch * SEQ, "threads": p.threads, "weights": "hot",
-                      "out_features": base.config.hidden_size, "in_features": base.config.hidden_size}
-            rows += make_rows("e2e_bert", f"{op}|batch{batch}|seq{SEQ}|{p.threads}t", common, ok, timings, "eager_fp32")
+                        skipped.append(f"{op} batch {batch} torch.compile {name}: {_first_line(exc)}")
+            running = [] if training else _start_peers(pythons, peer_files, batch, base.config.vocab_size, p,
+                                                       hidden, skipped)
+            cs += [Contender(name, peer, info) for name, peer, info in running]
+            try:
+                ok = []
+                for c in cs:  # the warm-up call (it compiles too); a contender that fails is reported, not fatal
+                    try:
+                        c.fn()
+                        ok.append(c)
+                    except Exception as exc:
+                        skipped.append(f"{op} batch {batch} {c.name}: {_first_line(exc)}")
+                # Each sample follows an untimed call of the same model, as in every other benchmark: a sparse
+                # model's weights about fill the last-level cache that a dense contender's flush, so a sample
+                # taken right after another contender measures the refill and varies from run to run
+                # (docs/measurements.md).
+                timings = measure(ok, rounds=p.rounds, min_sample_s=0.0, warmup=0, presample_call=True)
+                base.eval()
+                common = {"op": op, "shape": shape, "tokens": batch * SEQ, "threads": p.threads, "weights": "hot",
+                          "out_features": base.config.hidden_size, "in_features": base.config.hidden_size}
+                case = f"{op}|batch{batch}|seq{SEQ}|{p.threads}t"
+                rows += make_rows("e2e_bert", case, common, ok, timings, "eager_fp32")
+                if not training:
+                    by_name = {c.name: c for c in ok}
+                    split = _profile_case(p, batch, ids, entries, compiled, running, by_name, top, skipped)
+                    profile_lines += _profile_markdown(split, batch, p)
+                    rows += _remainder_rows(split, common, f"{op}_remainder|batch{batch}|seq{SEQ}|{p.threads}t")
+            finally:
+                for _, peer, _ in running:
+                    peer.close()
             write_csv(path, rows)
-    profiled = [("dense eager fp32", base)] + [
-        (f"dense oneDNN pre-packed {'fp32' if dt == 'float32' else 'bf16'}", m) for dt, m in prepacked.items()]
-    for (pattern, s, dt, fuse), m in sorted(sparse_models.items(), key=lambda kv: (kv[0][2] != "float32", kv[0][3])):
-        if pattern == "block" and s == top:
-            profiled.append((f"block-32 {100 * s:.0f}% {'fp32' if dt == 'float32' else 'bf16'}"
-                             + (", GELU fused" if fuse else ", GELU separate"), m))
-    profile_split(profiled, p, out_dir)
+    _write_profile(profile_lines, p, out_dir)
     return rows, skipped
 
 
-def _linear_share(model: nn.Module, ids: torch.Tensor) -> Tuple[float, float, List[Tuple[str, float]]]:
-    """(Linear-layer self time, total self time, top ops) of one forward, from torch.profiler (ms)."""
+# Self-time buckets of torch.profiler's op names: our sparse ops, dense Linear kernels, attention, the rest.
+DENSE_LINEAR_OPS = ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::linear")
+ATTENTION_OPS = ("aten::_scaled_dot_product", "aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::softmax",
+                 "aten::matmul")
+# ONNX Runtime op types that are a Linear or a matmul (the ones the remainder target leaves out).
+ORT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul")
+
+
+@dataclass
+class Split:
+    """Where one forward's time goes (ms): ``total`` and buckets; ``top`` the largest ops."""
+
+    name: str
+    total: float
+    linear: float  # our sparse ops plus dense Linear kernels (ORT: MatMul/Gemm)
+    ours: float
+    attention: float
+    top: List[Tuple[str, float]]
+    attn_impl: str = ""
+    info: Dict[str, object] = field(default_factory=dict)  # the row columns of the model (format, block, ...)
+
+    @property
+    def remainder(self) -> float:
+        return self.total - self.linear
+
+
+def _torch_split(name: str, fn: Callable[[], object], attn_impl: str, info: Dict[str, object]) -> Split:
     from torch.profiler import ProfilerActivity, profile
 
-    fn = forward_fn(model, ids)
     fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = [(e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()]
-    linear_keys = ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise")
-    lin = sum(t for k, t in events if k in linear_keys or k.startswith("sparsekern::"))
+    ours = sum(t for k, t in events if k.startswith("sparsekern::"))
+    dense = sum(t for k, t in events if k in DENSE_LINEAR_OPS)
+    attn = sum(t for k, t in events if k.startswith(ATTENTION_OPS))
     total = sum(t for _, t in events)
-    return lin, total, sorted(events, key=lambda e: -e[1])[:8]
+    return Split(name, total, ours + dense, ours, attn, sorted(events, key=lambda e: -e[1])[:8], attn_impl, info)
 
 
-def profile_split(models: Sequence[Tuple[str, nn.Module]], p: Preset, out_dir: str) -> str:
-    """Writes ``e2e_profile.md``: where one forward's time goes (Linear layers, with a fused GELU, vs the rest) in
-    each of ``models`` (name, model), each with the attention implementation it was last timed with."""
-    batch = max(p.batches)
-    vocab = models[0][1].config.vocab_size
-    ids = torch.randint(0, vocab, (batch, SEQ), generator=torch.Generator().manual_seed(0))
-    lines = [f"# BERT-base forward time split (torch.profiler, batch {batch}, seq {SEQ}, {p.threads} threads)", ""]
-    with threads(p.threads):
-        for name, m in models:
-            lin, total, top = _linear_share(m.eval(), ids)
-            attn = getattr(m.config, "_attn_implementation", None) or "?"
-            lines += [
-                f"## {name} ({attn} attention)",
-                "",
-                f"Linear layers: {lin:.1f} ms of {total:.1f} ms self time ({100 * lin / total:.0f}%); "
-                f"the rest: {total - lin:.1f} ms.",
-                "",
-                "| op | self ms |",
-                "|---|---|",
-            ]
-            lines += [f"| {k} | {t:.1f} |" for k, t in top] + [""]
+def _profile_case(p: Preset, batch: int, ids: torch.Tensor, entries, compiled, running, by_name, top: float,
+                  skipped: List[str]) -> List[Split]:
+    """The time split of the dense fp32 models, the fp32 sparse models at the top sparsity (eager and compiled)
+    and ONNX Runtime (from its own profiler), for one batch."""
+    out: List[Split] = []
+    for name, m, info in entries:
+        if name not in by_name or info["dtype"] != "float32":
+            continue
+        if info["format"] != "dense" and float(info.get("sparsity") or 1 - float(info["density"])) < top - 1e-9:
+            continue
+        out.append(_torch_split(name, forward_fn(m, ids), getattr(m.config, "_attn_implementation", "?"), info))
+    for name, fn in compiled.items():
+        if name in by_name and "float32" in name:
+            out.append(_torch_split(name, fn, "compiled", by_name[name].info))
+    for name, peer, info in running:
+        if peer.runtime != "onnxruntime" or name not in by_name:
+            continue
+        try:
+            ops = peer.profile(3)
+        except Exception as exc:  # only the profile is lost
+            skipped.append(f"{name} batch {batch}: profile failed: {_first_line(exc)}")
+            continue
+        mm = sum(v for k, v in ops.items() if k in ORT_MATMUL_OPS)
+        attn = sum(v for k, v in ops.items() if k in ("Attention", "MultiHeadAttention", "Softmax"))
+        out.append(Split(name, sum(ops.values()), mm, 0.0, attn, sorted(ops.items(), key=lambda e: -e[1])[:8],
+                         "ORT fusions", info))
+    return out
+
+
+def _profile_markdown(split: Sequence[Split], batch: int, p: Preset) -> List[str]:
+    lines = [f"## Batch {batch}, seq {SEQ}, {p.threads} threads", "",
+             "| model | attention | total ms | our sparse ops | all Linear/MatMul | attention | the rest | remainder "
+             "(total - Linear/MatMul) |", "|---|---|---|---|---|---|---|---|"]
+    for s in split:
+        rest = s.total - s.linear - s.attention
+        lines.append(f"| {s.name} | {s.attn_impl} | {s.total:.1f} | {s.ours:.1f} | {s.linear:.1f} | "
+                     f"{s.attention:.1f} | {rest:.1f} | {s.remainder:.1f} |")
+    lines.append("")
+    for s in split:
+        lines.append(f"- {s.name}, largest self times: " + ", ".join(f"{k} {t:.1f}" for k, t in s.top[:6]))
+    return lines + [""]
+
+
+def _remainder_rows(split: Sequence[Split], common: Dict[str, object], case: str) -> List[dict]:
+    """Rows (op ``bert_forward_remainder``) holding each profiled model's remainder (its time outside Linear and
+    MatMul kernels) as ``median_s``, against ONNX Runtime's remainder where it ran (else the dense eager one)."""
+    import datetime as _dt
+
+    from .harness import COLUMNS, machine_info
+
+    if not split:
+        return []
+    ort = next((s for s in split if s.name.startswith("onnxruntime:")), None)
+    base = ort or split[0]
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    rows = []
+    for s in split:
+        row = {k: "" for k in COLUMNS}
+        row.update(machine_info("cpu"))
+        row.update(common)
+        row.update({k: v for k, v in s.info.items() if k in COLUMNS})
+        density = float(row["density"]) if row["density"] not in ("", None) else 1 - float(row["sparsity"] or 0)
+        row.update(density=round(density, 6), sparsity=round(1 - density, 6))
+        row.update({"bench": "e2e_bert", "case": case, "op": str(common["op"]) + "_remainder", "backend": s.name,
+                    "dtype": "float32", "median_s": s.remainder / 1e3, "p10_s": s.remainder / 1e3,
+                    "p90_s": s.remainder / 1e3, "repeats": 1, "baseline": base.name,
+                    "baseline_s": base.remainder / 1e3, "ratio": base.remainder / s.remainder if s.remainder else "",
+                    "notes": f"profiled: total {s.total:.1f} ms, Linear/MatMul {s.linear:.1f} ms", "timestamp": now,
+                    "ideal_ratio": 1 / density})
+        rows.append(row)
+    return rows
+
+
+def _write_profile(lines: List[str], p: Preset, out_dir: str) -> str:
+    head = [f"# BERT forward time split (torch.profiler; ONNX Runtime: its own profiler), {p.threads} threads", "",
+            "Self times of one profiled forward per model, in ms. *Our sparse ops*: `sparsekern::*`; *all "
+            "Linear/MatMul*: those plus dense Linear kernels (ONNX Runtime: MatMul, Gemm, FusedMatMul); "
+            "*attention*: SDPA, bmm, softmax (ONNX Runtime: Attention, Softmax); a compiled model's fused "
+            "Inductor kernels count in *the rest*.", ""]
     path = os.path.join(out_dir, "e2e_profile.md")
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(head + lines))
     return path
 
 

@@ -10,11 +10,11 @@ from .formats import BalancedSparseWeight, BlockSparseWeight
 from .io import load, save
 from .nn import BalancedSparseLinear, BlockSparseLinear
 from .ops import linear, linear_grad_input, sddmm
-from .patch import FusedActivation, SparsifyReport, sparsify
+from .patch import FusedActivation, SparsifyReport, compile, sparsify
 
 __all__ = [
     "BlockSparseWeight", "BalancedSparseWeight", "linear", "linear_grad_input", "sddmm",
-    "BlockSparseLinear", "BalancedSparseLinear", "sparsify", "SparsifyReport", "FusedActivation", "prune",
+    "BlockSparseLinear", "BalancedSparseLinear", "sparsify", "compile", "SparsifyReport", "FusedActivation", "prune",
     "save", "load", "runtime",
 ]
 __version__ = "0.1.0"

@@ -33,7 +33,9 @@ from .walk import (
     weight_read_directly,
 )
 
-__all__ = ["sparsify", "SparsifyReport", "LayerReport", "Fusion", "FusedActivation", "activation_name", "Filter"]
+__all__ = [
+    "sparsify", "compile", "SparsifyReport", "LayerReport", "Fusion", "FusedActivation", "activation_name", "Filter"
+]
 
 PATTERNS = ("block", "balanced")
 
@@ -482,3 +484,20 @@ def sparsify(
         "threads": threads,
     }
     return SparsifyReport(layers=layers, fusions=applied, settings=settings)
+
+
+def compile(model: nn.Module, *, freezing: bool = True, **kwargs: Any) -> nn.Module:
+    """``torch.compile(model)`` set up for a sparsified model's inference: Inductor fuses the dense remainder
+    around the sparse ops (attention glue, LayerNorm, residual adds, copies), which it traces as opaque ops
+    without graph breaks, and with ``freezing`` (the default) it folds the remaining dense weights as constants
+    and pre-packs them. Freezing applies to calls under ``torch.no_grad()`` / ``torch.inference_mode()``; a
+    training call compiles without it. ``kwargs`` go to ``torch.compile`` (``fullgraph=True``, ``dynamic``,
+    ``mode``; ``options`` are merged with ``freezing``). The one-liner it stands for::
+
+        model = torch.compile(model, options={"freezing": True})
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    options = dict(kwargs.pop("options", None) or {})
+    options.setdefault("freezing", bool(freezing))
+    return torch.compile(model, options=options, **kwargs)

@@ -2,11 +2,14 @@
 own case (one measurement), interleaved timing, cold-weight cycling, and the PASS/MISS logic of the summary.
 No timing is asserted: the numbers of a toy run mean nothing."""
 
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
+import sparse
 from benchmarks import cpu_ops, e2e_bert, harness, report
 from benchmarks.harness import COLUMNS, Contender, Timing
 from sparse.runtime import native_dtype, onednn_unsupported
@@ -93,10 +96,15 @@ def test_e2e_tiny_rows(tmp_path):
     expected = [] if native_dtype(torch.bfloat16) else [s for s in skipped if s.startswith("bfloat16 contenders")]
     assert skipped == expected and len(expected) <= 1, skipped
     back = harness.read_csv(os.path.join(tmp_path, "e2e_bert.csv"))
-    assert {r["op"] for r in back} == {"bert_forward", "bert_train_step"}
+    assert {r["op"] for r in back} == {"bert_forward", "bert_train_step", "bert_forward_remainder"}
     assert {(r["format"], r["block"]) for r in back} >= {("dense", ""), ("bsr", "32x32"), ("balanced", "bank32/keep8")}
     _check_case_ratios_e2e(back)
-    assert "Linear layers" in open(os.path.join(tmp_path, "e2e_profile.md")).read()
+    # the compiled sparse models are contenders (tiny: compile off), and each profiled model has a remainder row
+    remainder = {r["backend"]: r for r in back if r["op"] == "bert_forward_remainder"}
+    assert {"eager_fp32", "onednn_float32", "block:0.75:float32", "balanced:0.75:float32:fused"} <= set(remainder)
+    assert all(0 < r["median_s"] < 10 for r in remainder.values())
+    profile = open(os.path.join(tmp_path, "e2e_profile.md")).read()
+    assert "our sparse ops" in profile and all(f"| {name} |" in profile for name in remainder)
 
 
 def _check_case_ratios_e2e(rows):
@@ -303,3 +311,48 @@ def test_gpu_triton_starts_no_case_after_its_deadline(monkeypatch):
     gpu_triton = _gpu_triton(monkeypatch)
     rows, errors = gpu_triton.run(16, torch.device("cpu"), _TINY, _ENV, deadline=0.0)
     assert rows == [] and errors == []
+
+
+def test_peers_configuration_and_densified_model():
+    """benchmarks.peers: NAME=PYTHON pairs checked; a densified sparse model computes what the sparse one does."""
+    from benchmarks import peers
+
+    with pytest.raises(ValueError, match="expected NAME=PYTHON with NAME one of"):
+        peers.configured("tensorrt=/usr/bin/python3")
+    with pytest.raises(ValueError, match="is not an executable Python"):
+        peers.configured("deepsparse=/nonexistent/python")
+    got = peers.configured(f"deepsparse={sys.executable}")
+    assert got["deepsparse"] == sys.executable
+    assert all(name in " ".join(peers.missing({})) for name in peers.RUNTIMES)
+    model = e2e_bert.build_model(e2e_bert.PRESETS["tiny"].config)
+    sp = e2e_bert.sparsify(model, "block", 0.75)
+    dense = peers.densified(sp)
+    assert not any(isinstance(m, sparse.nn.SparseLinear) for m in dense.modules())
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(e2e_bert.forward_fn(dense, ids)(), e2e_bert.forward_fn(sp, ids)())
+    with pytest.raises(ValueError, match="activation 'gelu' is fused"):
+        peers.densified(e2e_bert.sparsify(model, "block", 0.75, fuse=True))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepsparse") is not None, reason="deepsparse importable here")
+def test_peer_that_cannot_start_says_why(tmp_path):
+    from benchmarks import peers
+
+    with pytest.raises(RuntimeError, match="deepsparse did not start: .*No module named 'deepsparse'"):
+        peers.Peer("deepsparse", sys.executable, str(tmp_path / "none.onnx"), batch=1, seq=8, vocab=10, threads=1)
+
+
+@pytest.mark.slow  # exports a model and starts a runtime
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+                    reason="onnxruntime and onnx are optional (peers only)")
+def test_onnxruntime_peer_runs_and_profiles(tmp_path):
+    from benchmarks import peers
+
+    model = e2e_bert.build_model(e2e_bert.PRESETS["tiny"].config)
+    path = peers.export_bert(peers.densified(e2e_bert.sparsify(model, "block", 0.75)), 1, 16, str(tmp_path / "m.onnx"))
+    with peers.Peer("onnxruntime", sys.executable, path, batch=2, seq=16, vocab=512, threads=1) as peer:
+        peer()
+        ops = peer.profile(2)
+    assert ops and any(k in ops for k in e2e_bert.ORT_MATMUL_OPS) and all(v >= 0 for v in ops.values())
+
+

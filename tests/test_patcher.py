@@ -295,6 +295,25 @@ def test_torch_compile_fullgraph_equals_eager():
         torch.testing.assert_close(compiled(input_ids=IDS).last_hidden_state, eager)
 
 
+@pytest.mark.slow  # torch.compile
+@pytest.mark.parametrize("pattern", ["block", "balanced"])
+def test_sparse_compile_freezing_equals_eager_without_graph_breaks(pattern):
+    """sparse.compile: the whole sparsified model is one graph (our ops traced, not broken on), weights frozen,
+    output equal to eager; the dense-only parts (attention, LayerNorm, GELU) fused by Inductor."""
+    torch.manual_seed(13)
+    model = tiny_bert(layers=2)
+    sparse.sparsify(model, pattern, 0.5, block=16, bank=16, skip_if_slower=False, sample_tokens=0,
+                    fuse_activations=True)
+    eager = hidden(model, IDS)
+    explained = torch._dynamo.explain(model)(input_ids=IDS)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    compiled = sparse.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=IDS).last_hidden_state, eager)
+    with pytest.raises(TypeError, match="must be an nn.Module, got function"):
+        sparse.compile(lambda x: x)
+
+
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(12)
     model = tiny_gpt2(lm_head=True)
