@@ -57,6 +57,68 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
+class SparseWeightView:
+    """What a sparse module answers for ``module.weight``: the properties callers read from an ``nn.Linear``
+    weight (``dtype``, ``device``, ``shape``, ``size()``, ``dim()``, ``numel()``, ``requires_grad``) without a
+    dense copy; :meth:`to_dense` builds the dense ``[out, in]`` tensor on demand (pruned weights are zeros), and
+    nothing keeps it. It is not a tensor: code that computes with ``module.weight`` directly (``F.linear(x,
+    m.weight)``) gets a TypeError naming :meth:`to_dense`, where a dense stand-in would silently cost the memory
+    the sparse format saves. Transformers' T5 and others read ``.weight.dtype`` this way."""
+
+    __slots__ = ("_module",)
+
+    def __init__(self, module: "SparseLinear") -> None:
+        self._module = module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._module.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._module.values.device
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self._module.out_features, self._module.in_features))
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._module.values.requires_grad
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def dim(self) -> int:
+        return 2
+
+    def size(self, dim: Optional[int] = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``[out_features, in_features]`` weight, built now (a new tensor each call)."""
+        return self._module.weight_format.to_dense()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise TypeError(
+            f"{getattr(func, '__name__', func)} got the weight of a sparse layer, which is not a tensor; use "
+            "module(x) for the layer's output, or module.weight.to_dense() for a dense copy"
+        )
+
+    def __repr__(self) -> str:
+        return (f"SparseWeightView({type(self._module).__name__}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+                f"device={self.device})")
+
+
 class SparseLinear(nn.Module):
     """Common part of the sparse Linear modules: bias, activation, backend choice, summaries.
 
@@ -147,6 +209,12 @@ class SparseLinear(nn.Module):
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
+
+    @property
+    def weight(self) -> SparseWeightView:
+        """``dtype``, ``device`` and ``shape`` of the weight as an ``nn.Linear``'s would have them, for code that
+        reads them (a :class:`SparseWeightView`; the kept values are the ``values`` parameter)."""
+        return SparseWeightView(self)
 
     @property
     def sparsity(self) -> float:

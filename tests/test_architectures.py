@@ -1,0 +1,125 @@
+"""sparse.sparsify as a drop-in across Hugging Face architectures (tiny random configs): an encoder (BERT), a
+decoder with ``generate()`` (GPT-2, Llama), an encoder-decoder with ``generate()`` (T5, whose feed-forward block
+reads ``wo.weight.dtype``) and a vision encoder (ViT). Each sparsified model computes what the dense model with
+the same pruned weights computes, and greedy generation gives the same tokens. Also the ``weight`` that sparse
+modules answer for callers that read an ``nn.Linear``'s."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparse
+from sparse.nn import SparseLinear, SparseWeightView
+from tests.helpers import assert_close_to_ref
+from tests.test_patcher import masked_dense
+
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=32)
+    return transformers.BertModel(cfg)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _t5():
+    cfg = transformers.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+def _vit():
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128)
+    return transformers.ViTModel(cfg)
+
+
+PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _encode(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).last_hidden_state
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _seq2seq_logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, decoder_input_ids=IDS[:, :5]).logits
+
+
+def _vision(model):
+    with torch.no_grad():
+        return model(pixel_values=PIXELS).last_hidden_state
+
+
+def _generate(model):
+    with torch.no_grad():
+        return model.generate(input_ids=IDS, max_new_tokens=6, do_sample=False, num_beams=1)
+
+
+ARCHS = {
+    "bert (encoder)": (_bert, [_encode]),
+    "gpt2 (decoder)": (_gpt2, [_logits, _generate]),
+    "llama (decoder)": (_llama, [_logits, _generate]),
+    "t5 (encoder-decoder)": (_t5, [_seq2seq_logits, _generate]),
+    "vit (vision)": (_vit, [_vision]),
+}
+
+
+@pytest.mark.parametrize("pattern", ["block", "balanced"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_sparsified_architecture_matches_masked_dense(arch, pattern):
+    build, runs = ARCHS[arch]
+    torch.manual_seed(0)
+    dense = build().eval()
+    model = copy.deepcopy(dense)
+    kw = dict(sparsity=0.5, block=16) if pattern == "block" else dict(sparsity=0.75, bank=16)
+    report = sparse.sparsify(model, pattern, skip_if_slower=False, sample_tokens=0, **kw)
+    converted = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert converted and len(converted) == len(report.converted), report.to_markdown()
+    ref = masked_dense(dense, model)
+    for run in runs:
+        if run is _generate:
+            assert torch.equal(run(model), run(ref)), f"{arch}: greedy generation differs from the masked dense model"
+        else:
+            assert_close_to_ref(run(model), run(copy.deepcopy(ref).double()), run(ref))
+
+
+def test_weight_view_answers_like_a_linear_weight():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    m = sparse.BlockSparseLinear.from_linear(lin, block=16, sparsity=0.5)
+    w = m.weight
+    assert isinstance(w, SparseWeightView) and not isinstance(w, torch.Tensor)
+    assert (w.dtype, w.device, w.shape, w.size(), w.size(0), w.size(-1)) == (
+        torch.float32, torch.device("cpu"), torch.Size([48, 64]), torch.Size([48, 64]), 48, 64)
+    assert (w.ndim, w.dim(), w.numel(), w.requires_grad, w.is_cuda) == (2, 2, 48 * 64, True, False)
+    torch.testing.assert_close(w.to_dense(), m.weight_format.to_dense())
+    assert w.to_dense() is not w.to_dense(), "the dense copy is built on demand, never kept"
+    assert "weight" not in dict(m.named_parameters()) and "weight" not in m.state_dict()
+    m.to(torch.float64)
+    assert m.weight.dtype == torch.float64  # follows the module
+    with pytest.raises(TypeError, match=r"weight of a sparse layer, which is not a tensor; use module\(x\)"):
+        torch.nn.functional.linear(torch.randn(2, 64), m.weight)
