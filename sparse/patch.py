@@ -37,7 +37,21 @@ __all__ = [
     "sparsify", "compile", "SparsifyReport", "LayerReport", "Fusion", "FusedActivation", "activation_name", "Filter"
 ]
 
-PATTERNS = ("block", "balanced")
+PATTERNS = ("block", "balanced", "auto")
+
+# The exact formats pattern="auto" tries on a layer's existing zeros, fastest kernels first: square blocks, then
+# balanced banks (keep = the most nonzeros of any bank), then column and row vectors.
+AUTO_CANDIDATES: Tuple[Tuple[str, Dict[str, Any]], ...] = (
+    ("block", {"block": 32}),
+    ("block", {"block": 16}),
+    ("balanced", {"bank": 32}),
+    ("balanced", {"bank": 16}),
+    ("block", {"block": (8, 1)}),
+    ("block", {"block": (4, 1)}),
+    ("block", {"block": (1, 4)}),
+)
+# A candidate storing more than this fraction of the weight saves too little to be worth timing.
+AUTO_MAX_DENSITY = 0.85
 
 CONVERTED = "converted"
 KEPT_DENSE = "kept-dense-because-slower"
@@ -263,6 +277,11 @@ def _resolve_pattern_args(
 ) -> Dict[str, Any]:
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+    if pattern == "auto":
+        if sparsity is not None or keep is not None:
+            raise ValueError("pattern='auto' keeps the zeros each layer already has; sparsity= and keep= are for "
+                             "pruning by magnitude with pattern='block' or 'balanced'")
+        return {"formats": "the exact one of blocks 32/16, balanced banks 32/16, vectors 8x1/4x1/1x4"}
     if pattern == "block":
         sparsity = _check_sparsity(0.5 if sparsity is None else sparsity)
         BlockSparseWeight._parse_block(block, (1 << 30, 1 << 30))  # type/positivity only; fit is per layer
@@ -283,6 +302,108 @@ def _resolve_pattern_args(
                 f"{1 - keep / bank:.4f}); give one"
             )
     return {"bank": bank, "keep": keep}
+
+
+def layer_mask(layer: nn.Module) -> Tuple[torch.Tensor, str]:
+    """The ``[out, in]`` bool mask of the weights a dense layer keeps, and where it came from: the mask of
+    ``torch.nn.utils.prune`` (``weight_mask``), of a ``torch.nn.utils.parametrize`` parametrization holding a
+    ``mask`` of the weight's shape, or else the weight's nonzeros."""
+    W = dense_weight_of(layer)
+    shape = tuple(W.shape)
+    transposed = _is_conv1d(layer)  # Conv1D stores [in, out]; its masks too
+    mask = getattr(layer, "weight_mask", None)
+    source = "torch.nn.utils.prune mask"
+    if not isinstance(mask, torch.Tensor):
+        mask, source = None, ""
+        for p in getattr(getattr(layer, "parametrizations", None), "weight", ()):
+            m = getattr(p, "mask", None)
+            if isinstance(m, torch.Tensor) and tuple(m.t().shape if transposed else m.shape) == shape:
+                mask, source = m, f"{type(p).__name__} parametrization mask"
+                break
+    if mask is None:
+        return W.detach() != 0, "nonzeros"
+    mask = (mask.t() if transposed else mask).detach().to(device=W.device)
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{source} has shape {tuple(mask.shape)}, expected the weight's {shape}")
+    # where the mask keeps a weight that is zero anyway, the weight decides nothing; the mask's zeros must be zeros
+    return mask.bool() | (W.detach() != 0), source
+
+
+def _auto_candidates(layer: nn.Module, mask: torch.Tensor, activation: str) -> List[Tuple[str, SparseLinear]]:
+    """Every format of AUTO_CANDIDATES that represents ``layer`` exactly (its weight equal to the dense one) and
+    stores at most AUTO_MAX_DENSITY of it: [(label, module)]."""
+    W = dense_weight_of(layer).detach()
+    out = []
+    for fmt, kw in AUTO_CANDIDATES:
+        try:
+            if fmt == "block":
+                sp = BlockSparseLinear.from_linear(layer, block=kw["block"], mask=mask, activation=activation)
+                bo, bi = sp.block
+                label = f"block {bo}x{bi}"
+            else:
+                bank = kw["bank"]
+                n_banks = -(-W.shape[1] // bank)
+                padded = torch.zeros(W.shape[0], n_banks * bank, dtype=torch.bool, device=mask.device)
+                padded[:, : W.shape[1]] = mask
+                keep = max(1, int(padded.view(W.shape[0], n_banks, bank).sum(-1).max()))
+                sp = BalancedSparseLinear.from_linear(layer, bank=bank, keep=keep, activation=activation)
+                label = f"balanced bank {bank} keep {keep}"
+        except (ValueError, TypeError):
+            continue  # this format does not fit the layer's shape
+        if sp.weight_format.nbytes >= AUTO_MAX_DENSITY * W.numel() * W.element_size():
+            continue
+        if not torch.equal(sp.weight_format.to_dense(), W):
+            continue  # not exact (cannot happen by construction; never change the model's function)
+        out.append((label, sp))
+    return out
+
+
+def _choose_auto(name: str, layer: nn.Module, rep: LayerReport, mask: Optional[torch.Tensor], activation: str,
+                 dense_fn: Optional[Callable[[torch.Tensor], torch.Tensor]], x: Optional[torch.Tensor], repeats: int,
+                 no_zeros: List[str]) -> Optional[SparseLinear]:
+    """pattern="auto" for one layer: the fastest exact format for its zeros (timed against the dense layer when
+    ``x`` is given; else the one that stores the fewest bytes), or None with ``rep.reason`` saying why not."""
+    W = dense_weight_of(layer)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(W.shape):
+            raise ValueError(f"layer {name!r}: pattern='auto' needs a bool mask of the weight's shape "
+                             f"{tuple(W.shape)}, got {getattr(mask, 'dtype', type(mask).__name__)} "
+                             f"{tuple(getattr(mask, 'shape', ()))}")
+        if (W.detach()[~mask.to(W.device)] != 0).any():
+            raise ValueError(f"layer {name!r}: the mask drops nonzero weights; pattern='auto' never changes the "
+                             "layer's function (use pattern='block'/'balanced' with masks= to prune)")
+        source = "masks="
+        mask = mask.to(W.device) | (W.detach() != 0)
+    else:
+        try:
+            mask, source = layer_mask(layer)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from err
+    zeros = 1.0 - float(mask.float().mean())
+    if zeros == 0.0:
+        rep.reason = f"no zero weight ({source}): nothing for pattern='auto' to keep out"
+        no_zeros.append(name)
+        return None
+    cands = _auto_candidates(layer, mask, activation)
+    if not cands:
+        rep.reason = (f"{100 * zeros:.1f}% zeros ({source}), but no exact format stores them in under "
+                      f"{AUTO_MAX_DENSITY:.0%} of the dense bytes")
+        return None
+    if x is None:
+        label, sp = min(cands, key=lambda c: c[1].nbytes)
+        rep.reason = f"{100 * zeros:.1f}% zeros ({source}); the exact format with the fewest bytes (not timed)"
+    else:
+        fns = {"dense": (lambda: dense_fn(x))}
+        fns.update({lbl: (lambda s=s: s(x)) for lbl, s in cands})
+        with torch.no_grad():
+            t = timing.interleaved(fns, repeats=repeats, warmup=2, device=x)
+        ms = {k: v.median * 1e3 for k, v in t.items()}
+        label, sp = min(cands, key=lambda c: ms[c[0]])
+        rep.dense_ms, rep.sparse_ms = ms["dense"], ms[label]
+        rep.reason = f"{100 * zeros:.1f}% zeros ({source}); fastest exact format of " + ", ".join(
+            f"{lbl} {ms[lbl]:.3f} ms" for lbl, _ in cands)
+    rep.pattern = label
+    return sp
 
 
 def _build(
@@ -319,8 +440,12 @@ def sparsify(
 
     Args:
         model: any ``nn.Module`` (Hugging Face Transformers models, ``nn.Sequential`` MLPs, ...).
-        pattern: ``"block"`` (BlockSparseLinear: the blocks of largest L2 norm are kept) or ``"balanced"``
-            (BalancedSparseLinear: the ``keep`` largest-magnitude weights of each bank).
+        pattern: ``"block"`` (BlockSparseLinear: the blocks of largest L2 norm are kept), ``"balanced"``
+            (BalancedSparseLinear: the ``keep`` largest-magnitude weights of each bank) or ``"auto"``: no
+            pruning; each layer's existing zeros (those of a pruned checkpoint, a ``torch.nn.utils.prune``
+            ``weight_mask``, a ``parametrize`` mask, or ``masks``) go into the fastest format that holds them
+            exactly (timed against the dense layer; without timing, the fewest bytes). A layer without zeros, or
+            whose zeros no format stores in under 85% of the dense bytes, stays dense; the report says why.
         sparsity: fraction dropped, in [0, 1); default 0.5. For ``"balanced"`` it sets
             ``keep = round(bank * (1 - sparsity))`` unless ``keep`` is given.
         block: block size (int or ``(rows, cols)``); bank, keep: balanced parameters.
@@ -415,20 +540,11 @@ def sparsify(
     fit_errors: List[str] = []
     applied: List[Fusion] = []
     pending: List[Tuple[nn.Module, str, FusedActivation]] = []  # applied with the replacements, after every check
+    no_zeros: List[str] = []  # pattern="auto": layers without a zero
     for name, (m, rep) in by_name.items():
         act, act_parent, act_attr = fusions.get(name, ("none", None, None))
         mask = masks.get(name) if masks is not None else None
-        try:
-            sp = _build(pattern, m, args, mask, act)
-        except ValueError as err:
-            if mask is not None:
-                raise ValueError(f"layer {name!r}: {err}") from err
-            rep.reason = str(err)
-            fit_errors.append(f"{name} {rep.shape[0]}x{rep.shape[1]}: {err}")
-            continue
-        rep.pattern = pattern
-        rep.sparsity = sp.sparsity
-        rep.bytes_after = sp.nbytes
+        x = dense_fn = None
         if sample_tokens:
             W = dense_weight_of(m)
             # A private generator: timing must not move the caller's random stream.
@@ -438,7 +554,24 @@ def sparsify(
                 dense_fn = (lambda t, m=m, a=getattr(act_parent, act_attr): a(m(t)))
             else:
                 dense_fn = m
-            rep.dense_ms, rep.sparse_ms = _time_pair(dense_fn, sp, x, repeats)
+        if pattern == "auto":
+            sp = _choose_auto(name, m, rep, mask, act, dense_fn, x, repeats, no_zeros)
+            if sp is None:
+                continue
+        else:
+            try:
+                sp = _build(pattern, m, args, mask, act)
+            except ValueError as err:
+                if mask is not None:
+                    raise ValueError(f"layer {name!r}: {err}") from err
+                rep.reason = str(err)
+                fit_errors.append(f"{name} {rep.shape[0]}x{rep.shape[1]}: {err}")
+                continue
+            rep.pattern = pattern
+            if sample_tokens:
+                rep.dense_ms, rep.sparse_ms = _time_pair(dense_fn, sp, x, repeats)
+        rep.sparsity = sp.sparsity
+        rep.bytes_after = sp.nbytes
         if skip_if_slower and rep.sparse_ms > rep.dense_ms:
             rep.status = KEPT_DENSE
             rep.reason = f"sparse {rep.sparse_ms:.3f} ms > dense {rep.dense_ms:.3f} ms"
@@ -455,6 +588,10 @@ def sparsify(
             replaced = f"{prefix}.{act_attr}" if prefix else act_attr
             applied.append(Fusion(linear=name, replaced=replaced, activation=act))
             pending.append((act_parent, act_attr, FusedActivation(name, act)))
+    if pattern == "auto" and no_zeros and len(no_zeros) == len(by_name):
+        raise ValueError(f"pattern='auto' found no zero weight in any selected layer ({', '.join(no_zeros[:4])}"
+                         f"{', ...' if len(no_zeros) > 4 else ''}): it converts the zeros a pruned checkpoint has; "
+                         "prune first (sparse.prune), or give pattern='block'/'balanced' and a sparsity")
     if fit_errors and not replacements and not any(r.status == KEPT_DENSE for r in layers):
         raise ValueError(f"the {pattern} pattern {args} fits none of the selected layers: " + "; ".join(fit_errors[:4]))
     replace_modules(model, replacements)
