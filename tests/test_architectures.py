@@ -123,3 +123,69 @@ def test_weight_view_answers_like_a_linear_weight():
     assert m.weight.dtype == torch.float64  # follows the module
     with pytest.raises(TypeError, match=r"weight of a sparse layer, which is not a tensor; use module\(x\)"):
         torch.nn.functional.linear(torch.randn(2, 64), m.weight)
+
+
+# ---- layer dropping (sparse.prune.drop_layers) ----------------------------------------------------------------
+def _fresh_with(model):
+    """A model built from ``model``'s (updated) config, loaded with ``model``'s weights: proves the config and
+    the kept layers agree (strict load) and gives an independent model to compare outputs with."""
+    fresh = type(model)(copy.deepcopy(model.config)).eval()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    return fresh
+
+
+DROP = {  # arch -> (keep, the stacks it must find, a stack's expected kept indices)
+    "bert (encoder)": (1, {"encoder.layer": [0]}),
+    "gpt2 (decoder)": ([1], {"transformer.h": [1]}),
+    "llama (decoder)": ([1], {"model.layers": [1]}),
+    "t5 (encoder-decoder)": (1, {"encoder.block": [0], "decoder.block": [0]}),
+    "vit (vision)": ([0], {"layers": [0]}),  # transformers 5: ViTModel.layers
+}
+
+
+@pytest.mark.parametrize("arch", list(DROP))
+def test_drop_layers_keeps_a_consistent_shallower_model(arch):
+    from sparse.prune import drop_layers
+
+    build, runs = ARCHS[arch]
+    keep, expected = DROP[arch]
+    torch.manual_seed(0)
+    model = build().eval()
+    original = copy.deepcopy(model)
+    plan = drop_layers(model, keep)
+    assert plan == expected
+    fresh = _fresh_with(model)
+    for name, idx in plan.items():
+        stack = model.get_submodule(name)
+        assert len(stack) == len(idx)
+        for j, i in enumerate(idx):  # the kept layers are the original ones, in order, renumbered for the cache
+            orig = original.get_submodule(name)[i]
+            assert all(torch.equal(a, b) for a, b in zip(stack[j].state_dict().values(), orig.state_dict().values()))
+            assert all(m.layer_idx == j for m in stack[j].modules() if isinstance(getattr(m, "layer_idx", None), int))
+    for run in runs:
+        if run is _generate:
+            assert torch.equal(run(model), run(fresh))
+        else:
+            torch.testing.assert_close(run(model), run(fresh))
+    # and the shallower model sparsifies like any other
+    sparse.sparsify(model, "block", 0.5, block=16, skip_if_slower=False, sample_tokens=0)
+    for run in runs:
+        run(model)
+
+
+def test_drop_layers_refuses_bad_keep():
+    from sparse.prune import drop_layers, every_other
+
+    assert every_other(12, 6) == [0, 2, 4, 6, 8, 10] and every_other(12, 12) == list(range(12))
+    with pytest.raises(ValueError, match=r"keep must be an int in \[1, 2\]"):
+        drop_layers(_bert(), 3)
+    with pytest.raises(ValueError, match=r"indices \[5\] are out of range \[0, 2\)"):
+        drop_layers(_bert(), [0, 5])
+    with pytest.raises(ValueError, match="must be increasing and without repeats"):
+        drop_layers(_bert(), [1, 0])
+    with pytest.raises(ValueError, match=r"keep names \['decoder.layer'\], which are not layer stacks"):
+        drop_layers(_bert(), {"decoder.layer": 1})
+    with pytest.raises(ValueError, match="layer 0 holds the relative position bias"):
+        drop_layers(_t5(), [1])
+    with pytest.raises(ValueError, match="has no stack of Transformer layers"):
+        drop_layers(nn.Sequential(nn.Linear(4, 4)), 1)
