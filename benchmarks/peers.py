@@ -26,8 +26,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from sparse import walk
-from sparse.nn import SparseLinear
+from sparse.export import densify, export_onnx
 
 RUNTIMES = ("onnxruntime", "deepsparse", "openvino")
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_runner.py")
@@ -62,17 +61,8 @@ def missing(peers: Dict[str, str]) -> List[str]:
 
 
 def densified(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every sparse layer as an equal dense ``nn.Linear`` (pruned weights are zeros).
-    The sparse layers must not carry a fused activation (sparsify with ``fuse_activations=False``)."""
-    model = copy.deepcopy(model)
-    replacements = {}
-    for name, m in walk.linear_layers(model):
-        if isinstance(m, SparseLinear):
-            if m.activation != "none":
-                raise ValueError(f"{name}: activation {m.activation!r} is fused; densify an unfused model")
-            replacements[id(m)] = m.to_linear()
-    walk.replace_modules(model, replacements)
-    return model
+    """A copy of ``model`` with every sparse layer as an equal dense ``nn.Linear`` (``sparse.export.densify``)."""
+    return densify(model)
 
 
 class _LastHidden(nn.Module):
@@ -89,21 +79,13 @@ def export_bert(model: nn.Module, batch: int, seq: int, path: str) -> str:
     (the batch dimension dynamic; ``batch`` is the size traced), output ``last_hidden_state``, eager attention
     (what every runtime's BERT fusions recognise), opset 17, IR version 8 (DeepSparse 1.8's onnx 1.14 reads no
     newer)."""
-    import onnx  # torch.onnx needs it too; without it the ImportError says what to install
-
     from sparse.evaluate import set_attention
 
     m = copy.deepcopy(model).float().eval()
     set_attention(m, "eager")
-    ids = torch.zeros(batch, seq, dtype=torch.long)
-    with torch.no_grad():
-        torch.onnx.export(_LastHidden(m), (ids,), path, input_names=["input_ids"],
-                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
-                          dynamic_axes={"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}})
-    proto = onnx.load(path)
-    proto.ir_version = 8
-    onnx.save(proto, path)
-    return path
+    return export_onnx(_LastHidden(m), path, torch.zeros(batch, seq, dtype=torch.long), input_names=["input_ids"],
+                       output_names=["last_hidden_state"], opset_version=17, ir_version=8,
+                       dynamic_axes={"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}})
 
 
 class Peer:
