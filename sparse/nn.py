@@ -8,7 +8,7 @@ until someone re-prunes. The backend that runs the kernels is chosen once, when 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from . import ops, runtime
 from .formats import BalancedSparseWeight, BlockSparseWeight
 from .formats import _kernel_layout as _block_kernel_layout
 
-__all__ = ["BlockSparseLinear", "BalancedSparseLinear", "SparseLinear"]
+__all__ = ["BlockSparseLinear", "BalancedSparseLinear", "SparseLinear", "SparseWeightView", "contiguous_parameters"]
 
 _BLOCK_META = ("row_offsets", "col_indices", "col_offsets", "row_indices", "block_perm")
 
@@ -458,3 +458,22 @@ def dense_nbytes(module: nn.Module) -> int:
     """Bytes of a dense layer's weight and bias."""
     return sum(p.numel() * p.element_size() for p in (module.weight, getattr(module, "bias", None)) if p is not None)
 
+
+
+def contiguous_parameters(model: nn.Module) -> List[str]:
+    """Makes every parameter of the sparse layers in ``model`` contiguous, in place, and returns the names of
+    those it changed: what ``torch.distributed.fsdp.fully_shard`` (FSDP2) needs, since it shards only
+    contiguous parameters. A block-sparse layer keeps its ``values`` in the kernels' layout (each block stored
+    transposed, a non-contiguous view); after this call they are plain ``[nnz_blocks, bo, bi]`` and each call
+    re-lays them out for the kernels (a copy of the values, small beside the all-gather FSDP does per forward).
+    Outputs and gradients do not change. Call it before ``fully_shard``."""
+    changed = []
+    for name, m in model.named_modules():
+        if not isinstance(m, SparseLinear):
+            continue
+        for pname, p in list(m.named_parameters(recurse=False)):
+            if not p.is_contiguous():
+                setattr(m, pname, nn.Parameter(p.detach().contiguous(), requires_grad=p.requires_grad))
+                changed.append(f"{name}.{pname}" if name else pname)
+        m._refresh()
+    return changed

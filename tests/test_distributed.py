@@ -19,18 +19,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # two fresh interpreters (~10-20 s)
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-def test_ddp_two_processes_match_one_process(tmp_path):
-    out = tmp_path / "ddp.json"
+def _torchrun(worker: str, out) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), os.path.join(HERE, "dist", "ddp_worker.py"), str(out)]
+           "--master-port", str(_free_port()), os.path.join(HERE, "dist", worker), str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+needs_dist = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+@pytest.mark.slow  # two fresh interpreters (~10-20 s)
+@needs_dist
+def test_ddp_two_processes_match_one_process(tmp_path):
+    res = _torchrun("ddp_worker.py", tmp_path / "ddp.json")
     assert res["world"] == 2
     for step in res["log"]:  # the same loss curve and gradients as one process on the same global batches
         assert step["ddp_loss"] == pytest.approx(step["single_loss"], rel=1e-5, abs=1e-6), res["log"]
         assert step["grad_diff"] < 1e-5, res["log"]
     assert res["same_masks"] and res["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.slow  # two fresh interpreters
+@needs_dist
+def test_fsdp2_shards_sparse_layers_and_matches_one_process(tmp_path):
+    res = _torchrun("fsdp_worker.py", tmp_path / "fsdp.json")
+    assert res["world"] == 2 and res["changed"] == ["0.values"]  # the block layer's transposed-view values
+    for step in res["log"]:
+        assert step["out_diff"] < 1e-5 and step["grad_diff"] < 1e-5, res["log"]
+        assert step["loss"] == pytest.approx(step["single_loss"], rel=1e-5), res["log"]
+
+
+def test_contiguous_parameters_keeps_outputs_and_gradients():
+    import copy
+
+    from torch import nn
+
+    import sparse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    sparse.sparsify(model, "block", 0.5, block=16, skip_if_slower=False, sample_tokens=0)
+    ref = copy.deepcopy(model)
+    assert not model[0].values.is_contiguous()
+    assert sparse.nn.contiguous_parameters(model) == ["0.values", "2.values"]
+    assert all(p.is_contiguous() for p in model.parameters())
+    x = torch.randn(5, 32, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    model(x).square().sum().backward()
+    ref(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert sparse.nn.contiguous_parameters(model) == []
