@@ -1,5 +1,5 @@
 """Sparse models under DistributedDataParallel: 2 gloo processes on this machine (loopback), started by
-torch.distributed.run; see tests/dist/ddp_worker.py for what each rank does."""
+torch.distributed.run; see tests/workers/ddp_worker.py for what each rank does."""
 
 import json
 import os
@@ -19,13 +19,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(worker: str, out) -> dict:
+def _torchrun(worker: str, out, *extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), os.path.join(HERE, "dist", worker), str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+           "--master-port", str(_free_port()), os.path.join(HERE, "workers", worker), str(out), *extra]
+    timeout = float(os.environ.get("SPARSEKERN_DIST_TIMEOUT", 300))  # each worker's watchdog fires at 120 s
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{worker} timed out: {(exc.stderr or b'')[-3000:]!r}") from None
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()) if out.exists() else {}
 
 
 needs_dist = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -74,3 +78,23 @@ def test_contiguous_parameters_keeps_outputs_and_gradients():
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
     assert sparse.nn.contiguous_parameters(model) == []
+
+
+@pytest.mark.slow  # two fresh interpreters
+@needs_dist
+def test_ranks_with_different_patterns_are_refused_naming_the_layer(tmp_path):
+    out = tmp_path / "mismatch.json"
+    _torchrun("ddp_worker.py", out, "mismatch")
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"mismatch.json.{rank}").read_text())
+        assert res["checked"] == 2  # the same model on both ranks passes
+        assert res["error"] and res["error"].startswith("layer '0': its sparsity pattern on rank 1 differs"), res
+
+
+def test_check_patterns_agree_needs_a_process_group():
+    from torch import nn
+
+    from sparse.distributed import check_patterns_agree
+
+    with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
+        check_patterns_agree(nn.Linear(2, 2))
