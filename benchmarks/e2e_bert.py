@@ -53,13 +53,14 @@ class Preset:
     threads: int = 2
     config: Optional[Dict[str, int]] = None  # BertConfig overrides (None: BERT-base)
     peers: bool = True  # other runtimes (benchmarks.peers) as contenders, where configured
+    aoti: bool = False  # an AOTInductor package of the fused fp32 block model at the top sparsity (minutes to build)
 
 
 PRESETS: Dict[str, Preset] = {
     "quick": Preset(batches=[1, 8], train_batches=[8], sparsities=[0.9], patterns=["block", "balanced"], compile=True,
                     bf16_sparse=True, train_patterns=["block"], rounds=5),
     "full": Preset(batches=[1, 8], train_batches=[8], sparsities=[0.5, 0.75, 0.9], patterns=["block", "balanced"],
-                   compile=True, bf16_sparse=True, train_patterns=["block", "balanced"], rounds=5),
+                   compile=True, bf16_sparse=True, train_patterns=["block", "balanced"], rounds=5, aoti=True),
     # Seconds-long run for the smoke test: a toy 1-layer encoder, no torch.compile (numbers mean nothing).
     "tiny": Preset(batches=[1], train_batches=[1], sparsities=[0.75], patterns=["block", "balanced"], compile=False,
                    bf16_sparse=False, train_patterns=["block", "balanced"], rounds=2,
@@ -126,6 +127,31 @@ def compiled_forward(model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     return forward_fn(sparse.compile(copy.deepcopy(model)), ids)
+
+
+class _LastHidden(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).last_hidden_state
+
+
+def aoti_forward(model: nn.Module, ids: torch.Tensor, tmp: str) -> Callable[[], torch.Tensor]:
+    """``model`` through ``torch.export`` and ``torch._inductor.aoti_compile_and_package`` (built for ``ids``'s
+    shape), loaded back as a serving process would load it."""
+    with torch.no_grad():
+        program = torch.export.export(_LastHidden(model).eval(), (ids,))
+        path = torch._inductor.aoti_compile_and_package(
+            program, package_path=os.path.join(tmp, f"aoti_{id(model)}_{ids.shape[0]}.pt2"))
+    run = torch._inductor.aoti_load_package(path)
+
+    def call():
+        with torch.no_grad():
+            return run(ids)
+
+    return call
 
 
 def _first_line(exc: BaseException) -> str:
@@ -286,6 +312,16 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                         cs.append(Contender(name, compiled[name], {**info, "notes": notes}))
                     except Exception as exc:  # an inductor failure must not lose the rest of the run
                         skipped.append(f"{op} batch {batch} torch.compile {name}: {_first_line(exc)}")
+            if not training and p.aoti:
+                key = ("block", top, "float32", True)
+                if key in sparse_models:
+                    name = f"aoti_block:{top}:float32:fused"
+                    try:
+                        cs.append(Contender(name, aoti_forward(sparse_models[key], ids, tmp),
+                                            {**_pattern_info("block", top), "backend": "AOTInductor package",
+                                             "dtype": "float32", "notes": "torch.export + aoti_compile_and_package"}))
+                    except Exception as exc:  # reported, not fatal
+                        skipped.append(f"{op} batch {batch} AOTInductor {name}: {_first_line(exc)}")
             running = [] if training else _start_peers(pythons, peer_files, batch, base.config.vocab_size, p,
                                                        hidden, skipped)
             cs += [Contender(name, peer, info) for name, peer, info in running]
