@@ -58,7 +58,7 @@ class Preset:
 
 PRESETS: Dict[str, Preset] = {
     "quick": Preset(batches=[1, 8], train_batches=[8], sparsities=[0.9], patterns=["block", "balanced"], compile=True,
-                    bf16_sparse=True, train_patterns=["block"], rounds=5),
+                    bf16_sparse=True, train_patterns=["block"], rounds=5, aoti=True),
     "full": Preset(batches=[1, 8], train_batches=[8], sparsities=[0.5, 0.75, 0.9], patterns=["block", "balanced"],
                    compile=True, bf16_sparse=True, train_patterns=["block", "balanced"], rounds=5, aoti=True),
     # Seconds-long run for the smoke test: a toy 1-layer encoder, no torch.compile (numbers mean nothing).
