@@ -129,20 +129,11 @@ def compiled_forward(model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.
     return forward_fn(sparse.compile(copy.deepcopy(model)), ids)
 
 
-class _LastHidden(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).last_hidden_state
-
-
 def aoti_forward(model: nn.Module, ids: torch.Tensor, tmp: str) -> Callable[[], torch.Tensor]:
     """``model`` through ``torch.export`` and ``torch._inductor.aoti_compile_and_package`` (built for ``ids``'s
     shape), loaded back as a serving process would load it."""
     with torch.no_grad():
-        program = torch.export.export(_LastHidden(model).eval(), (ids,))
+        program = torch.export.export(peers.LastHidden(model).eval(), (ids,))
         path = torch._inductor.aoti_compile_and_package(
             program, package_path=os.path.join(tmp, f"aoti_{id(model)}_{ids.shape[0]}.pt2"))
     run = torch._inductor.aoti_load_package(path)
@@ -167,7 +158,7 @@ def _peer_models(base: nn.Module, sparse_models: Dict[tuple, nn.Module], top: fl
     for pattern in ("block", "balanced"):
         m = sparse_models.get((pattern, top, "float32", False))
         if m is not None:
-            todo.append((f"{pattern}:{top}", peers.densified(m), _pattern_info(pattern, top)))
+            todo.append((f"{pattern}:{top}", sparse.densify(m), _pattern_info(pattern, top)))
     for label, model, info in todo:
         try:
             path = os.path.join(tmp, label.replace(":", "_") + ".onnx")
@@ -441,32 +432,17 @@ def _profile_markdown(split: Sequence[Split], batch: int, p: Preset) -> List[str
 
 def _remainder_rows(split: Sequence[Split], common: Dict[str, object], case: str) -> List[dict]:
     """Rows (op ``bert_forward_remainder``) holding each profiled model's remainder (its time outside Linear and
-    MatMul kernels) as ``median_s``, against ONNX Runtime's remainder where it ran (else the dense eager one)."""
-    import datetime as _dt
-
-    from .harness import COLUMNS, machine_info
+    MatMul kernels) as ``median_s``, against ONNX Runtime's remainder where it ran (else the first model's)."""
+    from .harness import Timing
 
     if not split:
         return []
-    ort = next((s for s in split if s.name.startswith("onnxruntime:")), None)
-    base = ort or split[0]
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    rows = []
-    for s in split:
-        row = {k: "" for k in COLUMNS}
-        row.update(machine_info("cpu"))
-        row.update(common)
-        row.update({k: v for k, v in s.info.items() if k in COLUMNS})
-        density = float(row["density"]) if row["density"] not in ("", None) else 1 - float(row["sparsity"] or 0)
-        row.update(density=round(density, 6), sparsity=round(1 - density, 6))
-        row.update({"bench": "e2e_bert", "case": case, "op": str(common["op"]) + "_remainder", "backend": s.name,
-                    "dtype": "float32", "median_s": s.remainder / 1e3, "p10_s": s.remainder / 1e3,
-                    "p90_s": s.remainder / 1e3, "repeats": 1, "baseline": base.name,
-                    "baseline_s": base.remainder / 1e3, "ratio": base.remainder / s.remainder if s.remainder else "",
-                    "notes": f"profiled: total {s.total:.1f} ms, Linear/MatMul {s.linear:.1f} ms", "timestamp": now,
-                    "ideal_ratio": 1 / density})
-        rows.append(row)
-    return rows
+    base = next((s for s in split if s.name.startswith("onnxruntime:")), split[0])
+    contenders = [Contender(s.name, lambda: None, {**s.info, "backend": s.name, "dtype": "float32",
+                                                   "notes": f"profiled: total {s.total:.1f} ms, Linear/MatMul "
+                                                            f"{s.linear:.1f} ms"}) for s in split]
+    timings = {s.name: Timing(s.remainder / 1e3, s.remainder / 1e3, s.remainder / 1e3, 1) for s in split}
+    return make_rows("e2e_bert", case, {**common, "op": f"{common['op']}_remainder"}, contenders, timings, base.name)
 
 
 def _write_profile(lines: List[str], p: Preset, out_dir: str) -> str:

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from sparse.export import densify, export_onnx
+from sparse.export import export_onnx
 
 RUNTIMES = ("onnxruntime", "deepsparse", "openvino")
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_runner.py")
@@ -60,12 +60,10 @@ def missing(peers: Dict[str, str]) -> List[str]:
     return [f"{name}: not run: not configured ({HOW[name]})" for name in RUNTIMES if name not in peers]
 
 
-def densified(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every sparse layer as an equal dense ``nn.Linear`` (``sparse.export.densify``)."""
-    return densify(model)
+class LastHidden(nn.Module):
+    """A transformers encoder as ``input_ids -> last_hidden_state`` (export and AOTInductor take positional
+    inputs)."""
 
-
-class _LastHidden(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -83,7 +81,7 @@ def export_bert(model: nn.Module, batch: int, seq: int, path: str) -> str:
 
     m = copy.deepcopy(model).float().eval()
     set_attention(m, "eager")
-    return export_onnx(_LastHidden(m), path, torch.zeros(batch, seq, dtype=torch.long), input_names=["input_ids"],
+    return export_onnx(LastHidden(m), path, torch.zeros(batch, seq, dtype=torch.long), input_names=["input_ids"],
                        output_names=["last_hidden_state"], opset_version=17, ir_version=8,
                        dynamic_axes={"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}})
 

@@ -326,12 +326,12 @@ def test_peers_configuration_and_densified_model():
     assert all(name in " ".join(peers.missing({})) for name in peers.RUNTIMES)
     model = e2e_bert.build_model(e2e_bert.PRESETS["tiny"].config)
     sp = e2e_bert.sparsify(model, "block", 0.75)
-    dense = peers.densified(sp)
+    dense = sparse.densify(sp)
     assert not any(isinstance(m, sparse.nn.SparseLinear) for m in dense.modules())
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(e2e_bert.forward_fn(dense, ids)(), e2e_bert.forward_fn(sp, ids)())
     fused = e2e_bert.sparsify(model, "block", 0.75, fuse=True)  # the GELU comes back after the dense layer
-    torch.testing.assert_close(e2e_bert.forward_fn(peers.densified(fused), ids)(), e2e_bert.forward_fn(fused, ids)())
+    torch.testing.assert_close(e2e_bert.forward_fn(sparse.densify(fused), ids)(), e2e_bert.forward_fn(fused, ids)())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepsparse") is not None, reason="deepsparse importable here")
@@ -349,7 +349,7 @@ def test_onnxruntime_peer_runs_and_profiles(tmp_path):
     from benchmarks import peers
 
     model = e2e_bert.build_model(e2e_bert.PRESETS["tiny"].config)
-    path = peers.export_bert(peers.densified(e2e_bert.sparsify(model, "block", 0.75)), 1, 16, str(tmp_path / "m.onnx"))
+    path = peers.export_bert(sparse.densify(e2e_bert.sparsify(model, "block", 0.75)), 1, 16, str(tmp_path / "m.onnx"))
     with peers.Peer("onnxruntime", sys.executable, path, batch=2, seq=16, vocab=512, threads=1) as peer:
         peer()
         ops = peer.profile(2)
