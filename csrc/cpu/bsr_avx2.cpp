@@ -169,10 +169,11 @@ __attribute__((always_inline)) inline void block_f32(__m256 (&acc)[TT][V], const
   for (int64_t k = 0; k < ib; ++k) step(wk + k * s, k);
 }
 
-// X of a token tile packed as float32 [block column][token][bi] (zeros past `in`): used when the rows are
-// 4 KiB or more apart (in >= 1024 float32), where the tile's rows no longer fit L1 and alias in its sets, and
-// for bfloat16, whose broadcasts then need no scalar conversion. One packing per (panel, tile), a sequential
-// copy the hardware prefetchers follow, instead of scattered block columns read from L2/L3 per block.
+// X of a token tile packed as float32 [block column][token][bi] (zeros past `in`), for bfloat16, whose
+// broadcasts then need no scalar conversion. One packing per (panel, tile), a sequential copy. float32 X is read
+// in place: on a real AVX2-only CPU (Zen 3, 2026-12-03) packing rows 4 KiB or more apart (in >= 1024), which the
+// AVX2 path capped on Zen 5 had preferred, was 10-25% slower at in = 3072 (numbers: docs/measurements.md,
+// "Block-sparse AVX2 forward on a real AVX2 CPU").
 struct PackX {
   float* xs = nullptr;
   int64_t n = 0;  // floats
@@ -278,7 +279,7 @@ void fwd_rows(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
   const int64_t row_bytes = a.bo * a.bi * int64_t(sizeof(E));
   const int64_t nc = (a.in + a.bi - 1) / a.bi;
   // Tiles of 1-2 tokens (decode) stream W and use each X element once per row: packing would only add a copy.
-  const bool pack = a.T >= 3 && (sizeof(E) == 2 || a.ldx * int64_t(sizeof(E)) >= 4096);
+  const bool pack = a.T >= 3 && sizeof(E) == 2;
   float* xs = pack ? pack_buffer(nc * TT * a.bi) : nullptr;
   for (int64_t p0 = r0, p1; p0 < r1; p0 = p1) {
     p1 = p0 + 1;
