@@ -33,5 +33,8 @@ for mode in regular editable; do
   (cd "$src" && git clean -qfdx -e .venv >/dev/null)
 done
 echo "== tests from the clean checkout (extension built in place)"
-(cd "$work/src" && MAX_JOBS=2 "$py" setup.py -q build_ext --inplace >/dev/null 2>&1 && "$py" -m pytest -q tests/test_formats.py tests/test_packaging.py)
+# With the editable venv's Python: the project venv's own editable install maps sparse.kernels to the project
+# checkout, not to this clone (its finder comes after the clone's sparse/ on sys.path).
+edpy="$work/venv-editable/bin/python"
+(cd "$work/src" && MAX_JOBS=2 "$edpy" setup.py -q build_ext --inplace >/dev/null 2>&1 && "$edpy" -m pytest -q tests/test_formats.py tests/test_packaging.py)
 echo "all three ways work"
