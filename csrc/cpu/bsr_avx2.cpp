@@ -389,9 +389,9 @@ void gi_cols(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
   }
 }
 
-// ---------------------------------------------------------------- sddmm
+// ---------------------------------------------------------------- sddmm, in place (fallback)
 // dW[k][o] = sum_t x[t, k] dy[t, o]: vectorised over 16 outputs, KG features at a time, over all tokens.
-constexpr int kSdGroup = 6;
+constexpr int kSdGroup = 6;  // the in-place fallback (no buffer)
 
 template <typename E, int KG>
 void sddmm_group(const BsrSddmmArgs& a, int64_t o0, int64_t nv, int64_t xk0, float* acck) {
@@ -417,7 +417,7 @@ void sddmm_group(const BsrSddmmArgs& a, int64_t o0, int64_t nv, int64_t xk0, flo
 }
 
 template <typename E>
-void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+void sddmm_rows_inplace(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
   alignas(32) float acc[kBsrFastMaxBlock * kLd];  // [k][o] of one block
   E* dw = static_cast<E*>(a.dw);
   const int64_t blk = a.bo * a.bi;
@@ -445,6 +445,109 @@ void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---------------------------------------------------------------- sddmm
+// dW[k][o] = sum_t x[t, k] dy[t, o] over one block. Per block row and chunk of kSdTokens tokens, the row's dy slice
+// [t][bo] is packed contiguous (fp32) once, and per block its x slice [t][bi]: in place, rows out * 4 or in * 4
+// bytes apart (BERT-base: 3 or 12 KiB) fall into a few L1 sets, and the 12 passes of a block over the same tokens
+// each refetched them from L2. A pass: 16 outputs (2 ymm) x KG features over the chunk's tokens, 2KG
+// accumulators; the features of a block are split into ceil(bi / 6) groups of nearly equal size (32 = 6 + 6 + 5 +
+// 5 + 5 + 5), since a last group of 2 would run its 4 accumulator chains at the FMA latency. Sums of a block row go
+// to an fp32 buffer [block][k][kSdLd] that stays in L2, written to dW (masked, converted) after the row's last
+// chunk.
+constexpr int64_t kSdTokens = 64;
+constexpr int64_t kSdLd = kBsrFastMaxBlock;  // floats per feature row of a block's partial sums
+constexpr int kSdMaxGroup = 6;
+
+template <int KG>
+void sddmm_pass(const float* dyp, const float* xp, int64_t tn, float* acck, bool first) {
+  __m256 acc[KG][2];
+#pragma GCC unroll 6
+  for (int j = 0; j < KG; ++j) {
+    acc[j][0] = first ? _mm256_setzero_ps() : _mm256_load_ps(acck + j * kSdLd);
+    acc[j][1] = first ? _mm256_setzero_ps() : _mm256_load_ps(acck + j * kSdLd + 8);
+  }
+  for (int64_t t = 0; t < tn; ++t, dyp += kBsrFastMaxBlock, xp += kBsrFastMaxBlock) {
+    const __m256 g0 = _mm256_load_ps(dyp), g1 = _mm256_load_ps(dyp + 8);
+#pragma GCC unroll 6
+    for (int j = 0; j < KG; ++j) {
+      const __m256 xv = _mm256_broadcast_ss(xp + j);
+      acc[j][0] = _mm256_fmadd_ps(g0, xv, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(g1, xv, acc[j][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int j = 0; j < KG; ++j) {
+    _mm256_store_ps(acck + j * kSdLd, acc[j][0]);
+    _mm256_store_ps(acck + j * kSdLd + 8, acc[j][1]);
+  }
+}
+
+// rows [0, tn) x columns [0, n) of src (row stride ld) -> dst[t * kBsrFastMaxBlock + c] as fp32, columns n..np-1
+// zero (np: n rounded up to 16).
+template <typename E>
+void sddmm_pack(const E* src, int64_t ld, int64_t tn, int64_t n, float* dst) {
+  const int64_t np = (n + 15) / 16 * 16;
+  for (int64_t t = 0; t < tn; ++t, src += ld, dst += kBsrFastMaxBlock)
+    for (int64_t c = 0; c < np; c += 8) _mm256_store_ps(dst + c, load8(src + c, n - c));
+}
+
+// This thread's buffer of n floats (64-byte aligned), kept across calls; null if the allocation fails.
+inline float* sddmm_buffer(int64_t n) {
+  static thread_local PackX s;
+  if (s.n < n) {
+    std::free(s.xs);
+    s.xs = static_cast<float*>(std::aligned_alloc(64, size_t((n * 4 + 63) / 64 * 64)));
+    s.n = s.xs ? n : 0;
+  }
+  return s.xs;
+}
+
+template <typename E>
+void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  alignas(64) float dyp[kSdTokens * kBsrFastMaxBlock], xp[kSdTokens * kBsrFastMaxBlock];
+  E* dw = static_cast<E*>(a.dw);
+  const int64_t blk = a.bo * a.bi, acc_blk = a.bi * kSdLd;
+  int64_t most = 0;
+  for (int64_t r = r0; r < r1; ++r) most = most > a.row_offsets[r + 1] - a.row_offsets[r] ? most : a.row_offsets[r + 1] - a.row_offsets[r];
+  float* acc = sddmm_buffer(most * acc_blk);
+  if (most > 0 && !acc) return sddmm_rows_inplace<E>(a, r0, r1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o0 = r * a.bo, ob = min64(a.bo, a.out - o0);
+    const int64_t pbeg = a.row_offsets[r], pend = a.row_offsets[r + 1];
+    if (pbeg == pend) continue;
+    for (int64_t t0 = 0; t0 < a.T; t0 += kSdTokens) {
+      const int64_t tn = min64(kSdTokens, a.T - t0);
+      sddmm_pack(static_cast<const E*>(a.dy) + t0 * a.lddy + o0, a.lddy, tn, ob, dyp);
+      for (int64_t p = pbeg; p < pend; ++p) {
+        const int64_t i0 = int64_t(a.col_indices[p]) * a.bi, ib = min64(a.bi, a.in - i0);
+        sddmm_pack(static_cast<const E*>(a.x) + t0 * a.ldx + i0, a.ldx, tn, ib, xp);
+        float* accp = acc + (p - pbeg) * acc_blk;
+        const int64_t ng = (ib + kSdMaxGroup - 1) / kSdMaxGroup;
+        for (int64_t oc = 0; oc < ob; oc += 16)
+          for (int64_t g = 0, k0 = 0; g < ng; ++g) {
+            const int64_t kn = (ib - k0) / (ng - g);  // the remaining features spread evenly over the groups left
+            dispatch_upto<kSdMaxGroup>(kn, [&](auto kk) {
+              sddmm_pass<decltype(kk)::value>(dyp + oc, xp + k0, tn, accp + k0 * kSdLd + oc, t0 == 0);
+            });
+            k0 += kn;
+          }
+      }
+    }
+    // Entries of a ragged edge block outside the matrix get an exact zero gradient.
+    for (int64_t p = pbeg; p < pend; ++p) {
+      const int64_t ib = min64(a.bi, a.in - int64_t(a.col_indices[p]) * a.bi);
+      const float* accp = acc + (p - pbeg) * acc_blk;
+      E* dwb = dw + p * blk;
+      for (int64_t k = 0; k < a.bi; ++k)
+        for (int64_t o = 0; o < a.bo; o += 8) {
+          const __m256 s = k < ib && a.T > 0
+                               ? _mm256_and_ps(_mm256_load_ps(accp + k * kSdLd + o), _mm256_castsi256_ps(lane_mask(ob - o)))
+                               : _mm256_setzero_ps();
+          store8(dwb + k * a.bo + o, s, a.bo - o);
+        }
+    }
+  }
+}
 }  // namespace
 
 void bsr_fwd_f32_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
