@@ -508,7 +508,8 @@ void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
   E* dw = static_cast<E*>(a.dw);
   const int64_t blk = a.bo * a.bi, acc_blk = a.bi * kSdLd;
   int64_t most = 0;
-  for (int64_t r = r0; r < r1; ++r) most = most > a.row_offsets[r + 1] - a.row_offsets[r] ? most : a.row_offsets[r + 1] - a.row_offsets[r];
+  for (int64_t r = r0; r < r1; ++r)
+    most = most > a.row_offsets[r + 1] - a.row_offsets[r] ? most : a.row_offsets[r + 1] - a.row_offsets[r];
   float* acc = sddmm_buffer(most * acc_blk);
   if (most > 0 && !acc) return sddmm_rows_inplace<E>(a, r0, r1);
   for (int64_t r = r0; r < r1; ++r) {
@@ -540,9 +541,9 @@ void sddmm_rows(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
       E* dwb = dw + p * blk;
       for (int64_t k = 0; k < a.bi; ++k)
         for (int64_t o = 0; o < a.bo; o += 8) {
-          const __m256 s = k < ib && a.T > 0
-                               ? _mm256_and_ps(_mm256_load_ps(accp + k * kSdLd + o), _mm256_castsi256_ps(lane_mask(ob - o)))
-                               : _mm256_setzero_ps();
+          const __m256 s = k < ib && a.T > 0 ? _mm256_and_ps(_mm256_load_ps(accp + k * kSdLd + o),
+                                                             _mm256_castsi256_ps(lane_mask(ob - o)))
+                                             : _mm256_setzero_ps();
           store8(dwb + k * a.bo + o, s, a.bo - o);
         }
     }
