@@ -164,6 +164,7 @@ def _only(**fields) -> Preset:
 
 _BSR32 = _bsr(32, _TARGET_SPARSITIES)  # density 1, 0.5, 0.25, 0.1, 0.05
 _BAL32 = _bal(32, [16, 8, 4])
+_CSR = _bsr(1, [0.5, 0.75, 0.9, 0.95])  # unstructured: density 0.5, 0.25, 0.1, 0.05
 
 # Parts of the quick grid on their own, for iterating on one kernel (``--dtypes float32,bfloat16`` adds bf16 to the
 # hot forward of "bsr" and "balanced"); "act" times what the quick grid does not: fusing the activation.
@@ -176,6 +177,10 @@ PRESETS.update({
     "balanced": _only(tokens=[16, 128, 512], dtypes=["float32"], fwd_specs={"float32": _BAL32, "bfloat16": _BAL32}),
     # batch-1 decode: T = 1, every contender streaming its weight from memory (copies 2x the last-level cache)
     "decode": _only(cold_tokens=[1], cold_dtypes=["float32"], cold_specs=_BSR32[1:] + _BAL32),
+    # unstructured (1x1 blocks, CSR): forward against the best dense path and torch.sparse CSR, gradients, T = 1 cold
+    "unstructured": _only(tokens=[16, 128, 512], dtypes=["float32"], fwd_specs={"float32": _CSR, "bfloat16": _CSR},
+                          torch_sparse_specs=_CSR, grad_tokens=[128, 512], grad_dtypes=["float32"], grad_specs=_CSR,
+                          cold_tokens=[1], cold_dtypes=["float32"], cold_specs=_CSR),
     # GELU fused into the output stage vs the kernel then torch's GELU, on BERT-base's intermediate layer at
     # 1024 tokens, densities 0.1 and 0.5, 1 and 2 threads
     "act": _only(shapes=[(3072, 768)], threads=[1, 2], activations=["gelu"], act_tokens=[1024],
@@ -289,7 +294,8 @@ def contenders_for(case: Case, p: Preset, skipped: List[str]) -> List[Contender]
                 Wd = w.to_dense()
                 tag = f"{spec[1]}x{spec[1]}:{w.density:.4f}"
                 extra = B.torch_sparse_linear(Wd, X, None, tag, copies, user_form=p.torch_sparse_user_form)
-                extra += B.torch_sparse_linear(Wd, X, spec[1], tag, copies, user_form=p.torch_sparse_user_form)
+                if spec[1] > 1:  # 1x1 blocks: the CSR contender above is torch's form of them
+                    extra += B.torch_sparse_linear(Wd, X, spec[1], tag, copies, user_form=p.torch_sparse_user_form)
                 if p.scipy:
                     extra += B.scipy_linear(Wd, X, tag, copies)
                 for c in extra:

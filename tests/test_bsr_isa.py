@@ -27,11 +27,12 @@ CASES = [
     (45, 39, (5, 7)),
     (100, 50, (48, 16)),
     (40, 100, (16, 48)),
+    (70, 300, (1, 1)),  # unstructured: the 1x1-block (CSR) kernels, X^T over several panels
 ]
 TOKENS = (1, 7, 97)
 # The forward's cases in make test-fast (the forward sweep is the slowest of this file on a busy machine): a ragged
 # square block, a thin one, an odd one and a rectangular one.
-FAST_FORWARD_CASES = [(70, 75, (32, 32)), (70, 33, (32, 1)), (45, 39, (5, 7)), (40, 100, (16, 48))]
+FAST_FORWARD_CASES = [(70, 75, (32, 32)), (70, 33, (32, 1)), (45, 39, (5, 7)), (40, 100, (16, 48)), (70, 300, (1, 1))]
 
 
 def _tokens(T: int, n: int, dtype: torch.dtype, seed: int, strided: bool) -> torch.Tensor:
@@ -245,6 +246,62 @@ def test_forward_16x16_tiles_and_panels(T, make_bsr):
         _C.set_isa("auto")
     dense = reference.activation(F.linear(x, w.to_dense(), bias), "gelu")
     assert_close_to_ref(y, reference.linear(x, w, bias, "gelu"), dense, f"16x16 forward T={T}", floor=KERNEL_FLOOR)
+
+
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
+def test_unstructured_tiles_panels_and_threads(isa, dtype, make_bsr):
+    """1x1 blocks (CSR): every token-tile width (1-8 vectors and the ragged ones), the gather path of T <= 4,
+    more than one 64-token tile, rows without entries and rows of one entry, the three ops, and every thread
+    count giving the same bits."""
+    out, inn = 61, 700
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(out, inn, generator=g) < 0.15
+    mask[3] = False
+    mask[7] = False
+    mask[7, 650] = True
+    w = make_bsr(out, inn, (1, 1), mask=mask, dtype=dtype, seed=6)
+    Wd = w.to_dense()
+    threads = torch.get_num_threads()
+    try:
+        for T in (1, 2, 4, 5, 9, 24, 57, 64, 65, 200):
+            x = _tokens(T, inn, dtype, seed=T, strided=T % 2 == 1)
+            dy = _tokens(T, out, dtype, seed=T + 1, strided=False)
+            bias = torch.randn(out, generator=g).to(dtype)
+            runs = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                runs.append((
+                    torch.ops.sparsekern.bsr_linear(x, w.values, w.row_offsets, w.col_indices, w.col_offsets,
+                                                    w.row_indices, w.block_perm, out, bias, "gelu"),
+                    torch.ops.sparsekern.bsr_linear_grad_input(dy, w.values, w.col_offsets, w.row_indices,
+                                                               w.block_perm, inn),
+                    torch.ops.sparsekern.bsr_sddmm(dy, x, w.values, w.row_offsets, w.col_indices)))
+            for r in runs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(r, runs[0])), f"{isa} T={T}: thread counts differ"
+            y, dx, dw = runs[0]
+            assert_close_to_ref(y, reference.linear(x, w, bias, "gelu"),
+                                reference.activation(F.linear(x, Wd, bias), "gelu"), f"{isa} forward T={T}",
+                                floor=KERNEL_FLOOR)
+            assert_close_to_ref(dx, reference.linear_grad_input(dy, w), dy @ Wd, f"{isa} grad_input T={T}",
+                                floor=KERNEL_FLOOR)
+            dense = (dy.t() @ x)[mask].reshape(-1, 1, 1)
+            assert_close_to_ref(dw, reference.sddmm(dy, x, w), dense, f"{isa} sddmm T={T}", floor=KERNEL_FLOOR)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_unstructured_refuses_unsorted_indices(make_bsr):
+    """The 1x1-block kernels walk each row's entries in column order: metadata whose columns are not strictly
+    increasing within a row is refused with the position, not silently misread."""
+    w = make_bsr(8, 40, (1, 1), density=0.5, seed=2)
+    ci = w.col_indices.clone()
+    r0, r1 = int(w.row_offsets[0]), int(w.row_offsets[1])
+    assert r1 - r0 >= 2
+    ci[r0], ci[r0 + 1] = ci[r0 + 1].clone(), ci[r0].clone()
+    x = torch.randn(16, 40)
+    with pytest.raises(RuntimeError, match="strictly increasing"):
+        torch.ops.sparsekern.bsr_linear(x, w.values, w.row_offsets, ci, w.col_offsets, w.row_indices, w.block_perm,
+                                        8, None, "none")
 
 
 def test_set_isa_rejects_unknown_level():

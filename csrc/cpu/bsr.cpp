@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <vector>
 
@@ -67,6 +68,26 @@ at::Tensor check_x(const at::Tensor& x, const at::Tensor& values, int64_t in, co
   TORCH_CHECK(x.size(1) == in, name, " must have ", in, " features in its last dimension, got shape ", x.sizes());
   // Rows may be strided; features must be contiguous.
   return x.stride(1) == 1 && x.stride(0) >= x.size(1) ? x : x.contiguous();
+}
+
+// The 1x1-block kernels (csr_avx2.cpp) walk the entries of a row panel by panel with one cursor per row, which
+// needs the indices of each row strictly increasing (the format builds them so). O(nnz), like the range check.
+void check_sorted(const at::Tensor& offsets, const at::Tensor& idx, const char* off_name, const char* idx_name) {
+  const int32_t* o = offsets.data_ptr<int32_t>();
+  const int32_t* p = idx.data_ptr<int32_t>();
+  const int64_t n = offsets.numel() - 1;
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t j = int64_t(o[r]) + 1; j < o[r + 1]; ++j) {
+      TORCH_CHECK(p[j] > p[j - 1], idx_name, " must be strictly increasing within each segment of ", off_name,
+                  " (1x1 blocks), but ", idx_name, "[", j - 1, "] = ", p[j - 1], " and ", idx_name, "[", j,
+                  "] = ", p[j], " in segment ", r);
+    }
+  }
+}
+
+// Raises if a 1x1-block kernel could not allocate its scratch.
+void check_scratch(bool ok, const char* op) {
+  TORCH_CHECK(ok, op, ": out of memory for the per-thread scratch of the 1x1-block kernel");
 }
 
 VStrides vstrides(const at::Tensor& v) {
@@ -201,14 +222,16 @@ void sddmm_portable(const BsrGeom& g, const int32_t* ro, const int32_t* ci, cons
 // than 5%: with fewer tiles each core streams all of W in a larger share of them, and the token split measured
 // slower than the row split there (numbers: docs/measurements.md, "Block-sparse forward work split").
 // 16x16 blocks keep the row split: the AVX-512 float32 kernel for them runs 16-token tiles (and splits the k loop
-// of tiles of 1-3 tokens), so halving the tokens would cost it tiles and change its rounding.
+// of tiles of 1-3 tokens), so halving the tokens would cost it tiles and change its rounding. 1x1 blocks (CSR)
+// keep it too: their kernel's number of accumulator sets depends on the tile's width, and so would the rounding.
 constexpr int64_t kTokenSplitBytes = 512 * 1024;
 
 std::vector<int64_t> fwd_split(const BsrGeom& g, const int32_t* ro, int64_t T, int64_t elt, int64_t threads,
                                bool& by_tokens) {
   auto rows = split_rows(ro, g.n_brow, T * g.bo * g.bi, T * g.bo, threads);
   by_tokens = false;
-  if (threads < 2 || T < 16 * threads || g.nnz * g.bo * g.bi * elt > kTokenSplitBytes || (g.bo == 16 && g.bi == 16))
+  if (threads < 2 || T < 16 * threads || g.nnz * g.bo * g.bi * elt > kTokenSplitBytes || (g.bo == 16 && g.bi == 16) ||
+      (g.bo == 1 && g.bi == 1))
     return rows;
   int64_t worst = 0;
   for (size_t c = 0; c + 1 < rows.size(); ++c)
@@ -264,6 +287,22 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, cons
                    : fp == FastPath::F32Avx2    ? &bsr_fwd_f32_avx2
                                                 : &bsr_fwd_bf16_avx2;
     const int64_t es = x.element_size();
+    if (g.bo == 1 && g.bi == 1) {
+      check_sorted(row_offsets, col_indices, "row_offsets", "col_indices");
+      auto* csr = fp == FastPath::F32Avx512 || fp == FastPath::F32Avx2 ? &csr_fwd_f32_avx2 : &csr_fwd_bf16_avx2;
+      std::atomic<bool> ok{true};
+      run_chunks(bounds, [&](int64_t c0, int64_t c1) {
+        chunk(c0, c1, [&](int64_t t0, int64_t tn, int64_t r0, int64_t r1) {
+          BsrFwdArgs ac = a;
+          ac.T = tn;
+          ac.x = static_cast<const char*>(a.x) + t0 * a.ldx * es;
+          ac.y = static_cast<char*>(a.y) + t0 * g.out * es;
+          if (!csr(ac, r0, r1)) ok = false;
+        });
+      });
+      check_scratch(ok, "bsr_linear");
+      return y;
+    }
     run_chunks(bounds, [&](int64_t c0, int64_t c1) {
       chunk(c0, c1, [&](int64_t t0, int64_t tn, int64_t r0, int64_t r1) {
         BsrFwdArgs ac = a;
@@ -322,6 +361,17 @@ at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& 
                    : fp == FastPath::Bf16Avx512 ? &bsr_grad_input_bf16_avx512
                    : fp == FastPath::F32Avx2    ? &bsr_grad_input_f32_avx2
                                                 : &bsr_grad_input_bf16_avx2;
+    if (g.bo == 1 && g.bi == 1) {
+      check_sorted(col_offsets, row_indices, "col_offsets", "row_indices");
+      auto* csr =
+          fp == FastPath::F32Avx512 || fp == FastPath::F32Avx2 ? &csr_grad_input_f32_avx2 : &csr_grad_input_bf16_avx2;
+      std::atomic<bool> ok{true};
+      run_chunks(bounds, [&](int64_t c0, int64_t c1) {
+        if (!csr(a, c0, c1)) ok = false;
+      });
+      check_scratch(ok, "bsr_linear_grad_input");
+      return dx;
+    }
     run_chunks(bounds, [&](int64_t c0, int64_t c1) { kernel(a, c0, c1); });
     return dx;
   }
@@ -363,6 +413,16 @@ at::Tensor bsr_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const 
                    : fp == FastPath::Bf16Avx512 ? &bsr_sddmm_bf16_avx512
                    : fp == FastPath::F32Avx2    ? &bsr_sddmm_f32_avx2
                                                 : &bsr_sddmm_bf16_avx2;
+    if (g.bo == 1 && g.bi == 1) {
+      check_sorted(row_offsets, col_indices, "row_offsets", "col_indices");
+      auto* csr = fp == FastPath::F32Avx512 || fp == FastPath::F32Avx2 ? &csr_sddmm_f32_avx2 : &csr_sddmm_bf16_avx2;
+      std::atomic<bool> ok{true};
+      run_chunks(bounds, [&](int64_t r0, int64_t r1) {
+        if (!csr(a, r0, r1)) ok = false;
+      });
+      check_scratch(ok, "bsr_sddmm");
+      return dw;
+    }
     run_chunks(bounds, [&](int64_t r0, int64_t r1) { kernel(a, r0, r1); });
     return dw;
   }
