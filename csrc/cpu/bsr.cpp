@@ -70,12 +70,18 @@ at::Tensor check_x(const at::Tensor& x, const at::Tensor& values, int64_t in, co
   return x.stride(1) == 1 && x.stride(0) >= x.size(1) ? x : x.contiguous();
 }
 
-// The 1x1-block kernels (csr_avx2.cpp) walk the entries of a row panel by panel with one cursor per row, which
-// needs the indices of each row strictly increasing (the format builds them so). O(nnz), like the range check.
+// The 1x1-block kernels (csr_avx512.cpp, csr_avx2.cpp) walk the entries of a row panel by panel with one cursor per
+// row, which needs the indices of each row strictly increasing (the format builds them so). O(nnz), like the range
+// check.
 void check_sorted(const at::Tensor& offsets, const at::Tensor& idx, const char* off_name, const char* idx_name) {
   const int32_t* o = offsets.data_ptr<int32_t>();
   const int32_t* p = idx.data_ptr<int32_t>();
   const int64_t n = offsets.numel() - 1;
+  uint32_t bad = 0;  // branch-free (vectorised) per segment; the search for the message only on failure
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t j = int64_t(o[r]) + 1; j < o[r + 1]; ++j) bad |= uint32_t(p[j] <= p[j - 1]);
+  }
+  if (!bad) return;
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t j = int64_t(o[r]) + 1; j < o[r + 1]; ++j) {
       TORCH_CHECK(p[j] > p[j - 1], idx_name, " must be strictly increasing within each segment of ", off_name,
@@ -289,7 +295,10 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, cons
     const int64_t es = x.element_size();
     if (g.bo == 1 && g.bi == 1) {
       check_sorted(row_offsets, col_indices, "row_offsets", "col_indices");
-      auto* csr = fp == FastPath::F32Avx512 || fp == FastPath::F32Avx2 ? &csr_fwd_f32_avx2 : &csr_fwd_bf16_avx2;
+      auto* csr = fp == FastPath::F32Avx512    ? &csr_fwd_f32_avx512
+                  : fp == FastPath::Bf16Avx512 ? &csr_fwd_bf16_avx512
+                  : fp == FastPath::F32Avx2    ? &csr_fwd_f32_avx2
+                                               : &csr_fwd_bf16_avx2;
       std::atomic<bool> ok{true};
       run_chunks(bounds, [&](int64_t c0, int64_t c1) {
         chunk(c0, c1, [&](int64_t t0, int64_t tn, int64_t r0, int64_t r1) {
@@ -363,8 +372,10 @@ at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& 
                                                 : &bsr_grad_input_bf16_avx2;
     if (g.bo == 1 && g.bi == 1) {
       check_sorted(col_offsets, row_indices, "col_offsets", "row_indices");
-      auto* csr =
-          fp == FastPath::F32Avx512 || fp == FastPath::F32Avx2 ? &csr_grad_input_f32_avx2 : &csr_grad_input_bf16_avx2;
+      auto* csr = fp == FastPath::F32Avx512    ? &csr_grad_input_f32_avx512
+                  : fp == FastPath::Bf16Avx512 ? &csr_grad_input_bf16_avx512
+                  : fp == FastPath::F32Avx2    ? &csr_grad_input_f32_avx2
+                                               : &csr_grad_input_bf16_avx2;
       std::atomic<bool> ok{true};
       run_chunks(bounds, [&](int64_t c0, int64_t c1) {
         if (!csr(a, c0, c1)) ok = false;
@@ -415,7 +426,10 @@ at::Tensor bsr_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const 
                                                 : &bsr_sddmm_bf16_avx2;
     if (g.bo == 1 && g.bi == 1) {
       check_sorted(row_offsets, col_indices, "row_offsets", "col_indices");
-      auto* csr = fp == FastPath::F32Avx512 || fp == FastPath::F32Avx2 ? &csr_sddmm_f32_avx2 : &csr_sddmm_bf16_avx2;
+      auto* csr = fp == FastPath::F32Avx512    ? &csr_sddmm_f32_avx512
+                  : fp == FastPath::Bf16Avx512 ? &csr_sddmm_bf16_avx512
+                  : fp == FastPath::F32Avx2    ? &csr_sddmm_f32_avx2
+                                               : &csr_sddmm_bf16_avx2;
       std::atomic<bool> ok{true};
       run_chunks(bounds, [&](int64_t r0, int64_t r1) {
         if (!csr(a, r0, r1)) ok = false;

@@ -70,10 +70,16 @@ void bsr_grad_input_bf16_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1)
 void bsr_sddmm_f32_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1);
 void bsr_sddmm_bf16_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1);
 
-// 1x1 blocks (unstructured sparsity, CSR), csr_avx2.cpp: the same arguments with bo = bi = 1, so w is [nnz] and
-// row_offsets / col_indices index single rows and columns, the columns strictly increasing within a row (and the
-// rows within a column for grad_input; bsr.cpp checks both). AVX2 code, used on AVX-512 CPUs too. Each returns
-// false if a scratch buffer could not be allocated (nothing is then written).
+// 1x1 blocks (unstructured sparsity, CSR), csr_avx512.cpp and csr_avx2.cpp: the same arguments with bo = bi = 1,
+// so w is [nnz] and row_offsets / col_indices index single rows and columns, the columns strictly increasing
+// within a row (and the rows within a column for grad_input; bsr.cpp checks both). Each returns false if a scratch
+// buffer could not be allocated (nothing is then written).
+bool csr_fwd_f32_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1);
+bool csr_fwd_bf16_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1);
+bool csr_grad_input_f32_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
+bool csr_grad_input_bf16_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
+bool csr_sddmm_f32_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1);
+bool csr_sddmm_bf16_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1);
 bool csr_fwd_f32_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1);
 bool csr_fwd_bf16_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1);
 bool csr_grad_input_f32_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1);

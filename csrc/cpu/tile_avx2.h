@@ -125,20 +125,23 @@ void pack_transposed(const S* src, int64_t ld, int64_t tb, int64_t nc, float* ds
   }
 }
 
-// buf[r * TT + t] (rows x tb, fp32) -> dst[t * ld + r], adding bias[r] (may be null) and the activation.
+// buf[r * TT + t] (rows x tb, fp32) -> dst[t * ld + r], adding bias[r] (may be null) and the activation. Token
+// vectors outer, rows inner: each of the L destination rows of a token vector is then written front to back, L
+// sequential streams that the hardware prefetchers follow (rows outer, every token row of the tile would be touched
+// per step, too many streams to track when the rows are far apart).
 template <int NV, typename D>
 void store_transposed(const float* buf, int64_t rows, int64_t tb, D* dst, int64_t ld, const D* bias, Act act) {
   constexpr int64_t TT = NV * L;
   __m256 r[L];
-  for (int64_t o = 0; o < rows; o += L) {
-    const int64_t n = rows - o < L ? rows - o : L;
-    const __m256 bv = bias ? load_n(bias + o, n) : _mm256_setzero_ps();
-    for (int v = 0; v < NV; ++v) {
-      const int64_t toks = tb - v * L;
-      if (toks <= 0) break;
+  for (int v = 0; v < NV; ++v) {
+    const int64_t toks = tb - v * L;
+    if (toks <= 0) break;
+    const int64_t nt = toks < L ? toks : L;
+    for (int64_t o = 0; o < rows; o += L) {
+      const int64_t n = rows - o < L ? rows - o : L;
+      const __m256 bv = bias ? load_n(bias + o, n) : _mm256_setzero_ps();
       for (int i = 0; i < L; ++i) r[i] = i < n ? _mm256_loadu_ps(buf + (o + i) * TT + v * L) : _mm256_setzero_ps();
       transpose(r);
-      const int64_t nt = toks < L ? toks : L;
       for (int64_t j = 0; j < nt; ++j) r[j] = _mm256_add_ps(r[j], bv);
       act_tile_avx2(r, nt, act);
       for (int64_t j = 0; j < nt; ++j) store_n(dst + (v * L + j) * ld + o, r[j], n);
