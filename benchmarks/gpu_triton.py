@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton kernels against cuBLAS (``F.linear``) and torch's own BSR kernels, measured in
 the same run, bf16, T = 4096 tokens, Llama-7B shapes. Writes a CSV (hardware and versions on every row) and
-prints a table with the issue's targets:
+prints a table against these targets:
 
     forward, block 64 and 32, d = 0.5/0.25/0.1: >= 0.8/d x cuBLAS and >= 1.5x torch BSR
     input and weight gradient (SDDMM), block 64:  >= 0.7/d x cuBLAS (dense dX = dY W, dW = dY^T X)

@@ -65,7 +65,7 @@ def test_cpu_ops_tiny_csv_schema_and_ratios(tmp_path):
     assert {("linear", "hot"), ("linear", "cold"), ("grad_input", "hot"), ("sddmm", "hot")} <= ops
     fp32 = [r for r in back if r["case"] == "linear|96x64|T8|float32|2t|hot"]
     backends = {r["backend"] for r in fp32}
-    # every baseline the issue asks for sits in the same case as our kernel
+    # every baseline the CPU kernel targets compare with sits in the same case as our kernel
     assert {
         "F.linear",
         "onednn_prepacked",
