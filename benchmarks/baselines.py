@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse
-from sparse import BalancedSparseWeight, BlockSparseWeight, reference
+from sparse import BalancedSparseWeight, BlockSparseWeight, activations, reference
 from sparse.runtime import onednn_unsupported
 
 from .harness import Contender, cycling
@@ -122,19 +122,10 @@ def ours_linear(
     return out
 
 
-# torch's activations, as a model runs them after a Linear (the same functions as ``sparse.reference.activation``)
-TORCH_ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-    "silu": F.silu,
-}
-
-
 def dense_linear_act(W: torch.Tensor, X: torch.Tensor, bias: torch.Tensor, act: str) -> List[Contender]:
     """A dense Linear with ``bias`` followed by torch's ``act``, through ``F.linear`` and through oneDNN with a
     pre-packed weight, in X's dtype; both are dense references."""
-    f = TORCH_ACTIVATIONS[act]
+    f = activations.get(act).forward  # torch's act, as a model runs it after a Linear
     W, bias = W.to(X.dtype), bias.to(X.dtype)
     info = {"format": "dense", "block": "", "density": 1.0, "weight_bytes": dense_bytes(W), "dense_ref": True,
             "notes": f"then torch's {act}"}
@@ -162,7 +153,7 @@ def ours_linear_act(w: SparseWeight, X: torch.Tensor, bias: torch.Tensor, act: s
     and alone, without activation (``sparsekern:no_act``: what the activation costs on top)."""
     from sparse._ext import _C
 
-    f = TORCH_ACTIVATIONS[act]
+    f = activations.get(act).forward  # torch's act, as a model runs it after a Linear
     bias = bias.to(w.dtype)
     info = describe(w)
     name = f"{info['format']}:{info['block']}:{info['density']:.4f}"

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse  # noqa: F401  (registers the ops)
-from sparse import BalancedSparseWeight, BlockSparseWeight, _ext
+from sparse import BalancedSparseWeight, BlockSparseWeight, _ext, timing
 
 COLUMNS = ["bench", "case", "op", "backend", "format", "block", "dtype", "out_features", "in_features", "shape",
            "tokens", "sparsity", "density", "threads", "weights", "weight_bytes", "median_s", "p10_s", "p90_s",
@@ -42,22 +42,12 @@ DENSITIES = (0.5, 0.25, 0.1)
 
 
 def _time(contenders: Dict[str, Callable[[], torch.Tensor]], repeats: int) -> Dict[str, List[float]]:
-    """Seconds per call of each contender; rounds interleave the contenders (rotating order)."""
-    names = list(contenders)
-    for f in contenders.values():  # compile / autotune / allocate outside the timed region
-        f()
-    torch.cuda.synchronize()
-    samples: Dict[str, List[float]] = {n: [] for n in names}
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            contenders[n]()  # untimed: steady state of this contender
-            start.record()
-            contenders[n]()
-            end.record()
-            end.synchronize()
-            samples[n].append(start.elapsed_time(end) / 1e3)
-    return samples
+    """Seconds per call of each contender, by CUDA events (sparse.timing.interleaved): one untimed call of each
+    first (compile / autotune / allocate), then rounds that interleave the contenders in rotating order, each
+    sample right after an untimed call of the same contender (its steady state)."""
+    samples = timing.interleaved(contenders, repeats=repeats, warmup=1, device="cuda", rotate=True, presample=True,
+                                 cuda_events=True)
+    return {n: list(s.seconds) for n, s in samples.items()}
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton kernels against cuBLAS (``F.linear``) and torch's own BSR kernels, measured in
 the same run, bf16, T = 4096 tokens, Llama-7B shapes. Writes a CSV (hardware and versions on every row) and
-prints a table with the issue's targets:
+prints a table against these targets:
 
     forward, block 64 and 32, d = 0.5/0.25/0.1: >= 0.8/d x cuBLAS and >= 1.5x torch BSR
     input and weight gradient (SDDMM), block 64:  >= 0.7/d x cuBLAS (dense dX = dY W, dW = dY^T X)
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import sparse  # noqa: E402,F401  (maps sparse.kernels)
-from sparse import reference  # noqa: E402
+from sparse import reference, timing  # noqa: E402
 from sparse.formats import BalancedSparseWeight, BlockSparseWeight  # noqa: E402
 from sparse.kernels import balanced, bsr  # noqa: E402
 
@@ -47,25 +47,14 @@ FIELDS = ["op", "shape", "tokens", "pattern", "density", "ours_ms", "cublas_ms",
 def bench(fn: Callable[[], object]) -> float:
     """Median milliseconds of ``fn`` (triton.testing.do_bench: L2 flushed between runs). A call slower than
     50 ms (a slow fallback path) is timed 3 times instead, and one slower than 1 s once, to keep the whole run
-    within its few minutes."""
+    within its few minutes (those samples by sparse.timing, the device synchronised around each)."""
     import triton.testing
 
-    fn()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    once = time.perf_counter() - start
+    once = timing.sample(fn, repeats=1, warmup=1, device="cuda").median  # warm-up: compile / autotune
     if once > 1.0:
         return once * 1e3
     if once > 0.05:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1e3)
-        return sorted(times)[1]
+        return timing.sample(fn, repeats=3, warmup=0, device="cuda").median * 1e3
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 

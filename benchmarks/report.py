@@ -231,8 +231,8 @@ def e2e_target_tables(rows: List[Row]) -> List[Table]:
     """The end-to-end targets, from ``e2e_bert`` rows: BERT-base forward and training step, 90% block 32."""
     cases = by_case(r for r in rows if r["bench"] == "e2e_bert")
     fwd = Table(
-        "BERT-base, 90% block-32 linears, batch 8, seq 128, forward: >= 6x dense eager fp32, >= 3.5x best dense "
-        "(issue 6); bf16 >= 3.5x dense eager bf16 (issue 10)",
+        "BERT-base, 90% block-32 linears, batch 8, seq 128, forward: >= 6x dense eager fp32, >= 3.5x best dense; "
+        "bf16 >= 3.5x dense eager bf16",
         "best dense = fastest of eager, oneDNN with pre-packed weights and torch.compile in the row's dtype (same "
         "case); the last line of a case races the fastest sparse model against the fastest dense one in any dtype",
     )
@@ -294,18 +294,18 @@ def peer_target_tables(rows: List[Row]) -> List[Table]:
     cases = by_case(r for r in rows if r["bench"] == "e2e_bert")
     vs_ds = Table(
         "BERT-base, 90% of every encoder Linear, fp32, forward: >= 1.5x DeepSparse on the same block-32 weights, "
-        ">= 1.3x on the same balanced weights (issues 17, 18)",
+        ">= 1.3x on the same balanced weights",
         "ours = the fastest of this package's ways to run that model in the same case (eager, GELU fused, "
         "sparse.compile); DeepSparse reads the same pruned weights as zeros of an ONNX model",
     )
     rest = Table(
         "BERT-base, 90% block-32, fp32: the sparse model's remainder no slower than ONNX Runtime's dense model "
-        "minus its MatMul/Gemm time (issue 17)",
+        "minus its MatMul/Gemm time",
         "remainder = one profiled forward's self time outside Linear/MatMul kernels (e2e_profile.md); measured = "
         "ONNX Runtime's remainder / ours, for our fastest-remainder way to run the model",
     )
     aoti = Table("BERT-base, 90% block-32, fp32, forward: an AOTInductor package no slower than the eager sparse "
-                 "model (issue 20)",
+                 "model",
                  "eager = sparse.sparsify with GELU fused, the same model the package was built from")
     for case_rows in cases.values():
         op = case_rows[0]["op"]
@@ -397,10 +397,10 @@ def summary_markdown(rows: List[Row], skipped: Sequence[str] = ()) -> str:
     kernel = kernel_target_tables(rows) if any(r["bench"] == "cpu_ops" for r in rows) else []
     e2e = e2e_target_tables(rows) if any(r["bench"] == "e2e_bert" for r in rows) else []
     if kernel:
-        parts += ["## CPU kernel targets (issue 3)", ""] + [t.markdown() for t in kernel]
+        parts += ["## CPU kernel targets", ""] + [t.markdown() for t in kernel]
     if e2e:
-        parts += ["## End-to-end targets (issue 6)", ""] + [t.markdown() for t in e2e]
-        parts += ["## Whole-model targets against other runtimes (issues 17, 18)", ""]
+        parts += ["## End-to-end targets", ""] + [t.markdown() for t in e2e]
+        parts += ["## Whole-model targets against other runtimes", ""]
         parts += [t.markdown() for t in peer_target_tables(rows)] + [e2e_table(rows)]
     parts.append(other_table(rows))
     if skipped:

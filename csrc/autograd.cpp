@@ -34,14 +34,6 @@ bool needs_grad(const at::Tensor& x, const at::Tensor& values, const std::option
 }
 
 // ---------------------------------------------------------------------------------------------- block-sparse
-at::Tensor bsr_linear_call(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_offsets,
-                           const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices,
-                           const at::Tensor& block_perm, c10::SymInt out_features,
-                           const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  return ops::bsr_linear().call(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
-                                std::move(out_features), bias, activation);
-}
-
 class BsrLinearFn : public torch::autograd::Function<BsrLinearFn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
@@ -55,8 +47,8 @@ class BsrLinearFn : public torch::autograd::Function<BsrLinearFn> {
     ctx->save_for_backward(
         {x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm, bias.value_or(at::Tensor())});
     at::AutoDispatchBelowADInplaceOrView guard;
-    return bsr_linear_call(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
-                           std::move(out_features), bias, activation);
+    return ops::bsr_linear().call(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
+                                  std::move(out_features), bias, activation);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -70,8 +62,8 @@ class BsrLinearFn : public torch::autograd::Function<BsrLinearFn> {
     at::Tensor grad = grads[0];
     if (!grad.defined()) return out;
     if (act != "none") {
-      const at::Tensor z = bsr_linear_call(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
-                                           ctx->saved_data["out_features"].toSymInt(), bias, "none");
+      const at::Tensor z = ops::bsr_linear().call(x, values, row_offsets, col_indices, col_offsets, row_indices,
+                                                  block_perm, ctx->saved_data["out_features"].toSymInt(), bias, "none");
       grad = act_backward(grad, z, act);
     }
     grad = grad.contiguous();
@@ -90,19 +82,14 @@ at::Tensor bsr_linear_autograd(const at::Tensor& x, const at::Tensor& values, co
                                const std::optional<at::Tensor>& bias, c10::string_view activation) {
   if (!needs_grad(x, values, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return bsr_linear_call(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
-                           std::move(out_features), bias, activation);
+    return ops::bsr_linear().call(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
+                                  std::move(out_features), bias, activation);
   }
   return BsrLinearFn::apply(x, values, row_offsets, col_indices, col_offsets, row_indices, block_perm,
                             std::move(out_features), bias, activation);
 }
 
 // ---------------------------------------------------------------------------------------------- balanced
-at::Tensor balanced_linear_call(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t bank,
-                                const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  return ops::balanced_linear().call(x, values, indices, bank, bias, activation);
-}
-
 class BalancedLinearFn : public torch::autograd::Function<BalancedLinearFn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
@@ -114,7 +101,7 @@ class BalancedLinearFn : public torch::autograd::Function<BalancedLinearFn> {
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->save_for_backward({x, values, indices, bias.value_or(at::Tensor())});
     at::AutoDispatchBelowADInplaceOrView guard;
-    return balanced_linear_call(x, values, indices, bank, bias, activation);
+    return ops::balanced_linear().call(x, values, indices, bank, bias, activation);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -127,7 +114,8 @@ class BalancedLinearFn : public torch::autograd::Function<BalancedLinearFn> {
     variable_list out(6);
     at::Tensor grad = grads[0];
     if (!grad.defined()) return out;
-    if (act != "none") grad = act_backward(grad, balanced_linear_call(x, values, indices, bank, bias, "none"), act);
+    if (act != "none")
+      grad = act_backward(grad, ops::balanced_linear().call(x, values, indices, bank, bias, "none"), act);
     grad = grad.contiguous();
     if (ctx->needs_input_grad(0))
       out[0] = ops::balanced_linear_grad_input().call(grad, values, indices, bank,
@@ -142,7 +130,7 @@ at::Tensor balanced_linear_autograd(const at::Tensor& x, const at::Tensor& value
                                     int64_t bank, const std::optional<at::Tensor>& bias, c10::string_view activation) {
   if (!needs_grad(x, values, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return balanced_linear_call(x, values, indices, bank, bias, activation);
+    return ops::balanced_linear().call(x, values, indices, bank, bias, activation);
   }
   return BalancedLinearFn::apply(x, values, indices, bank, bias, activation);
 }

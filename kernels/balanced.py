@@ -20,9 +20,10 @@ Expected speed (estimated from instruction counts, not measured). Per bank and p
 BLOCK_T x BLOCK_O x BANK tensor-core FMAs (~2048 per clock per SM on H100/H200, bf16) and the decompress
 2 x KEEP x BLOCK_O x BANK CUDA-core operations (128 lanes per clock per SM): the decompress takes
 KEEP x 32 / BLOCK_T times the dot's time, 2x at KEEP 16 and BLOCK_T 256, and the dot itself runs at dense
-FLOPs. So bank 64 / keep 16 should land near a third of cuBLAS's speed, far from the issue's 1.5x; balanced
-sparsity needs a different instruction mix (sparse tensor cores for 2:4, or weights reordered so outputs
-share columns) to beat dense at large T. A gather kernel would win for decode-size T < BANK (not built).
+FLOPs. So bank 64 / keep 16 should land near a third of cuBLAS's speed, far from the 1.5x target of
+benchmarks/gpu_triton.py; balanced sparsity needs a different instruction mix (sparse tensor cores for 2:4, or
+weights reordered so outputs share columns) to beat dense at large T. A gather kernel would win for
+decode-size T < BANK (not built).
 The input gradient decompresses the same tiles (dX needs W column slices, a natural dense dot); the SDDMM
 computes the dense [BLOCK_O, BANK] tile of dY^T X on the tensor cores and gathers the KEEP kept entries.
 """

@@ -27,8 +27,8 @@ fp16/bf16/fp32 inputs, fp32 accumulation; fp32 uses tf32 only when the caller al
 Expected speed (estimated from the data flow, not measured). The forward re-reads its X tile from L2 for every
 block row, so it does at most BO FLOP per byte of X fetched (64 at block 64, 32 at block 32), against
 ~170 for cuBLAS's 128x256 tiles. If the L2 delivers about 5-7 TB/s on H100/H200, block 64 runs at roughly
-half of cuBLAS's FLOP rate, i.e. about 0.5/d x cuBLAS, short of the issue's 0.8/d; block 32 lower still.
-The grad input has the same ceiling with BI. benchmarks/gpu_triton.py measures all of it.
+half of cuBLAS's FLOP rate, i.e. about 0.5/d x cuBLAS, short of the 0.8/d target; block 32 lower still.
+The grad input has the same ceiling with BI. benchmarks/gpu_triton.py measures all of it against its targets.
 """
 
 from __future__ import annotations

@@ -275,7 +275,7 @@ class BlockSparseLinear(SparseLinear):
         block: block size, an int or ``(block_rows, block_cols)``.
         sparsity: fraction of blocks dropped, in [0, 1). The weight is initialised like ``nn.Linear`` and then
             pruned to the blocks of largest L2 norm.
-        activation: ``"none", "relu", "gelu", "gelu_tanh"`` or ``"silu"``, applied in the kernel's output stage.
+        activation: a name from ``sparse.activations.ACTIVATIONS``, applied in the kernel's output stage.
         backend: a name from ``sparse.ops.BACKENDS``, or None: the only one on a CPU; on a GPU the faster of
             Triton and CUDA C++ for this weight, measured once per weight configuration (``sparse.ops.fastest_backend``)
             when the module is built or moved.

@@ -354,7 +354,7 @@ def linear(
         x: ``[..., in]`` in the weight's dtype and on its device.
         weight: a BlockSparseWeight or BalancedSparseWeight.
         bias: optional ``[out]``.
-        activation: one of ``"none", "relu", "gelu", "gelu_tanh", "silu"`` (as ``torch.nn.functional``),
+        activation: a name from ``sparse.activations.ACTIVATIONS`` (defined there as in ``torch.nn.functional``),
             applied in the kernel's output stage.
         backend: one of ``BACKENDS``, or None to take the first that can run on ``x.device``.
     Returns:

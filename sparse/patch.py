@@ -201,7 +201,7 @@ _HF_ACTIVATIONS = {
 
 
 def activation_name(act: Any) -> Optional[str]:
-    """The kernel activation (``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``) equal to ``act`` (a module or
+    """The kernel activation (a name from ``sparse.activations.ACTIVATIONS``) equal to ``act`` (a module or
     function), or None when it has no fused equivalent."""
     if isinstance(act, nn.ReLU):
         return "relu"

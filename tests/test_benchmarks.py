@@ -65,7 +65,7 @@ def test_cpu_ops_tiny_csv_schema_and_ratios(tmp_path):
     assert {("linear", "hot"), ("linear", "cold"), ("grad_input", "hot"), ("sddmm", "hot")} <= ops
     fp32 = [r for r in back if r["case"] == "linear|96x64|T8|float32|2t|hot"]
     backends = {r["backend"] for r in fp32}
-    # every baseline the issue asks for sits in the same case as our kernel
+    # every baseline the CPU kernel targets compare with sits in the same case as our kernel
     assert {
         "F.linear",
         "onednn_prepacked",
@@ -311,6 +311,27 @@ def test_gpu_triton_starts_no_case_after_its_deadline(monkeypatch):
     gpu_triton = _gpu_triton(monkeypatch)
     rows, errors = gpu_triton.run(16, torch.device("cpu"), _TINY, _ENV, deadline=0.0)
     assert rows == [] and errors == []
+
+
+def test_cuda_event_timing_needs_a_cuda_device():
+    from sparse import timing
+
+    for device in (None, "cpu", torch.zeros(1)):
+        with pytest.raises(ValueError, match="cuda_events=True needs a CUDA device"):
+            timing.interleaved({"f": lambda: None}, repeats=1, device=device, cuda_events=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_event_timing_as_the_gpu_benchmarks_use_it():
+    """benchmarks/gpu_cuda.py's loop: rotating rounds, a presample before each sample, CUDA events."""
+    from sparse import timing
+
+    x = torch.randn(512, 512, device="cuda")
+    samples = timing.interleaved({"mm": lambda: x @ x, "add": lambda: x + 1}, repeats=3, warmup=1, device="cuda",
+                                 rotate=True, presample=True, cuda_events=True)
+    assert list(samples) == ["mm", "add"] and all(len(s) == 3 and s.min > 0 for s in samples.values())
+    assert timing.sample(lambda: x @ x, repeats=2, device=x, cuda_events=True, calls=2).min > 0
 
 
 def test_peers_configuration_and_densified_model():

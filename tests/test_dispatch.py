@@ -4,6 +4,10 @@ checks (ops._refusal: extension, CUDA, triton) pass for the GPU backends on a "c
 
 from __future__ import annotations
 
+import importlib
+import sys
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -32,6 +36,25 @@ def gpu_machine(monkeypatch):
 
     monkeypatch.setattr(ops, "_refusal", refusal)
     monkeypatch.setattr(ops, "_ABLE", {})
+
+
+@pytest.fixture
+def no_cache(monkeypatch):
+    """select_backend keeps its successes: start with none, so that each test's environment is checked."""
+    monkeypatch.setattr(ops, "_ABLE", {})
+
+
+def _build(monkeypatch, has_cuda: bool) -> None:
+    """As if sparse._C loaded, built with (or without) CUDA kernels."""
+    monkeypatch.setattr(ops._ext, "available", lambda: True)
+    monkeypatch.setattr(ops._ext, "require", lambda: SimpleNamespace(has_cuda=lambda: has_cuda))
+
+
+def _refused(device, backend=None, weight=None) -> str:
+    """The message of the RuntimeError select_backend raises."""
+    with pytest.raises(RuntimeError) as info:
+        ops.select_backend(device, backend, weight)
+    return str(info.value)
 
 
 def test_float64_goes_to_cuda_cpp_not_triton(gpu_machine):
@@ -116,3 +139,61 @@ def test_module_on_a_gpu_takes_cuda_for_float64(gpu_machine, monkeypatch):
     assert ops.fastest_backend(w) == "cpu"  # on the CPU only the CPU backend is able: nothing measured
     able = [n for n in ops.BACKENDS if not ops.not_supported_reasons(n, w, device="cuda")]
     assert able == ["cuda"]
+
+
+# ---- each environment reason of ops._refusal, as select_backend's error reports it
+
+def test_refusal_extension_did_not_load(monkeypatch, no_cache):
+    monkeypatch.setattr(ops._ext, "available", lambda: False)
+    monkeypatch.setattr(ops._ext, "_IMPORT_ERROR", ImportError("_C.so: cannot open shared object file"))
+    reason = "the sparse._C extension did not load (_C.so: cannot open shared object file)"
+    assert f"cpu: {reason} | triton: " in _refused("cpu", weight=_bsr())
+    assert _refused("cpu", "cpu") == f"no sparse backend can run on cpu: cpu: {reason}"
+    assert _refused("cuda", "cuda", _bsr()) == (
+        f"no sparse backend can run on cuda (float32 BlockSparseWeight): cuda: {reason}")
+
+
+def test_refusal_no_cuda_device(monkeypatch, no_cache):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = "no CUDA device is available (torch.cuda.is_available() is False)"
+    assert _refused("cuda", "triton", _bsr()) == (
+        f"no sparse backend can run on cuda (float32 BlockSparseWeight): triton: {reason}")
+
+
+def test_refusal_triton_not_importable(monkeypatch, no_cache):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "sparse.triton_backend", None)  # makes the import raise ImportError
+    with pytest.raises(ImportError) as exc:
+        importlib.import_module("sparse.triton_backend")
+    reason = f"triton is not importable ({exc.value}); pip install triton"
+    assert _refused("cuda", "triton", _bsr()) == (
+        f"no sparse backend can run on cuda (float32 BlockSparseWeight): triton: {reason}")
+
+
+def test_refusal_build_without_cuda_kernels(monkeypatch, no_cache):
+    _build(monkeypatch, has_cuda=False)
+    reason = "this build of sparse._C has no CUDA kernels (reinstall with a CUDA torch and CUDA_HOME set)"
+    assert _refused("cuda", "cuda", _bsr()) == (
+        f"no sparse backend can run on cuda (float32 BlockSparseWeight): cuda: {reason}")
+    assert _refused("cuda", weight=_bsr(torch.float64)).endswith(f" | cuda: {reason}")  # Triton: no float64
+
+
+# ---- the environment reasons of nm24_reasons (the 2:4 path has no error: linear takes the general op instead)
+
+def test_nm24_reasons_build_without_cuda_kernels(monkeypatch):
+    w = _balanced(torch.float16)
+    monkeypatch.setattr(BalancedSparseWeight, "device", property(lambda self: torch.device("cuda")))
+    _build(monkeypatch, has_cuda=True)
+    assert ops.nm24_reasons(w) == []
+    _build(monkeypatch, has_cuda=False)
+    assert ops.nm24_reasons(w) == ["this build of sparse._C has no CUDA kernels"]
+    monkeypatch.setattr(ops._ext, "available", lambda: False)
+    assert ops.nm24_reasons(w) == ["this build of sparse._C has no CUDA kernels"]
+
+
+def test_nm24_reasons_while_compiling(monkeypatch):
+    w = _balanced(torch.float16)
+    monkeypatch.setattr(BalancedSparseWeight, "device", property(lambda self: torch.device("cuda")))
+    _build(monkeypatch, has_cuda=True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops.nm24_reasons(w) == ["torch.compile traces the general balanced op"]

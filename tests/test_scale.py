@@ -34,6 +34,8 @@ BIG_STRIDE = 2**31 + 64  # elements between two rows (or two blocks)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """|got - want| <= 1e-5 (1 + max |want|), want being float64. Not helpers.assert_close_to_ref: its bound is
+    relative to dense torch's error on the same data, and these weights have no dense copy (one would need 20 GB)."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     tol = 1e-5 * (1 + want.abs().max().item())
     err = (got.double() - want).abs().max().item() if want.numel() else 0.0

@@ -171,9 +171,9 @@ __attribute__((always_inline)) inline void block_f32(__m256 (&acc)[TT][V], const
 
 // X of a token tile packed as float32 [block column][token][bi] (zeros past `in`), for bfloat16, whose
 // broadcasts then need no scalar conversion. One packing per (panel, tile), a sequential copy. float32 X is read
-// in place: on a real AVX2-only CPU (Zen 3, 2026-12-03) packing rows 4 KiB or more apart (in >= 1024), which the
-// AVX2 path capped on Zen 5 had preferred, was 10-25% slower at in = 3072 (numbers: docs/measurements.md,
-// "Block-sparse AVX2 forward on a real AVX2 CPU").
+// in place: on a real AVX2-only CPU packing it was slower, even for rows 4 KiB or more apart (in >= 1024), where
+// packing might have been expected to pay (numbers: docs/measurements.md, "Block-sparse AVX2 forward on a real
+// AVX2 CPU").
 struct PackX {
   float* xs = nullptr;
   int64_t n = 0;  // floats
