@@ -89,6 +89,10 @@ def test_ranks_with_different_patterns_are_refused_naming_the_layer(tmp_path):
         res = json.loads((tmp_path / f"mismatch.json.{rank}").read_text())
         assert res["checked"] == 2  # the same model on both ranks passes
         assert res["error"] and res["error"].startswith("layer '0': its sparsity pattern on rank 1 differs"), res
+        # rank 1 sparsified layer '2' too, which rank 0 keeps dense: the layer sets differ, the error names it
+        assert res["layers_error"] == (f"rank 1 holds other sparse layers than rank 0 (differing: ['2']); rank "
+                                       f"{rank} sees {1 + rank} sparse layers. Every rank must sparsify the same "
+                                       "layers."), res
 
 
 def test_check_patterns_agree_needs_a_process_group():

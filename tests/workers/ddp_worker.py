@@ -78,10 +78,9 @@ def main(out_path: str) -> None:
     dist.destroy_process_group()
 
 
-
-
 def mismatch(out_path: str) -> None:
-    """Rank 1 prunes with another seed: check_patterns_agree must fail on every rank, naming the layer."""
+    """Rank 1 prunes with another seed, then sparsifies a layer rank 0 keeps dense: check_patterns_agree must
+    fail on every rank, naming the layer."""
     from sparse.distributed import check_patterns_agree
 
     dist.init_process_group("gloo")
@@ -91,14 +90,24 @@ def mismatch(out_path: str) -> None:
     torch.manual_seed(rank)
     m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
     sparse.sparsify(m, "block", 0.5, block=16, include=["0"], skip_if_slower=False, sample_tokens=0)
-    try:
-        check_patterns_agree(m)
-        err = None
-    except ValueError as exc:
-        err = str(exc)
+    errors = {"pattern": _error_of(check_patterns_agree, m)}
+    # Rank 1 also sparsifies layer 2: the ranks hold different sets of sparse layers.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    sparse.sparsify(m, "block", 0.5, block=16, include=["0"] if rank == 0 else ["0", "2"], skip_if_slower=False,
+                    sample_tokens=0)
+    errors["layers"] = _error_of(check_patterns_agree, m)
     with open(f"{out_path}.{rank}", "w") as f:
-        json.dump({"checked": n, "error": err}, f)
+        json.dump({"checked": n, "error": errors["pattern"], "layers_error": errors["layers"]}, f)
     dist.destroy_process_group()
+
+
+def _error_of(fn, *args):
+    try:
+        fn(*args)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 if __name__ == "__main__":
