@@ -4,20 +4,22 @@ DDP and FSDP synchronise parameters and gradients, and DDP broadcasts buffers fr
 (``broadcast_buffers=True``): a sparse layer's pattern lives in buffers, so a rank whose pattern differs would get
 rank 0's pattern under its own values, silently wrong. :func:`check_patterns_agree` finds that before training:
 every rank must hold the same pattern (prune once and broadcast, or load the same checkpoint, or compute masks
-from all-reduced scores as ``GradualPruner`` under DDP does). FSDP2 also needs :func:`sparse.nn.contiguous_parameters`.
+from all-reduced scores as ``GradualPruner`` does across ranks, with :func:`mean_across_ranks_` and
+:func:`broadcast_from_first_rank_`). FSDP2 also needs :func:`sparse.nn.contiguous_parameters`.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
 from .nn import SparseLinear
 
-__all__ = ["check_patterns_agree"]
+__all__ = ["check_patterns_agree", "is_multi_rank", "mean_across_ranks_", "broadcast_from_first_rank_"]
 
 
 def _digest(m: SparseLinear) -> int:
@@ -53,3 +55,53 @@ def check_patterns_agree(model: nn.Module, group: Optional[dist.ProcessGroup] = 
                                  "checkpoint), or DDP's buffer broadcast would put rank 0's pattern under rank "
                                  f"{r}'s values")
     return len(names)
+
+
+def is_multi_rank(group: Optional[dist.ProcessGroup] = None) -> bool:
+    """True when ``torch.distributed`` is initialised and ``group`` (default: the world) has more than one rank:
+    then :func:`mean_across_ranks_` and :func:`broadcast_from_first_rank_` are collectives."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _by_device_dtype(tensors: Iterable[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]]:
+    buckets: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    return buckets
+
+
+@torch.no_grad()
+def mean_across_ranks_(tensors: Iterable[torch.Tensor], group: Optional[dist.ProcessGroup] = None) -> None:
+    """Replaces every floating tensor of ``tensors``, in place, by its mean over the ranks of ``group`` (default:
+    the world): one all-reduce per device and dtype. Every rank must call it with tensors of the same shapes, in the
+    same order. Nothing happens in a single process."""
+    if not is_multi_rank(group):
+        return
+    world = dist.get_world_size(group)
+    for (_, dtype), ts in sorted(_by_device_dtype(tensors).items(), key=lambda kv: str(kv[0])):
+        if not dtype.is_floating_point:
+            raise TypeError(f"mean_across_ranks_ averages floating tensors, got {dtype}")
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)  # gloo has no AVG
+        flat.div_(world)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+@torch.no_grad()
+def broadcast_from_first_rank_(tensors: Iterable[torch.Tensor], group: Optional[dist.ProcessGroup] = None) -> None:
+    """Overwrites ``tensors`` (any dtype, bool included), in place, with the first rank of ``group``'s (rank 0 of
+    the world by default): one broadcast per device and dtype. Every rank must call it with tensors of the same
+    shapes, in the same order. Nothing happens in a single process."""
+    if not is_multi_rank(group):
+        return
+    for (_, dtype), ts in sorted(_by_device_dtype(tensors).items(), key=lambda kv: str(kv[0])):
+        # bool goes as uint8, a dtype every backend (gloo, NCCL, MPI) broadcasts
+        flat = torch.cat([(t.to(torch.uint8) if dtype == torch.bool else t).reshape(-1) for t in ts])
+        dist.broadcast(flat, group=group, group_src=0)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset:offset + t.numel()].view(t.shape))
+            offset += t.numel()

@@ -102,3 +102,19 @@ def test_check_patterns_agree_needs_a_process_group():
 
     with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
         check_patterns_agree(nn.Linear(2, 2))
+
+
+@pytest.mark.slow  # two fresh interpreters
+@needs_dist
+def test_gradual_pruner_gives_every_rank_the_same_masks(tmp_path):
+    out = tmp_path / "prune.json"
+    _torchrun("ddp_worker.py", out, "prune")
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"prune.json.{rank}").read_text())
+        # the ranks' own gradients (no_sync) and own weights would give other masks on each rank ...
+        assert res["movement_local_masks_differ"] and res["magnitude_local_masks_differ"], res
+        # ... but the pruner's are the same everywhere: from the ranks' averaged movement scores, or rank 0's
+        assert res["movement_same_masks"] and res["movement_masks_from_mean_scores"], res
+        assert res["movement_sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert res["magnitude_same_masks"] and res["magnitude_masks_are_rank0s"], res
+        assert res["magnitude_weights_masked"], res
