@@ -78,6 +78,11 @@ def test_contiguous_parameters_keeps_outputs_and_gradients():
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
     assert sparse.nn.contiguous_parameters(model) == []
+    # load_state_dict keeps them contiguous (as FSDP2 needs), whatever layout the state dict holds
+    model.load_state_dict(ref.state_dict())
+    model.load_state_dict(ref.state_dict(), assign=True)
+    assert sparse.nn.contiguous_parameters(model) == []
+    torch.testing.assert_close(model(x), ref(x))
 
 
 @pytest.mark.slow  # two fresh interpreters
