@@ -10,6 +10,8 @@ from all-reduced scores as ``GradualPruner`` does across ranks, with :func:`mean
 
 from __future__ import annotations
 
+import os
+import warnings
 import zlib
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -19,7 +21,8 @@ from torch import nn
 
 from .nn import SparseLinear
 
-__all__ = ["check_patterns_agree", "is_multi_rank", "mean_across_ranks_", "broadcast_from_first_rank_"]
+__all__ = ["check_patterns_agree", "load_checkpoint", "is_multi_rank", "mean_across_ranks_",
+           "broadcast_from_first_rank_"]
 
 
 def _digest(m: SparseLinear) -> int:
@@ -105,3 +108,54 @@ def broadcast_from_first_rank_(tensors: Iterable[torch.Tensor], group: Optional[
         for t in ts:
             t.copy_(flat[offset:offset + t.numel()].view(t.shape))
             offset += t.numel()
+
+
+def load_checkpoint(model: nn.Module, checkpoint_id, *, process_group: Optional[dist.ProcessGroup] = None) -> None:
+    """Loads into ``model`` a ``torch.distributed.checkpoint`` (DCP) directory written, at any world size, by
+    ``dcp.save(model.state_dict(), checkpoint_id=path)``: sharded under FSDP2's ``fully_shard`` (after
+    :func:`sparse.nn.contiguous_parameters`), under DDP, or in one process. ``model`` may itself be sharded (a
+    collective then: every rank of ``process_group`` calls it) or a plain model in one process, with or without a
+    process group.
+
+    ``model`` must hold the checkpoint's sparse layers, each with the same format and number of kept values (build
+    it as the saved one was, e.g. ``sparse.sparsify`` with the same arguments); their patterns are read from the
+    checkpoint's metadata buffers. A layer that is dense in one and sparse in the other, or whose tensors have other
+    shapes, is a ``ValueError`` naming the layer, before anything is read. The tensors are read into fresh ones and
+    then go through ``model.load_state_dict``, which checks each sparse layer's stored pattern before copying into
+    it: a layer whose pattern is invalid is left as it was, and the ``RuntimeError`` names it.
+
+    The plain DCP recipe (``sd = model.state_dict(); dcp.load(sd, checkpoint_id=path); model.load_state_dict(sd)``)
+    loads the same, but reads straight into the model's tensors, before any check."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = os.fspath(checkpoint_id)
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"{path}: no torch.distributed.checkpoint there (no .metadata file)")
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = model.state_dict()
+    ours = {n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    theirs = {k[: -len("pattern_info")].rstrip(".") for k in saved if k.split(".")[-1] == "pattern_info"}
+    if ours != theirs:
+        raise ValueError(
+            f"{path}: the checkpoint's sparse layers differ from this model's: sparse only in the checkpoint: "
+            f"{sorted(theirs - ours)[:4]}, sparse only in the model: {sorted(ours - theirs)[:4]}; build the model "
+            "with the same sparse layers (sparse.sparsify with the arguments the saved model had)")
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        layer = key.rpartition(".")[0]
+        where = f"layer {layer!r}" if layer in ours else f"{key!r}"
+        if key not in saved:
+            raise ValueError(f"{path}: {where}: the checkpoint has no {key!r}")
+        md = saved[key]
+        if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != tuple(t.shape):
+            got = tuple(md.size) if isinstance(md, TensorStorageMetadata) else type(md).__name__
+            raise ValueError(f"{path}: {where}: the checkpoint's {key!r} is {got}, this model's is {tuple(t.shape)}"
+                             + (" (another pattern size: build the layer with the saved sparsity and block or "
+                                "bank/keep)" if layer in ours else ""))
+    staged = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    with warnings.catch_warnings():  # loading in one process without a group is what this function offers
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(staged, checkpoint_id=path, process_group=process_group)
+    model.load_state_dict(staged)

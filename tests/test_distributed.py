@@ -123,3 +123,79 @@ def test_gradual_pruner_gives_every_rank_the_same_masks(tmp_path):
         assert res["movement_sparsity"] == pytest.approx(0.5, abs=0.01)
         assert res["magnitude_same_masks"] and res["magnitude_masks_are_rank0s"], res
         assert res["magnitude_weights_masked"], res
+
+
+def _fsdp_worker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fsdp_worker", os.path.join(HERE, "workers", "fsdp_worker.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # two fresh interpreters
+@needs_dist
+def test_dcp_checkpoint_of_fsdp2_model_loads_at_world_size_one(tmp_path):
+    from sparse.distributed import load_checkpoint
+
+    _torchrun("fsdp_worker.py", tmp_path / "dcp", "save")  # trains, saves with DCP, reloads sharded
+    saved = torch.load(tmp_path / "dcp.pt")
+    assert saved["world"] == 2 and {"0.values", "2.values"} <= set(saved["sharded"])
+    before, after = saved["sharded_reload_diff"]  # at world size 2, into a sharded model pruned otherwise
+    assert before > 1e-3 and after == 0.0, saved["sharded_reload_diff"]
+    # world size 1, no process group: a plain (unsharded) model, pruned with other masks of the same sizes
+    plain = _fsdp_worker().sparse_mlp(seed=3)
+    x, out = saved["x"], saved["out"]
+    with torch.no_grad():
+        assert (plain(x) - out).abs().max() > 1e-3
+        load_checkpoint(plain, tmp_path / "dcp.ckpt")
+        torch.testing.assert_close(plain(x), out)
+    assert not torch.distributed.is_initialized()
+    assert not plain[0].values.is_contiguous(), "the block values are back in the kernels' layout"
+
+
+@needs_dist
+def test_load_checkpoint_refuses_other_layers_and_corrupt_patterns(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+
+    import sparse
+    from sparse.distributed import load_checkpoint
+
+    def mlp(seed, sparsity=0.5, include=("0", "2")):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        sparse.sparsify(m, "block", sparsity, block=16, include=list(include), skip_if_slower=False, sample_tokens=0)
+        return m
+
+    model = mlp(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
+        dcp.save(model.state_dict(), checkpoint_id=tmp_path / "ok")
+        corrupt = model.state_dict()
+        corrupt["0.col_indices"] = corrupt["0.col_indices"].clone()
+        corrupt["0.col_indices"][0] = 99
+        dcp.save(corrupt, checkpoint_id=tmp_path / "corrupt")
+        x = torch.randn(3, 32)
+        target = mlp(1)
+        load_checkpoint(target, tmp_path / "ok")
+        torch.testing.assert_close(target(x), model(x))
+
+        other = mlp(1, include=("0",))
+        with pytest.raises(ValueError, match=r"sparse only in the checkpoint: \['2'\], sparse only in the model: \[\]"):
+            load_checkpoint(other, tmp_path / "ok")
+        other = mlp(1, sparsity=0.75)
+        with pytest.raises(ValueError, match=r"layer '0': the checkpoint's '0.values' is \(4, 16, 16\), this "
+                                             r"model's is \(2, 16, 16\)"):
+            load_checkpoint(other, tmp_path / "ok")
+        target = mlp(2)
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(RuntimeError, match=r"0\.: the stored pattern is invalid.*col_indices"):
+            load_checkpoint(target, tmp_path / "corrupt")
+        after = target.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("0.")), "layer 0 left as it was"
+        with pytest.raises(FileNotFoundError, match="no torch.distributed.checkpoint there"):
+            load_checkpoint(target, tmp_path / "missing")
