@@ -21,7 +21,7 @@ from torch import nn
 
 from .nn import SparseLinear
 
-__all__ = ["check_patterns_agree", "load_checkpoint", "is_multi_rank", "mean_across_ranks_",
+__all__ = ["check_patterns_agree", "check_tensors_agree", "load_checkpoint", "is_multi_rank", "mean_across_ranks_",
            "broadcast_from_first_rank_"]
 
 
@@ -57,6 +57,32 @@ def check_patterns_agree(model: nn.Module, group: Optional[dist.ProcessGroup] = 
                                  "must hold the same pattern (prune once and broadcast the masks, or load the same "
                                  "checkpoint), or DDP's buffer broadcast would put rank 0's pattern under rank "
                                  f"{r}'s values")
+    return len(names)
+
+
+def check_tensors_agree(tensors: Dict[str, torch.Tensor], group: Optional[dist.ProcessGroup] = None) -> int:
+    """Raises ``ValueError`` naming the first of ``tensors`` (``{name: tensor}``, e.g. a model's trained weights and
+    masks) whose dtype, shape or bytes differ between the ranks of ``group`` (default: the world), or naming the
+    names that only some ranks hold; returns the number of tensors compared. A collective: every rank must call it.
+    Only checksums cross the processes."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("check_tensors_agree needs an initialised torch.distributed process group")
+    names = list(tensors)
+    digests = []
+    for name in names:
+        t = tensors[name].detach().cpu().contiguous()
+        crc = zlib.crc32(repr((str(t.dtype), tuple(t.shape))).encode())
+        digests.append(zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes(), crc))
+    gathered: List[Optional[list]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, [names, digests], group=group)
+    ref_names, ref_digests = gathered[0]
+    for r, (other_names, other_digests) in enumerate(gathered):
+        if other_names != ref_names:
+            only = sorted(set(ref_names) ^ set(other_names))
+            raise ValueError(f"rank {r} holds other tensors than rank 0 (differing: {only[:4]})")
+        for name, a, b in zip(ref_names, ref_digests, other_digests):
+            if a != b:
+                raise ValueError(f"{name!r} differs between rank 0 and rank {r}")
     return len(names)
 
 

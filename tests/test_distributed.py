@@ -98,6 +98,7 @@ def test_ranks_with_different_patterns_are_refused_naming_the_layer(tmp_path):
         assert res["layers_error"] == (f"rank 1 holds other sparse layers than rank 0 (differing: ['2']); rank "
                                        f"{rank} sees {1 + rank} sparse layers. Every rank must sparsify the same "
                                        "layers."), res
+        assert res["tensors_checked"] == 2 and res["tensors_error"] == "'b' differs between rank 0 and rank 1", res
 
 
 def test_check_patterns_agree_needs_a_process_group():

@@ -81,7 +81,7 @@ def main(out_path: str) -> None:
 def mismatch(out_path: str) -> None:
     """Rank 1 prunes with another seed, then sparsifies a layer rank 0 keeps dense: check_patterns_agree must
     fail on every rank, naming the layer."""
-    from sparse.distributed import check_patterns_agree
+    from sparse.distributed import check_patterns_agree, check_tensors_agree
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -97,8 +97,13 @@ def mismatch(out_path: str) -> None:
     sparse.sparsify(m, "block", 0.5, block=16, include=["0"] if rank == 0 else ["0", "2"], skip_if_slower=False,
                     sample_tokens=0)
     errors["layers"] = _error_of(check_patterns_agree, m)
+    # check_tensors_agree (what sparsify under torchrun checks after distilling): rank 1's "b" differs
+    same = {"a": torch.arange(4.0), "mask": torch.ones(3, dtype=torch.bool)}
+    errors["tensors_same"] = check_tensors_agree(same)
+    errors["tensors"] = _error_of(check_tensors_agree, {**same, "b": torch.full((2,), float(rank))})
     with open(f"{out_path}.{rank}", "w") as f:
-        json.dump({"checked": n, "error": errors["pattern"], "layers_error": errors["layers"]}, f)
+        json.dump({"checked": n, "error": errors["pattern"], "layers_error": errors["layers"],
+                   "tensors_checked": errors["tensors_same"], "tensors_error": errors["tensors"]}, f)
     dist.destroy_process_group()
 
 
