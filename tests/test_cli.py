@@ -89,7 +89,10 @@ def test_sparsify_block_with_recovery(tiny_model, tmp_path, capsys):
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     _check_report(report, n_layers=2 * 6)
-    assert report["recovery"]["steps"] >= 1
+    rec = report["recovery"]
+    assert rec["steps"] >= 1 and rec["world_size"] == 1 and "per_rank_batch" not in rec
+    assert rec["steps_per_second"] == pytest.approx(rec["steps"] / rec["seconds"])
+    assert f"{rec['steps_per_second']:.2f} steps/s on 1 process," in stdout
     fused = report["layers"]["fusions"]
     assert sorted(f["linear"] for f in fused) == [f"encoder.layer.{i}.intermediate.dense" for i in range(2)]
     with open(os.path.join(out, "report.md")) as f:

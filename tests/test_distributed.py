@@ -19,16 +19,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(worker: str, out, *extra: str) -> dict:
+def _launch(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node nproc ... args`` on 127.0.0.1 and a free port, bounded in
+    time; asserts it succeeded."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), os.path.join(HERE, "workers", worker), str(out), *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), *args]
     timeout = float(os.environ.get("SPARSEKERN_DIST_TIMEOUT", 300))  # each worker's watchdog fires at 120 s
     try:
         run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{worker} timed out: {(exc.stderr or b'')[-3000:]!r}") from None
+        raise AssertionError(f"{args[:3]} timed out: {(exc.stderr or b'')[-3000:]!r}") from None
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def _torchrun(worker: str, out, *extra: str) -> dict:
+    _launch(os.path.join(HERE, "workers", worker), str(out), *extra)
     return json.loads(out.read_text()) if out.exists() else {}
 
 
@@ -200,3 +207,31 @@ def test_load_checkpoint_refuses_other_layers_and_corrupt_patterns(tmp_path):
         assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("0.")), "layer 0 left as it was"
         with pytest.raises(FileNotFoundError, match="no torch.distributed.checkpoint there"):
             load_checkpoint(target, tmp_path / "missing")
+
+
+@pytest.mark.slow  # two fresh interpreters that load transformers, distil and time a tiny BERT
+@needs_dist
+def test_sparsify_distills_under_torchrun(tmp_path):
+    pytest.importorskip("transformers")
+    import sparse
+    from tests.helpers import tiny_bert_dir
+
+    model = tiny_bert_dir(str(tmp_path / "tiny-bert"))
+    out = tmp_path / "out"
+    run = _launch("-m", "sparse", "sparsify", "--model", model, "--pattern", "block", "--block", "32", "--sparsity",
+                  "0.5", "--prune-method", "magnitude", "--recover-seconds", "3", "--batch-size", "8",
+                  "--no-skip-if-slower", "--out", str(out), "--heldout", "40", "--seq", "16", "--latency-rounds", "2",
+                  "--threads", "1", "--no-progress")
+    assert run.stdout.count("# sparsekern report") == 1, run.stdout[-2000:]  # rank 0 alone reports
+    report = json.loads((out / "report.json").read_text())
+    rec = report["recovery"]
+    assert rec["world_size"] == 2 and rec["per_rank_batch"] == [4, 4], rec  # each rank its half of a batch of 8
+    assert rec["steps"] >= 1 and rec["steps_per_second"] == pytest.approx(rec["steps"] / rec["seconds"])
+    # both ranks ended with the same masks (12 encoder Linears) and trained weights (every parameter but the
+    # frozen input embeddings), else sparsify fails naming the first that differs
+    trained = sum(1 for n, _ in sparse.load(None, out).named_parameters() if n != "embeddings.word_embeddings.weight")
+    assert rec["ranks_checked"] == 12 + trained, rec
+    md = (out / "report.md").read_text()
+    assert f"{rec['steps_per_second']:.2f} steps/s on 2 processes (DDP, gloo), batch split 4+4" in md
+    blocks = [m for m in sparse.load(None, out).modules() if isinstance(m, sparse.BlockSparseLinear)]
+    assert len(blocks) == 12 and all(m.sparsity == pytest.approx(0.5) for m in blocks)
