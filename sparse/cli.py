@@ -3,6 +3,10 @@
 ``sparsify`` prunes a Hugging Face encoder (by default the bundled all-MiniLM-L6-v2), optionally recovers its
 accuracy by distillation from the dense model, swaps in the sparse modules, saves the result and reports size,
 speed and accuracy against the dense model, all measured in the same run.
+
+Under ``torchrun`` (``python -m torch.distributed.run --nproc-per-node N -m sparse sparsify ...``) the distillation
+runs on N processes (DDP over gloo): rank 0 prunes and broadcasts the pruned weights and masks, every rank trains
+on its share of each global batch, and rank 0 alone measures, saves and reports (steps per second included).
 """
 
 from __future__ import annotations
@@ -113,7 +117,8 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
     p.add_argument("--lr", type=_positive_float, default=3e-4,
                    help="distillation learning rate (AdamW). Default: %(default)s.")
     p.add_argument("--batch-size", type=_positive_int, default=32,
-                   help="distillation batch size in sentences. Default: %(default)s.")
+                   help="distillation batch size in sentences (under torchrun: the global batch, split between the "
+                        "processes). Default: %(default)s.")
     p.add_argument("--max-length", type=_positive_int, default=64,
                    help="distillation: longest tokenised sentence (tokens); longer ones are truncated. "
                         "Default: %(default)s.")
@@ -357,8 +362,26 @@ def _latency(models: Dict[str, Any], vocab_size: int, seq: int, batches: Sequenc
     return result, attention
 
 
-def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
-    """Runs ``sparsify`` and returns the report (also written to ``args.out``)."""
+def _init_distributed() -> Tuple[int, int, bool]:
+    """(rank, world size, whether this call initialised the process group): under torchrun with more than one
+    process (``WORLD_SIZE`` > 1), the gloo process group (the command's models are on the CPU); else (0, 1)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise CLIError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number (set by torchrun)") from None
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def sparsify_command(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Runs ``sparsify`` and returns the report (also written to ``args.out``); under torchrun, ranks other than
+    0 only help the distillation and return None."""
     import torch
 
     import sparse
@@ -370,7 +393,14 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     t_start = time.monotonic()
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    rank, world, owns_group = _init_distributed()
+    if world > 1 and args.batch_size < world:
+        raise CLIError(f"--batch-size {args.batch_size} is smaller than the {world} processes: each needs a "
+                       "sentence of every batch")
+    if rank != 0 and args.recover_seconds <= 0:  # no distillation: nothing for this rank to do
+        _leave_group(owns_group)
+        return None
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
 
     teacher, tokenizer, model_path, model_name = _load_model(args.model)
     student = copy.deepcopy(teacher)
@@ -385,9 +415,17 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
             "features)"
         )
 
-    log(f"model: {model_path} ({type(teacher).__name__}, {len(layers)} encoder Linear layers to prune)")
+    log(f"model: {model_path} ({type(teacher).__name__}, {len(layers)} encoder Linear layers to prune)"
+        + (f"; distillation on {world} processes" if world > 1 else ""))
     text = corpus.load(n_heldout=args.heldout)
     log(f"text: {len(text.train)} training and {len(text.heldout)} held-out sentences from standard-library docstrings")
+    if rank != 0:  # rank 0 prunes; this rank takes its pruned weights and masks, then distills with it
+        masks = {name: torch.zeros(m.weight.shape, dtype=torch.bool) for name, m in layers.items()}
+        _broadcast_pruned(student, layers, masks)
+        distill.distill(student, teacher, tokenizer, text.train, masks, seconds=args.recover_seconds, lr=args.lr,
+                        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, progress=False)
+        _leave_group(owns_group)
+        return None
     reference = evaluate.embed(teacher, tokenizer, text.heldout)
 
     t_prune = time.monotonic()
@@ -411,6 +449,8 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
 
     recovery: Dict[str, Any] = {"seconds_budget": args.recover_seconds}
     if args.recover_seconds > 0:
+        if world > 1:
+            _broadcast_pruned(student, layers, masks)
         stats = distill.distill(student, teacher, tokenizer, text.train, masks, seconds=args.recover_seconds,
                                 lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                                 progress=args.progress)
@@ -419,6 +459,7 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
                                "(padding excluded), AdamW, dense weights with fixed masks re-applied every step")
         for p in student.parameters():
             p.requires_grad_(False)
+    _leave_group(owns_group)  # the other ranks are done: what follows is rank 0's alone
 
     # Swap in the sparse modules, built from exactly the masks trained with.
     student = student.to(dtype).eval()
@@ -500,6 +541,20 @@ def sparsify_command(args: argparse.Namespace) -> Dict[str, Any]:
     return report
 
 
+def _broadcast_pruned(student, layers: Dict[str, Any], masks: Dict[str, Any]) -> None:
+    """Every rank takes rank 0's pruned student (all its parameters and buffers) and masks, in place."""
+    from .distributed import broadcast_from_first_rank_
+
+    broadcast_from_first_rank_([masks[name] for name in layers] + list(student.state_dict().values()))
+
+
+def _leave_group(owns_group: bool) -> None:
+    if owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 _DENSE_NAMES = {"dense_eager": "eager (F.linear)", "dense_onednn_prepacked": "oneDNN, pre-packed weights",
                 "dense_compiled": "sparse.compile (torch.compile, freezing)"}
 _SPARSE_NAMES = {"sparse": "as saved", "sparse_leftover_dense_prepacked": "remaining dense Linear layers pre-packed",
@@ -575,8 +630,12 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
                  + f", {pr['seconds']:.0f} s.")
     rec = r["recovery"]
     if rec.get("steps"):
+        world = rec.get("world_size", 1)
+        procs = (f"{world} processes (DDP, gloo), batch split {'+'.join(map(str, rec['per_rank_batch']))}"
+                 if world > 1 else "1 process")
         lines.append(
             f"Recovery: {rec['steps']} steps in {rec['seconds']:.0f} s (budget {rec['seconds_budget']:.0f} s), "
+            f"{rec['steps_per_second']:.2f} steps/s on {procs}, "
             f"lr {rec['lr']}, batch {rec['batch_size']}, max length {rec['max_length']}; loss "
             f"{rec['first_loss']:.4f} -> {rec['last_loss']:.4f}. {rec['method']}."
         )
@@ -607,7 +666,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _print_info(info())
             return 0
         report = sparsify_command(args)
-        print(report["markdown"])
+        if report is not None:  # None: a torchrun rank other than 0, which reports nothing
+            print(report["markdown"])
         return 0
     except CLIError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)

@@ -6,6 +6,9 @@ only at the end are the sparse modules swapped in, built from the same masks. Th
 all-MiniLM-L6-v2 (docs/measurements.md): student = pruned copy whose masks are re-applied after every step;
 teacher = the dense model; loss = sum over layers of the MSE between student and teacher hidden states (padding
 excluded); AdamW.
+
+Under ``torch.distributed`` (``torchrun``), :func:`distill` trains with DistributedDataParallel: every rank takes its
+share of each global batch, the gradients are averaged over the ranks, and every rank keeps the same masks.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from . import prune, walk
+from .distributed import check_tensors_agree, is_multi_rank
 
 __all__ = ["prunable_linears", "compute_masks", "apply_masks", "reconstruct", "distill"]
 
@@ -214,11 +218,25 @@ def distill(
     Batches are ``batch_size`` sentences drawn in a seeded shuffled order (reshuffled every pass), tokenised to at
     most ``max_length`` tokens. The learning rate warms up linearly over the first 10 steps, then stays constant
     (the budget is a time, so the step count is not known in advance).
-    Returns ``{"steps", "seconds", "first_loss", "last_loss"}`` (losses: mean of the first / last 10 steps)."""
+    Returns ``{"steps", "seconds", "steps_per_second", "first_loss", "last_loss", "world_size"}`` (losses: mean of
+    the first / last 10 steps).
+
+    Across processes (``torch.distributed`` initialised with more than one rank, e.g. under ``torchrun``; the
+    batches stay on the CPU, so a gloo process group): every rank must call it with the same student, teacher,
+    sentences, masks and seed (DistributedDataParallel starts every rank from rank 0's student). ``batch_size`` is
+    then the global batch: every rank draws the same batches and trains on its share (sentences ``rank::world``)
+    under DistributedDataParallel, which averages the gradients; the ranks stop after the same step (rank 0's clock
+    decides), and at the end the masks and every trained weight are checked to be equal on every rank
+    (``ValueError`` naming the first that differs). The losses are averaged over the ranks, and the result also has
+    ``"per_rank_batch"`` and ``"ranks_checked"`` (the number of tensors compared)."""
     if seconds <= 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
     if len(sentences) < batch_size:
         raise ValueError(f"need at least batch_size={batch_size} training sentences, got {len(sentences)}")
+    multi = is_multi_rank()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if multi else (0, 1)
+    if batch_size < world:
+        raise ValueError(f"batch_size={batch_size} is smaller than the {world} ranks: each needs a sentence per step")
     layers = {name: m for name, m in student.named_modules() if name in masks}
     missing = sorted(set(masks) - set(layers))
     if missing:
@@ -239,6 +257,12 @@ def distill(
     for p in student.parameters():
         if id(p) in frozen:
             p.requires_grad_(False)
+    forward = student
+    if multi:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # The pooler (in the forward, not in the loss) gets no gradient: unused parameters must be found.
+        forward = DistributedDataParallel(student, find_unused_parameters=True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup_steps = 10
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup_steps))
@@ -247,7 +271,7 @@ def distill(
     order: List[int] = []
     losses: List[float] = []
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=round(seconds), desc="distilling", unit="s", leave=True,
@@ -256,15 +280,17 @@ def distill(
     shown = 0
     steps = 0
     try:
-        while time.monotonic() - start < seconds and (max_steps is None or steps < max_steps):
+        while _go_on(time.monotonic() - start < seconds and (max_steps is None or steps < max_steps), multi):
             if len(order) < batch_size:
                 order = list(range(len(sentences)))
                 rng.shuffle(order)
             batch = [sentences[order.pop()] for _ in range(batch_size)]
+            if multi:
+                batch = batch[rank::world]  # this rank's share of the global batch
             enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             with torch.no_grad():
                 t_hidden = teacher(**enc, output_hidden_states=True).hidden_states
-            s_hidden = student(**enc, output_hidden_states=True).hidden_states
+            s_hidden = forward(**enc, output_hidden_states=True).hidden_states
             # hidden_states[0] is the embedding output, which pruning the encoder does not change.
             loss = _hidden_loss(s_hidden[1:], t_hidden[1:], enc["attention_mask"])
             opt.zero_grad(set_to_none=True)
@@ -285,5 +311,27 @@ def distill(
         if bar is not None:
             bar.close()
     elapsed = time.monotonic() - start
+    result = {"world_size": world}
+    if multi:
+        del forward  # the DDP reducer goes before any process group teardown
+        mean = torch.tensor(losses, dtype=torch.float64)
+        torch.distributed.all_reduce(mean)
+        losses = (mean / world).tolist()
+        tensors = {f"{name}.mask": masks[name] for name in layers}
+        tensors.update({name: p.detach() for name, p in student.named_parameters() if p.requires_grad})
+        result["ranks_checked"] = check_tensors_agree(tensors)
+        result["per_rank_batch"] = [len(range(r, batch_size, world)) for r in range(world)]
     head, tail = losses[:10], losses[-10:]
-    return {"steps": steps, "seconds": elapsed, "first_loss": sum(head) / len(head), "last_loss": sum(tail) / len(tail)}
+    result.update(steps=steps, seconds=elapsed, steps_per_second=steps / elapsed, first_loss=sum(head) / len(head),
+                  last_loss=sum(tail) / len(tail))
+    return result
+
+
+def _go_on(local: bool, multi: bool) -> bool:
+    """Whether to take another step: this process's answer, or across ranks rank 0's, so every rank takes the
+    same number of steps (a rank that stopped alone would leave the others waiting in an all-reduce)."""
+    if not multi:
+        return local
+    flag = torch.tensor([1 if local else 0], dtype=torch.int64)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())

@@ -6,22 +6,25 @@
   which is how ONNX runtimes (DeepSparse among them) read a pruned model. Needs the ``onnx`` package (torch's
   exporter does); ONNX Runtime, to run the file, is optional.
 
-``torch.export`` and AOTInductor need none of this: they keep the sparse ops (see the README, "Deploy").
+- :func:`export_program`: ``torch.export.export``, which keeps the sparse ops in the graph (AOTInductor then
+  compiles them; see the README, "Deploy"), with a clear error naming the layer whose op cannot be traced.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Sequence, Tuple, Union
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import walk
 from .nn import SparseLinear
 from .reference import activation as _activation
 
-__all__ = ["densify", "export_onnx"]
+__all__ = ["densify", "export_onnx", "export_program"]
 
 
 class _Activation(nn.Module):
@@ -95,3 +98,96 @@ def export_onnx(
         proto.ir_version = int(ir_version)
         onnx.save(proto, path)
     return path
+
+
+def export_program(model: nn.Module, args: Union[torch.Tensor, Tuple[Any, ...]],
+                   kwargs: Optional[Dict[str, Any]] = None, **export_kwargs: Any) -> "torch.export.ExportedProgram":
+    """``torch.export.export(model, args, kwargs, **export_kwargs)`` (``args`` may be a single tensor), with one
+    difference: where tracing fails because an op has no fake (meta) kernel, which export needs to trace it,
+    the error is a ``ValueError`` that names the op and the layers of ``model`` that call it (found by running
+    ``model`` once eagerly on the same inputs), instead of torch's message about the op alone. Any other failure
+    is torch's own."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    try:
+        return torch.export.export(model, args, kwargs, **export_kwargs)
+    except Exception as exc:  # re-raised as it is unless an op lacks a fake kernel
+        op = _op_without_fake_kernel(exc)
+        if op is None:
+            raise
+        callers = _modules_calling(model, op, args, kwargs or {})
+        if callers:
+            where = ", ".join(f"{name!r} ({type(model.get_submodule(name)).__name__})" if name else
+                              f"the model itself ({type(model).__name__})" for name in callers[:4])
+            raise ValueError(f"cannot export: layer {where} calls the op {op}, which has no fake (meta) kernel; "
+                             f"register one (torch.library.register_fake({op!r})) or keep that layer out of the "
+                             "exported model") from exc
+        raise ValueError(f"cannot export: the op {op} has no fake (meta) kernel (no layer of the model called it "
+                         f"when run eagerly on these inputs); register one with torch.library.register_fake({op!r})"
+                         ) from exc
+
+
+_NO_FAKE = re.compile(r"no fake impl registered for <CustomOpDef\((\w+::\w+)\)>")
+_OP_NAME = re.compile(r"\b(\w+)::(\w+)\b")
+
+
+def _op_without_fake_kernel(exc: BaseException) -> Optional[str]:
+    """The ``namespace::name`` of the op whose missing fake / meta kernel ``exc`` (or its cause) reports."""
+    from torch._subclasses.fake_tensor import UnsupportedOperatorException
+
+    seen = 0
+    while exc is not None and seen < 8:
+        func = getattr(exc, "func", None)
+        if isinstance(exc, UnsupportedOperatorException) and hasattr(func, "_schema"):
+            return func._schema.name
+        text = str(exc)
+        found = _NO_FAKE.search(text)
+        if found:
+            return found.group(1)
+        lowered = text.lower()
+        if (("fake" in lowered or "meta" in lowered) and "kernel" in lowered) or "fake impl" in lowered:
+            found = _OP_NAME.search(text)
+            if found and found.group(1) not in ("torch", "c10", "at", "std"):
+                return found.group(0)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _modules_calling(model: nn.Module, op: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[str]:
+    """Names of the innermost modules of ``model`` that call ``op`` (``namespace::name``) in one eager forward on
+    ``args``/``kwargs``, in call order; what was found before an eager failure, if it fails."""
+    stack: List[str] = []
+    callers: List[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if getattr(getattr(func, "_schema", None), "name", None) == op:
+                name = stack[-1] if stack else ""
+                if name not in callers:
+                    callers.append(name)
+            return func(*args, **(kwargs or {}))
+
+    def enter(name: str):
+        def hook(module, inputs) -> None:
+            stack.append(name)
+        return hook
+
+    def leave(module, inputs, output) -> None:  # returns None: the output stays the module's
+        stack.pop()
+
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(enter(name)))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), Record():
+            model(*args, **kwargs)
+    except Exception:  # the callers found so far are still the answer
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return callers

@@ -257,11 +257,15 @@ class SparseLinear(nn.Module):
         except (ValueError, TypeError) as exc:
             error_msgs.append(f"{prefix}: the stored pattern is invalid: {exc}")
             return
+        # The values keep the layout they had: the kernels' own, or plain contiguous after contiguous_parameters
+        # (FSDP2 shards only contiguous parameters, and its post-load hook views them flat).
+        contiguous = self.values.is_contiguous()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         # load_state_dict(assign=True) puts the stored tensor itself in place, in whatever layout it was saved.
-        laid_out = self._kernel_layout(self.values.detach())
+        values = self.values.detach()
+        laid_out = values.contiguous() if contiguous else self._kernel_layout(values)
         if laid_out.stride() != self.values.stride():
             self.values = nn.Parameter(laid_out, requires_grad=self.values.requires_grad)
         self._refresh()

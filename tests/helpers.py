@@ -150,3 +150,34 @@ def make_balanced(out: int, inn: int, bank: int, keep: int, *, dtype: torch.dtyp
     W = randn((out, inn), dtype, seed, scale, exact=exact)
     w = BalancedSparseWeight.from_dense(W, bank, keep)
     return w if device is None else w.to(device)
+
+
+# ---- a tiny Hugging Face model directory --------------------------------------------------------------------
+
+# Common English and docstring words, so that the tiny tokenizer does not map most text to [UNK].
+WORDS = ("the a an of to and or in is it be for on as by with that this from are not if return returns object "
+         "file list value values string name default function method class new when which can will used use set "
+         "get data type error none true false number time path module").split()
+
+
+def tiny_bert_dir(d: str) -> str:
+    """Saves a random 2-layer BertModel (hidden 64, intermediate 128, seed 0) and a WordPiece tokenizer into the
+    directory ``d`` as a Hugging Face model directory (what ``sparsekern sparsify --model`` takes); returns ``d``.
+    Needs transformers."""
+    import transformers
+
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    tokens = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        + WORDS
+        + letters
+        + ["##" + c for c in letters]
+        + list(".,;:()'\"-_=")
+    )
+    tok = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))})
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=128, max_position_embeddings=128)
+    transformers.BertModel(config).eval().save_pretrained(d)
+    return d

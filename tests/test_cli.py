@@ -18,13 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 import sparse  # noqa: E402
 from sparse import cli, corpus, distill, evaluate  # noqa: E402
-from tests.helpers import assert_close_to_ref  # noqa: E402
+from tests.helpers import assert_close_to_ref, tiny_bert_dir  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Common English and docstring words, so that the tiny tokenizer does not map most text to [UNK].
-WORDS = ("the a an of to and or in is it be for on as by with that this from are not if return returns object "
-         "file list value values string name default function method class new when which can will used use set "
-         "get data type error none true false number time path module").split()
 
 
 @pytest.fixture(autouse=True)
@@ -40,23 +36,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     """A random 2-layer BertModel (hidden 64, intermediate 128) and a WordPiece tokenizer, saved as a Hugging
-    Face model directory."""
-    d = str(tmp_path_factory.mktemp("tiny-bert"))
-    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    tokens = (
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        + WORDS
-        + letters
-        + ["##" + c for c in letters]
-        + list(".,;:()'\"-_=")
-    )
-    tok = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))})
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=128, max_position_embeddings=128)
-    transformers.BertModel(config).eval().save_pretrained(d)
-    return d
+    Face model directory (tests/helpers.py tiny_bert_dir)."""
+    return tiny_bert_dir(str(tmp_path_factory.mktemp("tiny-bert")))
 
 
 def _run(capsys, *argv) -> tuple:
@@ -108,7 +89,10 @@ def test_sparsify_block_with_recovery(tiny_model, tmp_path, capsys):
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     _check_report(report, n_layers=2 * 6)
-    assert report["recovery"]["steps"] >= 1
+    rec = report["recovery"]
+    assert rec["steps"] >= 1 and rec["world_size"] == 1 and "per_rank_batch" not in rec
+    assert rec["steps_per_second"] == pytest.approx(rec["steps"] / rec["seconds"])
+    assert f"{rec['steps_per_second']:.2f} steps/s on 1 process," in stdout
     fused = report["layers"]["fusions"]
     assert sorted(f["linear"] for f in fused) == [f"encoder.layer.{i}.intermediate.dense" for i in range(2)]
     with open(os.path.join(out, "report.md")) as f:

@@ -116,3 +116,77 @@ def test_aoti_package_runs_in_a_fresh_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# Two throwaway ops without a fake kernel, in a namespace of this test: a torch.library.custom_op (torch says "no
+# fake impl registered") and an op defined with a CPU kernel only (torch raises UnsupportedOperatorException).
+@torch.library.custom_op("sparsekern_test_nofake::scale2", mutates_args=())
+def _scale2(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+_LIB = torch.library.Library("sparsekern_test_nofake", "DEF")
+_LIB.define("scale3(Tensor x) -> Tensor")
+_LIB.impl("scale3", lambda x: x * 3, "CPU")
+
+
+class _Scale(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class _BlockThenScale(sparse.BlockSparseLinear):
+    """A sparse layer whose forward also calls an op without a fake kernel."""
+
+    def forward(self, x):
+        return _scale2(super().forward(x))
+
+
+@pytest.mark.parametrize("op, name", [(_scale2, "sparsekern_test_nofake::scale2"),
+                                      (torch.ops.sparsekern_test_nofake.scale3, "sparsekern_test_nofake::scale3")])
+def test_export_program_names_the_layer_whose_op_has_no_fake_kernel(op, name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 32), _Scale(op)))
+    sparse.sparsify(model, "block", 0.5, block=16, skip_if_slower=False, sample_tokens=0)
+    x = torch.randn(4, 32)
+    with pytest.raises(Exception) as raw:  # torch's own error names the op only
+        torch.export.export(model, (x,))
+    assert "'2.1'" not in str(raw.value)
+    with pytest.raises(ValueError) as err:
+        sparse.export_program(model, x)
+    assert str(err.value).startswith(f"cannot export: layer '2.1' (_Scale) calls the op {name}, which has no fake "
+                                     "(meta) kernel"), str(err.value)
+    assert err.value.__cause__ is not None  # torch's error stays attached
+
+
+def test_export_program_names_the_sparse_layer_calling_such_an_op():
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), _BlockThenScale(32, 32, block=16, sparsity=0.5))
+    with pytest.raises(ValueError, match=r"^cannot export: layer '2' \(_BlockThenScale\) calls the op "
+                                         "sparsekern_test_nofake::scale2, "):
+        sparse.export_program(model, x)
+
+
+def test_export_program_exports_a_sparse_model_and_keeps_other_errors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    sparse.sparsify(model, "block", 0.5, block=16, skip_if_slower=False, sample_tokens=0)
+    x = torch.randn(4, 32)
+    program = sparse.export_program(model, x)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any("sparsekern" in t for t in targets), targets
+    torch.testing.assert_close(program.module()(x), model(x))
+
+    class Fails(nn.Module):
+        def forward(self, x):
+            raise KeyError("not a fake-kernel problem")
+
+    with pytest.raises(KeyError, match="not a fake-kernel problem"):
+        sparse.export_program(Fails(), x)
+    with pytest.raises(TypeError, match="model must be an nn.Module, got function"):
+        sparse.export_program(lambda t: t, x)

@@ -357,6 +357,30 @@ def test_save_load_bfloat16_sequential(tmp_path):
         sparse.load(nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.Linear(64, 2)), tmp_path)
 
 
+@pytest.mark.parametrize("version", [2, 0, None])
+def test_load_refuses_another_format_version_naming_the_file(tmp_path, version):
+    from sparse.io import FORMAT_VERSION
+
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    sparse.sparsify(model, "block", 0.5, block=16, skip_if_slower=False, sample_tokens=0)
+    sparse.save(model, tmp_path)
+    meta_path = tmp_path / "sparse.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format_version"] == FORMAT_VERSION == 1
+    meta["format_version"] = version
+    meta_path.write_text(json.dumps(meta))
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    with pytest.raises(ValueError) as err:
+        sparse.load(fresh, tmp_path)
+    assert str(err.value) == f"{meta_path} has format_version {version}, this sparse reads {FORMAT_VERSION}"
+    assert not any(isinstance(m, SparseLinear) for m in fresh.modules()), "a refused load changes nothing"
+    meta["format_version"] = FORMAT_VERSION  # the same file with its own version loads
+    meta_path.write_text(json.dumps(meta))
+    x = torch.randn(3, 64)
+    assert torch.equal(sparse.load(fresh, tmp_path)(x), model(x))
+
+
 def test_bad_arguments():
     model = tiny_bert(layers=1)
     common = dict(skip_if_slower=False, sample_tokens=0)

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..distributed import broadcast_from_first_rank_, mean_across_ranks_
 from ..formats import _check_sparsity
 from ..nn import _is_conv1d, dense_weight_of
 from ..patch import sparsify
@@ -53,7 +54,15 @@ class GradualPruner:
         ``"balanced"`` (the latter two can be compacted). block / norm: as ``block_mask``. bank: as
         ``balanced_mask``; the kept count is ``round(bank * (1 - sparsity))``. scope: ``"layer"`` or (unstructured
         only) ``"global"``. include / exclude: as ``sparse.sparsify``. The layers taken and those left out (with the
-        reason) are ``layers`` and ``skipped``; see :func:`sparse.prune.layers.prunable_layers`.
+        reason) are ``layers`` and ``skipped``; see :func:`sparse.prune.layers.prunable_layers`. group: the
+        ``torch.distributed`` process group whose ranks prune together (default: the world).
+
+    Across processes (``torch.distributed`` initialised, more than one rank in ``group``), every mask update is a
+    collective, so every rank must call ``step()`` equally often: movement scores are first averaged over the ranks
+    (the masks then come from the whole global batch, even where the ranks' gradients differ, e.g. accumulated
+    under DDP's ``no_sync`` or without DDP), and the masks chosen are then broadcast from the group's first rank, so
+    no rank can end with other masks (magnitudes included, where the ranks' weights differ). In one process nothing
+    of this happens.
     """
 
     def __init__(
@@ -73,6 +82,7 @@ class GradualPruner:
         scope: str = "layer",
         include: Optional[Filter] = None,
         exclude: Optional[Filter] = None,
+        group: Optional[Any] = None,
     ) -> None:
         if pattern not in PRUNE_PATTERNS:
             raise ValueError(f"pattern must be one of {PRUNE_PATTERNS}, got {pattern!r}")
@@ -113,6 +123,7 @@ class GradualPruner:
             self.scores = {
                 n: torch.zeros(dense_weight_of(m).shape, device=m.weight.device) for n, m in self.layers.items()
             }
+        self.group = group
         self.step_count = 0
         self.sparsity = 0.0
         if self.initial_sparsity > 0 and self.start_step <= 0:
@@ -136,12 +147,15 @@ class GradualPruner:
         )
         weights = {n: dense_weight_of(m) for n, m in self.layers.items()}
         scores = self.scores if self.method == "movement" else None
+        if scores is not None:  # across ranks: every rank ranks the same, global, scores
+            mean_across_ranks_(scores.values(), self.group)
         if self.scope == "global":
             self.masks = global_magnitude_masks(weights, self.sparsity, scores)
         else:
             self.masks = {
                 n: self._mask_for(W, None if scores is None else scores[n], self.sparsity) for n, W in weights.items()
             }
+        broadcast_from_first_rank_(self.masks.values(), self.group)  # and the first rank's masks are final
         self.apply_masks()
 
     @torch.no_grad()
