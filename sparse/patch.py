@@ -40,7 +40,8 @@ __all__ = [
 PATTERNS = ("block", "balanced", "unstructured", "auto")
 
 # The exact formats pattern="auto" tries on a layer's existing zeros, fastest kernels first: square blocks, then
-# balanced banks (keep = the most nonzeros of any bank), then column and row vectors.
+# balanced banks (keep = the most nonzeros of any bank), then column and row vectors, then unstructured (1x1
+# blocks: CSR, which holds any zeros).
 AUTO_CANDIDATES: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("block", {"block": 32}),
     ("block", {"block": 16}),
@@ -49,8 +50,13 @@ AUTO_CANDIDATES: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("block", {"block": (8, 1)}),
     ("block", {"block": (4, 1)}),
     ("block", {"block": (1, 4)}),
+    ("unstructured", {"block": (1, 1)}),
 )
-# A candidate storing more than this fraction of the weight saves too little to be worth timing.
+# A candidate storing more than this fraction of the weight's dense bytes (``weight_format.nbytes``: values and
+# every index, the backward's transposed metadata included) saves too little to be worth timing. Unstructured
+# stores 3 int32 indices per kept weight besides it (column, and for the backward row and position) plus the
+# offsets: 16 bytes per kept fp32 weight, 14 per bf16 one, so it passes below a density of about 0.85 / 4 = 21%
+# in fp32 and 0.85 / 7 = 12% in bf16 / fp16.
 AUTO_MAX_DENSITY = 0.85
 
 CONVERTED = "converted"
@@ -281,7 +287,7 @@ def _resolve_pattern_args(
         if sparsity is not None or keep is not None:
             raise ValueError("pattern='auto' keeps the zeros each layer already has; sparsity= and keep= are for "
                              "pruning by magnitude with pattern='block', 'balanced' or 'unstructured'")
-        return {"formats": "the exact one of blocks 32/16, balanced banks 32/16, vectors 8x1/4x1/1x4"}
+        return {"formats": "the exact one of blocks 32/16, balanced banks 32/16, vectors 8x1/4x1/1x4, unstructured"}
     if pattern == "unstructured":
         if keep is not None:
             raise ValueError(f"keep={keep!r} is for pattern='balanced'; pattern='unstructured' takes sparsity= (the "
@@ -338,10 +344,17 @@ def _auto_candidates(layer: nn.Module, mask: torch.Tensor, activation: str) -> L
     """Every format of AUTO_CANDIDATES that represents ``layer`` exactly (its weight equal to the dense one) and
     stores at most AUTO_MAX_DENSITY of it: [(label, module)]."""
     W = dense_weight_of(layer).detach()
+    limit = AUTO_MAX_DENSITY * W.numel() * W.element_size()
     out = []
     for fmt, kw in AUTO_CANDIDATES:
         try:
-            if fmt == "block":
+            if fmt == "unstructured":
+                # its bytes are known before it is built (value and 3 int32 indices per kept weight, 2 offset arrays)
+                if int(mask.sum()) * (W.element_size() + 12) + 4 * (sum(W.shape) + 2) >= limit:
+                    continue
+                sp = BlockSparseLinear.from_linear(layer, block=kw["block"], mask=mask, activation=activation)
+                label = "unstructured"
+            elif fmt == "block":
                 sp = BlockSparseLinear.from_linear(layer, block=kw["block"], mask=mask, activation=activation)
                 bo, bi = sp.block
                 label = f"block {bo}x{bi}"
@@ -355,7 +368,7 @@ def _auto_candidates(layer: nn.Module, mask: torch.Tensor, activation: str) -> L
                 label = f"balanced bank {bank} keep {keep}"
         except (ValueError, TypeError):
             continue  # this format does not fit the layer's shape
-        if sp.weight_format.nbytes >= AUTO_MAX_DENSITY * W.numel() * W.element_size():
+        if sp.weight_format.nbytes >= limit:
             continue
         if not torch.equal(sp.weight_format.to_dense(), W):
             continue  # not exact (cannot happen by construction; never change the model's function)

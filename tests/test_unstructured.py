@@ -1,7 +1,7 @@
 """sparse.sparsify(model, pattern="unstructured"): magnitude pruning per layer into BlockSparseLinear with 1x1
 blocks (CSR). On an nn.Sequential MLP and a tiny random BERT: the kept weights (count and choice, ties
 included), outputs and gradients against the dense model with the same mask, masks=, the report, save/load,
-torch.compile and bad input."""
+torch.compile, pattern="auto" choosing it, and bad input."""
 
 import copy
 import json
@@ -12,7 +12,7 @@ from torch import nn
 
 import sparse
 from sparse.nn import BlockSparseLinear, SparseLinear
-from sparse.patch import CONVERTED, FusedActivation
+from sparse.patch import CONVERTED, SKIPPED, FusedActivation
 from tests.helpers import assert_close_to_ref
 
 transformers = pytest.importorskip("transformers")
@@ -199,6 +199,39 @@ def test_torch_compile_fullgraph_equals_eager():
     loss(compiled(input_ids=IDS)).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+def test_auto_takes_unstructured_for_scattered_zeros():
+    """A layer with 98% scattered zeros: no block or vector format stores it compactly, balanced banks need the
+    fullest bank's count everywhere; unstructured stores it in the fewest bytes, exactly."""
+    model = mlp(6)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        model[2].weight.mul_(torch.rand(96, 128, generator=g) < 0.02)
+    ref = copy.deepcopy(model)
+    report = sparse.sparsify(model, "auto", **COMMON)
+    rep = report.layer("2")
+    assert rep.status == CONVERTED and rep.pattern == "unstructured", rep
+    assert isinstance(model[2], BlockSparseLinear) and model[2].block == (1, 1)
+    assert torch.equal(model[2].weight.to_dense(), ref[2].weight.detach())
+    assert report.layer("0").status == SKIPPED and "no zero weight" in report.layer("0").reason
+    x = torch.randn(5, 64, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, timed", [(torch.float32, True), (torch.bfloat16, False)])
+def test_auto_times_unstructured_only_where_it_saves_bytes(dtype, timed):
+    """85% scattered zeros: unstructured stores 16 bytes per kept fp32 weight (2.4 per dense weight, under 85% of
+    4) and is timed; in bf16 14 bytes per kept weight (2.1 per dense weight, over 85% of 2) is not."""
+    model = mlp(7).to(dtype)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        model[2].weight.mul_((torch.rand(96, 128, generator=g) < 0.15).to(dtype))
+    report = sparse.sparsify(model, "auto", include=["2"], skip_if_slower=False, sample_tokens=16, repeats=1)
+    reason = report.layer("2").reason
+    assert "fastest exact format of" in reason, reason
+    assert ("unstructured" in reason) is timed, reason
 
 
 def test_bad_input_names_the_value_and_what_was_expected():
