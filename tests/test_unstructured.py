@@ -159,6 +159,30 @@ def test_tiny_bert_outputs_and_gradients_equal_the_masked_dense_model():
         assert_close_to_ref(p.grad, dense64_params[n].grad, dense_params[n].grad, n)
 
 
+def test_gpt2_conv1d_masks_are_out_by_in():
+    """GPT-2's Conv1D stores its weight [in, out]; masks and the kept weights are of the logical [out, in] one."""
+    torch.manual_seed(8)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=1, n_head=4, n_positions=32, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    dense = transformers.GPT2Model(cfg).eval()
+    model = copy.deepcopy(dense)
+    c_fc = dense.h[0].mlp.c_fc
+    mask = torch.rand(256, 64, generator=torch.Generator().manual_seed(8)) < 0.2  # [out, in]
+    report = sparse.sparsify(model, "unstructured", masks={"h.0.mlp.c_fc": mask}, **COMMON)
+    assert [r.name for r in report.converted] == ["h.0.mlp.c_fc"] and report.converted[0].kind == "Conv1D"
+    assert torch.equal(kept_mask(model.h[0].mlp.c_fc), mask)
+    assert torch.equal(model.h[0].mlp.c_fc.weight.to_dense(), c_fc.weight.detach().t() * mask)
+    sparse.sparsify(model, "unstructured", 0.9, include="h.0.attn.*", **COMMON)
+    attn = model.h[0].attn.c_attn
+    assert torch.equal(kept_mask(attn), expected_mask(dense.h[0].attn.c_attn.weight.t(), 0.9))
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, SparseLinear):
+                ref.get_submodule(name).weight.copy_(m.weight.to_dense().t())
+    assert_close_to_ref(hidden(model), hidden(copy.deepcopy(ref).double()), hidden(ref))
+
+
 def test_save_load_round_trip_is_exact(tmp_path):
     model = tiny_bert(seed=3)
     sparse.sparsify(model, "unstructured", 0.9, exclude="pooler*", fuse_activations=True, **COMMON)
