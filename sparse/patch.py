@@ -37,10 +37,11 @@ __all__ = [
     "sparsify", "compile", "SparsifyReport", "LayerReport", "Fusion", "FusedActivation", "activation_name", "Filter"
 ]
 
-PATTERNS = ("block", "balanced", "auto")
+PATTERNS = ("block", "balanced", "unstructured", "auto")
 
 # The exact formats pattern="auto" tries on a layer's existing zeros, fastest kernels first: square blocks, then
-# balanced banks (keep = the most nonzeros of any bank), then column and row vectors.
+# balanced banks (keep = the most nonzeros of any bank), then column and row vectors, then unstructured (1x1
+# blocks: CSR, which holds any zeros).
 AUTO_CANDIDATES: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("block", {"block": 32}),
     ("block", {"block": 16}),
@@ -49,8 +50,13 @@ AUTO_CANDIDATES: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("block", {"block": (8, 1)}),
     ("block", {"block": (4, 1)}),
     ("block", {"block": (1, 4)}),
+    ("unstructured", {"block": (1, 1)}),
 )
-# A candidate storing more than this fraction of the weight saves too little to be worth timing.
+# A candidate storing more than this fraction of the weight's dense bytes (``weight_format.nbytes``: values and
+# every index, the backward's transposed metadata included) saves too little to be worth timing. Unstructured
+# stores 3 int32 indices per kept weight besides it (column, and for the backward row and position) plus the
+# offsets: 16 bytes per kept fp32 weight, 14 per bf16 one, so it passes below a density of about 0.85 / 4 = 21%
+# in fp32 and 0.85 / 7 = 12% in bf16 / fp16.
 AUTO_MAX_DENSITY = 0.85
 
 CONVERTED = "converted"
@@ -280,8 +286,13 @@ def _resolve_pattern_args(
     if pattern == "auto":
         if sparsity is not None or keep is not None:
             raise ValueError("pattern='auto' keeps the zeros each layer already has; sparsity= and keep= are for "
-                             "pruning by magnitude with pattern='block' or 'balanced'")
-        return {"formats": "the exact one of blocks 32/16, balanced banks 32/16, vectors 8x1/4x1/1x4"}
+                             "pruning by magnitude with pattern='block', 'balanced' or 'unstructured'")
+        return {"formats": "the exact one of blocks 32/16, balanced banks 32/16, vectors 8x1/4x1/1x4, unstructured"}
+    if pattern == "unstructured":
+        if keep is not None:
+            raise ValueError(f"keep={keep!r} is for pattern='balanced'; pattern='unstructured' takes sparsity= (the "
+                             "fraction of each layer's weights dropped)")
+        return {"sparsity": _check_sparsity(0.5 if sparsity is None else sparsity)}
     if pattern == "block":
         sparsity = _check_sparsity(0.5 if sparsity is None else sparsity)
         BlockSparseWeight._parse_block(block, (1 << 30, 1 << 30))  # type/positivity only; fit is per layer
@@ -333,10 +344,17 @@ def _auto_candidates(layer: nn.Module, mask: torch.Tensor, activation: str) -> L
     """Every format of AUTO_CANDIDATES that represents ``layer`` exactly (its weight equal to the dense one) and
     stores at most AUTO_MAX_DENSITY of it: [(label, module)]."""
     W = dense_weight_of(layer).detach()
+    limit = AUTO_MAX_DENSITY * W.numel() * W.element_size()
     out = []
     for fmt, kw in AUTO_CANDIDATES:
         try:
-            if fmt == "block":
+            if fmt == "unstructured":
+                # its bytes are known before it is built (value and 3 int32 indices per kept weight, 2 offset arrays)
+                if int(mask.sum()) * (W.element_size() + 12) + 4 * (sum(W.shape) + 2) >= limit:
+                    continue
+                sp = BlockSparseLinear.from_linear(layer, block=kw["block"], mask=mask, activation=activation)
+                label = "unstructured"
+            elif fmt == "block":
                 sp = BlockSparseLinear.from_linear(layer, block=kw["block"], mask=mask, activation=activation)
                 bo, bi = sp.block
                 label = f"block {bo}x{bi}"
@@ -350,7 +368,7 @@ def _auto_candidates(layer: nn.Module, mask: torch.Tensor, activation: str) -> L
                 label = f"balanced bank {bank} keep {keep}"
         except (ValueError, TypeError):
             continue  # this format does not fit the layer's shape
-        if sp.weight_format.nbytes >= AUTO_MAX_DENSITY * W.numel() * W.element_size():
+        if sp.weight_format.nbytes >= limit:
             continue
         if not torch.equal(sp.weight_format.to_dense(), W):
             continue  # not exact (cannot happen by construction; never change the model's function)
@@ -409,6 +427,19 @@ def _choose_auto(name: str, layer: nn.Module, rep: LayerReport, mask: Optional[t
 def _build(
     pattern: str, layer: nn.Module, args: Dict[str, Any], mask: Optional[torch.Tensor], activation: str
 ) -> SparseLinear:
+    if pattern == "unstructured":
+        W = dense_weight_of(layer).detach()
+        shape = tuple(W.shape)
+        if mask is None:
+            # The largest |w| of the layer, n - floor(sparsity * n) of its n weights (the count of block pruning),
+            # ties broken by position (the earlier weight is kept).
+            from .prune.masks import magnitude_mask  # here: sparse.prune imports this module
+
+            mask = magnitude_mask(W, args["sparsity"])
+        elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+            raise ValueError(f"pattern='unstructured' needs a bool mask of the weight's shape (out, in) = {shape}, got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+        return BlockSparseLinear.from_linear(layer, block=1, mask=mask, activation=activation)
     if pattern == "block":
         if mask is not None:
             return BlockSparseLinear.from_linear(layer, block=args["block"], mask=mask, activation=activation)
@@ -441,13 +472,19 @@ def sparsify(
     Args:
         model: any ``nn.Module`` (Hugging Face Transformers models, ``nn.Sequential`` MLPs, ...).
         pattern: ``"block"`` (BlockSparseLinear: the blocks of largest L2 norm are kept), ``"balanced"``
-            (BalancedSparseLinear: the ``keep`` largest-magnitude weights of each bank) or ``"auto"``: no
-            pruning; each layer's existing zeros (those of a pruned checkpoint, a ``torch.nn.utils.prune``
-            ``weight_mask``, a ``parametrize`` mask, or ``masks``) go into the fastest format that holds them
-            exactly (timed against the dense layer; without timing, the fewest bytes). A layer without zeros, or
-            whose zeros no format stores in under 85% of the dense bytes, stays dense; the report says why.
+            (BalancedSparseLinear: the ``keep`` largest-magnitude weights of each bank), ``"unstructured"``
+            (BlockSparseLinear with 1x1 blocks, i.e. CSR: the largest-magnitude weights of each layer, anywhere;
+            the report calls it "unstructured") or ``"auto"``: no pruning; each layer's existing zeros (those of a
+            pruned checkpoint, a ``torch.nn.utils.prune`` ``weight_mask``, a ``parametrize`` mask, or ``masks``)
+            go into the fastest format that holds them exactly (timed against the dense layer; without timing,
+            the fewest bytes). A layer without zeros, or whose zeros no format stores in under 85% of the dense
+            bytes, stays dense; the report says why.
         sparsity: fraction dropped, in [0, 1); default 0.5. For ``"balanced"`` it sets
-            ``keep = round(bank * (1 - sparsity))`` unless ``keep`` is given.
+            ``keep = round(bank * (1 - sparsity))`` unless ``keep`` is given. For ``"unstructured"`` each layer
+            keeps its ``n - floor(sparsity * n)`` weights of largest ``|w|`` (ties: the earlier position), as
+            ``sparse.prune.magnitude_mask``. Unstructured stores an int32 column index per kept weight and, for
+            the backward, two more (16 bytes per kept fp32 weight): smaller than the dense layer only above 75%
+            sparsity in fp32 (86% in bf16 / fp16).
         block: block size (int or ``(rows, cols)``); bank, keep: balanced parameters.
         include, exclude: which layers (by dotted module name): a glob, a list of globs (each must match some
             layer, see ``sparse.walk.pattern_matches``), or a predicate ``(name, module) -> bool``. Default: all layers.
@@ -455,14 +492,15 @@ def sparsify(
             dtype (median of ``repeats`` runs after two warm-ups) and keep it dense when sparse measures slower.
         fuse_activations: move a Linear's following activation into the sparse kernel (see the module doc).
         sample_tokens: rows of the timing input; 0 disables timing (then ``skip_if_slower`` must be False).
-        masks: optional ``{layer name: bool mask}`` (``[out, in]``, or the block grid for ``"block"``); those
-            layers are built from their mask instead of by magnitude, and only they are converted.
+        masks: optional ``{layer name: bool mask}`` (``[out, in]``, or the block grid for ``"block"``; per
+            weight for ``"unstructured"``); those layers are built from their mask instead of by magnitude, and
+            only they are converted.
     Returns:
         A SparsifyReport listing every Linear-like layer with its status: converted, kept dense because slower,
         or skipped with the reason.
     Raises:
-        ValueError for an unknown pattern, sparsity out of range, a filter that matches nothing, or a block/bank
-        that fits none of the selected layers.
+        ValueError for an unknown pattern, sparsity out of range, a filter that matches nothing, a block/bank
+        that fits none of the selected layers, or a mask that does not fit its layer (naming the layer).
     """
     args = _resolve_pattern_args(pattern, sparsity, block, bank, keep)
     if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 0:
@@ -475,7 +513,7 @@ def sparsify(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Linear) or _is_conv1d(model):
         raise TypeError("sparsify patches the layers inside a model; for a single layer use "
-                        "BlockSparseLinear.from_linear or BalancedSparseLinear.from_linear")
+                        "BlockSparseLinear.from_linear (block=1 for unstructured) or BalancedSparseLinear.from_linear")
 
     candidates = linear_layers(model)
     names = [n for n, _ in candidates]

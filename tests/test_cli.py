@@ -116,6 +116,35 @@ def test_sparsify_block_with_recovery(tiny_model, tmp_path, capsys):
         assert m.sparsity == pytest.approx(0.5)
 
 
+def test_sparsify_unstructured_with_recovery(tiny_model, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    rc, stdout, err = _run(capsys, "sparsify", "--model", tiny_model, "--pattern", "unstructured", "--sparsity",
+                           "0.875", "--recover-seconds", "1", "--no-skip-if-slower", "--out", out, *FAST)
+    assert rc == 0, err
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    assert report["pattern"] == "unstructured" and report["pattern_args"] == {"sparsity": 0.875}
+    _check_report(report, n_layers=2 * 6)  # 0.875 of each layer dropped: 16 x 1/8 = 2 bytes per dense fp32 weight
+    assert {layer["pattern"] for layer in report["layers"]["layers"] if layer["status"] == "converted"} == {
+        "unstructured"}
+    assert report["recovery"]["steps"] >= 1
+    assert stdout.startswith("# sparsekern report: tiny-bert") and "unstructured (sparsity 0.875)" in stdout
+    assert "| unstructured | 0.875 |" in stdout
+
+    # The saved model reloads as 1x1-block layers keeping exactly 1/8 of each weight (the SparseGPT walk picks
+    # them per group of 128 columns; these layers have at most 128), and computes the embeddings reported.
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    loaded = sparse.load(transformers.BertModel(transformers.BertConfig.from_pretrained(tiny_model)), out).eval()
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, sparse.BlockSparseLinear)}
+    assert len(layers) == 12 and all(n.startswith("encoder.") for n in layers)
+    for m in layers.values():
+        assert m.block == (1, 1) and m.values.shape[0] == m.in_features * m.out_features // 8
+    text = corpus.load(n_heldout=40)
+    dense = transformers.AutoModel.from_pretrained(tiny_model).eval()
+    got = evaluate.agreement(evaluate.embed(dense, tok, text.heldout), evaluate.embed(loaded, tok, text.heldout))
+    assert got["cosine"] == pytest.approx(report["accuracy"]["after_recovery"]["cosine"], abs=1e-5)
+
+
 @pytest.mark.slow  # torch.compile of two models at two batch sizes
 def test_sparsify_times_compiled_models(tiny_model, tmp_path, capsys):
     out = str(tmp_path / "out")
@@ -168,6 +197,8 @@ def test_bad_model_and_pattern_parameters(tiny_model, tmp_path, capsys):
         (["--model", tiny_model, "--pattern", "balanced", "--bank", "48"], "--bank 48 must divide"),
         (["--model", tiny_model, "--pattern", "balanced", "--keep", "40"], "--keep must be in [1, --bank=32], got 40"),
         (["--model", tiny_model, "--pattern", "block", "--block", "100"], "--block 100 is larger"),
+        (["--model", tiny_model, "--pattern", "unstructured", "--keep", "4"],
+         "--keep 4 is for --pattern balanced; unstructured takes --sparsity only"),
     ]
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -261,7 +292,7 @@ def test_mean_pool_and_agreement():
         evaluate.agreement(ref, cand[:3])
 
 
-@pytest.mark.parametrize("pattern", ["balanced", "block"])
+@pytest.mark.parametrize("pattern", ["balanced", "block", "unstructured"])
 def test_sparsegpt_layer_beats_magnitude_on_its_inputs(pattern):
     torch.manual_seed(0)
     X = torch.randn(2000, 16) @ torch.randn(16, 64) + 0.1 * torch.randn(2000, 64)  # correlated features
@@ -270,6 +301,10 @@ def test_sparsegpt_layer_beats_magnitude_on_its_inputs(pattern):
     if pattern == "balanced":
         assert bool((mask.reshape(48, 4, 16).sum(-1) == 8).all())
         magnitude = sparse.prune.balanced_mask(W, 16, 8)
+    elif pattern == "unstructured":
+        assert int(mask.sum()) == 48 * 64 // 2  # half of the one group of 128 (here 64) columns
+        assert (mask.sum(1) != 32).any()  # not a per-row (balanced) choice
+        magnitude = sparse.prune.magnitude_mask(W, 0.5)
     else:
         tiles = mask.reshape(3, 16, 4, 16).permute(0, 2, 1, 3)
         assert bool((tiles.all(dim=(2, 3)) | ~tiles.any(dim=(2, 3))).all())  # whole tiles
@@ -279,6 +314,17 @@ def test_sparsegpt_layer_beats_magnitude_on_its_inputs(pattern):
     err = (X.double() @ (W_new - W.double()).t()).norm()
     err_magnitude = (X @ (W * magnitude - W).t()).norm()
     assert err < 0.7 * err_magnitude
+
+
+def test_magnitude_masks_unstructured(tiny_model):
+    layers = distill.prunable_linears(transformers.AutoModel.from_pretrained(tiny_model))
+    masks = distill.compute_masks(layers, "unstructured", sparsity=0.9)
+    assert sorted(masks) == sorted(layers)
+    for name, m in layers.items():
+        a, keep = m.weight.detach().abs(), masks[name]
+        assert int(keep.sum()) == a.numel() - int(0.9 * a.numel()) and a[keep].min() >= a[~keep].max(), name
+    with pytest.raises(ValueError, match="pattern must be 'block', 'balanced' or 'unstructured', got 'csr'"):
+        distill.compute_masks(layers, "csr", sparsity=0.9)
 
 
 def test_reconstruct_prunes_every_block_and_stays_closer_than_magnitude(tiny_model):

@@ -127,17 +127,23 @@ def test_gradual_pruner_reaches_the_schedule_and_compacts(pattern, method):
     assert seen[-1] == 0.75 and all(b >= a for a, b in zip(seen, seen[1:]))
     for n, m in pruner.masks.items():
         assert abs(m.float().mean().item() - 0.25) < 1e-6
-    if pattern == "unstructured":
-        with pytest.raises(ValueError, match="unstructured masks have no sparse module"):
-            pruner.compact(model)
-        return
     dense = copy.deepcopy(model)
+    masks = {n: m.clone() for n, m in pruner.masks.items()}
     report = pruner.compact(model, skip_if_slower=False, sample_tokens=0)
     assert [r.name for r in report.converted] == ["0", "2"]
-    cls = BlockSparseLinear if pattern == "block" else BalancedSparseLinear
+    assert {r.pattern for r in report.converted} == {pattern}
+    cls = BalancedSparseLinear if pattern == "balanced" else BlockSparseLinear
     assert isinstance(model[0], cls) and isinstance(model[2], cls) and type(model[4]) is nn.Linear
     for n in ("0", "2"):
         assert torch.equal(model.get_submodule(n).weight_format.to_dense(), dense.get_submodule(n).weight)
+    if pattern == "unstructured":  # 1x1 blocks storing exactly the masked-in weights
+        for n in ("0", "2"):
+            m = model.get_submodule(n)
+            assert m.block == (1, 1) and m.values.shape[0] == int(masks[n].sum())
+            stored = torch.zeros_like(masks[n])
+            counts = (m.row_offsets[1:] - m.row_offsets[:-1]).long()
+            stored[torch.repeat_interleave(torch.arange(m.out_features), counts), m.col_indices.long()] = True
+            assert torch.equal(stored, masks[n]), n
     x = torch.randn(7, 32)
     torch.testing.assert_close(model(x), dense(x))
 
@@ -149,6 +155,20 @@ def test_gradual_pruner_global_scope_and_errors():
     pruner.step()
     total = sum(m.numel() for m in pruner.masks.values())
     assert sum(int(m.sum()) for m in pruner.masks.values()) == total - total // 2
+    # one threshold across layers: each layer at its own sparsity, compacted into exactly its mask
+    kept = {n: int(m.sum()) for n, m in pruner.masks.items()}
+    assert len({round(kept[n] / pruner.masks[n].numel(), 3) for n in kept}) > 1, kept
+    dense = copy.deepcopy(model)
+    report = pruner.compact(model, skip_if_slower=False, sample_tokens=0)
+    assert [r.name for r in report.converted] == ["0", "2", "4"] and {r.pattern for r in report.converted} == {
+        "unstructured"}
+    x = torch.randn(6, 32)
+    for n in ("0", "2", "4"):
+        m = model.get_submodule(n)
+        assert isinstance(m, BlockSparseLinear) and m.block == (1, 1) and m.values.shape[0] == kept[n], n
+        assert torch.equal(m.weight.to_dense(), dense.get_submodule(n).weight)
+    torch.testing.assert_close(model(x), dense(x))
+    model = mlp()
     with pytest.raises(ValueError, match="scope must be 'layer'"):
         prune.GradualPruner(model, 0.5, end_step=10, scope="global", pattern="block")
     with pytest.raises(ValueError, match="pattern must be one of"):

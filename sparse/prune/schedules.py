@@ -50,12 +50,12 @@ class GradualPruner:
     swaps the pruned layers for sparse modules with exactly those masks.
 
     Args:
-        model: the model to prune. final_sparsity: in [0, 1). pattern: ``"unstructured"``, ``"block"`` or
-        ``"balanced"`` (the latter two can be compacted). block / norm: as ``block_mask``. bank: as
-        ``balanced_mask``; the kept count is ``round(bank * (1 - sparsity))``. scope: ``"layer"`` or (unstructured
-        only) ``"global"``. include / exclude: as ``sparse.sparsify``. The layers taken and those left out (with the
-        reason) are ``layers`` and ``skipped``; see :func:`sparse.prune.layers.prunable_layers`. group: the
-        ``torch.distributed`` process group whose ranks prune together (default: the world).
+        model: the model to prune. final_sparsity: in [0, 1). pattern: ``"unstructured"`` (compacted into 1x1
+        blocks, ``sparsify``'s ``"unstructured"``), ``"block"`` or ``"balanced"``. block / norm: as ``block_mask``.
+        bank: as ``balanced_mask``; the kept count is ``round(bank * (1 - sparsity))``. scope: ``"layer"`` or
+        (unstructured only) ``"global"``. include / exclude: as ``sparse.sparsify``. The layers taken and those left
+        out (with the reason) are ``layers`` and ``skipped``; see :func:`sparse.prune.layers.prunable_layers`.
+        group: the ``torch.distributed`` process group whose ranks prune together (default: the world).
 
     Across processes (``torch.distributed`` initialised, more than one rank in ``group``), every mask update is a
     collective, so every rank must call ``step()`` equally often: movement scores are first averaged over the ranks
@@ -185,10 +185,6 @@ class GradualPruner:
         """Swaps the pruned layers of ``model`` (the model given at construction) for sparse modules built from
         exactly the current masks. Keyword arguments go to ``sparse.sparsify`` (e.g. ``skip_if_slower``,
         ``fuse_activations``). Returns its SparsifyReport."""
-        if self.pattern == "unstructured":
-            raise ValueError(
-                "unstructured masks have no sparse module; prune with pattern='block' or 'balanced' to compact"
-            )
         for n, m in self.layers.items():
             try:
                 found = model.get_submodule(n)
@@ -196,6 +192,8 @@ class GradualPruner:
                 found = None
             if found is not m:
                 raise ValueError(f"compact(model) needs the model this pruner was built on; its layer {n!r} differs")
+        if self.pattern == "unstructured":  # 1x1 blocks (CSR), layer and global scope alike
+            return sparsify(model, "unstructured", masks=dict(self.masks), **sparsify_kwargs)
         if self.pattern == "block":
             return sparsify(model, "block", block=self.block, masks=dict(self.masks), **sparsify_kwargs)
         return sparsify(model, "balanced", bank=self.bank, keep=self.keep_at(self.sparsity), masks=dict(self.masks),
