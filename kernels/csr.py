@@ -26,9 +26,9 @@ dY, the SDDMM both dY and X).
 Programs (no tl.dot: see "why CUDA cores" below):
     forward /    one per (group of ROWS consecutive rows, token tile of BLOCK_T), a 2-D grid whose row groups
     grad input   vary fastest, so the programs running together gather from the same X^T slab [K, BLOCK_T]
-                 (kept in L2, partly in L1). Rows one after another: the row's nonzeros in chunks
-                 of CHUNK, a [CHUNK, BLOCK_T] fp32 tile of products accumulated elementwise, summed over CHUNK at
-                 the row's end into column r of a [BLOCK_T, ROWS] output tile; bias and activation (bsr.py's
+                 (kept in L2, partly in L1). Rows one after another: the row's nonzeros in chunks of CHUNK, a
+                 [CHUNK, BLOCK_T] fp32 tile of products accumulated elementwise, summed over CHUNK at the row's
+                 end into column r - r0 of a [BLOCK_T, ROWS] output tile; bias and activation (bsr.py's
                  _activation and codes) on that tile, one store coalesced along the rows.
     SDDMM        one per chunk of CHUNK consecutive nonzeros in row order (rows found by a binary search of
                  row_offsets: the op's schema passes no row index per nonzero), reducing over all tokens in
