@@ -5,6 +5,11 @@ Each op has the schema of the C++ op of the same name without the ``triton_`` pr
 ``sparse.ops`` dispatches to either by name. They run on CUDA tensors, and on CPU tensors only under
 ``TRITON_INTERPRET=1`` (tests). Importing this module imports triton; ``sparse.ops`` does so only when the
 Triton backend is used.
+
+The bsr ops serve every ``BlockSparseWeight``: unstructured weights (1x1 blocks) go to the CSR kernels
+(kernels/csr.py), which gather single elements, instead of bsr.py's, which would pad every 1x1 block to a 16x16
+tl.dot tile. The choice is made inside the op from the values' shape, so the fake kernel (traced through the same
+function) and the autograd below serve both.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from torch.library import triton_op
 
 from .activations import get as _activation
-from .kernels import balanced, bsr
+from .kernels import balanced, bsr, csr
 
 __all__ = [
     "triton_bsr_linear", "triton_bsr_linear_grad_input", "triton_bsr_sddmm",
@@ -41,7 +46,8 @@ def triton_bsr_linear(
 ) -> torch.Tensor:
     """act(x W^T + bias): x [T, in] -> [T, out]. The column-order metadata is used by the backward only."""
     fused, after = _split_activation(activation)
-    return after(bsr.bsr_linear(x, values, row_offsets, col_indices, out_features, bias, fused))
+    kernel = csr.csr_linear if csr.is_csr(values) else bsr.bsr_linear
+    return after(kernel(x, values, row_offsets, col_indices, out_features, bias, fused))
 
 
 @triton_op("sparsekern::triton_bsr_linear_grad_input", mutates_args=())
@@ -50,7 +56,8 @@ def triton_bsr_linear_grad_input(
     block_perm: torch.Tensor, in_features: int,
 ) -> torch.Tensor:
     """grad_out W: [T, out] -> [T, in]."""
-    return bsr.bsr_linear_grad_input(grad_out, values, col_offsets, row_indices, block_perm, in_features)
+    kernel = csr.csr_linear_grad_input if csr.is_csr(values) else bsr.bsr_linear_grad_input
+    return kernel(grad_out, values, col_offsets, row_indices, block_perm, in_features)
 
 
 @triton_op("sparsekern::triton_bsr_sddmm", mutates_args=())
@@ -58,7 +65,8 @@ def triton_bsr_sddmm(
     grad_out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
 ) -> torch.Tensor:
     """(grad_out^T x) at the kept blocks: -> like values [nnz, bo, bi]."""
-    return bsr.bsr_sddmm(grad_out, x, values, row_offsets, col_indices)
+    kernel = csr.csr_sddmm if csr.is_csr(values) else bsr.bsr_sddmm
+    return kernel(grad_out, x, values, row_offsets, col_indices)
 
 
 @triton_op("sparsekern::triton_balanced_linear", mutates_args=())

@@ -19,12 +19,13 @@ ops = torch.ops.sparsekern
 
 
 def _weights(dtype: torch.dtype):
-    """Three formats of the same random 320 x 200 matrix (one seed), scaled by 1/sqrt(in)."""
+    """Four formats of the same random 320 x 200 matrix (one seed), scaled by 1/sqrt(in)."""
     kw = dict(dtype=dtype, seed=0, scale=200**-0.5, device="cuda")
     return [
         make_bsr(320, 200, 32, sparsity=0.5, **kw),
         make_bsr(320, 200, (16, 64), sparsity=0.75, **kw),  # rectangular, ragged
         make_balanced(320, 200, 64, 16, **kw),  # ragged last bank (200 = 3*64 + 8)
+        make_bsr(320, 200, 1, sparsity=0.9, **kw),  # unstructured: the CSR kernels (kernels/csr.py)
     ]
 
 
@@ -72,7 +73,7 @@ def test_fp32_uses_tf32_only_when_allowed(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck(dtype):
-    bw, _, aw = _weights(dtype)
+    bw, _, aw, cw = _weights(dtype)
     x = torch.randn(33, 200, device="cuda", dtype=dtype, requires_grad=True)
     bias = torch.randn(320, device="cuda", dtype=dtype, requires_grad=True)
     g = torch.randn(33, 320, device="cuda", dtype=dtype)
@@ -83,6 +84,13 @@ def test_opcheck(dtype):
         ops.triton_bsr_linear_grad_input, (g, bw.values, bw.col_offsets, bw.row_indices, bw.block_perm, 200)
     )
     torch.library.opcheck(ops.triton_bsr_sddmm, (g, x.detach(), bw.values, bw.row_offsets, bw.col_indices))
+    cv = cw.values.detach().requires_grad_()
+    torch.library.opcheck(ops.triton_bsr_linear, (x, cv, cw.row_offsets, cw.col_indices, cw.col_offsets,
+                                                  cw.row_indices, cw.block_perm, 320, bias, "gelu"))
+    torch.library.opcheck(
+        ops.triton_bsr_linear_grad_input, (g, cw.values, cw.col_offsets, cw.row_indices, cw.block_perm, 200)
+    )
+    torch.library.opcheck(ops.triton_bsr_sddmm, (g, x.detach(), cw.values, cw.row_offsets, cw.col_indices))
     torch.library.opcheck(ops.triton_balanced_linear, (x, av, aw.indices, 64, bias, "gelu_tanh"))
     torch.library.opcheck(ops.triton_balanced_linear_grad_input, (g, aw.values, aw.indices, 64, 200))
     torch.library.opcheck(ops.triton_balanced_sddmm, (g, x.detach(), aw.indices, 64))

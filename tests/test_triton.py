@@ -1,5 +1,6 @@
 """Triton kernels against the float64 reference: every kernel, fp32/fp16/bf16, square, rectangular and
-ragged blocks and banks, odd token counts, every activation, every autotune tile shape.
+ragged blocks and banks, unstructured (1x1-block, CSR) weights, odd token counts, every activation, every autotune
+tile shape.
 
 Without a GPU they run under TRITON_INTERPRET=1 (set by conftest.py) on CPU tensors; with one, on CUDA.
 Tolerance (as flash-attention's tests): error of ours <= 2 x error of dense torch in the same dtype + a tiny
@@ -23,7 +24,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from sparse import triton_backend  # noqa: E402,F401  (registers torch.ops.sparsekern.triton_*)
-from sparse.kernels import balanced, bsr  # noqa: E402
+from sparse.kernels import balanced, bsr, csr  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,9 +36,13 @@ BAL_CASES = [(40, 64, 16, 4), (33, 104, 32, 8), (20, 24, 4, 2), (24, 128, 64, 16
 # one odd T per case, each T in (1, 7, 33) at least once.
 GRAD_T = (33, 7, 33, 1)
 BSR_GRAD_CASES, BAL_GRAD_CASES = list(zip(BSR_CASES, GRAD_T)), list(zip(BAL_CASES, GRAD_T))
+# Unstructured (out, in, sparsity), magnitude-pruned: odd sizes, rows longer than the interpreter's CHUNK (8), a
+# last row group the interpreter's ROWS (4) does not fill, wide and tall, 90% (rows of 0-3 nonzeros, some empty).
+CSR_CASES = [(37, 53, 0.7), (20, 130, 0.9), (66, 24, 0.5)]
+CSR_GRAD_CASES = list(zip(CSR_CASES, GRAD_T))
 # make test-fast takes half the cases (the rest are slow): ragged blocks and banks, 2:4, each T at least once.
-FAST_BSR, FAST_BAL = BSR_CASES[2:], BAL_CASES[1:3]
-FAST_BSR_GRAD, FAST_BAL_GRAD = BSR_GRAD_CASES[2:], BAL_GRAD_CASES[1:3]
+FAST_BSR, FAST_BAL, FAST_CSR = BSR_CASES[2:], BAL_CASES[1:3], CSR_CASES[:2]
+FAST_BSR_GRAD, FAST_BAL_GRAD, FAST_CSR_GRAD = BSR_GRAD_CASES[2:], BAL_GRAD_CASES[1:3], CSR_GRAD_CASES[:2]
 ops = torch.ops.sparsekern
 
 
@@ -77,6 +82,11 @@ def _interpreter_bf16():
 # This file's weights and data (tests/helpers.py): weights scaled by 1/sqrt(in), half the blocks kept, on DEVICE.
 def _bsr(out: int, inn: int, block, dtype: torch.dtype, seed: int = 0) -> BlockSparseWeight:
     return make_bsr(out, inn, block, sparsity=0.5, dtype=dtype, seed=seed, scale=inn**-0.5, device=DEVICE)
+
+
+def _csr(out: int, inn: int, sparsity: float, dtype: torch.dtype, seed: int = 0) -> BlockSparseWeight:
+    """An unstructured weight: 1x1 blocks, the largest-magnitude entries kept."""
+    return make_bsr(out, inn, 1, sparsity=sparsity, dtype=dtype, seed=seed, scale=inn**-0.5, device=DEVICE)
 
 
 def _bal(out: int, inn: int, bank: int, keep: int, dtype: torch.dtype, seed: int = 0) -> BalancedSparseWeight:
@@ -169,6 +179,130 @@ def test_bsr_non_contiguous_inputs_and_no_tokens():
     assert torch.equal(bsr.bsr_sddmm(g[:0], empty, w.values, w.row_offsets, w.col_indices), torch.zeros_like(w.values))
 
 
+# ---- unstructured (CSR: 1x1 blocks) ---------------------------------------------------------------------
+@pytest.mark.parametrize("T", [1, 33])
+@pytest.mark.parametrize("case", slow_except(CSR_CASES, FAST_CSR), ids=str)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+def test_csr_forward(dtype, case, T):
+    out, inn, sparsity = case
+    w = _csr(out, inn, sparsity, dtype)
+    x, bias = _randn(T, inn, dtype=dtype), _randn(out, dtype=dtype, seed=2)
+    for b in (bias, None):
+        y = csr.csr_linear(x, w.values, w.row_offsets, w.col_indices, out, b, "none")
+        assert_close_to_ref(y, reference.linear(x, w, b), _dense_linear(x, w, b, "none"), floor=KERNEL_FLOOR)
+
+
+@pytest.mark.parametrize("case", slow_except(CSR_GRAD_CASES, FAST_CSR_GRAD), ids=str)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+def test_csr_grad_input_and_sddmm(dtype, case):
+    (out, inn, sparsity), T = case
+    w = _csr(out, inn, sparsity, dtype)
+    x, g = _randn(T, inn, dtype=dtype), _randn(T, out, dtype=dtype, seed=3)
+    dx = csr.csr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, inn)
+    assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
+    dv = csr.csr_sddmm(g, x, w.values, w.row_offsets, w.col_indices)
+    assert dv.stride() == w.values.stride()
+    assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_csr_activations(dtype, activation):
+    """Through the op, which sends 1x1 blocks to the CSR kernels; those fuse the activations they have code for
+    (bsr.ACTIVATION_CODES) and the op applies the others."""
+    w = _csr(37, 53, 0.7, dtype)
+    x, bias = _randn(7, 53, dtype=dtype) * 3, _randn(37, dtype=dtype, seed=2)  # reach the non-linear parts
+    y = ops.triton_bsr_linear(x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm,
+                              37, bias, activation)
+    assert_close_to_ref(y, reference.linear(x, w, bias, activation), _dense_linear(x, w, bias, activation),
+                        floor=KERNEL_FLOOR)
+
+
+def test_bsr_ops_send_1x1_blocks_to_the_csr_kernels(monkeypatch):
+    """The bsr ops run 1x1 blocks on kernels/csr.py and every other block on kernels/bsr.py."""
+    called = []
+    for name in ("csr_linear", "csr_linear_grad_input", "csr_sddmm"):
+        monkeypatch.setattr(csr, name, lambda *a, _f=getattr(csr, name), _n=name, **k: called.append(_n) or _f(*a, **k))
+    for name in ("bsr_linear", "bsr_linear_grad_input", "bsr_sddmm"):
+        monkeypatch.setattr(bsr, name, lambda *a, _f=getattr(bsr, name), _n=name, **k: called.append(_n) or _f(*a, **k))
+    for w, want in ((_csr(20, 24, 0.5, torch.float32), "csr"), (_bsr(32, 32, (1, 2), torch.float32), "bsr")):
+        called.clear()
+        x, g = _randn(3, w.shape[1], dtype=torch.float32), _randn(3, w.shape[0], dtype=torch.float32, seed=3)
+        ops.triton_bsr_linear(x, w.values, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices, w.block_perm,
+                              w.shape[0])
+        ops.triton_bsr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, w.shape[1])
+        ops.triton_bsr_sddmm(g, x, w.values, w.row_offsets, w.col_indices)
+        assert called == [f"{want}_linear", f"{want}_linear_grad_input", f"{want}_sddmm"]
+
+
+def test_csr_empty_rows_columns_and_weight():
+    """Rows and columns with no nonzeros (outputs = act(bias), inputs get zero gradient, among rows that span
+    several chunks), and a weight with no nonzeros at all."""
+    W = randn((23, 30), torch.float32, 4)
+    keep = torch.rand(23, 30, generator=torch.Generator().manual_seed(5)) < 0.6
+    keep[[0, 4, 5, 6, 22], :] = False  # empty rows: the first, a run of three, the last
+    keep[:, [0, 13, 29]] = False
+    for mask in (keep, torch.zeros(23, 30, dtype=torch.bool)):
+        w = BlockSparseWeight.from_dense(W, 1, mask=mask).to(DEVICE)
+        x, g, bias = (
+            _randn(5, 30, dtype=torch.float32),
+            _randn(5, 23, dtype=torch.float32, seed=3),
+            _randn(23, dtype=torch.float32),
+        )
+        y = csr.csr_linear(x, w.values, w.row_offsets, w.col_indices, 23, bias, "relu")
+        assert_close_to_ref(y, reference.linear(x, w, bias, "relu"), _dense_linear(x, w, bias, "relu"),
+                            floor=KERNEL_FLOOR)
+        dx = csr.csr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, 30)
+        assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
+        assert torch.equal(dx[:, [0, 13, 29]], torch.zeros(5, 3, device=DEVICE))
+        dv = csr.csr_sddmm(g, x, w.values, w.row_offsets, w.col_indices)
+        assert dv.shape == w.values.shape
+        if w.nnz_blocks:
+            assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
+
+
+def test_csr_non_finite_inputs_reach_only_the_rows_that_store_them():
+    """tests/test_numerics.py's rule: Inf/NaN in x reach the outputs whose row stores that column, not the rows
+    that pruned it (a kernel multiplying pruned zeros, as a dense dot would, turns those into NaN)."""
+    W = randn((6, 9), torch.float32, 4)
+    mask = torch.zeros(6, 9, dtype=torch.bool)
+    mask[0, [1, 4]] = mask[2, [4, 8]] = mask[3, [0, 2, 3, 5, 6, 7]] = mask[5, 1] = True
+    w = BlockSparseWeight.from_dense(W, 1, mask=mask).to(DEVICE)
+    x = _randn(3, 9, dtype=torch.float32)
+    x[0, 4], x[1, 1], x[2, 8] = float("inf"), float("nan"), float("-inf")
+    y = csr.csr_linear(x, w.values, w.row_offsets, w.col_indices, 6)
+    finite = torch.ones(3, 6, dtype=torch.bool)
+    finite[0, [0, 2]] = finite[1, [0, 5]] = finite[2, 2] = False
+    assert torch.equal(torch.isfinite(y).cpu(), finite)
+
+
+def test_csr_non_contiguous_inputs_and_no_tokens():
+    w = _csr(37, 53, 0.7, torch.float32)
+    x = _randn(53, 7, dtype=torch.float32).t()  # strides (1, 7)
+    g = _randn(37, 7, dtype=torch.float32, seed=3).t()
+    y = csr.csr_linear(x, w.values, w.row_offsets, w.col_indices, 37)
+    assert_close_to_ref(y, reference.linear(x, w), F.linear(x, w.to_dense()), floor=KERNEL_FLOOR)
+    dx = csr.csr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, 53)
+    assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
+    dv = csr.csr_sddmm(g, x, w.values, w.row_offsets, w.col_indices)
+    assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
+    empty = x[:0]
+    assert csr.csr_linear(empty, w.values, w.row_offsets, w.col_indices, 37).shape == (0, 37)
+    assert csr.csr_linear_grad_input(g[:0], w.values, w.col_offsets, w.row_indices, w.block_perm, 53).shape == (0, 53)
+    assert torch.equal(csr.csr_sddmm(g[:0], empty, w.values, w.row_offsets, w.col_indices), torch.zeros_like(w.values))
+
+
+def test_csr_inputs_longer_than_one_launch(monkeypatch):
+    """Token tiles are grid axis 1 (at most 65535 of them): longer inputs run in several launches."""
+    monkeypatch.setattr(csr, "_MAX_TOKENS", 16)
+    w = _csr(20, 30, 0.5, torch.float32)
+    x, g = _randn(37, 30, dtype=torch.float32), _randn(37, 20, dtype=torch.float32, seed=3)
+    bias = _randn(20, dtype=torch.float32, seed=2)
+    y = csr.csr_linear(x, w.values, w.row_offsets, w.col_indices, 20, bias, "silu")
+    assert_close_to_ref(y, reference.linear(x, w, bias, "silu"), _dense_linear(x, w, bias, "silu"), floor=KERNEL_FLOOR)
+    dx = csr.csr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, 30)
+    assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
+
+
 # ---- balanced -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [1, 33])
 @pytest.mark.parametrize("case", slow_except(BAL_CASES, FAST_BAL), ids=str)
@@ -249,6 +383,28 @@ def test_bsr_sddmm_every_tile_shape(config):
     assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
 
 
+@pytest.mark.parametrize("config", _tiles(csr.CONFIGS["fwd"], csr.CONFIGS["grad_input"]), ids=_tile_id)
+def test_csr_every_tile_shape(config):
+    """Rows longer than CHUNK and shorter, a last row group that ROWS does not fill, T not a multiple of
+    BLOCK_T."""
+    w = _csr(37, 150, 0.6, torch.float16)
+    x, g = _randn(33, 150, dtype=torch.float16), _randn(33, 37, dtype=torch.float16, seed=3)
+    y = csr.csr_linear(x, w.values, w.row_offsets, w.col_indices, 37, config=config)
+    assert_close_to_ref(y, reference.linear(x, w), F.linear(x, w.to_dense()), floor=KERNEL_FLOOR)
+    dx = csr.csr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, 150, config=config)
+    assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ w.to_dense(), floor=KERNEL_FLOOR)
+
+
+@pytest.mark.parametrize("config", _tiles(csr.CONFIGS["sddmm"]), ids=_tile_id)
+def test_csr_sddmm_every_tile_shape(config):
+    """A last chunk of nonzeros that CHUNK does not fill, chunks spanning several rows (and empty ones), T not a
+    multiple of BLOCK_T."""
+    w = _csr(37, 53, 0.7, torch.float16)
+    x, g = _randn(33, 53, dtype=torch.float16), _randn(33, 37, dtype=torch.float16, seed=3)
+    dv = csr.csr_sddmm(g, x, w.values, w.row_offsets, w.col_indices, config=config)
+    assert_close_to_ref(dv, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), floor=KERNEL_FLOOR)
+
+
 @pytest.mark.parametrize(
     "config", _tiles(balanced.CONFIGS["fwd"], balanced.CONFIGS["grad_input"], balanced.CONFIGS["sddmm"]), ids=_tile_id
 )
@@ -272,8 +428,9 @@ def _autograd_reference(x, W, bias, act, grad):
 
 
 @pytest.mark.parametrize("act", ["none", "gelu_tanh"])
-def test_triton_bsr_op_autograd(act):
-    w = _bsr(40, 72, (16, 32), torch.float32)
+@pytest.mark.parametrize("kind", ["bsr", "csr"])
+def test_triton_bsr_op_autograd(act, kind):
+    w = _bsr(40, 72, (16, 32), torch.float32) if kind == "bsr" else _csr(40, 72, 0.7, torch.float32)
     x = _randn(7, 72, dtype=torch.float32).requires_grad_()
     bias = _randn(40, dtype=torch.float32, seed=2).requires_grad_()
     values = w.values.detach().requires_grad_()
@@ -316,6 +473,10 @@ def test_triton_ops_schema_and_autograd_registration():
     checks = ("test_schema", "test_autograd_registration")
     torch.library.opcheck(ops.triton_bsr_linear, (x, values, w.row_offsets, w.col_indices, w.col_offsets,
                                                   w.row_indices, w.block_perm, 40, None, "relu"), test_utils=checks)
+    c = _csr(40, 72, 0.7, torch.float32)
+    cvalues = c.values.detach().requires_grad_()
+    torch.library.opcheck(ops.triton_bsr_linear, (x, cvalues, c.row_offsets, c.col_indices, c.col_offsets,
+                                                  c.row_indices, c.block_perm, 40, None, "gelu"), test_utils=checks)
     b = _bal(33, 104, 32, 8, torch.float32)
     bvalues = b.values.detach().requires_grad_()
     bx = _randn(5, 104, dtype=torch.float32).requires_grad_()
@@ -347,6 +508,16 @@ def test_launchers_reject_bad_arguments():
         bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices, 64, activation="tanh")
     with pytest.raises(TypeError, match="col_indices must be a 1-D int32"):
         bsr.bsr_linear(x, w.values, w.row_offsets, w.col_indices.long(), 64)
+    with pytest.raises(ValueError, match=r"values must be a \[nnz, 1, 1\] tensor"):
+        csr.csr_linear(x, w.values, w.row_offsets, w.col_indices, 64)
+    c = _csr(20, 64, 0.5, torch.float32)
+    with pytest.raises(ValueError, match="row_offsets must have 25 entries for 24 outputs, got 21"):
+        csr.csr_linear(x, c.values, c.row_offsets, c.col_indices, 24)
+    with pytest.raises(ValueError, match="col_offsets must have 61 entries for 60 inputs, got 65"):
+        csr.csr_linear_grad_input(_randn(3, 20, dtype=torch.float32), c.values, c.col_offsets, c.row_indices,
+                                  c.block_perm, 60)
+    with pytest.raises(TypeError, match="x must be torch.float32"):
+        csr.csr_sddmm(_randn(3, 20, dtype=torch.float32), x.half(), c.values, c.row_offsets, c.col_indices)
     b = _bal(32, 64, 16, 4, torch.float32)
     with pytest.raises(ValueError, match="values has 4 banks but 64 inputs in banks of 32 need 2"):
         balanced.balanced_linear(x, b.values, b.indices, 32)

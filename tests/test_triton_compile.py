@@ -11,6 +11,8 @@ binary, which a machine without a GPU does not have.
 
 The compiling runs in a child process: this test session sets TRITON_INTERPRET=1, under which ``@triton.jit``
 yields interpreter functions that cannot be compiled. ``pytest -s`` prints the table.
+
+The unstructured (CSR) kernels compile at the same shapes with density 0.1 (``CSR_DENSITY``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pytest
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # Shapes of the benchmark's targets: 4096x4096, T=4096, block 64, balanced bank 64 keep 16.
 T, N, K, BLOCK, BANK, KEEP = 4096, 4096, 4096, 64, 64, 16
+CSR_DENSITY = 0.1
 # fp32 twice: exact (ieee, the dot on the CUDA cores) and with torch.backends.cuda.matmul.allow_tf32 (tf32).
 DTYPES = ("float16", "bfloat16", "float32", "float32+tf32")
 
@@ -42,7 +45,7 @@ def _capture_launches(arch: int) -> List[dict]:
     import torch
     import triton
 
-    from sparse.kernels import balanced, bsr
+    from sparse.kernels import balanced, bsr, csr
 
     launches: List[dict] = []
 
@@ -70,6 +73,10 @@ def _capture_launches(arch: int) -> List[dict]:
             co, ri, bp = torch.empty(n_bcol + 1, **i32), torch.empty(nnz, **i32), torch.empty(nnz, **i32)
             bvalues = torch.empty(N, K // BANK, KEEP, **meta)
             bindices = torch.empty(N, K // BANK, KEEP, device="meta", dtype=torch.uint8)
+            cnnz = int(N * K * CSR_DENSITY)
+            cvalues = torch.empty(cnnz, 1, 1, **meta)
+            cro, cci = torch.empty(N + 1, **i32), torch.empty(cnnz, **i32)
+            cco, cri, cbp = torch.empty(K + 1, **i32), torch.empty(cnnz, **i32), torch.empty(cnnz, **i32)
             calls = {
                 ("bsr", "fwd"): lambda c: bsr.bsr_linear(x, values, ro, ci, N, bias, "gelu", config=c),
                 ("bsr", "grad_input"): lambda c: bsr.bsr_linear_grad_input(g, values, co, ri, bp, K, config=c),
@@ -81,9 +88,13 @@ def _capture_launches(arch: int) -> List[dict]:
                     g, bvalues, bindices, BANK, K, config=c
                 ),
                 ("balanced", "sddmm"): lambda c: balanced.balanced_sddmm(g, x, bindices, BANK, config=c),
+                ("csr", "fwd"): lambda c: csr.csr_linear(x, cvalues, cro, cci, N, bias, "gelu", config=c),
+                ("csr", "grad_input"): lambda c: csr.csr_linear_grad_input(g, cvalues, cco, cri, cbp, K, config=c),
+                ("csr", "sddmm"): lambda c: csr.csr_sddmm(g, x, cvalues, cro, cci, config=c),
             }
+            modules = {"bsr": bsr, "balanced": balanced, "csr": csr}
             for (family, op), call in calls.items():
-                module = bsr if family == "bsr" else balanced
+                module = modules[family]
                 for i, config in enumerate(module.CONFIGS[op][(arch, _bits(name))]):
                     call(config)
                     launches[-1].update(family=family, op=op, config=i, dtype=name, config_kwargs=config.kwargs)
@@ -191,11 +202,11 @@ def test_every_kernel_and_config_compiles_within_limits(arch: int, compiled_rows
     assert compiled_rows[arch].returncode == 0, err[-4000:]
     rows = json.loads(out.strip().splitlines()[-1])
 
-    from sparse.kernels import balanced, bsr
+    from sparse.kernels import balanced, bsr, csr
 
     expected = sum(
         len(m.CONFIGS[op][(arch, _bits(d))])
-        for m in (bsr, balanced)
+        for m in (bsr, balanced, csr)
         for op in ("fwd", "grad_input", "sddmm")
         for d in DTYPES
     )
