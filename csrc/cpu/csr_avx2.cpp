@@ -4,16 +4,18 @@
 // have internal linkage, and only the entry points (whose names carry the ISA) are external.
 //
 // Plan (forward; grad_input is the forward of W^T, its values read through block_perm; sddmm walks the same way):
-//  - Tokens are vectorised: a tile of up to 64 tokens (8 ymm). The input features are walked in panels whose
-//    packed transpose (X^T, [column][tile], fp32) fills 16 KiB, half of a 32 KiB L1d. Every row of the thread's
-//    range then runs its kept entries that fall in the panel: one broadcast of w and, per token vector, one load of
-//    X^T and one FMA. Columns are sorted within a row (bsr.cpp checks it), so a cursor per row resumes where the
-//    previous panel stopped and no per-panel metadata is stored.
-//  - Unlike a block, an entry shares nothing with its neighbours, so the inner loop is bound by loads (one per
-//    FMA); packing keeps those loads in L1 (a whole X^T of 768-3072 features would be read from L2).
-//  - Partial sums per row live in a per-thread buffer [rows][tile]; after the last panel they are transposed
+//  - Tokens are vectorised: a tile of up to 64 tokens (8 ymm, 8 accumulators of the 16 registers), whose X^T
+//    ([column][tile], fp32) is packed once. Each row then runs its entries: one broadcast of w and, per token
+//    vector, one load of X^T and one FMA. An entry shares nothing with its neighbours, so the loop is bound by
+//    loads (one per FMA).
+//  - X^T is read from L2, as in csr_avx512.cpp (whose comment says why: panels small enough for L1 split the rows
+//    into short runs, each ending in a mispredicted loop exit and a reload of the row's sums). Columns are walked
+//    in panels of 256 KiB of X^T only so that wide inputs stay within L2; columns are sorted within a row
+//    (bsr.cpp checks it), so a cursor per row resumes where the previous panel stopped.
+//  - Rows go 64 at a time: their partial sums ([rows][tile]) stay in L1 between panels and are then transposed
 //    into Y with the bias and the activation (store_transposed). With fewer than 8 vectors of tokens, U
 //    accumulator sets take turns over the entries, so that at least 8 independent FMA chains run.
+//  - SDDMM keeps 16 KiB (L1) panels of X^T: its runs end in a reduction of 8 entries, not in a row's sums.
 //  - T <= kGatherMaxTokens (decode): no packing; per row, 8 entries at a time gather x[t, column] (vpgatherdps).
 #if defined(__x86_64__)
 #pragma GCC target("avx2,fma")
@@ -34,7 +36,9 @@ namespace {
 
 constexpr int64_t kMaxTileVecs = 8;             // token vectors per tile: 64 tokens
 constexpr int64_t kMaxTile = kMaxTileVecs * L;  // tokens per tile
-constexpr int64_t kPanelFloats = 4096;          // the packed X^T panel: 16 KiB
+constexpr int64_t kPanelFloats = 65536;         // columns per panel x tile tokens: 256 KiB of X^T (in L2)
+constexpr int64_t kRowGroup = 64;               // rows whose partial sums are kept between panels
+constexpr int64_t kSddmmPanelFloats = 4096;     // SDDMM: the X^T panel, 16 KiB (L1)
 constexpr int64_t kGatherMaxTokens = 4;
 
 // This thread's buffer `slot` of at least n floats (64-byte aligned), kept across calls; null if the allocation
@@ -76,51 +80,67 @@ struct Values {
   }
 };
 
+// acc += the entries [j, end) of one row that lie before column c1: w * X^T[column] over NV token vectors, U
+// entries per step (U sets of accumulators, summed into acc[0] at the end). kAll: every remaining entry of the row
+// lies before c1 (the last panel), so the loop needs no column test. Returns where it stopped.
+template <int NV, int U, bool kAll, typename V>
+inline int64_t row_entries(const int32_t* ci, const V& wv, int64_t j, int64_t end, int64_t c1, const float* base,
+                           __m256 acc0[NV]) {
+  constexpr int64_t TT = NV * L;
+  __m256 acc[U][NV];
+  for (int v = 0; v < NV; ++v) {
+    acc[0][v] = acc0[v];
+    for (int u = 1; u < U; ++u) acc[u][v] = _mm256_setzero_ps();
+  }
+  for (; j + U <= end && (kAll || ci[j + U - 1] < c1); j += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const __m256 w = _mm256_set1_ps(wv(j + u));
+      const float* xr = base + int64_t(ci[j + u]) * TT;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[u][v] = _mm256_fmadd_ps(w, _mm256_load_ps(xr + v * L), acc[u][v]);
+    }
+  }
+  for (; j < end && (kAll || ci[j] < c1); ++j) {
+    const __m256 w = _mm256_set1_ps(wv(j));
+    const float* xr = base + int64_t(ci[j]) * TT;
+    for (int v = 0; v < NV; ++v) acc[0][v] = _mm256_fmadd_ps(w, _mm256_load_ps(xr + v * L), acc[0][v]);
+  }
+  for (int v = 0; v < NV; ++v) {
+    for (int u = 1; u < U; ++u) acc[0][v] = _mm256_add_ps(acc[0][v], acc[u][v]);
+    acc0[v] = acc[0][v];
+  }
+  return j;
+}
+
 // Partial sums part[(r - r0) * TT + t] = sum over the entries of rows [r0, r1) (offsets ro, columns ci, values
-// wv) of w * x[t, column], for the tb <= TT tokens of x (row stride ldx, ncols columns). xt: kPanelFloats floats;
-// cur: r1 - r0 ints.
-template <int NV, typename E, typename V>
-void csr_tile(const int32_t* ro, const int32_t* ci, const V& wv, int64_t r0, int64_t r1, const E* x, int64_t ldx,
-              int64_t ncols, int64_t tb, float* xt, float* part, int32_t* cur) {
+// wv) of w * X^T[column][t], X^T the packed tile (xt, ncols columns of TT tokens). The columns are walked in panels
+// of kPanelFloats / TT; cur: r1 - r0 ints.
+template <int NV, typename V>
+void csr_rows(const int32_t* ro, const int32_t* ci, const V& wv_in, int64_t r0, int64_t r1, int64_t ncols,
+              const float* xt, float* part, int32_t* cur) {
   constexpr int64_t TT = NV * L;
   constexpr int U = NV >= 8 ? 1 : NV >= 4 ? 2 : NV >= 2 ? 4 : 8;  // accumulator sets: U * NV >= 8 chains
   constexpr int64_t P = kPanelFloats / TT;                        // columns per panel
+  const V wv = wv_in;
   const int64_t rows = r1 - r0;
-  std::memset(part, 0, size_t(rows * TT) * sizeof(float));
   for (int64_t i = 0; i < rows; ++i) cur[i] = ro[r0 + i];
   for (int64_t c0 = 0; c0 < ncols; c0 += P) {
     const int64_t c1 = c0 + P < ncols ? c0 + P : ncols;
-    pack_transposed<NV>(x + c0, ldx, tb, c1 - c0, xt);
-    const float* base = xt - c0 * TT;  // base + column * TT: that column's tokens
+    const bool first = c0 == 0, last = c1 == ncols;
     for (int64_t i = 0; i < rows; ++i) {
-      int64_t j = cur[i];
-      const int64_t end = ro[r0 + i + 1];
-      if (j >= end || ci[j] >= c1) continue;
+      const int64_t j = cur[i], end = ro[r0 + i + 1];
       float* pr = part + i * TT;
-      __m256 acc[U][NV];
-      for (int v = 0; v < NV; ++v) {
-        acc[0][v] = _mm256_load_ps(pr + v * L);
-        for (int u = 1; u < U; ++u) acc[u][v] = _mm256_setzero_ps();
+      __m256 acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = first ? _mm256_setzero_ps() : _mm256_load_ps(pr + v * L);
+      if (last) {
+        row_entries<NV, U, true>(ci, wv, j, end, c1, xt, acc);
+      } else if (j < end && ci[j] < c1) {
+        cur[i] = static_cast<int32_t>(row_entries<NV, U, false>(ci, wv, j, end, c1, xt, acc));
+      } else if (!first) {
+        continue;
       }
-      for (; j + U <= end && ci[j + U - 1] < c1; j += U) {
-#pragma GCC unroll 8
-        for (int u = 0; u < U; ++u) {
-          const __m256 w = _mm256_set1_ps(wv(j + u));
-          const float* xr = base + int64_t(ci[j + u]) * TT;
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[u][v] = _mm256_fmadd_ps(w, _mm256_load_ps(xr + v * L), acc[u][v]);
-        }
-      }
-      for (; j < end && ci[j] < c1; ++j) {
-        const __m256 w = _mm256_set1_ps(wv(j));
-        const float* xr = base + int64_t(ci[j]) * TT;
-        for (int v = 0; v < NV; ++v) acc[0][v] = _mm256_fmadd_ps(w, _mm256_load_ps(xr + v * L), acc[0][v]);
-      }
-      cur[i] = static_cast<int32_t>(j);
-      for (int v = 0; v < NV; ++v) {
-        for (int u = 1; u < U; ++u) acc[0][v] = _mm256_add_ps(acc[0][v], acc[u][v]);
-        _mm256_store_ps(pr + v * L, acc[0][v]);
-      }
+      for (int v = 0; v < NV; ++v) _mm256_store_ps(pr + v * L, acc[v]);
     }
   }
 }
@@ -149,17 +169,20 @@ void with_vecs(int64_t tb, const F& f) {
 template <typename E, typename V>
 bool rows_forward(const int32_t* ro, const int32_t* ci, const V& wv, int64_t r0, int64_t r1, const E* x, int64_t ldx,
                   int64_t ncols, int64_t T, const E* bias, Act act, E* y, int64_t ldy) {
-  const int64_t rows = r1 - r0;
-  float* xt = thread_buf(0, kPanelFloats);
-  float* part = thread_buf(1, rows * kMaxTile);
-  int32_t* cur = reinterpret_cast<int32_t*>(thread_buf(2, rows));
+  float* xt = thread_buf(0, ncols * kMaxTile);
+  float* part = thread_buf(1, kRowGroup * kMaxTile);
+  int32_t* cur = reinterpret_cast<int32_t*>(thread_buf(2, kRowGroup));
   if (!xt || !part || !cur) return false;
   for (int64_t t0 = 0; t0 < T; t0 += kMaxTile) {
     const int64_t tb = T - t0 < kMaxTile ? T - t0 : kMaxTile;
     with_vecs(tb, [&](auto nv) {
       constexpr int NV = decltype(nv)::value;
-      csr_tile<NV>(ro, ci, wv, r0, r1, x + t0 * ldx, ldx, ncols, tb, xt, part, cur);
-      store_transposed<NV>(part, rows, tb, y + t0 * ldy + r0, ldy, bias ? bias + r0 : nullptr, act);
+      pack_transposed<NV>(x + t0 * ldx, ldx, tb, ncols, xt);
+      for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
+        const int64_t g1 = g0 + kRowGroup < r1 ? g0 + kRowGroup : r1;
+        csr_rows<NV>(ro, ci, wv, g0, g1, ncols, xt, part, cur);
+        store_transposed<NV>(part, g1 - g0, tb, y + t0 * ldy + g0, ldy, bias ? bias + g0 : nullptr, act);
+      }
     });
   }
   return true;
@@ -236,7 +259,7 @@ bool csr_sddmm(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
   const int64_t j0 = ro[r0], n = ro[r1] - j0;
   E* dw = static_cast<E*>(a.dw) + j0;
   float* acc = sizeof(E) == 4 ? reinterpret_cast<float*>(dw) : thread_buf(3, n);
-  float* xt = thread_buf(0, kPanelFloats);
+  float* xt = thread_buf(0, kSddmmPanelFloats);
   float* dyt = thread_buf(1, rows * kMaxTile);
   int32_t* cur = reinterpret_cast<int32_t*>(thread_buf(2, rows));
   if (!acc || !xt || !dyt || !cur) return false;
@@ -248,7 +271,7 @@ bool csr_sddmm(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
     with_vecs(tb, [&](auto nv) {
       constexpr int NV = decltype(nv)::value;
       constexpr int64_t TT = NV * L;
-      constexpr int64_t P = kPanelFloats / TT;
+      constexpr int64_t P = kSddmmPanelFloats / TT;
       pack_transposed<NV>(dy + t0 * a.lddy + r0, a.lddy, tb, rows, dyt);
       for (int64_t i = 0; i < rows; ++i) cur[i] = ro[r0 + i];
       for (int64_t c0 = 0; c0 < a.in; c0 += P) {
