@@ -45,7 +45,7 @@ class Preset:
     batches: List[int]
     train_batches: List[int]
     sparsities: List[float]
-    patterns: List[str]  # "block" (32x32) | "balanced" (bank 32)
+    patterns: List[str]  # "block" (32x32) | "balanced" (bank 32) | "unstructured" (1x1 blocks, by magnitude)
     compile: bool
     bf16_sparse: bool  # also a 90% block-32 model in bf16
     train_patterns: List[str]  # patterns also timed for the training step
@@ -57,12 +57,14 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {
-    "quick": Preset(batches=[1, 8], train_batches=[8], sparsities=[0.9], patterns=["block", "balanced"], compile=True,
-                    bf16_sparse=True, train_patterns=["block"], rounds=5, aoti=True),
-    "full": Preset(batches=[1, 8], train_batches=[8], sparsities=[0.5, 0.75, 0.9], patterns=["block", "balanced"],
+    "quick": Preset(batches=[1, 8], train_batches=[8], sparsities=[0.9], patterns=["block", "balanced", "unstructured"],
+                    compile=True, bf16_sparse=True, train_patterns=["block"], rounds=5, aoti=True),
+    "full": Preset(batches=[1, 8], train_batches=[8], sparsities=[0.5, 0.75, 0.9],
+                   patterns=["block", "balanced", "unstructured"],
                    compile=True, bf16_sparse=True, train_patterns=["block", "balanced"], rounds=5, aoti=True),
     # Seconds-long run for the smoke test: a toy 1-layer encoder, no torch.compile (numbers mean nothing).
-    "tiny": Preset(batches=[1], train_batches=[1], sparsities=[0.75], patterns=["block", "balanced"], compile=False,
+    "tiny": Preset(batches=[1], train_batches=[1], sparsities=[0.75], patterns=["block", "balanced", "unstructured"],
+                   compile=False,
                    bf16_sparse=False, train_patterns=["block", "balanced"], rounds=2,
                    config=dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256,
                                vocab_size=512), peers=False),
@@ -81,8 +83,9 @@ def _encoder_linear(name: str, module: nn.Module) -> bool:
 
 
 def sparsify(model: nn.Module, pattern: str, sparsity: float, fuse: bool = False) -> nn.Module:
-    """A sparsified deep copy: every encoder Linear becomes block-32 (``"block"``) or balanced bank-32 with
-    ``keep = round(32 (1 - sparsity))`` (``"balanced"``), kept sparse even where a layer measures slower;
+    """A sparsified deep copy: every encoder Linear becomes block-32 (``"block"``), balanced bank-32 with
+    ``keep = round(32 (1 - sparsity))`` (``"balanced"``) or unstructured (``"unstructured"``: the largest weights of
+    each layer, 1x1 blocks), kept sparse even where a layer measures slower;
     ``fuse``: the GELU after the intermediate Linear runs in the sparse kernel's output stage."""
     model = copy.deepcopy(model)
     sparse.sparsify(model, pattern=pattern, sparsity=sparsity, block=32, bank=32, include=_encoder_linear,
@@ -93,6 +96,8 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, fuse: bool = False
 def _pattern_info(pattern: str, sparsity: float) -> Dict[str, object]:
     if pattern == "block":
         return {"format": "bsr", "block": "32x32", "sparsity": sparsity}
+    if pattern == "unstructured":
+        return {"format": "unstructured", "block": "1x1", "sparsity": sparsity}
     keep = max(1, round(32 * (1 - sparsity)))
     return {"format": "balanced", "block": f"bank32/keep{keep}", "density": keep / 32}
 
@@ -155,7 +160,7 @@ def _peer_models(base: nn.Module, sparse_models: Dict[tuple, nn.Module], top: fl
     at the top sparsity, their pruned weights as zeros. Empty (and a line in ``skipped``) without ``onnx``."""
     files: Dict[str, Tuple[str, Dict[str, object]]] = {}
     todo = [("dense", base, {"format": "dense", "block": "", "density": 1.0})]
-    for pattern in ("block", "balanced"):
+    for pattern in ("block", "balanced", "unstructured"):
         m = sparse_models.get((pattern, top, "float32", False))
         if m is not None:
             todo.append((f"{pattern}:{top}", sparse.densify(m), _pattern_info(pattern, top)))
@@ -173,7 +178,8 @@ def _peer_models(base: nn.Module, sparse_models: Dict[tuple, nn.Module], top: fl
 
 # Which of the exported models each runtime runs: ONNX Runtime and OpenVINO take no advantage of zeros (their
 # dense time is their time on any pruned weights); DeepSparse's point is sparsity.
-PEER_MODELS = {"onnxruntime": ("dense",), "openvino": ("dense",), "deepsparse": ("dense", "block:", "balanced:")}
+PEER_MODELS = {"onnxruntime": ("dense",), "openvino": ("dense",),
+               "deepsparse": ("dense", "block:", "balanced:", "unstructured:")}
 
 
 def _start_peers(pythons: Dict[str, str], files: Dict[str, Tuple[str, Dict[str, object]]], batch: int,
