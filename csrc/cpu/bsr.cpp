@@ -318,8 +318,11 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, cons
       check_scratch(ok, "bsr_linear");
       return y;
     }
-    if (vec_block(g.bo, g.bi) && (fp == FastPath::F32Avx512 || fp == FastPath::Bf16Avx512)) {
-      auto* vec = fp == FastPath::F32Avx512 ? &vec_fwd_f32_avx512 : &vec_fwd_bf16_avx512;
+    if (vec_block(g.bo, g.bi)) {
+      auto* vec = fp == FastPath::F32Avx512    ? &vec_fwd_f32_avx512
+                  : fp == FastPath::Bf16Avx512 ? &vec_fwd_bf16_avx512
+                  : fp == FastPath::F32Avx2    ? &vec_fwd_f32_avx2
+                                               : &vec_fwd_bf16_avx2;
       std::atomic<bool> ok{true};
       run_chunks(bounds, [&](int64_t c0, int64_t c1) {
         chunk(c0, c1, [&](int64_t t0, int64_t tn, int64_t r0, int64_t r1) {
@@ -404,8 +407,11 @@ at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& 
       check_scratch(ok, "bsr_linear_grad_input");
       return dx;
     }
-    if (vec_block(g.bo, g.bi) && (fp == FastPath::F32Avx512 || fp == FastPath::Bf16Avx512)) {
-      auto* vec = fp == FastPath::F32Avx512 ? &vec_grad_input_f32_avx512 : &vec_grad_input_bf16_avx512;
+    if (vec_block(g.bo, g.bi)) {
+      auto* vec = fp == FastPath::F32Avx512    ? &vec_grad_input_f32_avx512
+                  : fp == FastPath::Bf16Avx512 ? &vec_grad_input_bf16_avx512
+                  : fp == FastPath::F32Avx2    ? &vec_grad_input_f32_avx2
+                                               : &vec_grad_input_bf16_avx2;
       std::atomic<bool> ok{true};
       run_chunks(bounds, [&](int64_t c0, int64_t c1) {
         if (!vec(a, c0, c1)) ok = false;

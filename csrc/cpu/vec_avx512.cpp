@@ -1,6 +1,6 @@
 // AVX-512 kernels for vector blocks: column vectors (V, 1), whose V output rows share one kept input column, and
 // row vectors (1, V), V consecutive input columns of one output row, V in {4, 8, 16, 32}. bsr.cpp
-// calls these for those block shapes on AVX-512 CPUs (AVX2 CPUs take the generic block kernels); float32 and bfloat16
+// calls these for those block shapes on AVX-512 CPUs (vec_avx2.cpp has the AVX2 ones); float32 and bfloat16
 // (widened to float32, float32 accumulation). The input gradient is the forward of W^T, whose blocks are the
 // transposed shape: (V, 1) blocks of W are (1, V) blocks of W^T and the other way round, so the two kernels serve
 // both ops, the gradient reading the values through block_perm. Compiled with a target pragma inside a baseline
