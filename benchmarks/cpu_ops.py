@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -38,7 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 Spec = Tuple  # ("bsr", block, sparsity) | ("balanced", bank, keep)
 
 
-def _bsr(block: int, sparsities: Sequence[float]) -> List[Spec]:
+def _bsr(block: Union[int, Tuple[int, int]], sparsities: Sequence[float]) -> List[Spec]:
     return [("bsr", block, s) for s in sparsities]
 
 
@@ -165,6 +165,8 @@ def _only(**fields) -> Preset:
 _BSR32 = _bsr(32, _TARGET_SPARSITIES)  # density 1, 0.5, 0.25, 0.1, 0.05
 _BAL32 = _bal(32, [16, 8, 4])
 _CSR = _bsr(1, [0.5, 0.75, 0.9, 0.95])  # unstructured: density 0.5, 0.25, 0.1, 0.05
+# column vectors (V output rows x 1 input column) and row vectors (1 x V): density 0.5, 0.25, 0.1
+_VEC = [s for b in [(4, 1), (8, 1), (16, 1), (32, 1), (1, 4), (1, 8)] for s in _bsr(b, [0.5, 0.75, 0.9])]
 
 # Parts of the quick grid on their own, for iterating on one kernel (``--dtypes float32,bfloat16`` adds bf16 to the
 # hot forward of "bsr" and "balanced"); "act" times what the quick grid does not: fusing the activation.
@@ -181,6 +183,9 @@ PRESETS.update({
     "unstructured": _only(tokens=[16, 128, 512], dtypes=["float32"], fwd_specs={"float32": _CSR, "bfloat16": _CSR},
                           torch_sparse_specs=_CSR, grad_tokens=[128, 512], grad_dtypes=["float32"], grad_specs=_CSR,
                           cold_tokens=[1], cold_dtypes=["float32"], cold_specs=_CSR),
+    # column vectors 4x1 / 8x1 / 16x1 / 32x1 and row vectors 1x4 / 1x8: forward, gradients at T = 512
+    "vectors": _only(tokens=[128, 512], dtypes=["float32"], fwd_specs={"float32": _VEC, "bfloat16": _VEC},
+                     grad_tokens=[512], grad_dtypes=["float32"], grad_specs=_VEC),
     # GELU fused into the output stage vs the kernel then torch's GELU, on BERT-base's intermediate layer at
     # 1024 tokens, densities 0.1 and 0.5, 1 and 2 threads
     "act": _only(shapes=[(3072, 768)], threads=[1, 2], activations=["gelu"], act_tokens=[1024],
@@ -226,7 +231,8 @@ def plan(p: Preset) -> List[Case]:
 def _usable(spec: Spec, shape: Tuple[int, int]) -> bool:
     """Specs whose block/bank does not fit the shape are left out of that shape's cases."""
     if spec[0] == "bsr":
-        return spec[1] <= min(shape)
+        bo, bi = (spec[1], spec[1]) if isinstance(spec[1], int) else spec[1]
+        return bo <= shape[0] and bi <= shape[1]
     bank, keep = spec[1], spec[2]
     last = shape[1] - (-(-shape[1] // bank) - 1) * bank
     return bank <= shape[1] and keep <= last

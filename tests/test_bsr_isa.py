@@ -28,11 +28,19 @@ CASES = [
     (100, 50, (48, 16)),
     (40, 100, (16, 48)),
     (70, 300, (1, 1)),  # unstructured: the 1x1-block (CSR) kernels, X^T over several panels
+    # vector blocks, the kernels of vec_avx512.cpp / vec_avx2.cpp: column vectors (V, 1) and row vectors (1, V)
+    (70, 45, (4, 1)),
+    (75, 40, (8, 1)),
+    (45, 66, (16, 1)),
+    (64, 37, (1, 4)),
+    (37, 83, (1, 8)),
+    (20, 90, (1, 16)),
 ]
 TOKENS = (1, 7, 97)
 # The forward's cases in make test-fast (the forward sweep is the slowest of this file on a busy machine): a ragged
 # square block, a thin one, an odd one and a rectangular one.
-FAST_FORWARD_CASES = [(70, 75, (32, 32)), (70, 33, (32, 1)), (45, 39, (5, 7)), (40, 100, (16, 48)), (70, 300, (1, 1))]
+FAST_FORWARD_CASES = [(70, 75, (32, 32)), (70, 33, (32, 1)), (45, 39, (5, 7)), (40, 100, (16, 48)), (70, 300, (1, 1)),
+                      (75, 40, (8, 1)), (37, 83, (1, 8))]
 
 
 def _tokens(T: int, n: int, dtype: torch.dtype, seed: int, strided: bool) -> torch.Tensor:
@@ -142,7 +150,9 @@ def test_other_layout_and_empty_rows(isa, dtype, make_bsr):
 def test_forward_never_reads_outside_the_matrix(isa, dtype, make_bsr):
     """The parts of ragged edge blocks outside the matrix may hold anything (here NaN): no kernel reads them into
     a result."""
-    for out, inn, block in [(50, 41, (16, 16)), (70, 75, (32, 32)), (45, 39, (5, 7))]:
+    for out, inn, block in [(50, 41, (16, 16)), (70, 75, (32, 32)), (45, 39, (5, 7)), (70, 33, (32, 1)),
+                            (9, 70, (1, 32)), (70, 45, (4, 1)), (75, 40, (8, 1)), (64, 37, (1, 4)), (37, 83, (1, 8)),
+                            (45, 66, (16, 1))]:
         w = make_bsr(out, inn, block, sparsity=0.4, dtype=dtype, seed=out + 3 * inn)
         bo, bi = block
         rows, cols = w._block_rows(), w.col_indices.long()
@@ -286,6 +296,54 @@ def test_unstructured_tiles_panels_and_threads(isa, dtype, make_bsr):
                                 floor=KERNEL_FLOOR)
             dense = (dy.t() @ x)[mask].reshape(-1, 1, 1)
             assert_close_to_ref(dw, reference.sddmm(dy, x, w), dense, f"{isa} sddmm T={T}", floor=KERNEL_FLOOR)
+    finally:
+        torch.set_num_threads(threads)
+
+
+VECTOR_BLOCKS = [(4, 1), (8, 1), (16, 1), (32, 1), (1, 4), (1, 8), (1, 16), (1, 32)]
+
+
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
+@pytest.mark.parametrize("block", VECTOR_BLOCKS, ids=lambda b: f"b{b[0]}x{b[1]}")
+def test_vector_blocks_tiles_ragged_edges_and_threads(isa, dtype, block, make_bsr):
+    """Column and row vectors: every token-tile width and a ragged last tile, more than one tile, more than one
+    group of rows, both edges ragged (out and in not multiples of the block) with NaN in the parts of the edge
+    blocks outside the matrix, empty rows, the forward (bias, activation) and the input gradient against the
+    float64 reference, and every thread count giving the same bits (the forward may split tokens or rows)."""
+    out, inn = 150, 141
+    bo, bi = block
+    g = torch.Generator().manual_seed(bo * 10 + bi)
+    mask = torch.rand(-(-out // bo), -(-inn // bi), generator=g) < 0.3
+    mask[2] = False
+    w = make_bsr(out, inn, block, mask=mask, dtype=dtype, seed=bo + 3 * bi)
+    rows, cols = w._block_rows(), w.col_indices.long()
+    inside = BlockSparseWeight._blocked(torch.ones(out, inn, dtype=torch.bool), bo, bi)[rows, cols]
+    assert not inside.all(), "the case needs ragged edge blocks"
+    Wd = w.to_dense()
+    values = w.values.clone()
+    values[~inside] = float("nan")
+    threads = torch.get_num_threads()
+    try:
+        for T in (1, 5, 16, 33, 48, 64, 100, 131):
+            x = _tokens(T, inn, dtype, seed=T, strided=T % 2 == 1)
+            dy = _tokens(T, out, dtype, seed=T + 1, strided=T % 2 == 0)
+            bias = torch.randn(out, generator=g).to(dtype)
+            runs = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                runs.append((
+                    torch.ops.sparsekern.bsr_linear(x, values, w.row_offsets, w.col_indices, w.col_offsets,
+                                                    w.row_indices, w.block_perm, out, bias, "silu"),
+                    torch.ops.sparsekern.bsr_linear_grad_input(dy, values, w.col_offsets, w.row_indices, w.block_perm,
+                                                               inn)))
+            for r in runs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(r, runs[0])), f"{isa} {block} T={T}: thread counts differ"
+            y, dx = runs[0]
+            assert_close_to_ref(y, reference.linear(x, w, bias, "silu"),
+                                reference.activation(F.linear(x, Wd, bias), "silu"), f"{isa} {block} forward T={T}",
+                                floor=KERNEL_FLOOR)
+            assert_close_to_ref(dx, reference.linear_grad_input(dy, w), dy @ Wd, f"{isa} {block} grad_input T={T}",
+                                floor=KERNEL_FLOOR)
     finally:
         torch.set_num_threads(threads)
 

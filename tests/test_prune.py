@@ -43,7 +43,7 @@ def test_global_magnitude_masks_use_one_threshold():
         prune.global_magnitude_masks({}, 0.5)
 
 
-@pytest.mark.parametrize("block", [16, (8, 32)])
+@pytest.mark.parametrize("block", [16, (8, 32), (8, 1), (32, 1), (1, 4)])  # square, rectangular, vectors
 def test_block_mask_matches_the_format(block):
     torch.manual_seed(2)
     W = torch.randn(72, 100)  # ragged edge blocks

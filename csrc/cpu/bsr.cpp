@@ -91,9 +91,15 @@ void check_sorted(const at::Tensor& offsets, const at::Tensor& idx, const char* 
   }
 }
 
-// Raises if a 1x1-block kernel could not allocate its scratch.
+// Raises if a 1x1-block or vector-block kernel could not allocate its scratch.
 void check_scratch(bool ok, const char* op) {
-  TORCH_CHECK(ok, op, ": out of memory for the per-thread scratch of the 1x1-block kernel");
+  TORCH_CHECK(ok, op, ": out of memory for the per-thread scratch of the kernel");
+}
+
+// Vector blocks (vec_avx512.cpp, vec_avx2.cpp): column vectors (V, 1) and row vectors (1, V), V in {4, 8, 16, 32}.
+bool vec_block(int64_t bo, int64_t bi) {
+  auto v = [](int64_t n) { return n == 4 || n == 8 || n == 16 || n == 32; };
+  return (bi == 1 && v(bo)) || (bo == 1 && v(bi));
 }
 
 VStrides vstrides(const at::Tensor& v) {
@@ -312,6 +318,24 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, cons
       check_scratch(ok, "bsr_linear");
       return y;
     }
+    if (vec_block(g.bo, g.bi)) {
+      auto* vec = fp == FastPath::F32Avx512    ? &vec_fwd_f32_avx512
+                  : fp == FastPath::Bf16Avx512 ? &vec_fwd_bf16_avx512
+                  : fp == FastPath::F32Avx2    ? &vec_fwd_f32_avx2
+                                               : &vec_fwd_bf16_avx2;
+      std::atomic<bool> ok{true};
+      run_chunks(bounds, [&](int64_t c0, int64_t c1) {
+        chunk(c0, c1, [&](int64_t t0, int64_t tn, int64_t r0, int64_t r1) {
+          BsrFwdArgs ac = a;
+          ac.T = tn;
+          ac.x = static_cast<const char*>(a.x) + t0 * a.ldx * es;
+          ac.y = static_cast<char*>(a.y) + t0 * g.out * es;
+          if (!vec(ac, r0, r1)) ok = false;
+        });
+      });
+      check_scratch(ok, "bsr_linear");
+      return y;
+    }
     run_chunks(bounds, [&](int64_t c0, int64_t c1) {
       chunk(c0, c1, [&](int64_t t0, int64_t tn, int64_t r0, int64_t r1) {
         BsrFwdArgs ac = a;
@@ -379,6 +403,18 @@ at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& 
       std::atomic<bool> ok{true};
       run_chunks(bounds, [&](int64_t c0, int64_t c1) {
         if (!csr(a, c0, c1)) ok = false;
+      });
+      check_scratch(ok, "bsr_linear_grad_input");
+      return dx;
+    }
+    if (vec_block(g.bo, g.bi)) {
+      auto* vec = fp == FastPath::F32Avx512    ? &vec_grad_input_f32_avx512
+                  : fp == FastPath::Bf16Avx512 ? &vec_grad_input_bf16_avx512
+                  : fp == FastPath::F32Avx2    ? &vec_grad_input_f32_avx2
+                                               : &vec_grad_input_bf16_avx2;
+      std::atomic<bool> ok{true};
+      run_chunks(bounds, [&](int64_t c0, int64_t c1) {
+        if (!vec(a, c0, c1)) ok = false;
       });
       check_scratch(ok, "bsr_linear_grad_input");
       return dx;

@@ -87,4 +87,16 @@ bool csr_grad_input_bf16_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1)
 bool csr_sddmm_f32_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1);
 bool csr_sddmm_bf16_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1);
 
+// Vector blocks, vec_avx512.cpp and vec_avx2.cpp: column vectors (V, 1) and row vectors (1, V), V in {4, 8, 16,
+// 32} (bsr.cpp's vec_block), the same arguments. Each returns false if a scratch buffer could not be allocated
+// (nothing is then written).
+bool vec_fwd_f32_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1);
+bool vec_fwd_bf16_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1);
+bool vec_grad_input_f32_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
+bool vec_grad_input_bf16_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
+bool vec_fwd_f32_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1);
+bool vec_fwd_bf16_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1);
+bool vec_grad_input_f32_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
+bool vec_grad_input_bf16_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
+
 }  // namespace sparsekern::cpu
