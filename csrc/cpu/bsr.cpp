@@ -102,6 +102,17 @@ bool vec_block(int64_t bo, int64_t bi) {
   return (bi == 1 && v(bo)) || (bo == 1 && v(bi));
 }
 
+// Runs body(c0, c1) over the chunks of `bounds`; body returns false when its kernel could not allocate scratch,
+// which raises once every chunk has finished.
+template <typename Body>
+void run_checked(const std::vector<int64_t>& bounds, const char* op, const Body& body) {
+  std::atomic<bool> ok{true};
+  run_chunks(bounds, [&](int64_t c0, int64_t c1) {
+    if (!body(c0, c1)) ok = false;
+  });
+  check_scratch(ok, op);
+}
+
 VStrides vstrides(const at::Tensor& v) {
   return {v.stride(0), v.stride(1), v.stride(2)};
 }
@@ -130,6 +141,15 @@ FastPath fast_path(const at::Tensor& values) {
   (void)values;
   return FastPath::None;
 #endif
+}
+
+// One kernel family's variant for the fast path `fp`.
+template <typename F>
+F* pick(FastPath fp, F* f32_avx512, F* bf16_avx512, F* f32_avx2, F* bf16_avx2) {
+  return fp == FastPath::F32Avx512    ? f32_avx512
+         : fp == FastPath::Bf16Avx512 ? bf16_avx512
+         : fp == FastPath::F32Avx2    ? f32_avx2
+                                      : bf16_avx2;
 }
 
 template <typename scalar_t>
@@ -294,56 +314,31 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, cons
                        bias.defined() ? bias.data_ptr() : nullptr,
                        y.data_ptr(),
                        static_cast<int>(act)};
-    auto* kernel = fp == FastPath::F32Avx512    ? &bsr_fwd_f32_avx512
-                   : fp == FastPath::Bf16Avx512 ? &bsr_fwd_bf16_avx512
-                   : fp == FastPath::F32Avx2    ? &bsr_fwd_f32_avx2
-                                                : &bsr_fwd_bf16_avx2;
-    const int64_t es = x.element_size();
+    // 1x1 blocks and vectors have kernels of their own, which allocate scratch; any other block the generic one.
+    using Special = bool (*)(const BsrFwdArgs&, int64_t, int64_t);
+    Special special = nullptr;
     if (g.bo == 1 && g.bi == 1) {
       check_sorted(row_offsets, col_indices, "row_offsets", "col_indices");
-      auto* csr = fp == FastPath::F32Avx512    ? &csr_fwd_f32_avx512
-                  : fp == FastPath::Bf16Avx512 ? &csr_fwd_bf16_avx512
-                  : fp == FastPath::F32Avx2    ? &csr_fwd_f32_avx2
-                                               : &csr_fwd_bf16_avx2;
-      std::atomic<bool> ok{true};
-      run_chunks(bounds, [&](int64_t c0, int64_t c1) {
-        chunk(c0, c1, [&](int64_t t0, int64_t tn, int64_t r0, int64_t r1) {
-          BsrFwdArgs ac = a;
-          ac.T = tn;
-          ac.x = static_cast<const char*>(a.x) + t0 * a.ldx * es;
-          ac.y = static_cast<char*>(a.y) + t0 * g.out * es;
-          if (!csr(ac, r0, r1)) ok = false;
-        });
-      });
-      check_scratch(ok, "bsr_linear");
-      return y;
+      special = pick(fp, &csr_fwd_f32_avx512, &csr_fwd_bf16_avx512, &csr_fwd_f32_avx2, &csr_fwd_bf16_avx2);
+    } else if (vec_block(g.bo, g.bi)) {
+      special = pick(fp, &vec_fwd_f32_avx512, &vec_fwd_bf16_avx512, &vec_fwd_f32_avx2, &vec_fwd_bf16_avx2);
     }
-    if (vec_block(g.bo, g.bi)) {
-      auto* vec = fp == FastPath::F32Avx512    ? &vec_fwd_f32_avx512
-                  : fp == FastPath::Bf16Avx512 ? &vec_fwd_bf16_avx512
-                  : fp == FastPath::F32Avx2    ? &vec_fwd_f32_avx2
-                                               : &vec_fwd_bf16_avx2;
-      std::atomic<bool> ok{true};
-      run_chunks(bounds, [&](int64_t c0, int64_t c1) {
-        chunk(c0, c1, [&](int64_t t0, int64_t tn, int64_t r0, int64_t r1) {
-          BsrFwdArgs ac = a;
-          ac.T = tn;
-          ac.x = static_cast<const char*>(a.x) + t0 * a.ldx * es;
-          ac.y = static_cast<char*>(a.y) + t0 * g.out * es;
-          if (!vec(ac, r0, r1)) ok = false;
-        });
-      });
-      check_scratch(ok, "bsr_linear");
-      return y;
-    }
-    run_chunks(bounds, [&](int64_t c0, int64_t c1) {
+    auto* kernel = pick(fp, &bsr_fwd_f32_avx512, &bsr_fwd_bf16_avx512, &bsr_fwd_f32_avx2, &bsr_fwd_bf16_avx2);
+    const int64_t es = x.element_size();
+    run_checked(bounds, "bsr_linear", [&](int64_t c0, int64_t c1) {
+      bool ok = true;
       chunk(c0, c1, [&](int64_t t0, int64_t tn, int64_t r0, int64_t r1) {
         BsrFwdArgs ac = a;
         ac.T = tn;
         ac.x = static_cast<const char*>(a.x) + t0 * a.ldx * es;
         ac.y = static_cast<char*>(a.y) + t0 * g.out * es;
-        kernel(ac, r0, r1);
+        if (special) {
+          ok = special(ac, r0, r1) && ok;
+        } else {
+          kernel(ac, r0, r1);
+        }
       });
+      return ok;
     });
     return y;
   }
@@ -390,35 +385,22 @@ at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& 
   if (const FastPath fp = fast_path(values); fp != FastPath::None) {
     const BsrGradInputArgs a{out,          in_features,       g.bo,         g.bi, T, co, ri, perm, dy.data_ptr(),
                              dy.stride(0), values.data_ptr(), dx.data_ptr()};
-    auto* kernel = fp == FastPath::F32Avx512    ? &bsr_grad_input_f32_avx512
-                   : fp == FastPath::Bf16Avx512 ? &bsr_grad_input_bf16_avx512
-                   : fp == FastPath::F32Avx2    ? &bsr_grad_input_f32_avx2
-                                                : &bsr_grad_input_bf16_avx2;
+    using Special = bool (*)(const BsrGradInputArgs&, int64_t, int64_t);
+    Special special = nullptr;
     if (g.bo == 1 && g.bi == 1) {
       check_sorted(col_offsets, row_indices, "col_offsets", "row_indices");
-      auto* csr = fp == FastPath::F32Avx512    ? &csr_grad_input_f32_avx512
-                  : fp == FastPath::Bf16Avx512 ? &csr_grad_input_bf16_avx512
-                  : fp == FastPath::F32Avx2    ? &csr_grad_input_f32_avx2
-                                               : &csr_grad_input_bf16_avx2;
-      std::atomic<bool> ok{true};
-      run_chunks(bounds, [&](int64_t c0, int64_t c1) {
-        if (!csr(a, c0, c1)) ok = false;
-      });
-      check_scratch(ok, "bsr_linear_grad_input");
+      special = pick(fp, &csr_grad_input_f32_avx512, &csr_grad_input_bf16_avx512, &csr_grad_input_f32_avx2,
+                     &csr_grad_input_bf16_avx2);
+    } else if (vec_block(g.bo, g.bi)) {
+      special = pick(fp, &vec_grad_input_f32_avx512, &vec_grad_input_bf16_avx512, &vec_grad_input_f32_avx2,
+                     &vec_grad_input_bf16_avx2);
+    }
+    if (special) {
+      run_checked(bounds, "bsr_linear_grad_input", [&](int64_t c0, int64_t c1) { return special(a, c0, c1); });
       return dx;
     }
-    if (vec_block(g.bo, g.bi)) {
-      auto* vec = fp == FastPath::F32Avx512    ? &vec_grad_input_f32_avx512
-                  : fp == FastPath::Bf16Avx512 ? &vec_grad_input_bf16_avx512
-                  : fp == FastPath::F32Avx2    ? &vec_grad_input_f32_avx2
-                                               : &vec_grad_input_bf16_avx2;
-      std::atomic<bool> ok{true};
-      run_chunks(bounds, [&](int64_t c0, int64_t c1) {
-        if (!vec(a, c0, c1)) ok = false;
-      });
-      check_scratch(ok, "bsr_linear_grad_input");
-      return dx;
-    }
+    auto* kernel = pick(fp, &bsr_grad_input_f32_avx512, &bsr_grad_input_bf16_avx512, &bsr_grad_input_f32_avx2,
+                        &bsr_grad_input_bf16_avx2);
     run_chunks(bounds, [&](int64_t c0, int64_t c1) { kernel(a, c0, c1); });
     return dx;
   }
@@ -456,23 +438,13 @@ at::Tensor bsr_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const 
   if (const FastPath fp = fast_path(values); fp != FastPath::None) {
     const BsrSddmmArgs a{g.out, g.in,          g.bo,         g.bi,         T,           ro,
                          ci,    dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), dw.data_ptr()};
-    auto* kernel = fp == FastPath::F32Avx512    ? &bsr_sddmm_f32_avx512
-                   : fp == FastPath::Bf16Avx512 ? &bsr_sddmm_bf16_avx512
-                   : fp == FastPath::F32Avx2    ? &bsr_sddmm_f32_avx2
-                                                : &bsr_sddmm_bf16_avx2;
     if (g.bo == 1 && g.bi == 1) {
       check_sorted(row_offsets, col_indices, "row_offsets", "col_indices");
-      auto* csr = fp == FastPath::F32Avx512    ? &csr_sddmm_f32_avx512
-                  : fp == FastPath::Bf16Avx512 ? &csr_sddmm_bf16_avx512
-                  : fp == FastPath::F32Avx2    ? &csr_sddmm_f32_avx2
-                                               : &csr_sddmm_bf16_avx2;
-      std::atomic<bool> ok{true};
-      run_chunks(bounds, [&](int64_t r0, int64_t r1) {
-        if (!csr(a, r0, r1)) ok = false;
-      });
-      check_scratch(ok, "bsr_sddmm");
+      auto* csr = pick(fp, &csr_sddmm_f32_avx512, &csr_sddmm_bf16_avx512, &csr_sddmm_f32_avx2, &csr_sddmm_bf16_avx2);
+      run_checked(bounds, "bsr_sddmm", [&](int64_t r0, int64_t r1) { return csr(a, r0, r1); });
       return dw;
     }
+    auto* kernel = pick(fp, &bsr_sddmm_f32_avx512, &bsr_sddmm_bf16_avx512, &bsr_sddmm_f32_avx2, &bsr_sddmm_bf16_avx2);
     run_chunks(bounds, [&](int64_t r0, int64_t r1) { kernel(a, r0, r1); });
     return dw;
   }
