@@ -462,6 +462,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contender")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--compare", metavar="OLD_DIR", help="an earlier run's output folder (or e2e_bert.csv): "
+                    "compare.md, each row new/old, flagged where its ratio to eager fp32 dropped by more than 10%%")
 
 
 def preset_from_args(args: argparse.Namespace) -> Preset:
@@ -472,15 +474,24 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from sparse.runtime import tune_malloc_from_env
 
-    from .report import write_report
+    from .report import read_run, write_comparison, write_report
 
     tune_malloc_from_env()  # dense and sparse models alike: see sparse/runtime.py
     ap = argparse.ArgumentParser(prog="benchmarks.e2e_bert", description=__doc__.split("\n\n")[0])
     add_arguments(ap)
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    old = None
+    if args.compare:  # read now: the run may write over it (the same --out)
+        try:
+            old = read_run(args.compare)
+        except (OSError, ValueError) as exc:
+            ap.error(f"--compare {args.compare}: {exc}")
     rows, skipped = run(preset_from_args(args), args.out, progress=not args.no_progress)
-    for path in [os.path.join(args.out, "e2e_bert.csv")] + write_report(rows, args.out, skipped=skipped, plots=False):
+    written = [os.path.join(args.out, "e2e_bert.csv")] + write_report(rows, args.out, skipped=skipped, plots=False)
+    if old is not None:
+        written.append(write_comparison(rows, old, args.out, args.compare)[0])
+    for path in written:
         print(f"wrote {path}")
     return 0
 

@@ -377,3 +377,63 @@ def test_onnxruntime_peer_runs_and_profiles(tmp_path):
     assert ops and any(k in ops for k in e2e_bert.ORT_MATMUL_OPS) and all(v >= 0 for v in ops.values())
 
 
+
+
+def _e2e_run(times):
+    """Synthetic e2e rows, one case per batch: {batch: {contender: seconds}} (eager_fp32 the baseline)."""
+    infos = {
+        "eager_fp32": {"backend": "eager_fp32", "format": "dense", "density": 1.0, "dtype": "float32"},
+        "block": {"backend": "sparse.sparsify", "format": "bsr", "block": "32x32", "density": 0.1, "dtype": "float32"},
+        "balanced": {"backend": "sparse.sparsify", "format": "balanced", "block": "bank32/keep3", "density": 3 / 32,
+                     "dtype": "float32"},
+        "ort_old": {"backend": "onnxruntime 1.17.0", "format": "dense", "density": 1.0, "dtype": "float32"},
+        "ort_new": {"backend": "onnxruntime 1.19.0", "format": "dense", "density": 1.0, "dtype": "float32"},
+        "new_only": {"backend": "sparse.compile(fused gelu)", "format": "bsr", "block": "32x32", "density": 0.1,
+                     "dtype": "float32"},
+    }
+    rows = []
+    for batch, per in times.items():
+        cs = [Contender(n, lambda: None, infos[n]) for n in per]
+        t = {n: Timing(s, s, s, 3) for n, s in per.items()}
+        common = {"op": "bert_forward", "shape": "BERT-base seq 128", "tokens": 128 * batch, "threads": 2,
+                  "weights": "hot", "out_features": 768, "in_features": 768}
+        rows += harness.make_rows("e2e_bert", f"bert_forward|batch{batch}|seq128|2t", common, cs, t, "eager_fp32")
+    return rows
+
+
+def test_compare_with_an_earlier_run_flags_rows_that_lost_ground(tmp_path, capsys):
+    from benchmarks import run
+
+    old = _e2e_run({1: {"eager_fp32": 1.0, "block": 0.25, "balanced": 0.5, "ort_old": 0.8},
+                    8: {"eager_fp32": 8.0, "block": 2.0}})
+    # batch 1: the block model went from 4x to 3.3x eager (-17%: worse), balanced from 2x to 1.92x (-4%: noise),
+    # ONNX Runtime (upgraded) as before; batch 8: the whole run 1.5x slower (a busier machine), ratios kept.
+    new = _e2e_run({1: {"eager_fp32": 1.0, "block": 0.30, "balanced": 0.52, "ort_new": 0.8, "new_only": 0.2},
+                    8: {"eager_fp32": 12.0, "block": 3.0}})
+    (tmp_path / "old").mkdir()
+    harness.write_csv(str(tmp_path / "old" / "e2e_bert.csv"), old)
+    harness.write_csv(str(tmp_path / "new.csv"), new)
+
+    changes = report.compare_runs(harness.read_csv(str(tmp_path / "new.csv")), report.read_run(str(tmp_path / "old")))
+    by = {(c.new["case"].split("|")[1], c.new["backend"], c.new["format"]): c for c in changes}
+    assert len(changes) == 6 and not any(c.new["backend"].startswith("sparse.compile") for c in changes)
+    block1 = by[("batch1", "sparse.sparsify", "bsr")]
+    assert block1.time_ratio == pytest.approx(1.2) and block1.baseline_change == pytest.approx(0.25 / 0.30)
+    assert block1.worse()
+    assert not by[("batch1", "sparse.sparsify", "balanced")].worse()
+    assert by[("batch1", "onnxruntime 1.19.0", "dense")].time_ratio == pytest.approx(1.0)
+    block8 = by[("batch8", "sparse.sparsify", "bsr")]
+    assert block8.time_ratio == pytest.approx(1.5) and not block8.worse()
+    assert [c for c in changes if c.worse()] == [block1]
+    assert by[("batch1", "sparse.sparsify", "balanced")].worse(margin=0.03)  # the margin is a parameter
+
+    # the command line: python -m benchmarks --report NEW.csv --compare OLD_DIR
+    assert run.main(["--report", str(tmp_path / "new.csv"), "--compare", str(tmp_path / "old"),
+                     "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    md = open(tmp_path / "out" / "compare.md").read()
+    assert md in printed and "6 rows in both runs" in md and "1 lost more than 10%" in md
+    worse = [line for line in md.splitlines() if "**WORSE**" in line]
+    assert len(worse) == 1 and "batch1" in worse[0] and "bsr" in worse[0] and "| 1.20 |" in worse[0]
+    with pytest.raises(SystemExit):
+        run.main(["--report", str(tmp_path / "new.csv"), "--compare", str(tmp_path / "nowhere")])
