@@ -351,8 +351,18 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
 DENSE_LINEAR_OPS = ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::linear")
 ATTENTION_OPS = ("aten::_scaled_dot_product", "aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::softmax",
                  "aten::matmul")
-# ONNX Runtime op types that are a Linear or a matmul (the ones the remainder target leaves out).
+# ONNX Runtime op types that are a Linear or a matmul (the ones the remainder target leaves out). The profile
+# (benchmarks/peer_runner.py) names a MatMul between two activations (Q K^T, P V) "MatMul:attention": attention,
+# as torch's bmm / matmul / SDPA are on our side.
 ORT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul")
+# ONNX Runtime's attention: its fused contrib ops (BERT fusions), else the softmax and the attention matmuls.
+ORT_FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention")
+ORT_ATTENTION_OPS = ORT_FUSED_ATTENTION_OPS + ("Softmax",)
+
+
+def ort_attention_ms(ops: Dict[str, float]) -> float:
+    """ONNX Runtime's attention time (ms) from its profile: fused attention ops, softmax, attention matmuls."""
+    return sum(v for k, v in ops.items() if k in ORT_ATTENTION_OPS or k.endswith(":attention"))
 
 
 @dataclass
@@ -410,9 +420,10 @@ def _profile_case(p: Preset, batch: int, ids: torch.Tensor, entries, compiled, r
             skipped.append(f"{name} batch {batch}: profile failed: {_first_line(exc)}")
             continue
         mm = sum(v for k, v in ops.items() if k in ORT_MATMUL_OPS)
-        attn = sum(v for k, v in ops.items() if k in ("Attention", "MultiHeadAttention", "Softmax"))
-        out.append(Split(name, sum(ops.values()), mm, 0.0, attn, sorted(ops.items(), key=lambda e: -e[1])[:8],
-                         "ORT fusions", info))
+        fused = any(k in ORT_FUSED_ATTENTION_OPS for k in ops)
+        out.append(Split(name, sum(ops.values()), mm, 0.0, ort_attention_ms(ops),
+                         sorted(ops.items(), key=lambda e: -e[1])[:8],
+                         "ORT fusions: " + ("fused Attention" if fused else "attention unfused"), info))
     return out
 
 
@@ -425,8 +436,33 @@ def _profile_markdown(split: Sequence[Split], batch: int, p: Preset) -> List[str
         lines.append(f"| {s.name} | {s.attn_impl} | {s.total:.1f} | {s.ours:.1f} | {s.linear:.1f} | "
                      f"{s.attention:.1f} | {rest:.1f} | {s.remainder:.1f} |")
     lines.append("")
+    lines += attention_gap(split, batch)
     for s in split:
         lines.append(f"- {s.name}, largest self times: " + ", ".join(f"{k} {t:.1f}" for k, t in s.top[:6]))
+    return lines + [""]
+
+
+def attention_gap(split: Sequence[Split], batch: int) -> List[str]:
+    """The distance of our attention from ONNX Runtime's, stated: its attention ms, and each of our profiled
+    models' attention ms and ratio to it (> 1: ours slower)."""
+    ort = next((s for s in split if s.name.startswith("onnxruntime:")), None)
+    if ort is None:
+        return [f"**Attention against ONNX Runtime, batch {batch}**: not measured (ONNX Runtime did not run in this "
+                "case: not installed, peers off in this preset, or its start failed; see summary.md).", ""]
+    if ort.attention <= 0:
+        return [f"**Attention against ONNX Runtime, batch {batch}**: its profile shows no attention op "
+                f"(ops: {', '.join(k for k, _ in ort.top)}).", ""]
+    how = ("its fused Attention op" if "fused Attention" in ort.attn_impl else
+           "softmax and attention MatMuls: its BERT optimizer left this export's attention unfused")
+    lines = [f"**Attention against ONNX Runtime, batch {batch}**: {ort.name} {ort.attention:.1f} ms ({how}); "
+             "ours / theirs (> 1: ours slower):", ""]
+    for s in split:
+        if s is ort or s.name.startswith(("onnxruntime:", "deepsparse:", "openvino:")):
+            continue
+        note = " (compiled: attention partly inside Inductor's fused kernels, counted in the rest)" if (
+            s.attn_impl == "compiled") else ""
+        lines.append(f"- {s.name} (`{s.attn_impl}`): {s.attention:.1f} ms, **{s.attention / ort.attention:.2f}x** "
+                     f"ONNX Runtime's{note}")
     return lines + [""]
 
 
@@ -449,8 +485,9 @@ def _write_profile(lines: List[str], p: Preset, out_dir: str) -> str:
     head = [f"# BERT forward time split (torch.profiler; ONNX Runtime: its own profiler), {p.threads} threads", "",
             "Self times of one profiled forward per model, in ms. *Our sparse ops*: `sparsekern::*`; *all "
             "Linear/MatMul*: those plus dense Linear kernels (ONNX Runtime: MatMul, Gemm, FusedMatMul); "
-            "*attention*: SDPA, bmm, softmax (ONNX Runtime: Attention, Softmax); a compiled model's fused "
-            "Inductor kernels count in *the rest*.", ""]
+            "*attention*: SDPA, bmm, softmax (ONNX Runtime: Attention / MultiHeadAttention, Softmax and the MatMuls "
+            "between two activations, which leave its Linear/MatMul column); a compiled model's fused "
+            "Inductor kernels count in *the rest*. Under each table: our attention against ONNX Runtime's.", ""]
     path = os.path.join(out_dir, "e2e_profile.md")
     with open(path, "w") as f:
         f.write("\n".join(head + lines))

@@ -437,3 +437,50 @@ def test_compare_with_an_earlier_run_flags_rows_that_lost_ground(tmp_path, capsy
     assert len(worse) == 1 and "batch1" in worse[0] and "bsr" in worse[0] and "| 1.20 |" in worse[0]
     with pytest.raises(SystemExit):
         run.main(["--report", str(tmp_path / "new.csv"), "--compare", str(tmp_path / "nowhere")])
+
+
+def test_profile_states_the_attention_gap_to_onnxruntime():
+    from benchmarks import peer_runner
+
+    # ONNX Runtime's profile keys: a MatMul between two rank-4 activations is attention, one with a weight is not
+    shape = lambda *dims: {"float": list(dims)}  # noqa: E731
+    qk = [shape(1, 2, 8, 4), shape(1, 2, 4, 8)]
+    assert peer_runner._op_key({"op_name": "MatMul", "input_type_shape": qk}) == "MatMul:attention"
+    assert peer_runner._op_key({"op_name": "FusedMatMul", "input_type_shape": qk}) == "FusedMatMul:attention"
+    assert peer_runner._op_key({"op_name": "MatMul", "input_type_shape": [shape(1, 8, 16)]}) == "MatMul"
+    assert peer_runner._op_key({"op_name": "MatMul", "input_type_shape": [shape(1, 8, 16), shape(16, 16)]}) == "MatMul"
+    ops = {"MatMul": 10.0, "FusedMatMul:attention": 2.0, "MatMul:attention": 1.0, "Softmax": 1.0, "Add": 0.5}
+    assert e2e_bert.ort_attention_ms(ops) == pytest.approx(4.0)
+
+    S = e2e_bert.Split
+    split = [S("eager_fp32", 30.0, 20.0, 0.0, 6.0, [], "sdpa"),
+             S("block:0.9:float32", 12.0, 4.0, 3.0, 5.0, [], "eager"),
+             S("compile_float32", 20.0, 15.0, 0.0, 1.0, [], "compiled"),
+             S("onnxruntime:dense", 25.0, 20.0, 0.0, 4.0, [("MatMul", 20.0)], "ORT fusions: attention unfused")]
+    text = "\n".join(e2e_bert._profile_markdown(split, 8, e2e_bert.PRESETS["tiny"]))
+    assert "**Attention against ONNX Runtime, batch 8**: onnxruntime:dense 4.0 ms (softmax and attention" in text
+    assert "- eager_fp32 (`sdpa`): 6.0 ms, **1.50x** ONNX Runtime's" in text
+    assert "- block:0.9:float32 (`eager`): 5.0 ms, **1.25x**" in text
+    assert "- compile_float32 (`compiled`): 1.0 ms, **0.25x** ONNX Runtime's (compiled: attention partly" in text
+    split[-1] = S("onnxruntime:dense", 25.0, 20.0, 0.0, 4.0, [], "ORT fusions: fused Attention")
+    assert "4.0 ms (its fused Attention op)" in "\n".join(e2e_bert.attention_gap(split, 8))
+    assert "not measured (ONNX Runtime did not run" in "\n".join(e2e_bert.attention_gap(split[:-1], 1))
+
+
+@pytest.mark.slow  # the tiny preset with ONNX Runtime as a peer: exports the model and starts the runtime
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+                    reason="onnxruntime and onnx are optional (peers only)")
+def test_e2e_tiny_profile_with_onnxruntime_states_the_attention_gap(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.delenv("SPARSEKERN_PEERS", raising=False)
+    p = replace(e2e_bert.PRESETS["tiny"], peers=True, train_batches=[], patterns=["block"])
+    rows, skipped = e2e_bert.run(p, str(tmp_path), progress=False)
+    assert not [s for s in skipped if s.startswith(("onnxruntime", "peers:"))], skipped
+    assert any(r["backend"].startswith("onnxruntime ") for r in rows if r["op"] == "bert_forward")
+    profile = open(os.path.join(tmp_path, "e2e_profile.md")).read()
+    gap = profile[profile.index("**Attention against ONNX Runtime, batch 1**"):]
+    assert "onnxruntime:dense" in gap.splitlines()[0] and " ms (" in gap.splitlines()[0]
+    ours = [line for line in gap.splitlines()[2:] if line.startswith("- ") and "ONNX Runtime's" in line]
+    assert {line.split(" ")[1] for line in ours} >= {"eager_fp32", "block:0.75:float32"}
+    assert all("x** ONNX Runtime's" in line for line in ours)
