@@ -9,8 +9,9 @@ Dense contenders: eager fp32 and bf16; every Linear through oneDNN with a pre-pa
 MKL's path, as on AMD EPYC); ``torch.compile`` fp32 and bf16 with ``torch._inductor.config.freezing`` (inference
 only).
 Attention is not this package's business, but it is a third to a half of the sparse model's time: each model
-(dense and sparse alike) is timed with ``transformers``' ``sdpa`` and ``eager`` attention and keeps the faster, as
-its user would; the ``notes`` column names the choice and both times. Sparse contenders:
+(dense and sparse alike) is timed with ``transformers``' ``sdpa`` and ``eager`` attention and with SDPA's CPU
+backends forced (``sdpa_math``, ``sdpa_flash``; ``sparse.evaluate.pick_attention``) and keeps the fastest, as its
+user would; the ``notes`` column names the choice and every time. Sparse contenders:
 ``sparse.sparsify`` on every Linear of the encoder layers (the pooler stays dense). Rows use the harness schema;
 ``tokens`` = batch x sequence. ``<out>/e2e_profile.md`` has the time split (Linear layers vs the rest) from
 torch.profiler.
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 
 import sparse
-from sparse.evaluate import pick_attention, prepack_linears
+from sparse.evaluate import attention_of, pick_attention, prepack_linears
 from sparse.runtime import cpu_model, dtype_support, native_dtype, onednn_unsupported
 
 from . import peers
@@ -273,8 +274,9 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                 info = {**_pattern_info(pattern, s), "backend": "sparse.sparsify" + ("(fused gelu)" if fuse else ""),
                         "dtype": dt}
                 entries.append((f"{pattern}:{s}:{dt}" + (":fused" if fuse else ""), m, info))
-            # Each model gets the faster of transformers' attention implementations for itself, as its user would
-            # pick (a compiled model keeps the one of the eager model it was compiled from).
+            # Each model gets the fastest attention implementation for itself (transformers' sdpa and eager, SDPA
+            # with its math or flash CPU backend forced), as its user would pick (a compiled model keeps the one of
+            # the eager model it was compiled from).
             cs: List[Contender] = []
             attention: Dict[int, str] = {}
             for name, m, info in entries:
@@ -350,7 +352,7 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
 # Self-time buckets of torch.profiler's op names: our sparse ops, dense Linear kernels, attention, the rest.
 DENSE_LINEAR_OPS = ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::linear")
 ATTENTION_OPS = ("aten::_scaled_dot_product", "aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::softmax",
-                 "aten::matmul")
+                 "aten::_safe_softmax", "aten::matmul")
 # ONNX Runtime op types that are a Linear or a matmul (the ones the remainder target leaves out). The profile
 # (benchmarks/peer_runner.py) names a MatMul between two activations (Q K^T, P V) "MatMul:attention": attention,
 # as torch's bmm / matmul / SDPA are on our side.
@@ -407,7 +409,7 @@ def _profile_case(p: Preset, batch: int, ids: torch.Tensor, entries, compiled, r
             continue
         if info["format"] != "dense" and float(info.get("sparsity") or 1 - float(info["density"])) < top - 1e-9:
             continue
-        out.append(_torch_split(name, forward_fn(m, ids), getattr(m.config, "_attn_implementation", "?"), info))
+        out.append(_torch_split(name, forward_fn(m, ids), attention_of(m) or "?", info))
     for name, fn in compiled.items():
         if name in by_name and "float32" in name:
             out.append(_torch_split(name, fn, "compiled", by_name[name].info))

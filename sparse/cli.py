@@ -332,7 +332,8 @@ def _latency(models: Dict[str, Any], vocab_size: int, seq: int, batches: Sequenc
              progress: bool) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Any]]:
     """{model name: {"batch<B>_ms": median ms, "batch<B>_seq_per_s": throughput}} measured in one interleaved run,
     and {"batch<B>": {model name: {"implementation", "ms": {implementation: ms}}}}: before the timing, each model
-    (dense and sparse alike) takes the faster of transformers' attention implementations for itself."""
+    (dense and sparse alike) takes the fastest attention implementation for itself (transformers' ``sdpa`` and
+    ``eager``, SDPA with its ``math`` or ``flash`` CPU backend forced: ``sparse.evaluate.pick_attention``)."""
     import torch
 
     from .evaluate import pick_attention, time_forward
@@ -614,10 +615,13 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
             **{k: f"dense {v}" for k, v in _DENSE_NAMES.items()},
             **{k: f"sparse {v}" for k, v in _SPARSE_NAMES.items()},
         }
-        lines += ["Attention: each model runs with the faster of transformers' implementations (`sdpa`, `eager`) for "
-                  "itself, timed before the comparison: "
+        lines += ["Attention: each model runs with the fastest implementation for itself (transformers' `sdpa` and "
+                  "`eager`, and SDPA with its CPU backend forced: `sdpa_math`, `sdpa_flash`), timed before the "
+                  "comparison (best of 2 calls, ms): "
                   + "; ".join(f"batch {k[len('batch'):]}: "
-                              + ", ".join(f"{names.get(n, n)} `{a['implementation']}`" for n, a in per.items())
+                              + ", ".join(f"{names.get(n, n)} `{a['implementation']}` ("
+                                          + ", ".join(f"{i} {ms:.1f}" for i, ms in a['ms'].items()) + ")"
+                                          for n, a in per.items())
                               for k, per in lat["attention"].items()) + ".", ""]
     lines += [
         f"## Accuracy on {acc['heldout_sentences']} held-out sentences (vs the dense float32 model)",

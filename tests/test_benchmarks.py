@@ -105,6 +105,15 @@ def test_e2e_tiny_rows(tmp_path):
     assert all(0 < r["median_s"] < 10 for r in remainder.values())
     profile = open(os.path.join(tmp_path, "e2e_profile.md")).read()
     assert "our sparse ops" in profile and all(f"| {name} |" in profile for name in remainder)
+    # every model raced the attention implementations, SDPA's CPU backends apart, and its notes keep each time
+    from sparse.evaluate import ATTENTION_IMPLEMENTATIONS
+
+    for r in back:
+        if r["op"] == "bert_forward":
+            winner = r["notes"].split(" ")[1]
+            assert winner in ATTENTION_IMPLEMENTATIONS and f"| {r['backend']} | {winner} |" in profile or (
+                r["backend"] not in remainder), (r["notes"], profile)
+            assert all(f"{impl} " in r["notes"] for impl in ATTENTION_IMPLEMENTATIONS), r["notes"]
 
 
 def _check_case_ratios_e2e(rows):
