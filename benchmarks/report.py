@@ -461,8 +461,20 @@ class Change:
     def baseline_change(self) -> float:  # < 1: lost ground against its own run's baseline
         return float(self.new["ratio"]) / float(self.old["ratio"])
 
+    @property
+    def same_baseline(self) -> bool:
+        """Whether both ratios are against the same contender (a peer's version aside): a remainder row's baseline
+        is ONNX Runtime where it ran, else the first profiled model, and ratios to different ones do not compare."""
+        return _peerless(self.new["baseline"]) == _peerless(self.old["baseline"])
+
     def worse(self, margin: float = MARGIN) -> bool:
-        return self.baseline_change < 1.0 - margin
+        return self.same_baseline and self.baseline_change < 1.0 - margin
+
+
+def _peerless(label: object) -> str:
+    """A baseline label without a peer runtime's version ("onnxruntime 1.32.0" -> "onnxruntime")."""
+    label = str(label)
+    return label.split(" ")[0] if label.split(" ")[0] in PEERS else label
 
 
 def compare_runs(new: Sequence[Row], old: Sequence[Row], benches: Sequence[str] = ("e2e_bert",)) -> List[Change]:
@@ -480,7 +492,8 @@ def compare_markdown(changes: Sequence[Change], margin: float = MARGIN, old_labe
            f"{len(changes)} rows in both runs (same case and contender); {len(worse)} lost more than "
            f"{100 * margin:.0f}% of their ratio to their own run's baseline (the noise margin). new/old > 1: slower "
            "than before; the ratio columns are baseline time / row time within each run, so a slower machine or a "
-           "busier run moves the times but not them.", ""]
+           "busier run moves the times but not them (a row whose baseline differs between the runs is not judged).",
+           ""]
     if not changes:
         return "\n".join(out)
     out += ["| case | contender | old ms | new ms | new/old | vs baseline before | now | status |",
@@ -489,7 +502,7 @@ def compare_markdown(changes: Sequence[Change], margin: float = MARGIN, old_labe
         r = c.new
         what = " ".join(x for x in (str(r["backend"]), str(r["format"]) if r["format"] != "dense" else "",
                                     str(r["block"]), str(r["dtype"])) if x)
-        status = "**WORSE**" if c.worse(margin) else "ok"
+        status = "**WORSE**" if c.worse(margin) else ("ok" if c.same_baseline else "other baseline")
         case = str(r["case"]).replace("|", "\\|")  # a case id holds pipes
         out.append(f"| {case} | {what} | {1e3 * float(c.old['median_s']):.2f} | {1e3 * float(r['median_s']):.2f} "
                    f"| {c.time_ratio:.2f} | {float(c.old['ratio']):.2f}x ({c.old['baseline']}) | "

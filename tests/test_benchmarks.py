@@ -435,6 +435,10 @@ def test_compare_with_an_earlier_run_flags_rows_that_lost_ground(tmp_path, capsy
     assert block8.time_ratio == pytest.approx(1.5) and not block8.worse()
     assert [c for c in changes if c.worse()] == [block1]
     assert by[("batch1", "sparse.sparsify", "balanced")].worse(margin=0.03)  # the margin is a parameter
+    other = report.Change({**block1.new, "baseline": "onnxruntime 1.32.0"}, block1.old)
+    assert not other.same_baseline and not other.worse()  # ratios to different baselines are not judged
+    assert report.Change({**block1.new, "baseline": "onnxruntime 1.32.0"},
+                         {**block1.old, "baseline": "onnxruntime 1.17.0"}).worse()
 
     # the command line: python -m benchmarks --report NEW.csv --compare OLD_DIR
     assert run.main(["--report", str(tmp_path / "new.csv"), "--compare", str(tmp_path / "old"),
