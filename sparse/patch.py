@@ -91,7 +91,7 @@ class QKVSlice(nn.Module):
         self.start, self.out_features, self.in_features, self.total = start, out_features, in_features, total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.total:
+        if not torch.jit.is_tracing() and x.shape[-1] != self.total:  # (a traced check would be a constant)
             raise ValueError(
                 f"a projection fused into {self.fused_into!r} takes that module's output [..., {self.total}], got "
                 f"[..., {x.shape[-1]}]: call the attention module (its forward pre-hook computes the fused "

@@ -1,6 +1,7 @@
 """Query, key and value of a BERT-style self-attention as one sparse op (sparsify(..., fuse_qkv=True))."""
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -177,3 +178,26 @@ def test_fused_qkv_compiles_and_exports(bert_dir):
     # one op for query, key and value, three more per layer, and the pooler
     assert sum("sparsekern" in t and "linear" in t for t in targets) == 2 * 4 + 1, targets
     torch.testing.assert_close(program.module()(ids, mask), eager)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+                    reason="onnx and onnxruntime are optional")
+def test_fused_qkv_exports_to_onnx(bert_dir, tmp_path):
+    import onnxruntime as ort
+
+    _, fused, _ = _pair(bert_dir, "balanced")
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).last_hidden_state
+
+    ids, _ = _inputs()
+    path = sparse.export_onnx(LastHidden(fused), str(tmp_path / "m.onnx"), ids, input_names=["ids"])
+    got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"ids": ids.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), fused(input_ids=ids).last_hidden_state, rtol=1e-4,
+                                   atol=1e-5)
