@@ -139,6 +139,10 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
                         "model's outputs stay equal within float tolerance). On by default: it saves a pass over "
                         "the layer's output and measured faster than the kernel followed by F.gelu. "
                         "--no-fuse-activations keeps the GELU a separate module.")
+    p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the query, key and value projections of each attention as one sparse op over their "
+                        "concatenated weight (sparse.fuse_qkv); with skip-if-slower (the default) only where that "
+                        "measures faster than the three separate ops, which the report lists. Default: off.")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.get("compile", False),
                    help="also time the dense and the sparse model under sparse.compile (torch.compile with weight "
                         "freezing, which fuses the dense work between the sparse ops); compiling takes a minute or "
@@ -474,7 +478,8 @@ def sparsify_command(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     swap = sparse.sparsify(student, args.pattern, pattern_args["sparsity"] if args.pattern != "balanced" else None,
                            block=args.block, bank=args.bank, keep=pattern_args.get("keep"),
                            masks=masks, skip_if_slower=args.skip_if_slower,
-                           fuse_activations=args.fuse_activations, sample_tokens=8 * args.seq, repeats=10)
+                           fuse_activations=args.fuse_activations, fuse_qkv=args.fuse_qkv,
+                           sample_tokens=8 * args.seq, repeats=10)
     accuracy["after_recovery"] = evaluate.agreement(reference, evaluate.embed(student, tokenizer, text.heldout))
     accuracy["after_recovery_measured_on"] = f"the saved sparse model ({args.dtype})"
     accuracy["heldout_sentences"] = len(text.heldout)

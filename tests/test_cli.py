@@ -164,11 +164,19 @@ def test_sparsify_balanced_bf16_no_recovery(tiny_model, tmp_path, capsys):
     out = str(tmp_path / "out")
     rc, stdout, err = _run(capsys, "sparsify", "--model", tiny_model, "--pattern", "balanced", "--bank", "32",
                            "--keep", "8", "--dtype", "bfloat16", "--no-skip-if-slower", "--no-fuse-activations",
-                           "--out", out, *FAST)
+                           "--fuse-qkv", "--out", out, *FAST)
     assert rc == 0, err
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     assert report["layers"]["fusions"] == []
+    # --no-skip-if-slower: query, key and value of both layers as one op, timed for the report
+    qkv = report["layers"]["qkv_fusions"]
+    assert [(f["attention"], f["applied"]) for f in qkv] == [(f"encoder.layer.{i}.attention.self", True)
+                                                             for i in range(2)]
+    assert all(f["fused_ms"] > 0 and f["separate_ms"] > 0 for f in qkv)
+    assert "Query, key and value as one sparse op" in open(os.path.join(out, "report.md")).read()
+    reloaded = sparse.load(None, out)
+    assert type(reloaded.encoder.layer[0].attention.self.query).__name__ == "QKVSlice"
     assert report["pattern_args"] == {"bank": 32, "keep": 8, "sparsity": 0.75}
     assert report["dtype"] == "bfloat16"
     _check_report(report, n_layers=12)
