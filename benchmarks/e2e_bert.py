@@ -12,9 +12,10 @@ Attention is not this package's business, but it is a third to a half of the spa
 (dense and sparse alike) is timed with ``transformers``' ``sdpa`` and ``eager`` attention and with SDPA's CPU
 backends forced (``sdpa_math``, ``sdpa_flash``; ``sparse.evaluate.pick_attention``) and keeps the fastest, as its
 user would; the ``notes`` column names the choice and every time. Sparse contenders:
-``sparse.sparsify`` on every Linear of the encoder layers (the pooler stays dense). Rows use the harness schema;
-``tokens`` = batch x sequence. ``<out>/e2e_profile.md`` has the time split (Linear layers vs the rest) from
-torch.profiler.
+``sparse.sparsify`` on every Linear of the encoder layers (the pooler stays dense), unfused, with the GELU fused
+(``:fused``) and, block only, also with each attention's query, key and value as one op (``:fused+qkv``). Rows
+use the harness schema; ``tokens`` = batch x sequence. ``<out>/e2e_profile.md`` has the time split (Linear layers
+vs the rest) from torch.profiler.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -81,14 +82,22 @@ def _encoder_linear(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and name.startswith("encoder.")
 
 
-def sparsify(model: nn.Module, pattern: str, sparsity: float, fuse: bool = False) -> nn.Module:
+def sparsify(model: nn.Module, pattern: str, sparsity: float, fuse: Union[bool, str] = False) -> nn.Module:
     """A sparsified deep copy: every encoder Linear becomes block-32 (``"block"``) or balanced bank-32 with
     ``keep = round(32 (1 - sparsity))`` (``"balanced"``), kept sparse even where a layer measures slower;
-    ``fuse``: the GELU after the intermediate Linear runs in the sparse kernel's output stage."""
+    ``fuse``: the GELU after the intermediate Linear runs in the sparse kernel's output stage; ``"qkv"``: that,
+    and each attention's query, key and value as one sparse op (``fuse_qkv``, not timed: always fused)."""
     model = copy.deepcopy(model)
     sparse.sparsify(model, pattern=pattern, sparsity=sparsity, block=32, bank=32, include=_encoder_linear,
-                    skip_if_slower=False, fuse_activations=fuse)
+                    skip_if_slower=False, fuse_activations=bool(fuse), fuse_qkv=fuse == "qkv")
     return model
+
+
+def _fused_label(fuse: Union[bool, str]) -> Tuple[str, str]:
+    """(contender name suffix, backend suffix) of a sparse model's fusions."""
+    if fuse == "qkv":
+        return ":fused+qkv", "(fused gelu+qkv)"
+    return (":fused", "(fused gelu)") if fuse else ("", "")
 
 
 def _pattern_info(pattern: str, sparsity: float) -> Dict[str, object]:
@@ -208,7 +217,9 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
     base = build_model(p.config)
     shape = f"BERT-base seq {SEQ}" if p.config is None else f"BERT {p.config} seq {SEQ}"
     jobs = [("bert_forward", b) for b in p.batches] + [("bert_train_step", b) for b in p.train_batches]
-    # (pattern, sparsity, dtype, GELU fused into the sparse kernel's output stage)
+    # (pattern, sparsity, dtype, fusions: False, True (GELU in the sparse kernel's output stage) or "qkv" (that,
+    # and query, key and value as one op: block only, where it measured faster at 1 and 2 threads;
+    # docs/measurements.md))
     wanted = [(pattern, s, "float32", False) for pattern in p.patterns for s in p.sparsities]
     top = max(p.sparsities)
     # Without native bf16 arithmetic every bf16 model runs torch's emulated bf16 ops, several times slower than
@@ -219,9 +230,11 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                        f"({cpu_model()}); float32 is the fast dtype here")
     for pattern in p.patterns:
         wanted.append((pattern, top, "float32", True))
+    if "block" in p.patterns:
+        wanted.append(("block", top, "float32", "qkv"))
     if "block" in p.patterns and p.bf16_sparse and bf16_ok:
         wanted.append(("block", top, "bfloat16", True))
-    sparse_models: Dict[Tuple[str, float, str, bool], nn.Module] = {}
+    sparse_models: Dict[Tuple[str, float, str, Union[bool, str]], nn.Module] = {}
     for key in wanted:
         try:
             sparse_models[key] = sparsify(base, key[0], key[1], fuse=key[3]).to(DTYPE[key[2]])
@@ -271,9 +284,9 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                 if training and (dt != "float32" or pattern not in p.train_patterns or (fuse and pattern != "block")):
                     continue
                 m.train(training)
-                info = {**_pattern_info(pattern, s), "backend": "sparse.sparsify" + ("(fused gelu)" if fuse else ""),
-                        "dtype": dt}
-                entries.append((f"{pattern}:{s}:{dt}" + (":fused" if fuse else ""), m, info))
+                suffix, how = _fused_label(fuse)
+                info = {**_pattern_info(pattern, s), "backend": "sparse.sparsify" + how, "dtype": dt}
+                entries.append((f"{pattern}:{s}:{dt}{suffix}", m, info))
             # Each model gets the fastest attention implementation for itself (transformers' sdpa and eager, SDPA
             # with its math or flash CPU backend forced), as its user would pick (a compiled model keeps the one of
             # the eager model it was compiled from).
@@ -297,7 +310,7 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                 todo += [(f"compile_{pattern}:{s}:{dt}:fused", m,
                           {**_pattern_info(pattern, s), "backend": "sparse.compile(fused gelu)", "dtype": dt})
                          for (pattern, s, dt, fuse), m in sparse_models.items()
-                         if fuse and s == top and dt == "float32"]
+                         if fuse is True and s == top and dt == "float32"]
                 for name, m, info in todo:
                     try:
                         compiled[name] = compiled_forward(m, ids)

@@ -101,7 +101,10 @@ def test_e2e_tiny_rows(tmp_path):
     _check_case_ratios_e2e(back)
     # the compiled sparse models are contenders (tiny: compile off), and each profiled model has a remainder row
     remainder = {r["backend"]: r for r in back if r["op"] == "bert_forward_remainder"}
-    assert {"eager_fp32", "onednn_float32", "block:0.75:float32", "balanced:0.75:float32:fused"} <= set(remainder)
+    assert {"eager_fp32", "onednn_float32", "block:0.75:float32", "balanced:0.75:float32:fused",
+            "block:0.75:float32:fused+qkv"} <= set(remainder)
+    assert {("bert_forward", "sparse.sparsify(fused gelu+qkv)"), ("bert_train_step", "sparse.sparsify(fused gelu+qkv)")
+            } <= {(r["op"], r["backend"]) for r in back}
     assert all(0 < r["median_s"] < 10 for r in remainder.values())
     profile = open(os.path.join(tmp_path, "e2e_profile.md")).read()
     assert "our sparse ops" in profile and all(f"| {name} |" in profile for name in remainder)
