@@ -9,11 +9,13 @@ Dense contenders: eager fp32 and bf16; every Linear through oneDNN with a pre-pa
 MKL's path, as on AMD EPYC); ``torch.compile`` fp32 and bf16 with ``torch._inductor.config.freezing`` (inference
 only).
 Attention is not this package's business, but it is a third to a half of the sparse model's time: each model
-(dense and sparse alike) is timed with ``transformers``' ``sdpa`` and ``eager`` attention and keeps the faster, as
-its user would; the ``notes`` column names the choice and both times. Sparse contenders:
-``sparse.sparsify`` on every Linear of the encoder layers (the pooler stays dense). Rows use the harness schema;
-``tokens`` = batch x sequence. ``<out>/e2e_profile.md`` has the time split (Linear layers vs the rest) from
-torch.profiler.
+(dense and sparse alike) is timed with ``transformers``' ``sdpa`` and ``eager`` attention and with SDPA's CPU
+backends forced (``sdpa_math``, ``sdpa_flash``; ``sparse.evaluate.pick_attention``) and keeps the fastest, as its
+user would; the ``notes`` column names the choice and every time. Sparse contenders:
+``sparse.sparsify`` on every Linear of the encoder layers (the pooler stays dense), unfused, with the GELU fused
+(``:fused``) and, block only, also with each attention's query, key and value as one op (``:fused+qkv``). Rows
+use the harness schema; ``tokens`` = batch x sequence. ``<out>/e2e_profile.md`` has the time split (Linear layers
+vs the rest) from torch.profiler.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 import sparse
-from sparse.evaluate import pick_attention, prepack_linears
+from sparse.evaluate import attention_of, pick_attention, prepack_linears
 from sparse.runtime import cpu_model, dtype_support, native_dtype, onednn_unsupported
 
 from . import peers
@@ -82,15 +84,23 @@ def _encoder_linear(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and name.startswith("encoder.")
 
 
-def sparsify(model: nn.Module, pattern: str, sparsity: float, fuse: bool = False) -> nn.Module:
+def sparsify(model: nn.Module, pattern: str, sparsity: float, fuse: Union[bool, str] = False) -> nn.Module:
     """A sparsified deep copy: every encoder Linear becomes block-32 (``"block"``), balanced bank-32 with
     ``keep = round(32 (1 - sparsity))`` (``"balanced"``) or unstructured (``"unstructured"``: the largest weights of
-    each layer, 1x1 blocks), kept sparse even where a layer measures slower;
-    ``fuse``: the GELU after the intermediate Linear runs in the sparse kernel's output stage."""
+    each layer, 1x1 blocks), kept sparse even where a layer measures slower; ``fuse``: the GELU after the
+    intermediate Linear runs in the sparse kernel's output stage; ``"qkv"``: that, and each attention's query, key
+    and value as one sparse op (``fuse_qkv``, not timed: always fused)."""
     model = copy.deepcopy(model)
     sparse.sparsify(model, pattern=pattern, sparsity=sparsity, block=32, bank=32, include=_encoder_linear,
-                    skip_if_slower=False, fuse_activations=fuse)
+                    skip_if_slower=False, fuse_activations=bool(fuse), fuse_qkv=fuse == "qkv")
     return model
+
+
+def _fused_label(fuse: Union[bool, str]) -> Tuple[str, str]:
+    """(contender name suffix, backend suffix) of a sparse model's fusions."""
+    if fuse == "qkv":
+        return ":fused+qkv", "(fused gelu+qkv)"
+    return (":fused", "(fused gelu)") if fuse else ("", "")
 
 
 def _pattern_info(pattern: str, sparsity: float) -> Dict[str, object]:
@@ -213,7 +223,9 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
     base = build_model(p.config)
     shape = f"BERT-base seq {SEQ}" if p.config is None else f"BERT {p.config} seq {SEQ}"
     jobs = [("bert_forward", b) for b in p.batches] + [("bert_train_step", b) for b in p.train_batches]
-    # (pattern, sparsity, dtype, GELU fused into the sparse kernel's output stage)
+    # (pattern, sparsity, dtype, fusions: False, True (GELU in the sparse kernel's output stage) or "qkv" (that,
+    # and query, key and value as one op: block only, where it measured faster at 1 and 2 threads;
+    # docs/measurements.md))
     wanted = [(pattern, s, "float32", False) for pattern in p.patterns for s in p.sparsities]
     top = max(p.sparsities)
     # Without native bf16 arithmetic every bf16 model runs torch's emulated bf16 ops, several times slower than
@@ -224,9 +236,11 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                        f"({cpu_model()}); float32 is the fast dtype here")
     for pattern in p.patterns:
         wanted.append((pattern, top, "float32", True))
+    if "block" in p.patterns:
+        wanted.append(("block", top, "float32", "qkv"))
     if "block" in p.patterns and p.bf16_sparse and bf16_ok:
         wanted.append(("block", top, "bfloat16", True))
-    sparse_models: Dict[Tuple[str, float, str, bool], nn.Module] = {}
+    sparse_models: Dict[Tuple[str, float, str, Union[bool, str]], nn.Module] = {}
     for key in wanted:
         try:
             sparse_models[key] = sparsify(base, key[0], key[1], fuse=key[3]).to(DTYPE[key[2]])
@@ -276,11 +290,12 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                 if training and (dt != "float32" or pattern not in p.train_patterns or (fuse and pattern != "block")):
                     continue
                 m.train(training)
-                info = {**_pattern_info(pattern, s), "backend": "sparse.sparsify" + ("(fused gelu)" if fuse else ""),
-                        "dtype": dt}
-                entries.append((f"{pattern}:{s}:{dt}" + (":fused" if fuse else ""), m, info))
-            # Each model gets the faster of transformers' attention implementations for itself, as its user would
-            # pick (a compiled model keeps the one of the eager model it was compiled from).
+                suffix, how = _fused_label(fuse)
+                info = {**_pattern_info(pattern, s), "backend": "sparse.sparsify" + how, "dtype": dt}
+                entries.append((f"{pattern}:{s}:{dt}{suffix}", m, info))
+            # Each model gets the fastest attention implementation for itself (transformers' sdpa and eager, SDPA
+            # with its math or flash CPU backend forced), as its user would pick (a compiled model keeps the one of
+            # the eager model it was compiled from).
             cs: List[Contender] = []
             attention: Dict[int, str] = {}
             for name, m, info in entries:
@@ -301,7 +316,7 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                 todo += [(f"compile_{pattern}:{s}:{dt}:fused", m,
                           {**_pattern_info(pattern, s), "backend": "sparse.compile(fused gelu)", "dtype": dt})
                          for (pattern, s, dt, fuse), m in sparse_models.items()
-                         if fuse and s == top and dt == "float32"]
+                         if fuse is True and s == top and dt == "float32"]
                 for name, m, info in todo:
                     try:
                         compiled[name] = compiled_forward(m, ids)
@@ -356,9 +371,19 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
 # Self-time buckets of torch.profiler's op names: our sparse ops, dense Linear kernels, attention, the rest.
 DENSE_LINEAR_OPS = ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::linear")
 ATTENTION_OPS = ("aten::_scaled_dot_product", "aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::softmax",
-                 "aten::matmul")
-# ONNX Runtime op types that are a Linear or a matmul (the ones the remainder target leaves out).
+                 "aten::_safe_softmax", "aten::matmul")
+# ONNX Runtime op types that are a Linear or a matmul (the ones the remainder target leaves out). The profile
+# (benchmarks/peer_runner.py) names a MatMul between two activations (Q K^T, P V) "MatMul:attention": attention,
+# as torch's bmm / matmul / SDPA are on our side.
 ORT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul")
+# ONNX Runtime's attention: its fused contrib ops (BERT fusions), else the softmax and the attention matmuls.
+ORT_FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention")
+ORT_ATTENTION_OPS = ORT_FUSED_ATTENTION_OPS + ("Softmax",)
+
+
+def ort_attention_ms(ops: Dict[str, float]) -> float:
+    """ONNX Runtime's attention time (ms) from its profile: fused attention ops, softmax, attention matmuls."""
+    return sum(v for k, v in ops.items() if k in ORT_ATTENTION_OPS or k.endswith(":attention"))
 
 
 @dataclass
@@ -403,7 +428,7 @@ def _profile_case(p: Preset, batch: int, ids: torch.Tensor, entries, compiled, r
             continue
         if info["format"] != "dense" and float(info.get("sparsity") or 1 - float(info["density"])) < top - 1e-9:
             continue
-        out.append(_torch_split(name, forward_fn(m, ids), getattr(m.config, "_attn_implementation", "?"), info))
+        out.append(_torch_split(name, forward_fn(m, ids), attention_of(m) or "?", info))
     for name, fn in compiled.items():
         if name in by_name and "float32" in name:
             out.append(_torch_split(name, fn, "compiled", by_name[name].info))
@@ -416,9 +441,10 @@ def _profile_case(p: Preset, batch: int, ids: torch.Tensor, entries, compiled, r
             skipped.append(f"{name} batch {batch}: profile failed: {_first_line(exc)}")
             continue
         mm = sum(v for k, v in ops.items() if k in ORT_MATMUL_OPS)
-        attn = sum(v for k, v in ops.items() if k in ("Attention", "MultiHeadAttention", "Softmax"))
-        out.append(Split(name, sum(ops.values()), mm, 0.0, attn, sorted(ops.items(), key=lambda e: -e[1])[:8],
-                         "ORT fusions", info))
+        fused = any(k in ORT_FUSED_ATTENTION_OPS for k in ops)
+        out.append(Split(name, sum(ops.values()), mm, 0.0, ort_attention_ms(ops),
+                         sorted(ops.items(), key=lambda e: -e[1])[:8],
+                         "ORT fusions: " + ("fused Attention" if fused else "attention unfused"), info))
     return out
 
 
@@ -431,8 +457,33 @@ def _profile_markdown(split: Sequence[Split], batch: int, p: Preset) -> List[str
         lines.append(f"| {s.name} | {s.attn_impl} | {s.total:.1f} | {s.ours:.1f} | {s.linear:.1f} | "
                      f"{s.attention:.1f} | {rest:.1f} | {s.remainder:.1f} |")
     lines.append("")
+    lines += attention_gap(split, batch)
     for s in split:
         lines.append(f"- {s.name}, largest self times: " + ", ".join(f"{k} {t:.1f}" for k, t in s.top[:6]))
+    return lines + [""]
+
+
+def attention_gap(split: Sequence[Split], batch: int) -> List[str]:
+    """The distance of our attention from ONNX Runtime's, stated: its attention ms, and each of our profiled
+    models' attention ms and ratio to it (> 1: ours slower)."""
+    ort = next((s for s in split if s.name.startswith("onnxruntime:")), None)
+    if ort is None:
+        return [f"**Attention against ONNX Runtime, batch {batch}**: not measured (ONNX Runtime did not run in this "
+                "case: not installed, peers off in this preset, or its start failed; see summary.md).", ""]
+    if ort.attention <= 0:
+        return [f"**Attention against ONNX Runtime, batch {batch}**: its profile shows no attention op "
+                f"(ops: {', '.join(k for k, _ in ort.top)}).", ""]
+    how = ("its fused Attention op" if "fused Attention" in ort.attn_impl else
+           "softmax and attention MatMuls: its BERT optimizer left this export's attention unfused")
+    lines = [f"**Attention against ONNX Runtime, batch {batch}**: {ort.name} {ort.attention:.1f} ms ({how}); "
+             "ours / theirs (> 1: ours slower):", ""]
+    for s in split:
+        if s is ort or s.name.startswith(("onnxruntime:", "deepsparse:", "openvino:")):
+            continue
+        note = " (compiled: attention partly inside Inductor's fused kernels, counted in the rest)" if (
+            s.attn_impl == "compiled") else ""
+        lines.append(f"- {s.name} (`{s.attn_impl}`): {s.attention:.1f} ms, **{s.attention / ort.attention:.2f}x** "
+                     f"ONNX Runtime's{note}")
     return lines + [""]
 
 
@@ -455,8 +506,9 @@ def _write_profile(lines: List[str], p: Preset, out_dir: str) -> str:
     head = [f"# BERT forward time split (torch.profiler; ONNX Runtime: its own profiler), {p.threads} threads", "",
             "Self times of one profiled forward per model, in ms. *Our sparse ops*: `sparsekern::*`; *all "
             "Linear/MatMul*: those plus dense Linear kernels (ONNX Runtime: MatMul, Gemm, FusedMatMul); "
-            "*attention*: SDPA, bmm, softmax (ONNX Runtime: Attention, Softmax); a compiled model's fused "
-            "Inductor kernels count in *the rest*.", ""]
+            "*attention*: SDPA, bmm, softmax (ONNX Runtime: Attention / MultiHeadAttention, Softmax and the MatMuls "
+            "between two activations, which leave its Linear/MatMul column); a compiled model's fused "
+            "Inductor kernels count in *the rest*. Under each table: our attention against ONNX Runtime's.", ""]
     path = os.path.join(out_dir, "e2e_profile.md")
     with open(path, "w") as f:
         f.write("\n".join(head + lines))
@@ -468,6 +520,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contender")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--compare", metavar="OLD_DIR", help="an earlier run's output folder (or e2e_bert.csv): "
+                    "compare.md, each row new/old, flagged where its ratio to eager fp32 dropped by more than 10%%")
 
 
 def preset_from_args(args: argparse.Namespace) -> Preset:
@@ -478,15 +532,24 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from sparse.runtime import tune_malloc_from_env
 
-    from .report import write_report
+    from .report import read_run, write_comparison, write_report
 
     tune_malloc_from_env()  # dense and sparse models alike: see sparse/runtime.py
     ap = argparse.ArgumentParser(prog="benchmarks.e2e_bert", description=__doc__.split("\n\n")[0])
     add_arguments(ap)
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    old = None
+    if args.compare:  # read now: the run may write over it (the same --out)
+        try:
+            old = read_run(args.compare)
+        except (OSError, ValueError) as exc:
+            ap.error(f"--compare {args.compare}: {exc}")
     rows, skipped = run(preset_from_args(args), args.out, progress=not args.no_progress)
-    for path in [os.path.join(args.out, "e2e_bert.csv")] + write_report(rows, args.out, skipped=skipped, plots=False):
+    written = [os.path.join(args.out, "e2e_bert.csv")] + write_report(rows, args.out, skipped=skipped, plots=False)
+    if old is not None:
+        written.append(write_comparison(rows, old, args.out, args.compare)[0])
+    for path in written:
         print(f"wrote {path}")
     return 0
 

@@ -7,7 +7,8 @@ runs in any such environment. Protocol, one line each way:
 
     child  -> parent   ready {"runtime": ..., "version": ..., ...}     (after loading and two warm-up calls)
     parent -> child    run          child -> parent   ok
-    parent -> child    profile N    child -> parent   profile {"op type": ms per call, ...}   (ONNX Runtime only)
+    parent -> child    profile N    child -> parent   profile {"op type": ms per call, ...}   (ONNX Runtime only;
+                                 "MatMul:attention": the MatMuls between two activations, i.e. of attention)
     parent -> child    quit         (or end of input)
 
 Errors go to stderr and end the child with a non-zero status, which the parent reports.
@@ -65,13 +66,24 @@ def _onnxruntime(args):
             if e.get("cat") == "Session" and e.get("name") == "model_run":
                 runs += 1
             if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-                per_op[e.get("args", {}).get("op_name", "?")] += e["dur"] / 1e3
+                per_op[_op_key(e.get("args", {}))] += e["dur"] / 1e3
         runs = max(runs, 1)
         return {k: v / runs for k, v in per_op.items()}
 
     info = {"runtime": "onnxruntime", "version": ort.__version__, "bert_fusions": bool(args.bert_fusions)}
     ids = _ids(args)
     return (lambda: sess.run(None, {name: ids})), profile, info
+
+
+def _op_key(args):
+    """The profile key of one ONNX Runtime node: its op type, with ``:attention`` added for a MatMul between two
+    activations of rank >= 3 (Q K^T and P V of an attention its BERT optimizer left unfused), so that attention
+    is told apart from the Linear layers' MatMuls (whose weight, an initializer, is not among the inputs)."""
+    op = args.get("op_name", "?")
+    shapes = [next(iter(t.values()), []) for t in args.get("input_type_shape", [])]
+    if op in ("MatMul", "FusedMatMul") and len(shapes) >= 2 and all(len(x) >= 3 for x in shapes[:2]):
+        return op + ":attention"
+    return op
 
 
 def _deepsparse(args):

@@ -4,6 +4,11 @@ Everything is computed from harness rows, and every ratio compares two rows of t
 never two runs.
 
     python -m benchmarks.report bench-out/cpu_ops.csv [bench-out/e2e_bert.csv] --out bench-out
+    python -m benchmarks.report bench-out/e2e_bert.csv --compare old-bench-out   # + compare.md: vs an earlier run
+
+The comparison with an earlier run (:func:`compare_runs`) is the one place two runs meet: it matches rows by
+case and contender and flags those whose ratio to their own run's baseline dropped by more than the noise
+margin (``MARGIN``), so a different load on the machine, which moves both times, does not count.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import os
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .harness import read_csv
@@ -301,8 +307,9 @@ def peer_target_tables(rows: List[Row]) -> List[Table]:
     rest = Table(
         "BERT-base, 90% block-32, fp32: the sparse model's remainder no slower than ONNX Runtime's dense model "
         "minus its MatMul/Gemm time",
-        "remainder = one profiled forward's self time outside Linear/MatMul kernels (e2e_profile.md); measured = "
-        "ONNX Runtime's remainder / ours, for our fastest-remainder way to run the model",
+        "remainder = one profiled forward's self time outside Linear/MatMul kernels (e2e_profile.md; ONNX "
+        "Runtime's MatMuls between two activations are attention and stay in its remainder, as torch's bmm and "
+        "SDPA do in ours); measured = ONNX Runtime's remainder / ours, for our fastest-remainder way to run the model",
     )
     aoti = Table("BERT-base, 90% block-32, fp32, forward: an AOTInductor package no slower than the eager sparse "
                  "model",
@@ -408,6 +415,116 @@ def summary_markdown(rows: List[Row], skipped: Sequence[str] = ()) -> str:
     return "\n".join(parts)
 
 
+# ---- against an earlier run ------------------------------------------------------------------------------------
+MARGIN = 0.10  # a row's ratio to its own baseline may drop this much between two runs before it counts as worse
+
+
+def contender_key(r: Row) -> Tuple[str, ...]:
+    """What identifies a row across runs: its case and contender (another runtime's version left out, so that an
+    upgrade of ONNX Runtime still compares with the old row)."""
+    backend = str(r["backend"]).split(" ")[0] if is_peer(r) else str(r["backend"])
+    return (str(r["bench"]), str(r["case"]), backend, str(r["format"]), str(r["block"]), str(r["dtype"]),
+            f"{float(r['density'] or 0):.4f}")
+
+
+def read_run(path: str) -> List[Row]:
+    """The rows of an earlier run: a harness CSV, or every harness CSV of a folder (``bench-out/``); CSVs of
+    another schema (e.g. the GPU benchmarks') are left out."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".csv"))
+    else:
+        files = [path]
+    rows: List[Row] = []
+    for f in files:
+        try:
+            rows += read_csv(f)
+        except ValueError:
+            if not os.path.isdir(path):
+                raise
+    if not rows:
+        raise ValueError(f"{path}: no harness CSV rows (expected e2e_bert.csv / cpu_ops.csv of an earlier run)")
+    return rows
+
+
+@dataclass
+class Change:
+    """One contender present in both runs: its times and its ratios to its own run's baseline."""
+
+    new: Row
+    old: Row
+
+    @property
+    def time_ratio(self) -> float:  # > 1: slower than before
+        return float(self.new["median_s"]) / float(self.old["median_s"])
+
+    @property
+    def baseline_change(self) -> float:  # < 1: lost ground against its own run's baseline
+        return float(self.new["ratio"]) / float(self.old["ratio"])
+
+    @property
+    def same_baseline(self) -> bool:
+        """Whether both ratios are against the same contender (a peer's version aside): a remainder row's baseline
+        is ONNX Runtime where it ran, else the first profiled model, and ratios to different ones do not compare."""
+        return _peerless(self.new["baseline"]) == _peerless(self.old["baseline"])
+
+    def worse(self, margin: float = MARGIN) -> bool:
+        return self.same_baseline and self.baseline_change < 1.0 - margin
+
+
+def _peerless(label: object) -> str:
+    """A baseline label without a peer runtime's version ("onnxruntime 1.32.0" -> "onnxruntime")."""
+    label = str(label)
+    return label.split(" ")[0] if label.split(" ")[0] in PEERS else label
+
+
+def compare_runs(new: Sequence[Row], old: Sequence[Row], benches: Sequence[str] = ("e2e_bert",)) -> List[Change]:
+    """The rows of ``benches`` present in both runs (same case and contender, :func:`contender_key`), in the new
+    run's order."""
+    before = {contender_key(r): r for r in old if r["bench"] in benches}
+    return [Change(r, before[contender_key(r)]) for r in new if r["bench"] in benches and contender_key(r) in before]
+
+
+def compare_markdown(changes: Sequence[Change], margin: float = MARGIN, old_label: str = "old") -> str:
+    """A table of every compared row: old and new ms, new/old, the ratio to its own run's baseline before and
+    now; a row whose ratio to its baseline dropped by more than ``margin`` is flagged **WORSE**."""
+    worse = [c for c in changes if c.worse(margin)]
+    out = [f"## Against an earlier run ({old_label})", "",
+           f"{len(changes)} rows in both runs (same case and contender); {len(worse)} lost more than "
+           f"{100 * margin:.0f}% of their ratio to their own run's baseline (the noise margin). new/old > 1: slower "
+           "than before; the ratio columns are baseline time / row time within each run, so a slower machine or a "
+           "busier run moves the times but not them (a row whose baseline differs between the runs is not judged).",
+           ""]
+    if not changes:
+        return "\n".join(out)
+    out += ["| case | contender | old ms | new ms | new/old | vs baseline before | now | status |",
+            "|---|---|---|---|---|---|---|---|"]
+    for c in changes:
+        r = c.new
+        what = " ".join(x for x in (str(r["backend"]), str(r["format"]) if r["format"] != "dense" else "",
+                                    str(r["block"]), str(r["dtype"])) if x)
+        status = "**WORSE**" if c.worse(margin) else ("ok" if c.same_baseline else "other baseline")
+        case = str(r["case"]).replace("|", "\\|")  # a case id holds pipes
+        out.append(f"| {case} | {what} | {1e3 * float(c.old['median_s']):.2f} | {1e3 * float(r['median_s']):.2f} "
+                   f"| {c.time_ratio:.2f} | {float(c.old['ratio']):.2f}x ({c.old['baseline']}) | "
+                   f"{float(r['ratio']):.2f}x ({r['baseline']}) | {status} |")
+    return "\n".join(out + [""])
+
+
+def write_comparison(rows: Sequence[Row], old: Sequence[Row], out_dir: str, old_label: str = "old",
+                     margin: float = MARGIN) -> Tuple[str, int]:
+    """Compares ``rows`` with ``old`` (an earlier run's rows, :func:`read_run`, read before this run could
+    overwrite them), prints the table and writes it to ``<out_dir>/compare.md``. Returns the path and the number
+    of rows flagged worse."""
+    changes = compare_runs(rows, old)
+    md = compare_markdown(changes, margin, old_label)
+    print(md)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "compare.md")
+    with open(path, "w") as f:
+        f.write(md)
+    return path, sum(c.worse(margin) for c in changes)
+
+
 def write_report(rows: List[Row], out_dir: str, skipped: Sequence[str] = (), plots: bool = True) -> List[str]:
     """Writes ``summary.md`` and the plots; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
@@ -429,12 +546,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmarks.report", description="summary.md and plots from harness CSVs")
     ap.add_argument("csv", nargs="+")
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--compare", metavar="OLD", help="an earlier run (its folder or CSV): every e2e row in both, "
+                    f"new/old, flagged where its ratio to its baseline dropped by more than {100 * MARGIN:.0f}%%")
     args = ap.parse_args(argv)
+    old = read_run(args.compare) if args.compare else None
     rows: List[Row] = []
     for p in args.csv:
         rows += read_csv(p)
     for p in write_report(rows, args.out):
         print(f"wrote {p}")
+    if old is not None:
+        path, _ = write_comparison(rows, old, args.out, args.compare)
+        print(f"wrote {path}")
     return 0
 
 

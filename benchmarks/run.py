@@ -5,6 +5,7 @@ BERT benchmark, one summary over both.
     python -m benchmarks --preset full --suite ops        # the long op grid only
     python -m benchmarks --preset act                     # one kernel's part of the op grid: bsr, balanced, decode, act
     python -m benchmarks --report bench-out/*.csv         # summary and plots again from CSVs
+    python -m benchmarks --suite e2e --compare old-out    # ... and compare.md: each e2e row against an earlier run
 """
 
 from __future__ import annotations
@@ -37,13 +38,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="e2e: leave out torch.compile")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report", nargs="+", metavar="CSV", help="only rebuild summary.md and plots from these CSVs")
+    ap.add_argument("--compare", metavar="OLD_DIR", help="an earlier run's output folder (or CSV): print and write "
+                    "compare.md, each end-to-end row in both runs new/old, flagged where its ratio to its own run's "
+                    "eager fp32 baseline dropped by more than the 10%% noise margin")
     args = ap.parse_args(argv)
 
     from sparse.runtime import tune_malloc_from_env
 
-    from .report import write_report
+    from .report import read_run, write_comparison, write_report
 
     tune_malloc_from_env()  # before anything allocates: dense and sparse contenders alike (sparse/runtime.py)
+    old = None
+    if args.compare:  # read now: the run may write over it (the same --out)
+        try:
+            old = read_run(args.compare)
+        except (OSError, ValueError) as exc:
+            ap.error(f"--compare {args.compare}: {exc}")
 
     if args.report:
         from .harness import read_csv
@@ -54,7 +64,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows += read_csv(path)
             except ValueError as exc:  # e.g. a GPU benchmark with its own columns: summarise the others
                 print(f"left out of the summary: {exc}", file=sys.stderr)
-        for path in write_report(rows, args.out):
+        written = write_report(rows, args.out)
+        if old is not None:
+            written.append(write_comparison(rows, old, args.out, args.compare)[0])
+        for path in written:
             print(f"wrote {path}")
         return 0
     default_suites = ",".join(s for s in SUITES if args.preset in presets[s])
@@ -83,6 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows, skipped = rows + r, skipped + s
         written += [os.path.join(args.out, "e2e_bert.csv"), os.path.join(args.out, "e2e_profile.md")]
     written += write_report(rows, args.out, skipped=skipped)
+    if old is not None:
+        written.append(write_comparison(rows, old, args.out, args.compare)[0])
     print("\n".join(f"wrote {p}" for p in written))
     return 0
 

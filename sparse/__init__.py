@@ -11,11 +11,11 @@ from .formats import BalancedSparseWeight, BlockSparseWeight
 from .io import load, save
 from .nn import BalancedSparseLinear, BlockSparseLinear
 from .ops import linear, linear_grad_input, sddmm
-from .patch import FusedActivation, SparsifyReport, compile, sparsify
+from .patch import FusedActivation, SparsifyReport, compile, fuse_qkv, sparsify
 
 __all__ = [
     "BlockSparseWeight", "BalancedSparseWeight", "linear", "linear_grad_input", "sddmm",
     "BlockSparseLinear", "BalancedSparseLinear", "sparsify", "compile", "SparsifyReport", "FusedActivation", "prune",
-    "save", "load", "runtime", "densify", "export_onnx", "export_program",
+    "save", "load", "runtime", "densify", "export_onnx", "export_program", "fuse_qkv",
 ]
 __version__ = "0.1.0"

@@ -139,6 +139,10 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
                         "model's outputs stay equal within float tolerance). On by default: it saves a pass over "
                         "the layer's output and measured faster than the kernel followed by F.gelu. "
                         "--no-fuse-activations keeps the GELU a separate module.")
+    p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the query, key and value projections of each attention as one sparse op over their "
+                        "concatenated weight (sparse.fuse_qkv); with skip-if-slower (the default) only where that "
+                        "measures faster than the three separate ops, which the report lists. Default: off.")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.get("compile", False),
                    help="also time the dense and the sparse model under sparse.compile (torch.compile with weight "
                         "freezing, which fuses the dense work between the sparse ops); compiling takes a minute or "
@@ -332,7 +336,8 @@ def _latency(models: Dict[str, Any], vocab_size: int, seq: int, batches: Sequenc
              progress: bool) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Any]]:
     """{model name: {"batch<B>_ms": median ms, "batch<B>_seq_per_s": throughput}} measured in one interleaved run,
     and {"batch<B>": {model name: {"implementation", "ms": {implementation: ms}}}}: before the timing, each model
-    (dense and sparse alike) takes the faster of transformers' attention implementations for itself."""
+    (dense and sparse alike) takes the fastest attention implementation for itself (transformers' ``sdpa`` and
+    ``eager``, SDPA with its ``math`` or ``flash`` CPU backend forced: ``sparse.evaluate.pick_attention``)."""
     import torch
 
     from .evaluate import pick_attention, time_forward
@@ -473,7 +478,8 @@ def sparsify_command(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     swap = sparse.sparsify(student, args.pattern, pattern_args["sparsity"] if args.pattern != "balanced" else None,
                            block=args.block, bank=args.bank, keep=pattern_args.get("keep"),
                            masks=masks, skip_if_slower=args.skip_if_slower,
-                           fuse_activations=args.fuse_activations, sample_tokens=8 * args.seq, repeats=10)
+                           fuse_activations=args.fuse_activations, fuse_qkv=args.fuse_qkv,
+                           sample_tokens=8 * args.seq, repeats=10)
     accuracy["after_recovery"] = evaluate.agreement(reference, evaluate.embed(student, tokenizer, text.heldout))
     accuracy["after_recovery_measured_on"] = f"the saved sparse model ({args.dtype})"
     accuracy["heldout_sentences"] = len(text.heldout)
@@ -614,10 +620,13 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
             **{k: f"dense {v}" for k, v in _DENSE_NAMES.items()},
             **{k: f"sparse {v}" for k, v in _SPARSE_NAMES.items()},
         }
-        lines += ["Attention: each model runs with the faster of transformers' implementations (`sdpa`, `eager`) for "
-                  "itself, timed before the comparison: "
+        lines += ["Attention: each model runs with the fastest implementation for itself (transformers' `sdpa` and "
+                  "`eager`, and SDPA with its CPU backend forced: `sdpa_math`, `sdpa_flash`), timed before the "
+                  "comparison (best of 2 calls, ms): "
                   + "; ".join(f"batch {k[len('batch'):]}: "
-                              + ", ".join(f"{names.get(n, n)} `{a['implementation']}`" for n, a in per.items())
+                              + ", ".join(f"{names.get(n, n)} `{a['implementation']}` ("
+                                          + ", ".join(f"{i} {ms:.1f}" for i, ms in a['ms'].items()) + ")"
+                                          for n, a in per.items())
                               for k, per in lat["attention"].items()) + ".", ""]
     lines += [
         f"## Accuracy on {acc['heldout_sentences']} held-out sentences (vs the dense float32 model)",

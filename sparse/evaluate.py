@@ -6,6 +6,7 @@ over the attention mask, then L2-normalised.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -24,13 +25,22 @@ __all__ = [
     "prepack_linears",
     "time_forward",
     "ATTENTION_IMPLEMENTATIONS",
+    "SDPA_BACKENDS",
     "set_attention",
+    "attention_of",
+    "attention_candidates",
     "pick_attention",
 ]
 
-# transformers' attention implementations that run on any CPU; which is faster depends on the model's head size,
-# sequence length, dtype and mask, so it is measured, not assumed
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+# transformers' attention implementations that run on any CPU, and torch SDPA with one of its CPU backends forced
+# (``sdpa`` lets torch pick: its flash kernel where the case allows, else math); which is fastest depends on the
+# model's head size, sequence length, batch, dtype and mask, so it is measured, not assumed
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "sdpa_math", "sdpa_flash")
+# Ours -> torch.nn.attention.SDPBackend member, for the implementations that force one.
+SDPA_BACKENDS = {"sdpa_math": "MATH", "sdpa_flash": "FLASH_ATTENTION"}
+# The names they are registered under in transformers' AttentionInterface: "flash" in a name would make
+# transformers look for the flash-attn package, and the prefix keeps clear of its own names.
+_REGISTERED = {"sdpa_math": "sparse_sdpa_math", "sdpa_flash": "sparse_sdpa_fused"}
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -180,31 +190,101 @@ def time_forward(
     return {name: s.median for name, s in samples.items()}
 
 
+def _sdpa_with_backend(backend_name: str) -> Callable:
+    """transformers' SDPA attention function run under ``torch.nn.attention.sdpa_kernel([backend])``: inside the
+    model's forward, so that it applies wherever the model is called (torch.compile traces the context too)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        with sdpa_kernel([backend]):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"sdpa_{backend_name.lower()}_attention_forward"
+    return attention
+
+
+def _register(impl: str) -> str:
+    """Registers ``impl`` (a key of :data:`SDPA_BACKENDS`) with transformers, once; returns its registered name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    name = _REGISTERED[impl]
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _sdpa_with_backend(SDPA_BACKENDS[impl]))
+        AttentionMaskInterface.register(name, sdpa_mask)  # the masks torch SDPA takes, as for "sdpa"
+    return name
+
+
 def set_attention(model: nn.Module, impl: str) -> bool:
     """Switches a ``transformers`` model to attention implementation ``impl`` (one of
-    :data:`ATTENTION_IMPLEMENTATIONS`). Returns False, changing nothing, for a model without
-    ``set_attn_implementation`` (not a ``transformers`` model)."""
+    :data:`ATTENTION_IMPLEMENTATIONS`; ``sdpa_math`` / ``sdpa_flash``: SDPA with that CPU backend forced, inside
+    the model's forward). Returns False, changing nothing, for a model without ``set_attn_implementation`` (not a
+    ``transformers`` model). Raises ValueError for a model that cannot take ``impl`` (:func:`attention_candidates`)."""
     if impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
     if not hasattr(model, "set_attn_implementation"):
         return False
-    model.set_attn_implementation(impl)
+    if impl in SDPA_BACKENDS:
+        if impl not in attention_candidates(model):
+            raise ValueError(f"{type(model).__name__} does not run transformers' attention functions (needs "
+                             "_supports_sdpa and _supports_attention_backend): no SDPA backend can be forced")
+        model.set_attn_implementation(_register(impl))
+    else:
+        model.set_attn_implementation(impl)
     return True
+
+
+def attention_of(model: nn.Module) -> Optional[str]:
+    """The implementation ``model`` runs (a name of :data:`ATTENTION_IMPLEMENTATIONS`, or transformers' own name
+    for any other), None for a model without transformers' attention switch."""
+    config = getattr(model, "config", None)
+    if not hasattr(model, "set_attn_implementation") or config is None:
+        return None
+    name = getattr(config, "_attn_implementation", None)
+    return next((k for k, v in _REGISTERED.items() if v == name), name)
+
+
+def attention_candidates(model: nn.Module) -> Tuple[str, ...]:
+    """The implementations :func:`pick_attention` races on ``model``: ``sdpa`` and ``eager`` for any
+    ``transformers`` model, plus the forced SDPA backends where its attention goes through transformers' attention
+    functions (``AttentionInterface``); () for any other model."""
+    if not hasattr(model, "set_attn_implementation"):
+        return ()
+    forced = getattr(model, "_supports_sdpa", False) and getattr(model, "_supports_attention_backend", False)
+    try:
+        from transformers import AttentionInterface  # noqa: F401  (transformers >= 4.48)
+    except ImportError:
+        forced = False
+    return tuple(i for i in ATTENTION_IMPLEMENTATIONS if forced or i not in SDPA_BACKENDS)
 
 
 def pick_attention(
     model: nn.Module, run: Callable[[], object], calls: int = 2
 ) -> Tuple[Optional[str], Dict[str, float]]:
-    """Races :data:`ATTENTION_IMPLEMENTATIONS` on ``model``: ``run()`` (a call of ``model``) once to warm up, then
-    the best of ``calls`` timed calls, for each. ``model`` is left with the faster one. Returns it and the seconds
-    per implementation; ``(None, {})`` for a model that cannot switch (see :func:`set_attention`)."""
+    """Races :func:`attention_candidates` on ``model`` (transformers' ``sdpa`` and ``eager``, and SDPA with its
+    ``math`` and ``flash`` CPU backends forced): ``run()`` (a call of ``model``) once to warm up, then the best of
+    ``calls`` timed calls, for each. ``model`` is left with the fastest. Returns it and the seconds per
+    implementation; an implementation that cannot run this case (e.g. SDPA's CPU flash kernel with dropout, in a
+    training step) is left out of them. ``(None, {})`` for a model that cannot switch (see :func:`set_attention`)."""
     if calls < 1:
         raise ValueError(f"calls={calls}: expected >= 1")
     seconds: Dict[str, float] = {}
-    for impl in ATTENTION_IMPLEMENTATIONS:
-        if not set_attention(model, impl):
-            return None, {}
-        seconds[impl] = timing.sample(run, repeats=calls, warmup=1).min
+    candidates = attention_candidates(model)
+    if not candidates:
+        return None, {}
+    for impl in candidates:
+        try:
+            set_attention(model, impl)
+            with warnings.catch_warnings():
+                # torch says why a forced backend does not fit the case, then raises: that is the answer here
+                warnings.filterwarnings("ignore", message=r".*(kernel not used|do not support)", category=UserWarning)
+                seconds[impl] = timing.sample(run, repeats=calls, warmup=1).min
+        except RuntimeError:  # torch: "No available kernel" for a forced backend that does not fit the case
+            if impl not in SDPA_BACKENDS:
+                raise
     winner = min(seconds, key=seconds.get)
     set_attention(model, winner)
     return winner, seconds

@@ -4,7 +4,8 @@ the same structure can be rebuilt on a fresh dense model before the tensors are 
 
 A saved model is a directory:
     model.safetensors   every tensor of ``model.state_dict()`` (tied tensors once)
-    sparse.json         format version, model class, dtype, sparse modules, fusions, pruned heads, tied names
+    sparse.json         format version, model class, dtype, sparse modules, fusions (activations; query, key and
+                        value as one op), pruned heads, tied names
     config.json         the Hugging Face config, when the model has one (``load(None, path)`` then rebuilds it)
 """
 
@@ -21,7 +22,7 @@ from torch import nn
 from . import prune
 from .formats import BalancedSparseWeight, BlockSparseWeight
 from .nn import BalancedSparseLinear, BlockSparseLinear, SparseLinear
-from .patch import FusedActivation
+from .patch import FUSED_QKV, FusedActivation, QKVSlice, _install_qkv
 
 __all__ = ["save", "load"]
 
@@ -59,7 +60,11 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     os.makedirs(path, exist_ok=True)
     sparse_modules: Dict[str, Dict[str, Any]] = {}
     fused: Dict[str, Dict[str, str]] = {}
+    fused_qkv: Dict[str, list] = {}
     for name, m in model.named_modules():
+        slices = [m._modules.get(k) for k in ("query", "key", "value")]
+        if all(isinstance(s, QKVSlice) for s in slices):
+            fused_qkv[name] = [[s.start, s.out_features, s.in_features] for s in slices]
         if isinstance(m, BlockSparseLinear):
             sparse_modules[name] = {"class": "BlockSparseLinear", "block": list(m.block), "activation": m.activation}
         elif isinstance(m, BalancedSparseLinear):
@@ -100,6 +105,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
         "sparse_modules": sparse_modules,
         "fused_activations": fused,
+        "fused_qkv": fused_qkv,
         "pruned_heads": prune.recorded_pruned_heads(model),
         "tied": tied,
     }
@@ -168,6 +174,17 @@ def load(model_or_config: Any, path: Union[str, os.PathLike]) -> nn.Module:
     if meta["pruned_heads"]:
         prune.prune_heads(model, {k: list(v) for k, v in meta["pruned_heads"].items()})
 
+    for name, spans in meta.get("fused_qkv", {}).items():  # written since query/key/value fusion (same version)
+        attention = model.get_submodule(name)
+        if isinstance(attention._modules.get("query"), QKVSlice):
+            continue  # already fused (a model loaded into twice)
+        inn, total = spans[0][2], sum(out for _, out, _ in spans)
+        like = next(attention.parameters())
+        # a stand-in for the fused module, replaced by the sparse one below (or loaded into, if it was densified)
+        stand_in = nn.Linear(inn, total, bias=f"{name}.{FUSED_QKV}.bias" in tensors, dtype=like.dtype,
+                             device=like.device)
+        stand_in.train(attention.training)
+        _install_qkv(attention, stand_in, name, [tuple(s) for s in spans])
     for name, info in meta["sparse_modules"].items():
         try:
             old = model.get_submodule(name)

@@ -6,7 +6,9 @@ input in the layer's dtype and device, and a layer whose sparse version measures
 ``fuse_activations`` a Linear directly followed by a supported activation (BERT's ``intermediate.dense`` +
 ``intermediate_act_fn``, GPT-2's ``mlp.c_fc`` + ``act``, Llama-style ``gate_proj`` + ``act_fn``, and
 ``nn.Sequential`` neighbours) gets the activation inside the sparse kernel, and the activation's slot is taken
-by a ``FusedActivation`` (an identity that records the move).
+by a ``FusedActivation`` (an identity that records the move). With ``fuse_qkv`` the query, key and value
+projections of a BERT-style self-attention run as one sparse op over their concatenated weight (see
+:func:`fuse_qkv`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from .walk import (
 )
 
 __all__ = [
-    "sparsify", "compile", "SparsifyReport", "LayerReport", "Fusion", "FusedActivation", "activation_name", "Filter"
+    "sparsify", "compile", "SparsifyReport", "LayerReport", "Fusion", "FusedActivation", "activation_name", "Filter",
+    "QKVFusion", "QKVSlice", "fuse_qkv", "FUSED_QKV",
 ]
 
 PATTERNS = ("block", "balanced", "unstructured", "auto")
@@ -74,6 +77,59 @@ class FusedActivation(nn.Identity):
 
     def extra_repr(self) -> str:
         return f"{self.activation} runs inside {self.fused_into!r}"
+
+
+class QKVSlice(nn.Module):
+    """Takes the place of the ``query``, ``key`` or ``value`` Linear of a self-attention whose three projections
+    run as one sparse op (:func:`fuse_qkv`): the attention module's forward pre-hook hands its forward the fused
+    output ``[..., q + k + v]`` in place of the hidden states, and each projection's call returns its own columns
+    (a view, no copy). Holds no parameter; the weights are the fused module's."""
+
+    def __init__(self, fused_into: str, start: int, out_features: int, in_features: int, total: int) -> None:
+        super().__init__()
+        self.fused_into = fused_into
+        self.start, self.out_features, self.in_features, self.total = start, out_features, in_features, total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing() and x.shape[-1] != self.total:  # (a traced check would be a constant)
+            raise ValueError(
+                f"a projection fused into {self.fused_into!r} takes that module's output [..., {self.total}], got "
+                f"[..., {x.shape[-1]}]: call the attention module (its forward pre-hook computes the fused "
+                "projection), not its query/key/value directly")
+        return x.narrow(-1, self.start, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"columns {self.start}:{self.start + self.out_features} of the output of {self.fused_into} "
+                f"(in_features={self.in_features})")
+
+
+# The child a fused attention's sparse QKV module is registered as, and the projections it replaces, in order.
+FUSED_QKV = "fused_qkv"
+QKV_NAMES = ("query", "key", "value")
+
+
+def _fused_qkv_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a fused self-attention: its hidden states become the fused projection's output, once
+    per call (its query/key/value are :class:`QKVSlice` views of it). Stateless, so torch.compile and
+    torch.export trace it like the rest of the forward."""
+    fused = module._modules[FUSED_QKV]
+    if args:
+        return (fused(args[0]),) + tuple(args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = fused(kwargs["hidden_states"])
+    return args, kwargs
+
+
+@dataclass
+class QKVFusion:
+    """A self-attention considered by ``sparsify(..., fuse_qkv=True)``: whether its query, key and value now run
+    as one sparse op (``applied``), why (``reason``), and the timing that decided it (ms; None when not timed)."""
+
+    attention: str
+    fused_ms: Optional[float] = None
+    separate_ms: Optional[float] = None
+    applied: bool = False
+    reason: str = ""
 
 
 @dataclass
@@ -119,6 +175,7 @@ class SparsifyReport:
     layers: List[LayerReport] = field(default_factory=list)
     fusions: List[Fusion] = field(default_factory=list)
     settings: Dict[str, Any] = field(default_factory=dict)
+    qkv_fusions: List[QKVFusion] = field(default_factory=list)
 
     @property
     def converted(self) -> List[LayerReport]:
@@ -145,6 +202,7 @@ class SparsifyReport:
             "settings": dict(self.settings),
             "layers": [dict(asdict(layer), shape=list(layer.shape), speedup=layer.speedup) for layer in self.layers],
             "fusions": [asdict(f) for f in self.fusions],
+            "qkv_fusions": [asdict(f) for f in self.qkv_fusions],
             "summary": {
                 "layers": len(self.layers),
                 "converted": len(self.converted),
@@ -188,6 +246,13 @@ class SparsifyReport:
         if self.fusions:
             lines += ["", "Fused activations:", ""]
             lines += [f"- `{f.replaced}` ({f.activation}) into `{f.linear}`" for f in self.fusions]
+        if self.qkv_fusions:
+            lines += ["", "Query, key and value as one sparse op (fuse_qkv):", ""]
+            for f in self.qkv_fusions:
+                timed = "" if f.fused_ms is None else (
+                    f" (fused {f.fused_ms:.3f} ms, separate {f.separate_ms:.3f} ms)")
+                lines.append(f"- `{f.attention}`: {'fused' if f.applied else 'not fused'}{timed}"
+                             + (f": {f.reason}" if f.reason else ""))
         return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
@@ -275,6 +340,176 @@ def _time_pair(dense_fn: Callable[[torch.Tensor], torch.Tensor], sparse_fn: Call
         t = timing.interleaved({"dense": lambda: dense_fn(x), "sparse": lambda: sparse_fn(x)}, repeats=repeats,
                                warmup=2, device=x)
     return t["dense"].median * 1e3, t["sparse"].median * 1e3
+
+
+# ---- query, key and value as one sparse op ------------------------------------------------------------------------
+def _block_grid(w: BlockSparseWeight) -> torch.Tensor:
+    """The bool [n_block_rows, n_block_cols] grid of the blocks ``w`` stores."""
+    keep = torch.zeros(w.n_block_rows, w.n_block_cols, dtype=torch.bool, device=w.values.device)
+    keep[w._block_rows(), w.col_indices.long()] = True
+    return keep
+
+
+def _qkv_mismatch(parts: Sequence[nn.Module]) -> Optional[str]:
+    """Why query, key and value cannot be one sparse op over their concatenated weight (None: they can)."""
+    if not all(isinstance(p, SparseLinear) for p in parts):
+        return "not all of query, key and value are sparse: " + ", ".join(type(p).__name__ for p in parts)
+    first = parts[0]
+    if len({type(p) for p in parts}) > 1:
+        return "query, key and value have different sparse formats"
+    if isinstance(first, BlockSparseLinear):
+        if len({p.block for p in parts}) > 1:
+            return "query, key and value have different blocks: " + ", ".join(str(p.block) for p in parts)
+        if any(p.out_features % first.block[0] for p in parts[:-1]):
+            return f"an out_features not divisible by the block rows {first.block[0]}: a block would span two"
+    elif len({(p.bank, p.keep) for p in parts}) > 1:
+        return "query, key and value have different banks or keeps"
+    checks = (
+        ("in_features", lambda p: p.in_features), ("activation", lambda p: p.activation),
+        ("dtype", lambda p: p.values.dtype), ("device", lambda p: p.values.device),
+        ("bias", lambda p: p.bias is None), ("backend", lambda p: p._backend_request),
+        ("requires_grad", lambda p: p.values.requires_grad),
+    )
+    for what, key in checks:
+        if len({key(p) for p in parts}) > 1:
+            return f"query, key and value differ in {what}"
+    if first.activation != "none":
+        return f"an activation ({first.activation}) in the projections"
+    return None
+
+
+def _concat_sparse(parts: Sequence[SparseLinear]) -> SparseLinear:
+    """One sparse module over the rows of ``parts`` stacked ([sum of out, in]): exactly their kept weights (each
+    block or bank stays inside its part) and biases."""
+    W = torch.cat([p.weight_format.to_dense().detach() for p in parts])
+    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+    first = parts[0]
+    if isinstance(first, BlockSparseLinear):
+        grid = torch.cat([_block_grid(p.weight_format) for p in parts])
+        weight = BlockSparseWeight.from_dense(W, first.block, mask=grid)
+    else:
+        from .formats import BalancedSparseWeight
+
+        mask = torch.cat([p.weight_format.mask() for p in parts])
+        weight = BalancedSparseWeight.from_dense(W, first.bank, first.keep, mask=mask)
+    fused = type(first).from_weight(weight, bias, activation=first.activation, backend=first._backend_request)
+    fused.train(first.training)
+    fused.values.requires_grad_(first.values.requires_grad)
+    if fused.bias is not None:
+        fused.bias.requires_grad_(first.bias.requires_grad)
+    return fused
+
+
+def _install_qkv(attention: nn.Module, fused: nn.Module, name: str, spans: Sequence[Tuple[int, int, int]]):
+    """Makes ``attention`` compute its projections with ``fused``: registered as its ``FUSED_QKV`` child, its
+    query/key/value replaced by :class:`QKVSlice` views (``spans``: (start, out, in) each), and the forward
+    pre-hook. Returns the hook's handle."""
+    total = sum(out for _, out, _ in spans)
+    fused_name = f"{name}.{FUSED_QKV}" if name else FUSED_QKV
+    attention.add_module(FUSED_QKV, fused)
+    for key, (start, out, inn) in zip(QKV_NAMES, spans):
+        attention._modules[key] = QKVSlice(fused_name, start, out, inn, total)
+    return attention.register_forward_pre_hook(_fused_qkv_pre_hook, with_kwargs=True)
+
+
+def _attention_output(attention: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = attention(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _qkv_tolerance(dtype: torch.dtype) -> Dict[str, float]:
+    return {"rtol": 1e-4, "atol": 1e-5} if dtype in (torch.float32, torch.float64) else {"rtol": 2e-2, "atol": 2e-2}
+
+
+def fuse_qkv(model: nn.Module, *, only: Optional[Sequence[str]] = None, sample_tokens: int = 128, repeats: int = 5,
+             only_if_faster: bool = True) -> List[QKVFusion]:
+    """Runs the query, key and value projections of each BERT-style self-attention of ``model`` (a module whose
+    class name ends in ``SelfAttention`` with sparse ``query``, ``key`` and ``value`` children of one format and
+    pattern, equal ``in_features``, no activation) as one sparse op over their concatenated ``[q + k + v, in]``
+    weight, in place.
+
+    The attention's own forward is kept: a forward pre-hook replaces its hidden states by the fused output, and
+    ``query``/``key``/``value`` become :class:`QKVSlice` views of it, so the three calls of transformers'
+    ``BertSelfAttention.forward`` cost one kernel call, with no state kept between calls (torch.compile and
+    torch.export trace it). Each fusion is checked on a sample input (the attention's output, fused against
+    separate, within the dtype's tolerance) and undone if it differs or the module needs more inputs.
+
+    Args:
+        only: names of the attention modules to consider (default: all).
+        sample_tokens: rows of the timing input (0: no timing); repeats: timed calls, interleaved.
+        only_if_faster: keep a fusion only where the fused op measured faster than the three separate ones
+            (needs ``sample_tokens`` >= 1).
+    Returns:
+        One :class:`QKVFusion` per self-attention considered, with the timing and the reason.
+    """
+    if only_if_faster and not sample_tokens:
+        raise ValueError("only_if_faster=True needs a timing input: sample_tokens must be >= 1")
+    uses: Dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    found: List[QKVFusion] = []
+    for name, attention in list(model.named_modules()):
+        if not type(attention).__name__.endswith("SelfAttention") or (only is not None and name not in only):
+            continue
+        parts = [attention._modules.get(k) for k in QKV_NAMES]
+        if isinstance(attention._modules.get(FUSED_QKV), SparseLinear) or any(p is None for p in parts):
+            continue  # already fused, or not the query/key/value kind of attention
+        rep = QKVFusion(name or type(attention).__name__)
+        found.append(rep)
+        why = _qkv_mismatch(parts)
+        if why is None and hasattr(attention, FUSED_QKV):
+            why = f"the module already has an attribute {FUSED_QKV!r}"
+        if why is None and any(uses.get(id(p), 0) > 1 for p in parts + [attention]):
+            why = "a projection or the attention is registered at several places in the model"
+        if why is not None:
+            rep.reason = why
+            continue
+        fused = _concat_sparse(parts)
+        if sample_tokens:
+            gen = torch.Generator(parts[0].values.device).manual_seed(0)
+            x = torch.randn(sample_tokens, parts[0].in_features, dtype=parts[0].values.dtype,
+                            device=parts[0].values.device, generator=gen)
+            with torch.no_grad():
+                t = timing.interleaved({"separate": lambda: [p(x) for p in parts], "fused": lambda: fused(x)},
+                                       repeats=repeats, warmup=2, device=x)
+            rep.fused_ms, rep.separate_ms = t["fused"].median * 1e3, t["separate"].median * 1e3
+            if only_if_faster and rep.fused_ms >= rep.separate_ms:
+                rep.reason = "the fused op measured no faster than the three separate ones"
+                continue
+        # Checked on the attention's own forward: the fused one must compute what the separate projections do.
+        training = {m: m.training for m in attention.modules()}
+        attention.eval()
+        gen = torch.Generator(parts[0].values.device).manual_seed(1)
+        x = torch.randn(1, 5, parts[0].in_features, dtype=parts[0].values.dtype, device=parts[0].values.device,
+                        generator=gen)
+        spans, start = [], 0
+        for p in parts:
+            spans.append((start, p.out_features, p.in_features))
+            start += p.out_features
+        handle = None
+        try:
+            with torch.no_grad():
+                ref = _attention_output(attention, x)
+                handle = _install_qkv(attention, fused, name, spans)
+                got = _attention_output(attention, x)
+            torch.testing.assert_close(got, ref, **_qkv_tolerance(x.dtype))
+        except Exception as exc:  # the module's forward does more with its hidden states: leave it as it was
+            if handle is not None:
+                handle.remove()
+            attention._modules.pop(FUSED_QKV, None)
+            for key, p in zip(QKV_NAMES, parts):
+                attention._modules[key] = p
+            rep.reason = f"the fused attention did not reproduce the separate one on a sample input " \
+                         f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
+            continue
+        finally:
+            for m, was in training.items():
+                m.training = was
+        rep.applied = True
+    return found
+
+
+_fuse_qkv = fuse_qkv  # sparsify's argument of the same name hides it there
 
 
 # ---- the patcher ---------------------------------------------------------------------------------------------------
@@ -463,6 +698,7 @@ def sparsify(
     exclude: Optional[Filter] = None,
     skip_if_slower: bool = True,
     fuse_activations: bool = False,
+    fuse_qkv: bool = False,
     sample_tokens: int = 128,
     repeats: int = 5,
     masks: Optional[Dict[str, torch.Tensor]] = None,
@@ -491,6 +727,11 @@ def sparsify(
         skip_if_slower: time each layer dense and sparse on a sample input ``[sample_tokens, in]`` in its
             dtype (median of ``repeats`` runs after two warm-ups) and keep it dense when sparse measures slower.
         fuse_activations: move a Linear's following activation into the sparse kernel (see the module doc).
+        fuse_qkv: run the query, key and value projections of each BERT-style self-attention whose three this
+            call converts (one format and pattern; for blocks, out_features divisible by the block rows) as one
+            sparse op over their concatenated weight (:func:`fuse_qkv`); with ``skip_if_slower`` only where that
+            measures faster than the three separate ops on the timing input. ``report.qkv_fusions`` says where
+            and why.
         sample_tokens: rows of the timing input; 0 disables timing (then ``skip_if_slower`` must be False).
         masks: optional ``{layer name: bool mask}`` (``[out, in]``, or the block grid for ``"block"``; per
             weight for ``"unstructured"``); those layers are built from their mask instead of by magnitude, and
@@ -635,6 +876,18 @@ def sparsify(
     replace_modules(model, replacements)
     for parent, attr, fused in pending:
         setattr(parent, attr, fused)
+    qkv: List[QKVFusion] = []
+    if fuse_qkv:
+        converted = {id(sp) for sp in replacements.values()}
+        only = [n for n, m in model.named_modules()
+                if all(id(m._modules.get(k)) in converted for k in QKV_NAMES)]
+        qkv = _fuse_qkv(model, only=only, sample_tokens=sample_tokens, repeats=repeats,
+                        only_if_faster=skip_if_slower)
+        for f in qkv:
+            if f.applied:
+                for key in QKV_NAMES:
+                    rep = next(r for r in layers if r.name == f"{f.attention}.{key}")
+                    rep.reason = f"runs in {f.attention}.{FUSED_QKV} (query, key and value as one op)"
 
     threads = torch.get_num_threads()
     timing = (
@@ -652,13 +905,14 @@ def sparsify(
         "pattern_args": args,
         "skip_if_slower": skip_if_slower,
         "fuse_activations": fuse_activations,
+        "fuse_qkv": fuse_qkv,
         "sample_tokens": sample_tokens,
         "repeats": repeats,
         "timing": timing,
         "torch": torch.__version__,
         "threads": threads,
     }
-    return SparsifyReport(layers=layers, fusions=applied, settings=settings)
+    return SparsifyReport(layers=layers, fusions=applied, settings=settings, qkv_fusions=qkv)
 
 
 def compile(model: nn.Module, *, freezing: bool = True, **kwargs: Any) -> nn.Module:

@@ -101,10 +101,22 @@ def test_e2e_tiny_rows(tmp_path):
     _check_case_ratios_e2e(back)
     # the compiled sparse models are contenders (tiny: compile off), and each profiled model has a remainder row
     remainder = {r["backend"]: r for r in back if r["op"] == "bert_forward_remainder"}
-    assert {"eager_fp32", "onednn_float32", "block:0.75:float32", "balanced:0.75:float32:fused"} <= set(remainder)
+    assert {"eager_fp32", "onednn_float32", "block:0.75:float32", "balanced:0.75:float32:fused",
+            "block:0.75:float32:fused+qkv"} <= set(remainder)
+    assert {("bert_forward", "sparse.sparsify(fused gelu+qkv)"), ("bert_train_step", "sparse.sparsify(fused gelu+qkv)")
+            } <= {(r["op"], r["backend"]) for r in back}
     assert all(0 < r["median_s"] < 10 for r in remainder.values())
     profile = open(os.path.join(tmp_path, "e2e_profile.md")).read()
     assert "our sparse ops" in profile and all(f"| {name} |" in profile for name in remainder)
+    # every model raced the attention implementations, SDPA's CPU backends apart, and its notes keep each time
+    from sparse.evaluate import ATTENTION_IMPLEMENTATIONS
+
+    for r in back:
+        if r["op"] == "bert_forward":
+            winner = r["notes"].split(" ")[1]
+            assert winner in ATTENTION_IMPLEMENTATIONS and f"| {r['backend']} | {winner} |" in profile or (
+                r["backend"] not in remainder), (r["notes"], profile)
+            assert all(f"{impl} " in r["notes"] for impl in ATTENTION_IMPLEMENTATIONS), r["notes"]
 
 
 def _check_case_ratios_e2e(rows):
@@ -377,3 +389,114 @@ def test_onnxruntime_peer_runs_and_profiles(tmp_path):
     assert ops and any(k in ops for k in e2e_bert.ORT_MATMUL_OPS) and all(v >= 0 for v in ops.values())
 
 
+
+
+def _e2e_run(times):
+    """Synthetic e2e rows, one case per batch: {batch: {contender: seconds}} (eager_fp32 the baseline)."""
+    infos = {
+        "eager_fp32": {"backend": "eager_fp32", "format": "dense", "density": 1.0, "dtype": "float32"},
+        "block": {"backend": "sparse.sparsify", "format": "bsr", "block": "32x32", "density": 0.1, "dtype": "float32"},
+        "balanced": {"backend": "sparse.sparsify", "format": "balanced", "block": "bank32/keep3", "density": 3 / 32,
+                     "dtype": "float32"},
+        "ort_old": {"backend": "onnxruntime 1.17.0", "format": "dense", "density": 1.0, "dtype": "float32"},
+        "ort_new": {"backend": "onnxruntime 1.19.0", "format": "dense", "density": 1.0, "dtype": "float32"},
+        "new_only": {"backend": "sparse.compile(fused gelu)", "format": "bsr", "block": "32x32", "density": 0.1,
+                     "dtype": "float32"},
+    }
+    rows = []
+    for batch, per in times.items():
+        cs = [Contender(n, lambda: None, infos[n]) for n in per]
+        t = {n: Timing(s, s, s, 3) for n, s in per.items()}
+        common = {"op": "bert_forward", "shape": "BERT-base seq 128", "tokens": 128 * batch, "threads": 2,
+                  "weights": "hot", "out_features": 768, "in_features": 768}
+        rows += harness.make_rows("e2e_bert", f"bert_forward|batch{batch}|seq128|2t", common, cs, t, "eager_fp32")
+    return rows
+
+
+def test_compare_with_an_earlier_run_flags_rows_that_lost_ground(tmp_path, capsys):
+    from benchmarks import run
+
+    old = _e2e_run({1: {"eager_fp32": 1.0, "block": 0.25, "balanced": 0.5, "ort_old": 0.8},
+                    8: {"eager_fp32": 8.0, "block": 2.0}})
+    # batch 1: the block model went from 4x to 3.3x eager (-17%: worse), balanced from 2x to 1.92x (-4%: noise),
+    # ONNX Runtime (upgraded) as before; batch 8: the whole run 1.5x slower (a busier machine), ratios kept.
+    new = _e2e_run({1: {"eager_fp32": 1.0, "block": 0.30, "balanced": 0.52, "ort_new": 0.8, "new_only": 0.2},
+                    8: {"eager_fp32": 12.0, "block": 3.0}})
+    (tmp_path / "old").mkdir()
+    harness.write_csv(str(tmp_path / "old" / "e2e_bert.csv"), old)
+    harness.write_csv(str(tmp_path / "new.csv"), new)
+
+    changes = report.compare_runs(harness.read_csv(str(tmp_path / "new.csv")), report.read_run(str(tmp_path / "old")))
+    by = {(c.new["case"].split("|")[1], c.new["backend"], c.new["format"]): c for c in changes}
+    assert len(changes) == 6 and not any(c.new["backend"].startswith("sparse.compile") for c in changes)
+    block1 = by[("batch1", "sparse.sparsify", "bsr")]
+    assert block1.time_ratio == pytest.approx(1.2) and block1.baseline_change == pytest.approx(0.25 / 0.30)
+    assert block1.worse()
+    assert not by[("batch1", "sparse.sparsify", "balanced")].worse()
+    assert by[("batch1", "onnxruntime 1.19.0", "dense")].time_ratio == pytest.approx(1.0)
+    block8 = by[("batch8", "sparse.sparsify", "bsr")]
+    assert block8.time_ratio == pytest.approx(1.5) and not block8.worse()
+    assert [c for c in changes if c.worse()] == [block1]
+    assert by[("batch1", "sparse.sparsify", "balanced")].worse(margin=0.03)  # the margin is a parameter
+    other = report.Change({**block1.new, "baseline": "onnxruntime 1.32.0"}, block1.old)
+    assert not other.same_baseline and not other.worse()  # ratios to different baselines are not judged
+    assert report.Change({**block1.new, "baseline": "onnxruntime 1.32.0"},
+                         {**block1.old, "baseline": "onnxruntime 1.17.0"}).worse()
+
+    # the command line: python -m benchmarks --report NEW.csv --compare OLD_DIR
+    assert run.main(["--report", str(tmp_path / "new.csv"), "--compare", str(tmp_path / "old"),
+                     "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    md = open(tmp_path / "out" / "compare.md").read()
+    assert md in printed and "6 rows in both runs" in md and "1 lost more than 10%" in md
+    worse = [line for line in md.splitlines() if "**WORSE**" in line]
+    assert len(worse) == 1 and "batch1" in worse[0] and "bsr" in worse[0] and "| 1.20 |" in worse[0]
+    with pytest.raises(SystemExit):
+        run.main(["--report", str(tmp_path / "new.csv"), "--compare", str(tmp_path / "nowhere")])
+
+
+def test_profile_states_the_attention_gap_to_onnxruntime():
+    from benchmarks import peer_runner
+
+    # ONNX Runtime's profile keys: a MatMul between two rank-4 activations is attention, one with a weight is not
+    shape = lambda *dims: {"float": list(dims)}  # noqa: E731
+    qk = [shape(1, 2, 8, 4), shape(1, 2, 4, 8)]
+    assert peer_runner._op_key({"op_name": "MatMul", "input_type_shape": qk}) == "MatMul:attention"
+    assert peer_runner._op_key({"op_name": "FusedMatMul", "input_type_shape": qk}) == "FusedMatMul:attention"
+    assert peer_runner._op_key({"op_name": "MatMul", "input_type_shape": [shape(1, 8, 16)]}) == "MatMul"
+    assert peer_runner._op_key({"op_name": "MatMul", "input_type_shape": [shape(1, 8, 16), shape(16, 16)]}) == "MatMul"
+    ops = {"MatMul": 10.0, "FusedMatMul:attention": 2.0, "MatMul:attention": 1.0, "Softmax": 1.0, "Add": 0.5}
+    assert e2e_bert.ort_attention_ms(ops) == pytest.approx(4.0)
+
+    S = e2e_bert.Split
+    split = [S("eager_fp32", 30.0, 20.0, 0.0, 6.0, [], "sdpa"),
+             S("block:0.9:float32", 12.0, 4.0, 3.0, 5.0, [], "eager"),
+             S("compile_float32", 20.0, 15.0, 0.0, 1.0, [], "compiled"),
+             S("onnxruntime:dense", 25.0, 20.0, 0.0, 4.0, [("MatMul", 20.0)], "ORT fusions: attention unfused")]
+    text = "\n".join(e2e_bert._profile_markdown(split, 8, e2e_bert.PRESETS["tiny"]))
+    assert "**Attention against ONNX Runtime, batch 8**: onnxruntime:dense 4.0 ms (softmax and attention" in text
+    assert "- eager_fp32 (`sdpa`): 6.0 ms, **1.50x** ONNX Runtime's" in text
+    assert "- block:0.9:float32 (`eager`): 5.0 ms, **1.25x**" in text
+    assert "- compile_float32 (`compiled`): 1.0 ms, **0.25x** ONNX Runtime's (compiled: attention partly" in text
+    split[-1] = S("onnxruntime:dense", 25.0, 20.0, 0.0, 4.0, [], "ORT fusions: fused Attention")
+    assert "4.0 ms (its fused Attention op)" in "\n".join(e2e_bert.attention_gap(split, 8))
+    assert "not measured (ONNX Runtime did not run" in "\n".join(e2e_bert.attention_gap(split[:-1], 1))
+
+
+@pytest.mark.slow  # the tiny preset with ONNX Runtime as a peer: exports the model and starts the runtime
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+                    reason="onnxruntime and onnx are optional (peers only)")
+def test_e2e_tiny_profile_with_onnxruntime_states_the_attention_gap(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.delenv("SPARSEKERN_PEERS", raising=False)
+    p = replace(e2e_bert.PRESETS["tiny"], peers=True, train_batches=[], patterns=["block"])
+    rows, skipped = e2e_bert.run(p, str(tmp_path), progress=False)
+    assert not [s for s in skipped if s.startswith(("onnxruntime", "peers:"))], skipped
+    assert any(r["backend"].startswith("onnxruntime ") for r in rows if r["op"] == "bert_forward")
+    profile = open(os.path.join(tmp_path, "e2e_profile.md")).read()
+    gap = profile[profile.index("**Attention against ONNX Runtime, batch 1**"):]
+    assert "onnxruntime:dense" in gap.splitlines()[0] and " ms (" in gap.splitlines()[0]
+    ours = [line for line in gap.splitlines()[2:] if line.startswith("- ") and "ONNX Runtime's" in line]
+    assert {line.split(" ")[1] for line in ours} >= {"eager_fp32", "block:0.75:float32"}
+    assert all("x** ONNX Runtime's" in line for line in ours)

@@ -68,7 +68,9 @@ def _check_report(report: dict, n_layers: int) -> None:
         per = lat["attention"][f"batch{b}"]
         assert set(per) == {name for name in lat["models"] if not name.endswith("_compiled")}
         for a in per.values():
-            assert set(a["ms"]) == {"sdpa", "eager"} and a["implementation"] == min(a["ms"], key=a["ms"].get)
+            # transformers' sdpa and eager, and SDPA with its math and flash CPU backends forced
+            assert set(a["ms"]) == {"sdpa", "eager", "sdpa_math", "sdpa_flash"}
+            assert a["implementation"] == min(a["ms"], key=a["ms"].get)
     assert lat["speedup_batch8"] == pytest.approx(
         lat["models"][lat["best_dense"]]["batch8_ms"] / lat["models"][lat["best_sparse"]]["batch8_ms"])
     layers = report["layers"]["layers"]
@@ -162,11 +164,19 @@ def test_sparsify_balanced_bf16_no_recovery(tiny_model, tmp_path, capsys):
     out = str(tmp_path / "out")
     rc, stdout, err = _run(capsys, "sparsify", "--model", tiny_model, "--pattern", "balanced", "--bank", "32",
                            "--keep", "8", "--dtype", "bfloat16", "--no-skip-if-slower", "--no-fuse-activations",
-                           "--out", out, *FAST)
+                           "--fuse-qkv", "--out", out, *FAST)
     assert rc == 0, err
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     assert report["layers"]["fusions"] == []
+    # --no-skip-if-slower: query, key and value of both layers as one op, timed for the report
+    qkv = report["layers"]["qkv_fusions"]
+    assert [(f["attention"], f["applied"]) for f in qkv] == [(f"encoder.layer.{i}.attention.self", True)
+                                                             for i in range(2)]
+    assert all(f["fused_ms"] > 0 and f["separate_ms"] > 0 for f in qkv)
+    assert "Query, key and value as one sparse op" in open(os.path.join(out, "report.md")).read()
+    reloaded = sparse.load(None, out)
+    assert type(reloaded.encoder.layer[0].attention.self.query).__name__ == "QKVSlice"
     assert report["pattern_args"] == {"bank": 32, "keep": 8, "sparsity": 0.75}
     assert report["dtype"] == "bfloat16"
     _check_report(report, n_layers=12)
