@@ -9,7 +9,7 @@ CXX_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o
 SOURCES := $(CXX_SOURCES) setup.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: all build test test-fast test-avx2 lint format demo bench fuzz test-asan check-install clean
+.PHONY: all build test test-fast test-slow test-avx2 lint format demo bench fuzz test-asan check-install clean
 
 all: build
 
@@ -28,11 +28,15 @@ $(BUILT): $(DEPS) $(SOURCES)
 
 build: $(BUILT)
 
-test: $(BUILT)
-	$(PY) -m pytest -q tests
+# `test` is the whole suite in two runs: `test-fast` (no test marked slow or gpu: about a minute) first, so that
+# CI reports a quick failure quickly, then `test-slow` (the marked ones).
+test: test-fast test-slow
 
 test-fast: $(BUILT)
 	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+test-slow: $(BUILT)
+	$(PY) -m pytest -q -m "slow or gpu" tests
 
 # The suite as an AVX2-only CPU runs it, on any machine: the kernels capped at AVX2 (SPARSEKERN_ISA, which also
 # hides the AVX-512 features from `sparse`), and torch's own code paths capped the same way (ATen, oneDNN, MKL).
