@@ -143,10 +143,30 @@ def last_level_cache_bytes() -> int:
     return best or 32 << 20
 
 
+def physical_memory_bytes() -> int:
+    """The machine's RAM (sysconf), 8 GiB if it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 8 << 30
+
+
+# The cold copies of one contender may take at most this share of RAM: a case holds several contenders' copies at
+# once, and some VMs report a host's whole last-level cache (480 MiB seen), which at factor 2 would have each
+# contender allocate ~1 GiB and a case more RAM than the machine has.
+COLD_RAM_SHARE = 1 / 32
+
+
+def cold_bytes(factor: float = 2.0) -> int:
+    """Total bytes of one contender's cold copies: ``factor`` times the last-level cache, capped at
+    ``COLD_RAM_SHARE`` of RAM (still above the cache itself on every machine with RAM >= 32x its cache)."""
+    return int(min(factor * last_level_cache_bytes(), COLD_RAM_SHARE * physical_memory_bytes()))
+
+
 def cold_copies(weight_bytes: int, factor: float = 2.0) -> int:
-    """How many copies of a weight of ``weight_bytes`` to cycle through so that their total is ``factor`` times
-    the last-level cache (every call then misses the cache for its weight)."""
-    return max(2, math.ceil(factor * last_level_cache_bytes() / max(1, weight_bytes)))
+    """How many copies of a weight of ``weight_bytes`` to cycle through so that their total is ``cold_bytes``
+    (``factor`` times the last-level cache unless RAM caps it): every call then misses the cache for its weight."""
+    return max(2, math.ceil(cold_bytes(factor) / max(1, weight_bytes)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

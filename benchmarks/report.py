@@ -160,7 +160,8 @@ def kernel_target_tables(rows: List[Row]) -> List[Table]:
     ))
 
     cold = Table("Batch-1 decode, cold weights: >= 0.8 x (dense bytes / sparse bytes) against the best dense",
-                 "weights cycled through copies totalling 2x the last-level cache; bytes include every index array")
+                 "weights cycled through copies totalling 2x the last-level cache (at most 1/32 of RAM); bytes "
+                 "include every index array")
     for rows in cases.values():
         dense = [r for r in rows if r["format"] == "dense"]
         for r in _ours(rows):

@@ -142,11 +142,16 @@ def test_measure_interleaves_in_steady_state():
         harness.measure([cs[0], cs[0]])
 
 
-def test_cold_copies_exceed_last_level_cache():
-    llc = harness.last_level_cache_bytes()
-    for nbytes in (1000, 768 * 768 * 4, 3 * llc):
-        n = harness.cold_copies(nbytes)
-        assert n >= 2 and n * nbytes >= 2 * llc
+def test_cold_copies_exceed_last_level_cache(monkeypatch):
+    for llc, ram in ((32 << 20, 24 << 30), (480 << 20, 24 << 30), (64 << 20, 1 << 30)):
+        monkeypatch.setattr(harness, "last_level_cache_bytes", lambda llc=llc: llc)
+        monkeypatch.setattr(harness, "physical_memory_bytes", lambda ram=ram: ram)
+        total = harness.cold_bytes()
+        assert total == min(2 * llc, ram // 32), (llc, ram, total)
+        for nbytes in (1000, 768 * 768 * 4, 3 * llc):
+            n = harness.cold_copies(nbytes)
+            assert n >= 2 and n * nbytes >= total
+            assert n == 2 or (n - 1) * nbytes < total, "no more copies than the budget needs"
     seen = []
     fn = harness.cycling([1, 2, 3], seen.append)
     for _ in range(7):
