@@ -71,8 +71,8 @@ fuzz: $(BUILT)
 		tests/test_property.py tests/test_fuzz_formats.py
 
 ASAN_DIR := build-asan
-ASAN_TESTS ?= tests/test_ops.py tests/test_fuzz_formats.py tests/test_property.py tests/test_numerics.py tests/test_threads.py \
-	tests/test_scale.py
+ASAN_TESTS ?= tests/test_ops.py tests/test_bsr_isa.py tests/test_fuzz_formats.py tests/test_property.py tests/test_numerics.py \
+	tests/test_threads.py tests/test_scale.py
 test-asan: $(DEPS)
 	mkdir -p $(ASAN_DIR)/src
 	tar cf - --exclude='_C*.so' --exclude=__pycache__ setup.py pyproject.toml csrc sparse kernels \
