@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "activations.h"
+#include "cpu/int8_kernels.h"
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(sparsekern, m) {
@@ -45,6 +46,13 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def(
       "nm24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias=None, str activation=\"none\") "
       "-> Tensor");
+  // Y = act(X W^T + b) for an int8 block-sparse W (qvalues [nnz, ceil(block_cols / 4), block_rows, 4], per-output
+  // scales w_scale, per-output sums w_sum; layout and arithmetic: cpu/int8_kernels.h). X (float32 or bfloat16) is
+  // quantized inside the op: per token (clip = 0) or with one static clip value. Inference only: no autograd.
+  m.def(
+      "bsr_linear_int8(Tensor x, Tensor qvalues, Tensor w_scale, Tensor w_sum, Tensor row_offsets, "
+      "Tensor col_indices, SymInt out_features, int block_cols, Tensor? bias=None, str activation=\"none\", "
+      "float clip=0.0) -> Tensor");
   // grad * act'(z): the activation's backward, as the backward of every forward op uses it. Its kernel is the
   // activation table of sparse/activations.py (CompositeImplicitAutograd, registered from Python), so it runs on
   // every device and torch.compile traces it into aten ops.
@@ -55,10 +63,10 @@ namespace {
 
 PyObject* py_cpu_features(PyObject*, PyObject*) {
   const auto& f = sparsekern::cpu::features();
-  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
+  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
                        f.fma ? Py_True : Py_False, "avx512f", f.avx512f ? Py_True : Py_False, "avx512bw",
                        f.avx512bw ? Py_True : Py_False, "avx512vl", f.avx512vl ? Py_True : Py_False, "avx512bf16",
-                       f.avx512bf16 ? Py_True : Py_False);
+                       f.avx512bf16 ? Py_True : Py_False, "avx512vnni", f.avx512vnni ? Py_True : Py_False);
 }
 
 PyObject* py_get_isa(PyObject*, PyObject*) {
@@ -99,6 +107,10 @@ PyObject* py_activation_names(PyObject*, PyObject*) {
   return t;
 }
 
+PyObject* py_int8_act_qmax(PyObject*, PyObject*) {
+  return PyLong_FromLong(sparsekern::cpu::int8_act_qmax());
+}
+
 PyObject* py_has_cuda(PyObject*, PyObject*) {
 #ifdef SPARSEKERN_WITH_CUDA
   Py_RETURN_TRUE;
@@ -118,6 +130,8 @@ PyMethodDef methods[] = {
      "(SPARSEKERN_ISA as read at load, '' if unset or auto; an error message for a value that is no level, else '')."},
     {"activation_names", py_activation_names, METH_NOARGS,
      "The activations the kernels implement (csrc/activations.h), in the order of their codes."},
+    {"int8_act_qmax", py_int8_act_qmax, METH_NOARGS,
+     "The largest |quantized activation| of the int8 op on the active code path: 127, or 63 on AVX2 without VNNI."},
     {"has_cuda", py_has_cuda, METH_NOARGS, "Whether this build contains the CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -143,6 +143,11 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
                    help="run the query, key and value projections of each attention as one sparse op over their "
                         "concatenated weight (sparse.fuse_qkv); with skip-if-slower (the default) only where that "
                         "measures faster than the three separate ops, which the report lists. Default: off.")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="after pruning and recovery, convert the block-sparse layers (block, unstructured) to int8 "
+                        "weights with per-token activation scales (sparse.quant, CPU inference). The report adds the "
+                        "int8 model's accuracy against the float sparse and the dense model, its weight bytes, and "
+                        "the float sparse model as a latency contender. Default: no quantization.")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.get("compile", False),
                    help="also time the dense and the sparse model under sparse.compile (torch.compile with weight "
                         "freezing, which fuses the dense work between the sparse ops); compiling takes a minute or "
@@ -485,10 +490,30 @@ def sparsify_command(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     accuracy["heldout_sentences"] = len(text.heldout)
     log(f"sparse model: cosine {accuracy['after_recovery']['cosine']:.4f}, "
         f"top-1 agreement {accuracy['after_recovery']['top1_agreement']:.3f}")
+    float_sparse = None
+    if args.quantize:
+        if args.pattern == "balanced":
+            raise ValueError("--quantize int8 takes --pattern block or unstructured: balanced has no int8 kernel")
+        float_sparse = copy.deepcopy(student)
+        float_embedding = evaluate.embed(student, tokenizer, text.heldout)
+        int8_layers = sparse.quant.quantize(student, args.quantize)
+        int8_embedding = evaluate.embed(student, tokenizer, text.heldout)
+        accuracy["int8"] = {
+            "vs_dense": evaluate.agreement(reference, int8_embedding),
+            "vs_float_sparse": evaluate.agreement(float_embedding, int8_embedding),
+            "layers": len(int8_layers),
+            "float_sparse_bytes": sum(v["float_bytes"] for v in int8_layers.values()),
+            "int8_bytes": sum(v["int8_bytes"] for v in int8_layers.values()),
+        }
+        accuracy["after_recovery_measured_on"] = f"the float sparse model ({args.dtype}), before int8"
+        log(f"int8 model: cosine {accuracy['int8']['vs_dense']['cosine']:.4f} to the dense model, "
+            f"{accuracy['int8']['vs_float_sparse']['cosine']:.4f} to the float sparse one")
 
     # Dense contenders: eager, and oneDNN with pre-packed weights; the faster is the baseline. The sparse model's
     # remaining dense Linear layers (pooler, layers kept dense) get the same pre-packing when that wins.
     models = {"dense_eager": dense, "sparse": student}
+    if float_sparse is not None:
+        models["sparse_float"] = float_sparse
     if sparse.runtime.onednn_unsupported(dtype) is None:  # e.g. bf16 without AVX512BW/VL/DQ: eager only
         models["dense_onednn_prepacked"] = copy.deepcopy(dense)
         evaluate.prepack_linears(models["dense_onednn_prepacked"])
@@ -569,7 +594,8 @@ def _leave_group(owns_group: bool) -> None:
 
 _DENSE_NAMES = {"dense_eager": "eager (F.linear)", "dense_onednn_prepacked": "oneDNN, pre-packed weights",
                 "dense_compiled": "sparse.compile (torch.compile, freezing)"}
-_SPARSE_NAMES = {"sparse": "as saved", "sparse_leftover_dense_prepacked": "remaining dense Linear layers pre-packed",
+_SPARSE_NAMES = {"sparse": "as saved", "sparse_float": "float sparse, before int8",
+                 "sparse_leftover_dense_prepacked": "remaining dense Linear layers pre-packed",
                  "sparse_compiled": "sparse.compile (torch.compile, freezing)"}
 
 
@@ -637,6 +663,17 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
         f"{acc['before_recovery']['top1_agreement']:.3f} |",
         f"| after recovery, {acc['after_recovery_measured_on']} | {acc['after_recovery']['cosine']:.4f} | "
         f"{acc['after_recovery']['top1_agreement']:.3f} |",
+    ]
+    if "int8" in acc:
+        q = acc["int8"]
+        lines += [
+            f"| int8 (as saved) | {q['vs_dense']['cosine']:.4f} | {q['vs_dense']['top1_agreement']:.3f} |",
+            "",
+            f"int8 against the float sparse model: cosine {q['vs_float_sparse']['cosine']:.4f}, top-1 agreement "
+            f"{q['vs_float_sparse']['top1_agreement']:.3f}; its {q['layers']} block-sparse layers hold "
+            f"{q['int8_bytes'] / 2**20:.2f} MiB (float sparse: {q['float_sparse_bytes'] / 2**20:.2f} MiB).",
+        ]
+    lines += [
         "",
     ]
     pr = r["pruning"]

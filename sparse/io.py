@@ -23,6 +23,7 @@ from . import prune
 from .formats import BalancedSparseWeight, BlockSparseWeight
 from .nn import BalancedSparseLinear, BlockSparseLinear, SparseLinear
 from .patch import FUSED_QKV, FusedActivation, QKVSlice, _install_qkv
+from .quant import QuantizedBlockSparseLinear, QuantizedBlockSparseWeight
 
 __all__ = ["save", "load"]
 
@@ -67,6 +68,9 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
             fused_qkv[name] = [[s.start, s.out_features, s.in_features] for s in slices]
         if isinstance(m, BlockSparseLinear):
             sparse_modules[name] = {"class": "BlockSparseLinear", "block": list(m.block), "activation": m.activation}
+        elif isinstance(m, QuantizedBlockSparseLinear):
+            sparse_modules[name] = {"class": "QuantizedBlockSparseLinear", "block": list(m.block),
+                                    "activation": m.activation}
         elif isinstance(m, BalancedSparseLinear):
             sparse_modules[name] = {"class": "BalancedSparseLinear", "bank": m.bank, "keep": m.keep,
                                     "activation": m.activation}
@@ -190,7 +194,7 @@ def load(model_or_config: Any, path: Union[str, os.PathLike]) -> nn.Module:
             old = model.get_submodule(name)
         except AttributeError as exc:
             raise ValueError(f"the saved model has a sparse module {name!r} that this model lacks") from exc
-        if isinstance(old, SparseLinear):
+        if isinstance(old, (SparseLinear, QuantizedBlockSparseLinear)):
             continue  # already sparse (e.g. a model loaded into twice): load_state_dict checks it
         bias = tensors.get(f"{name}.bias")
         if info["class"] == "BlockSparseLinear":
@@ -215,6 +219,12 @@ def load(model_or_config: Any, path: Union[str, os.PathLike]) -> nn.Module:
             w = BalancedSparseWeight(tensors[f"{name}.values"], tensors[f"{name}.indices"], info["bank"], inn)
             new = BalancedSparseLinear.from_weight(w.to(device), None if bias is None else bias.to(device),
                                                    activation=info["activation"])
+        elif info["class"] == "QuantizedBlockSparseLinear":
+            out, inn, bo, bi = tensors[f"{name}.pattern_info"].tolist()
+            w = QuantizedBlockSparseWeight(*(tensors[f"{name}.{k}"] for k in
+                                             ("qvalues", "w_scale", "w_sum", "row_offsets", "col_indices")),
+                                           (out, inn), (bo, bi))
+            new = QuantizedBlockSparseLinear(w, bias, activation=info["activation"])
         else:
             raise ValueError(f"{meta_path}: unknown sparse module class {info['class']!r} for {name!r}")
         new.train(old.training)

@@ -358,6 +358,14 @@ class BlockSparseLinear(SparseLinear):
     def _pattern_repr(self) -> str:
         return f"block={self.block}, nnz_blocks={self.values.shape[0]}"
 
+    def quantize(self, mode: str = "int8", clip: Optional[float] = None):
+        """The int8 version of this layer (``sparse.quant.QuantizedBlockSparseLinear``, CPU inference only):
+        int8 weights with per-output-channel scales, activations quantized per token (or with the static
+        ``clip``). This module is left as it is."""
+        from .quant import QuantizedBlockSparseLinear
+
+        return QuantizedBlockSparseLinear.from_sparse(self, mode, clip=clip)
+
     @staticmethod
     def _describe_info(info: torch.Tensor) -> str:
         out, inn, bo, bi = info.tolist()

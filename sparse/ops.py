@@ -84,6 +84,14 @@ def _register() -> None:
         _check_same_device(grad_out=grad_out, x=x, indices=indices)
         return x.new_empty(indices.shape)
 
+    @torch.library.register_fake("sparsekern::bsr_linear_int8")
+    def _(x, qvalues, w_scale, w_sum, row_offsets, col_indices, out_features, block_cols, bias=None,
+          activation="none", clip=0.0):
+        _check_same_device(x=x, qvalues=qvalues, w_scale=w_scale, w_sum=w_sum, row_offsets=row_offsets,
+                           col_indices=col_indices, bias=bias)
+        torch._check(x.dim() == 2, lambda: f"x must be 2-D, got {x.dim()}-D")
+        return x.new_empty(x.shape[0], out_features)
+
     # The activation backward of every forward op's autograd (csrc/autograd.cpp): the activation table's, as aten
     # ops on any device, and decomposed into them under torch.compile.
     @torch.library.impl("sparsekern::act_backward", "CompositeImplicitAutograd")

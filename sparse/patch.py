@@ -150,6 +150,7 @@ class LayerReport:
     dense_ms: Optional[float] = None
     sparse_ms: Optional[float] = None
     activation: str = "none"
+    quantized: Optional[str] = None  # "int8" when sparsify(quantize=...) converted it (bytes_after are then int8's)
 
     @property
     def speedup(self) -> Optional[float]:
@@ -227,6 +228,9 @@ class SparsifyReport:
         ]
         if s.get("timing"):
             lines.append(f"Latency: {s['timing']}.")
+        if s.get("quantize"):
+            lines.append(f"Quantized to {s['quantize']} (sparse.quant): the block-sparse layers; latencies are the "
+                         "float sparse layers'.")
         lines += [
             "",
             "| layer | kind | shape (out, in) | dtype | pattern | sparsity | KiB before | KiB after "
@@ -239,7 +243,8 @@ class SparsifyReport:
             sparsity = "" if r.sparsity is None else f"{r.sparsity:.3f}"
             speed = "" if r.speedup is None else f"{r.speedup:.2f}x"
             lines.append(
-                f"| {r.name} | {r.kind} | {r.shape[0]}x{r.shape[1]} | {r.dtype} | {r.pattern or ''} | {sparsity} | "
+                f"| {r.name} | {r.kind} | {r.shape[0]}x{r.shape[1]} | {r.dtype} | {r.pattern or ''}"
+                f"{', ' + r.quantized if r.quantized else ''} | {sparsity} | "
                 f"{r.bytes_before / 1024:.1f} | {after} | {ms(r.dense_ms)} | {ms(r.sparse_ms)} | {speed} | "
                 f"{r.activation} | {status} |"
             )
@@ -702,6 +707,7 @@ def sparsify(
     sample_tokens: int = 128,
     repeats: int = 5,
     masks: Optional[Dict[str, torch.Tensor]] = None,
+    quantize: Optional[str] = None,
 ) -> SparsifyReport:
     """Replaces the model's matching ``nn.Linear`` / ``Conv1D`` layers by sparse ones, in place.
 
@@ -736,6 +742,11 @@ def sparsify(
         masks: optional ``{layer name: bool mask}`` (``[out, in]``, or the block grid for ``"block"``; per
             weight for ``"unstructured"``); those layers are built from their mask instead of by magnitude, and
             only they are converted.
+        quantize: ``"int8"`` to convert every block-sparse layer this call builds (block and unstructured
+            patterns, including a fused QKV op) to int8 weights with per-token activation scales
+            (``sparse.quant``: CPU inference only, float32 or bfloat16 models); balanced layers stay float. The
+            report's ``bytes_after`` are then the int8 bytes and ``quantized`` says which layers. Latencies (and
+            ``skip_if_slower``) are measured before quantization, on the float sparse layers.
     Returns:
         A SparsifyReport listing every Linear-like layer with its status: converted, kept dense because slower,
         or skipped with the reason.
@@ -744,6 +755,14 @@ def sparsify(
         that fits none of the selected layers, or a mask that does not fit its layer (naming the layer).
     """
     args = _resolve_pattern_args(pattern, sparsity, block, bank, keep)
+    if quantize is not None:
+        from .quant import MODES
+
+        if quantize not in MODES:
+            raise ValueError(f"quantize must be None or one of {MODES}, got {quantize!r}")
+        if pattern == "balanced":
+            raise ValueError("quantize='int8' takes the block patterns (block, unstructured, auto's block formats); "
+                             "the balanced format has no int8 kernel")
     if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 0:
         raise ValueError(f"sample_tokens must be an int >= 0, got {sample_tokens!r}")
     if skip_if_slower and sample_tokens == 0:
@@ -889,6 +908,9 @@ def sparsify(
                     rep = next(r for r in layers if r.name == f"{f.attention}.{key}")
                     rep.reason = f"runs in {f.attention}.{FUSED_QKV} (query, key and value as one op)"
 
+    if quantize is not None:
+        _quantize_converted(model, layers, replacements, quantize)
+
     threads = torch.get_num_threads()
     timing = (
         (
@@ -911,8 +933,45 @@ def sparsify(
         "timing": timing,
         "torch": torch.__version__,
         "threads": threads,
+        "quantize": quantize,
     }
     return SparsifyReport(layers=layers, fusions=applied, settings=settings, qkv_fusions=qkv)
+
+
+def _quantize_converted(model: nn.Module, layers: List[LayerReport], replacements: Dict[int, nn.Module],
+                        mode: str) -> None:
+    """sparsify(quantize=mode): the block-sparse layers this call built (and fused QKV ops over them) -> int8."""
+    from .quant import QuantizedBlockSparseLinear
+
+    built = {id(sp) for sp in replacements.values()}
+    reports = {r.name: r for r in layers}
+    targets = []
+    for name, m in model.named_modules():
+        if not isinstance(m, BlockSparseLinear):
+            continue
+        fused = name.endswith("." + FUSED_QKV) or name == FUSED_QKV
+        if id(m) in built or fused:
+            targets.append((name, m, fused))
+    for name, m, fused in targets:
+        if m.values.dtype not in (torch.float32, torch.bfloat16) or m.values.device.type != "cpu":
+            raise ValueError(f"layer {name!r} is {m.values.dtype} on {m.values.device}: the int8 layers run float32 "
+                             "or bfloat16 models on the CPU")
+        try:
+            q = QuantizedBlockSparseLinear.from_sparse(m, mode)
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from exc
+        q.train(m.training)
+        parent_path, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, attr, q)
+        if fused:  # the three projections' reports share the fused op
+            prefix = name[: -len(FUSED_QKV)]
+            for key in QKV_NAMES:
+                rep = reports.get(prefix + key)
+                if rep is not None:
+                    rep.quantized = mode
+        elif name in reports:
+            reports[name].quantized = mode
+            reports[name].bytes_after = q.nbytes
 
 
 def compile(model: nn.Module, *, freezing: bool = True, **kwargs: Any) -> nn.Module:

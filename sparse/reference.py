@@ -47,3 +47,38 @@ def sddmm(grad_out: torch.Tensor, x: torch.Tensor, weight: SparseWeight) -> torc
     """(grad_out^T x) at the stored positions, shaped like weight.values, in float64."""
     full = grad_out.reshape(-1, weight.shape[0]).double().t() @ x.reshape(-1, weight.shape[1]).double()
     return gather(full, weight)
+
+
+def quantize_activations(x: torch.Tensor, qmax: int, clip: float = 0.0):
+    """The int8 op's activation quantization (sparse/quant.py), in plain PyTorch: ``x`` [T, in] float32 or
+    bfloat16 -> (integers [T, in] as float64 in [-qmax, qmax], per-token scales [T] float32)."""
+    xf = x.float()
+    if clip > 0:
+        c = torch.full((xf.shape[0],), clip, dtype=torch.float32)
+        bad = torch.isnan(xf).any(dim=1)
+    else:
+        c = xf.abs().amax(dim=1) if xf.shape[1] else torch.zeros(xf.shape[0])
+        bad = ~torch.isfinite(c)
+    inv = torch.tensor(float(qmax), dtype=torch.float32) / c
+    tiny = ~(inv <= 3.0e38)
+    q = torch.clamp(xf * inv[:, None], -qmax, qmax).round()
+    zero = bad | tiny
+    q = torch.where(zero[:, None], torch.zeros((), dtype=q.dtype), q).double()
+    scale = c / torch.tensor(float(qmax), dtype=torch.float32)
+    scale = torch.where(bad, torch.full((), float("nan")), torch.where(tiny, torch.zeros(()), scale))
+    return q, scale
+
+
+def int8_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None, act: str = "none", qmax: int = 127,
+                clip: float = 0.0) -> torch.Tensor:
+    """What ``sparsekern::bsr_linear_int8`` computes, in float64 from the same integers: ``x`` [T, in] quantized as
+    :func:`quantize_activations`, times the weight's integers (``QuantizedBlockSparseWeight``), scaled, + bias,
+    activation."""
+    q, s = quantize_activations(x, qmax, clip)
+    out, inn = weight.shape
+    qw = weight.to_dense().double() / torch.where(weight.w_scale > 0, weight.w_scale, torch.ones(())).double()[:, None]
+    acc = q @ qw.round().t()
+    y = acc * s.double()[:, None] * weight.w_scale.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return activation(y, act)

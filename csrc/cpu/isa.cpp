@@ -41,9 +41,10 @@ Features detect() {
   f.avx512bw = __builtin_cpu_supports("avx512bw");
   f.avx512vl = __builtin_cpu_supports("avx512vl");
   f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
+  f.avx512vnni = __builtin_cpu_supports("avx512vnni");
 #endif
   const Isa cap = env_limit();
-  if (cap < Isa::Avx512) f.avx512f = f.avx512bw = f.avx512vl = f.avx512bf16 = false;
+  if (cap < Isa::Avx512) f.avx512f = f.avx512bw = f.avx512vl = f.avx512bf16 = f.avx512vnni = false;
   if (cap < Isa::Avx2) f.avx2 = f.fma = false;
   return f;
 }

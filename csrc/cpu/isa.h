@@ -14,7 +14,8 @@ namespace sparsekern::cpu {
 enum class Isa : int { Portable = 0, Avx2 = 1, Avx512 = 2 };
 
 struct Features {
-  bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false, avx512bf16 = false;
+  bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false, avx512bf16 = false,
+       avx512vnni = false;
 };
 
 // The CPU's features, less those that SPARSEKERN_ISA removes.

@@ -1,0 +1,188 @@
+// AVX-512 VNNI INT8 block-sparse forward (vpdpbusd: 4 u8 x s8 products added into each int32 lane) and the
+// activation quantizer. Compiled for AVX-512 by the pragma below; bsr_int8.cpp calls these only when the CPU has
+// AVX512_VNNI. No torch/STL headers, internal linkage for every helper (see bsr_avx512.cpp).
+//
+// Forward: per tile of TT tokens, for each block row of the chunk, TT x NV zmm int32 accumulators (NV =
+// ceil(bo / 16), 16 outputs each) stay in registers over every kept block of the row; per group of 4 input
+// features the block's [bo][4] bytes are loaded once (NV zmm) and each token's 4 activation bytes are broadcast.
+// The token tile is the outer loop: its quantized rows (TT x in bytes) stay in L1 while the thread's block rows
+// stream from L2. The output stage removes the zero point, scales, adds the bias, applies the activation and
+// stores float32 or bfloat16.
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "act_avx512.h"
+#include "int8_kernels.h"
+
+namespace sparsekern::cpu {
+namespace {
+
+template <int N>
+struct Int {
+  static constexpr int value = N;
+};
+
+// Calls f(Int<n>{}) for a run-time n in [1, N].
+template <int N, typename F>
+inline void dispatch_upto(int64_t n, const F& f) {
+  if constexpr (N >= 1) {
+    if (n == N) {
+      f(Int<N>{});
+    } else {
+      dispatch_upto<N - 1>(n, f);
+    }
+  }
+}
+
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+
+inline __m512 load_f32(const void* base, bool bf16, int64_t i, __mmask16 m) {
+  if (bf16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + i);
+}
+
+// Round to nearest even, NaN kept quiet (float_to_bf16, 16 lanes), without AVX512_BF16.
+inline void store_out(void* base, bool bf16, int64_t i, __m512 v, __mmask16 m) {
+  if (!bf16) {
+    _mm512_mask_storeu_ps(static_cast<float*>(base) + i, m, v);
+    return;
+  }
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(base) + i, m, _mm512_cvtepi32_epi16(r));
+}
+
+template <int NV, int TT>
+__attribute__((always_inline)) inline void fwd_tile(const Int8FwdArgs& a, int64_t r, int64_t t0) {
+  const int64_t bi4 = (a.bi + 3) / 4, wstride = bi4 * a.bo * 4;
+  __mmask16 mw[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) mw[v] = mask16(a.bo - 16 * v);
+  __m512i acc[TT][NV];
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_setzero_si512();
+  const uint8_t* xt = a.xq + t0 * a.ldxq;
+  const bool full = a.bo == 16 * NV;
+  for (int64_t p = a.row_offsets[r]; p < a.row_offsets[r + 1]; ++p) {
+    const int8_t* wb = a.w + p * wstride;
+    const uint8_t* xb = xt + int64_t(a.col_indices[p]) * a.bi;
+    for (int64_t kq = 0; kq < bi4; ++kq, wb += a.bo * 4) {
+      __m512i w[NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v)
+        w[v] = full ? _mm512_loadu_si512(wb + 64 * v) : _mm512_maskz_loadu_epi32(mw[v], wb + 64 * v);
+#pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) {
+        int32_t x4;
+        std::memcpy(&x4, xb + t * a.ldxq + 4 * kq, 4);
+        const __m512i xv = _mm512_set1_epi32(x4);
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_dpbusd_epi32(acc[t][v], xv, w[v]);
+      }
+    }
+  }
+  // Output stage.
+  const int64_t o0 = r * a.bo;
+  const Act act = static_cast<Act>(a.act);
+  __mmask16 m[NV];
+  __m512 ws[NV], bias[NV];
+  __m512i comp[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const int64_t lanes = a.out - o0 - 16 * v < a.bo - 16 * v ? a.out - o0 - 16 * v : a.bo - 16 * v;
+    m[v] = mask16(lanes);
+    ws[v] = _mm512_maskz_loadu_ps(m[v], a.w_scale + o0 + 16 * v);
+    comp[v] = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(m[v], a.w_sum + o0 + 16 * v), _mm512_set1_epi32(a.zp));
+    bias[v] = a.bias ? load_f32(a.bias, a.y_bf16, o0 + 16 * v, m[v]) : _mm512_setzero_ps();
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) {
+    const __m512 st = _mm512_set1_ps(a.x_scale[t0 + t]);
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const __m512 s = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t][v], comp[v]));
+      const __m512 z = act_avx512(_mm512_fmadd_ps(s, _mm512_mul_ps(ws[v], st), bias[v]), act);
+      store_out(a.y, a.y_bf16, (t0 + t) * a.out + o0 + 16 * v, z, m[v]);
+    }
+  }
+}
+
+template <int NV>
+void fwd_nv(const Int8FwdArgs& a, int64_t r0, int64_t r1) {
+  constexpr int TT = NV <= 2 ? 8 : NV == 3 ? 6 : 5;
+  int64_t t0 = 0;
+  for (; t0 + TT <= a.T; t0 += TT)
+    for (int64_t r = r0; r < r1; ++r) fwd_tile<NV, TT>(a, r, t0);
+  if (t0 < a.T) {
+    dispatch_upto<TT - 1>(a.T - t0, [&](auto tt) {
+      for (int64_t r = r0; r < r1; ++r) fwd_tile<NV, decltype(tt)::value>(a, r, t0);
+    });
+  }
+}
+
+}  // namespace
+
+void int8_fwd_avx512(const Int8FwdArgs& a, int64_t r0, int64_t r1) {
+  switch ((a.bo + 15) / 16) {
+    case 1: return fwd_nv<1>(a, r0, r1);
+    case 2: return fwd_nv<2>(a, r0, r1);
+    case 3: return fwd_nv<3>(a, r0, r1);
+    default: return fwd_nv<4>(a, r0, r1);
+  }
+}
+
+void int8_quantize_avx512(const Int8QuantArgs& a, int64_t t0, int64_t t1) {
+  const int64_t es = a.x_bf16 ? 2 : 4;
+  const __m512 qmax = _mm512_set1_ps(float(a.qmax)), qmin = _mm512_set1_ps(-float(a.qmax));
+  const __m512i zp = _mm512_set1_epi32(a.qmax + 1);
+  for (int64_t t = t0; t < t1; ++t) {
+    const void* row = static_cast<const char*>(a.x) + t * a.ldx * es;
+    uint8_t* q = a.xq + t * a.ldxq;
+    // max |x| as integer bits (NaN above Inf above every finite value), and whether any lane is NaN.
+    __m512i amax = _mm512_setzero_si512();
+    for (int64_t k = 0; k < a.in; k += 16) {
+      const __m512i b = _mm512_castps_si512(load_f32(row, a.x_bf16, k, mask16(a.in - k)));
+      amax = _mm512_max_epi32(amax, _mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)));
+    }
+    const uint32_t bits = uint32_t(_mm512_reduce_max_epi32(amax));
+    float clip;
+    std::memcpy(&clip, &bits, 4);
+    const bool nan = bits > 0x7f800000u, inf = bits == 0x7f800000u;
+    if (a.static_clip > 0) clip = a.static_clip;
+    const float inv = float(a.qmax) / clip;
+    if (nan || (a.static_clip <= 0 && inf) || !(inv <= 3.0e38f)) {
+      // Non-finite: the token's outputs are NaN. A zero (or subnormal-tiny) token: exactly the bias.
+      a.scale[t] = nan || (a.static_clip <= 0 && inf) ? __builtin_nanf("") : 0.0f;
+      std::memset(q, a.qmax + 1, size_t(a.ldxq));
+      continue;
+    }
+    a.scale[t] = clip / float(a.qmax);
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int64_t k = 0; k < a.in; k += 16) {
+      const __mmask16 m = mask16(a.in - k);
+      const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load_f32(row, a.x_bf16, k, m), vinv), qmin), qmax);
+      const __m512i i = _mm512_add_epi32(_mm512_cvtps_epi32(v), zp);  // round to nearest even
+      _mm512_mask_cvtepi32_storeu_epi8(q + k, m, i);
+    }
+    std::memset(q + a.in, a.qmax + 1, size_t(a.ldxq - a.in));
+  }
+}
+
+}  // namespace sparsekern::cpu
+#endif
