@@ -122,6 +122,54 @@ def ours_linear(
     return out
 
 
+def _clone_qweight(q):
+    from sparse.quant import QuantizedBlockSparseWeight
+
+    return QuantizedBlockSparseWeight(q.qvalues.clone(), q.w_scale.clone(), q.w_sum.clone(), q.row_offsets.clone(),
+                                      q.col_indices.clone(), q.shape, q.block, validate=False)
+
+
+def ours_int8_linear(w: BlockSparseWeight, X: torch.Tensor, copies: int = 1) -> List[Contender]:
+    """Our int8 kernel (``sparsekern::bsr_linear_int8`` through its direct entry point) on the float weight ``w``
+    quantized per output channel, activations quantized per token inside the op. Checked against the float64
+    reference of the same integers."""
+    from sparse._ext import _C
+    from sparse.quant import QuantizedBlockSparseWeight, activation_qmax
+
+    q = QuantizedBlockSparseWeight.from_float(w.to(dtype=torch.float32))
+    qs = _copies(q, copies, _clone_qweight)
+    info = {**describe(w), "format": "bsr-int8", "weight_bytes": q.nbytes, "backend": "sparsekern-int8"}
+    name = f"int8:{info['block']}:{info['density']:.4f}"
+    call = _C.bsr_linear_int8_call
+    raw = lambda v: call(X, v.qvalues, v.w_scale, v.w_sum, v.row_offsets, v.col_indices, v.shape[0], v.block[1],
+                         None, "none", 0.0)
+    ref = reference.int8_linear(X, q, None, "none", activation_qmax())
+    return [Contender(name, cycling(qs, raw), info, ref)]
+
+
+def dense_int8_linear(W: torch.Tensor, X: torch.Tensor, copies: int = 1) -> List[Contender]:
+    """PyTorch's own dense INT8: dynamic quantization (``torch.ao.quantization.quantize_dynamic``: int8 weights
+    per tensor, activations quantized per call; fbgemm / oneDNN kernels of the ``x86`` engine), float32 in and out.
+    Not a float reference: its result is only checked to be within 5% of the float one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        mods = []
+        for _ in range(copies):
+            lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+            lin.weight.data.copy_(W.float())
+            mods.append(quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)[0])
+    Xf = X.float()
+    ref = F.linear(Xf.double(), W.double())
+    err = float((mods[0](Xf).double() - ref).abs().max() / ref.abs().max())
+    info = {"format": "dense-int8", "block": "", "density": 1.0, "weight_bytes": W.numel() + 8,
+            "backend": "torch.ao.dynamic_int8"}
+    if not err <= 0.05:
+        return [Contender("torch.dynamic_int8", _refuse(f"error {err:.3f} of max |reference|"), info)]
+    return [Contender("torch.dynamic_int8", cycling(mods, lambda m: m(Xf)), info)]
+
+
 def dense_linear_act(W: torch.Tensor, X: torch.Tensor, bias: torch.Tensor, act: str) -> List[Contender]:
     """A dense Linear with ``bias`` followed by torch's ``act``, through ``F.linear`` and through oneDNN with a
     pre-packed weight, in X's dtype; both are dense references."""

@@ -75,6 +75,9 @@ class Preset:
     act_tokens: List[int] = field(default_factory=list)
     act_dtypes: List[str] = field(default_factory=list)
     act_specs: List[Spec] = field(default_factory=list)
+    # INT8 (sparse.quant): block-sparse specs also timed as int8 in the float32 forward cases (hot and cold), with
+    # PyTorch's dense dynamic INT8 as a contender; report.py compares them with our float32 kernel on the same spec.
+    int8_specs: List[Spec] = field(default_factory=list)
 
 
 _TARGET_SPARSITIES = [0.0, 0.5, 0.75, 0.9, 0.95]
@@ -186,6 +189,10 @@ PRESETS.update({
     # column vectors 4x1 / 8x1 / 16x1 / 32x1 and row vectors 1x4 / 1x8: forward, gradients at T = 512
     "vectors": _only(tokens=[128, 512], dtypes=["float32"], fwd_specs={"float32": _VEC, "bfloat16": _VEC},
                      grad_tokens=[512], grad_dtypes=["float32"], grad_specs=_VEC),
+    # INT8 block 32 against our float32 block 32 and PyTorch's dense dynamic INT8: forward at T = 16 / 128 / 512, 1
+    # and 2 threads, and batch-1 decode with cold weights
+    "int8": _only(tokens=[16, 128, 512], dtypes=["float32"], threads=[1, 2], fwd_specs={"float32": _BSR32},
+                  int8_specs=_BSR32, cold_tokens=[1], cold_dtypes=["float32"], cold_specs=_BSR32[1:]),
     # GELU fused into the output stage vs the kernel then torch's GELU, on BERT-base's intermediate layer at
     # 1024 tokens, densities 0.1 and 0.5, 1 and 2 threads
     "act": _only(shapes=[(3072, 768)], threads=[1, 2], activations=["gelu"], act_tokens=[1024],
@@ -276,8 +283,11 @@ def contenders_for(case: Case, p: Preset, skipped: List[str]) -> List[Contender]
     }[case.op]
     specs = [s for s in specs if _usable(s, case.shape)]
 
+    int8 = [s for s in p.int8_specs if _usable(s, case.shape) and case.op == "linear" and case.dtype == "float32"]
     if case.op == "linear":
         cs = B.dense_linear(W, X, cold_copies(out_f * in_f * X.element_size(), p.cold_cache_factor) if cold else 1)
+        if int8:
+            cs += B.dense_int8_linear(W, X, cold_copies(out_f * in_f, p.cold_cache_factor) if cold else 1)
     elif case.op == "grad_input":
         cs = B.dense_grad_input(W, dY)
     else:
@@ -293,6 +303,8 @@ def contenders_for(case: Case, p: Preset, skipped: List[str]) -> List[Contender]
         copies = cold_copies(w.nbytes, p.cold_cache_factor) if cold else 1
         if case.op == "linear":
             ours = B.ours_linear(w, X, copies, via_api=spec in p.api_specs)
+            if spec in int8:
+                ours += B.ours_int8_linear(w, X, cold_copies(w.nbytes // 4, p.cold_cache_factor) if cold else 1)
             if spec in p.scaling_specs and case.threads > 1 and not cold and dtype == torch.float32:
                 ours.append(B.with_threads(ours[0], 1))
             cs += ours

@@ -56,6 +56,7 @@ class Preset:
     config: Optional[Dict[str, int]] = None  # BertConfig overrides (None: BERT-base)
     peers: bool = True  # other runtimes (benchmarks.peers) as contenders, where configured
     aoti: bool = False  # an AOTInductor package of the fused fp32 block model at the top sparsity (minutes to build)
+    int8: bool = True  # the fused block model at the top sparsity quantized to int8 (sparse.quant), and ORT's INT8
 
 
 PRESETS: Dict[str, Preset] = {
@@ -92,7 +93,8 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, fuse: Union[bool, 
     and value as one sparse op (``fuse_qkv``, not timed: always fused)."""
     model = copy.deepcopy(model)
     sparse.sparsify(model, pattern=pattern, sparsity=sparsity, block=32, bank=32, include=_encoder_linear,
-                    skip_if_slower=False, fuse_activations=bool(fuse), fuse_qkv=fuse == "qkv")
+                    skip_if_slower=False, fuse_activations=bool(fuse), fuse_qkv=fuse == "qkv",
+                    quantize="int8" if fuse == "int8" else None)
     return model
 
 
@@ -100,6 +102,8 @@ def _fused_label(fuse: Union[bool, str]) -> Tuple[str, str]:
     """(contender name suffix, backend suffix) of a sparse model's fusions."""
     if fuse == "qkv":
         return ":fused+qkv", "(fused gelu+qkv)"
+    if fuse == "int8":
+        return ":fused:int8", "(fused gelu, int8)"
     return (":fused", "(fused gelu)") if fuse else ("", "")
 
 
@@ -202,15 +206,20 @@ def _start_peers(pythons: Dict[str, str], files: Dict[str, Tuple[str, Dict[str, 
                 continue
             extra = ["--bert-fusions", "--num-heads", str(hidden[1]), "--hidden-size", str(hidden[0])] if (
                 runtime == "onnxruntime") else []
-            try:
-                peer = peers.Peer(runtime, python, path, batch=batch, seq=SEQ, vocab=vocab, threads=p.threads,
-                                  extra=extra)
-            except Exception as exc:  # a peer that cannot start is reported, not fatal
-                skipped.append(f"{runtime} {label} batch {batch}: not run: {_first_line(exc)}")
-                continue
-            notes = ", ".join(f"{k} {v}" for k, v in peer.info.items() if k not in ("runtime", "version"))
-            out.append((f"{runtime}:{label}", peer, {**info, "backend": f"{runtime} {peer.info['version']}",
-                                                     "dtype": "float32", "notes": notes}))
+            # ONNX Runtime's dense INT8 (its dynamic quantization) beside the int8 sparse model
+            variants = [("", extra, info)]
+            if runtime == "onnxruntime" and label == "dense" and p.int8:
+                variants.append((":int8", extra + ["--quantize-int8"], {**info, "format": "dense-int8"}))
+            for tag, args, row in variants:
+                try:
+                    peer = peers.Peer(runtime, python, path, batch=batch, seq=SEQ, vocab=vocab, threads=p.threads,
+                                      extra=args)
+                except Exception as exc:  # a peer that cannot start is reported, not fatal
+                    skipped.append(f"{runtime} {label}{tag} batch {batch}: not run: {_first_line(exc)}")
+                    continue
+                notes = ", ".join(f"{k} {v}" for k, v in peer.info.items() if k not in ("runtime", "version"))
+                out.append((f"{runtime}:{label}{tag}", peer, {**row, "backend": f"{runtime} {peer.info['version']}",
+                                                              "dtype": "float32", "notes": notes}))
     return out
 
 
@@ -238,6 +247,8 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
         wanted.append((pattern, top, "float32", True))
     if "block" in p.patterns:
         wanted.append(("block", top, "float32", "qkv"))
+    if "block" in p.patterns and p.int8:
+        wanted.append(("block", top, "float32", "int8"))
     if "block" in p.patterns and p.bf16_sparse and bf16_ok:
         wanted.append(("block", top, "bfloat16", True))
     sparse_models: Dict[Tuple[str, float, str, Union[bool, str]], nn.Module] = {}
@@ -287,11 +298,14 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                 for dt, m in prepacked.items():
                     entries.append((f"onednn_{dt}", m, {**dense_info, "backend": "onednn_prepacked", "dtype": dt}))
             for (pattern, s, dt, fuse), m in sparse_models.items():
-                if training and (dt != "float32" or pattern not in p.train_patterns or (fuse and pattern != "block")):
+                if training and (dt != "float32" or pattern not in p.train_patterns or (fuse and pattern != "block")
+                                 or fuse == "int8"):  # int8 layers are inference only
                     continue
                 m.train(training)
                 suffix, how = _fused_label(fuse)
                 info = {**_pattern_info(pattern, s), "backend": "sparse.sparsify" + how, "dtype": dt}
+                if fuse == "int8":
+                    info["format"] = "bsr-int8"
                 entries.append((f"{pattern}:{s}:{dt}{suffix}", m, info))
             # Each model gets the fastest attention implementation for itself (transformers' sdpa and eager, SDPA
             # with its math or flash CPU backend forced), as its user would pick (a compiled model keeps the one of

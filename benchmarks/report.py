@@ -214,7 +214,38 @@ def kernel_target_tables(rows: List[Row]) -> List[Table]:
     tables.append(sc)
     if any(str(r["op"]).startswith("linear+") for rs in cases.values() for r in rs):
         tables.append(_fused_activation_table(cases))
+    if any(r["backend"] == "sparsekern-int8" for rs in cases.values() for r in rs):
+        tables += _int8_tables(cases)
     return tables
+
+
+def _int8_tables(cases: Dict[str, List[Row]]) -> List[Table]:
+    """INT8 (preset ``int8``): against our float32 kernel on the same weight (hot, d = 0.1, T >= 128; cold, T = 1)
+    and, at d = 1, against PyTorch's dense dynamic INT8."""
+    vnni = Table("INT8 block 32, d=0.1, T >= 128: >= 2.5x our fp32 block-32 kernel with VNNI, >= 1.6x on AVX2",
+                 "ratio = our fp32 kernel's time / our int8 kernel's time, same case and weight")
+    dense = Table("INT8 block 32 at d=1: within 15% of the best dense INT8 GEMM (ratio >= 0.87)",
+                  "ratio = PyTorch dynamic INT8 (quantize_dynamic, x86 engine) time / ours, same case")
+    cold = Table("INT8 T=1, cold weights: >= 3x faster than the fp32 sparse layer",
+                 "ratio = our fp32 kernel's time / our int8 kernel's time; weights cycled through cold copies")
+    for rows in cases.values():
+        for q in _ours(rows, "sparsekern-int8"):
+            f32 = [r for r in _ours(rows) if (r["format"], r["block"], r["density"]) == ("bsr", q["block"],
+                                                                                          q["density"])]
+            d = nominal(float(q["density"]), [1.0, 0.5, 0.25, 0.1, 0.05])
+            what = f"int8 {q['block']} d={float(q['density']):.3f}"
+            if f32 and q["weights"] == "cold" and int(q["tokens"]) == 1:
+                cold.add(_case_label(q), what, 3.0, float(f32[0]["median_s"]) / float(q["median_s"]),
+                         noise(q, f32[0]).strip())
+            if f32 and q["weights"] == "hot" and d == 0.1 and int(q["tokens"]) >= 128:
+                has_vnni = "avx512vnni" in str(q["cpu_features"]).split(",") and q["isa"] == "avx512"
+                vnni.add(_case_label(q), what + (" (VNNI)" if has_vnni else " (AVX2)"), 2.5 if has_vnni else 1.6,
+                         float(f32[0]["median_s"]) / float(q["median_s"]), noise(q, f32[0]).strip())
+            rivals = [r for r in rows if r["backend"] == "torch.ao.dynamic_int8"]
+            if rivals and d == 1.0 and q["weights"] == "hot":
+                dense.add(_case_label(q), what, 1 / 1.15, float(rivals[0]["median_s"]) / float(q["median_s"]),
+                          noise(q, rivals[0]).strip())
+    return [vnni, dense, cold]
 
 
 def _fused_activation_table(cases: Dict[str, List[Row]]) -> Table:
@@ -231,6 +262,25 @@ def _fused_activation_table(cases: Dict[str, List[Row]]) -> Table:
             act = str(fused["op"]).split("+", 1)[1]
             t.add(_case_label(fused), f"{fused['format']} {fused['block']} d={float(fused['density']):.3f} {act}", 1.0,
                   float(pair[0]["median_s"]) / float(fused["median_s"]), noise(fused, pair[0]).strip())
+    return t
+
+
+def _e2e_int8_table(cases: Dict[str, List[Row]]) -> Table:
+    t = Table("BERT-base 90% block 32, int8: >= 2x faster than ONNX Runtime's dense INT8, >= 1.5x faster than our "
+              "fp32 sparse model",
+              "ratio = the rival's time / the int8 model's, same case; our fp32 model: the same fused block model in "
+              "float32, eager (the int8 one is eager too)")
+    for rows in cases.values():
+        for q in rows:
+            if q["format"] != "bsr-int8" or q["op"] != "bert_forward":
+                continue
+            ort = [r for r in rows if r["format"] == "dense-int8" and str(r["backend"]).startswith("onnxruntime")]
+            f32 = [r for r in rows if r["format"] == "bsr" and r["dtype"] == "float32" and r["density"] == q["density"]
+                   and str(r["backend"]) == "sparse.sparsify(fused gelu)"]
+            for rival, target, label in ((ort, 2.0, "vs ONNX Runtime dense INT8"), (f32, 1.5, "vs our fp32 sparse")):
+                if rival:
+                    t.add(_case_label(q), f"{q['backend']} {label}", target,
+                          float(rival[0]["median_s"]) / float(q["median_s"]), noise(q, rival[0]).strip())
     return t
 
 
@@ -279,7 +329,8 @@ def e2e_target_tables(rows: List[Row]) -> List[Table]:
                 float(best["median_s"]) / float(fast["median_s"]),
                 f"best: {best['backend']} {best['dtype']}" + noise(fast, best),
             )
-    return [fwd, train]
+    int8 = _e2e_int8_table(cases)
+    return [fwd, train] + ([int8] if int8.lines else [])
 
 
 PEERS = ("onnxruntime", "deepsparse", "openvino")

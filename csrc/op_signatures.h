@@ -29,6 +29,10 @@ using BalancedLinear = Tensor(const Tensor&, const Tensor&, const Tensor&, int64
 using BalancedLinearGradInput = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, c10::SymInt);
 // sparsekern::balanced_sddmm(grad_out, x, indices, bank)
 using BalancedSddmm = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t);
+// sparsekern::bsr_linear_int8(x, qvalues, w_scale, w_sum, row_offsets, col_indices, out_features, block_cols, bias,
+//                             activation, clip)
+using BsrLinearInt8 = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             c10::SymInt, int64_t, const OptTensor&, std::string_view, double);
 // sparsekern::act_backward(grad, z, activation)
 using ActBackward = Tensor(const Tensor&, const Tensor&, std::string_view);
 
@@ -50,6 +54,7 @@ SK_OP_HANDLE(bsr_sddmm, BsrSddmm)
 SK_OP_HANDLE(balanced_linear, BalancedLinear)
 SK_OP_HANDLE(balanced_linear_grad_input, BalancedLinearGradInput)
 SK_OP_HANDLE(balanced_sddmm, BalancedSddmm)
+SK_OP_HANDLE(bsr_linear_int8, BsrLinearInt8)
 SK_OP_HANDLE(act_backward, ActBackward)
 #undef SK_OP_HANDLE
 

@@ -122,6 +122,30 @@ PyObject* balanced_linear_call(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* bsr_linear_int8_call(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *x, *qvalues, *w_scale, *w_sum, *row_offsets, *col_indices, *bias;
+  long long out_features, block_cols;
+  const char* activation;
+  double clip;
+  if (!PyArg_ParseTuple(args, "OOOOOOLLOsd", &x, &qvalues, &w_scale, &w_sum, &row_offsets, &col_indices, &out_features,
+                        &block_cols, &bias, &activation, &clip))
+    return nullptr;
+  for (PyObject* o : {x, qvalues, w_scale, w_sum, row_offsets, col_indices})
+    if (!plain(o)) Py_RETURN_NONE;
+  if (!plain_or_none(bias)) Py_RETURN_NONE;
+  const auto& op = ops::bsr_linear_int8();
+  const at::Tensor& xt = THPVariable_Unpack(x);
+  const std::optional<at::Tensor> b = optional_tensor(bias);
+  auto call = [&] {
+    return op.call(xt, THPVariable_Unpack(qvalues), THPVariable_Unpack(w_scale), THPVariable_Unpack(w_sum),
+                   THPVariable_Unpack(row_offsets), THPVariable_Unpack(col_indices), c10::SymInt(out_features),
+                   block_cols, b, std::string_view(activation), clip);
+  };
+  return call_and_wrap(xt.numel() * out_features, call);
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 
 PyMethodDef python_call_methods[] = {
@@ -132,6 +156,7 @@ PyMethodDef python_call_methods[] = {
      "torch.ops.sparsekern.bsr_linear with the same arguments, without the generic op-call overhead; None when a "
      "__torch_function__ override is in play (then call torch.ops)."},
     {"balanced_linear_call", balanced_linear_call, METH_VARARGS, "torch.ops.sparsekern.balanced_linear likewise."},
+    {"bsr_linear_int8_call", bsr_linear_int8_call, METH_VARARGS, "torch.ops.sparsekern.bsr_linear_int8 likewise."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace sparsekern

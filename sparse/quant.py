@@ -253,9 +253,13 @@ class QuantizedBlockSparseLinear(nn.Module):
         if x.device.type != "cpu":
             raise ValueError(f"the int8 kernels run on the CPU only, got an input on {x.device}")
         bias = self.bias if self.bias is None or x.dtype == torch.float32 else self.bias.to(x.dtype)
-        y = torch.ops.sparsekern.bsr_linear_int8(
-            x.reshape(-1, self.in_features), self.qvalues, self.w_scale, self.w_sum, self.row_offsets,
-            self.col_indices, self.out_features, self.block[1], bias, self.activation, self._clip)
+        args = (x.reshape(-1, self.in_features), self.qvalues, self.w_scale, self.w_sum, self.row_offsets,
+                self.col_indices, self.out_features, self.block[1], bias, self.activation, self._clip)
+        y = None
+        if not torch.compiler.is_compiling():  # the direct entry point: no generic op-call overhead
+            y = _ext.require().bsr_linear_int8_call(*args)
+        if y is None:
+            y = torch.ops.sparsekern.bsr_linear_int8(*args)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

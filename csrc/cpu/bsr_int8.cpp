@@ -176,7 +176,7 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
 #if !defined(__x86_64__)
   quantize = &quantize_portable;
 #endif
-  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(in, 1)),
+  at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(in, 1)),
                    [&](int64_t t0, int64_t t1) { quantize(qa, t0, t1); });
 
   const Int8FwdArgs a{out,
