@@ -93,7 +93,7 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, fuse: Union[bool, 
     and value as one sparse op (``fuse_qkv``, not timed: always fused)."""
     model = copy.deepcopy(model)
     sparse.sparsify(model, pattern=pattern, sparsity=sparsity, block=32, bank=32, include=_encoder_linear,
-                    skip_if_slower=False, fuse_activations=bool(fuse), fuse_qkv=fuse == "qkv",
+                    skip_if_slower=False, fuse_activations=bool(fuse), fuse_qkv=fuse in ("qkv", "int8"),
                     quantize="int8" if fuse == "int8" else None)
     return model
 
@@ -103,7 +103,7 @@ def _fused_label(fuse: Union[bool, str]) -> Tuple[str, str]:
     if fuse == "qkv":
         return ":fused+qkv", "(fused gelu+qkv)"
     if fuse == "int8":
-        return ":fused:int8", "(fused gelu, int8)"
+        return ":fused+qkv:int8", "(fused gelu+qkv, int8)"
     return (":fused", "(fused gelu)") if fuse else ("", "")
 
 
