@@ -7,6 +7,7 @@
 //    entries: 7 loads per 12 FMAs.
 //  - Row vectors: X packed per group of 4 or 8 columns (a (1, 16) or (1, 32) block is 2 or 4 groups of 8); a
 //    vector holds 2 tokens x 4 columns (12 accumulators, 24 tokens) or 1 token x 8 columns (8 accumulators).
+//  - The weight gradient (SDDMM): the "sddmm" section below.
 #if defined(__x86_64__)
 #pragma GCC target("avx2,fma")
 
@@ -283,6 +284,242 @@ bool row_forward(const Rows<E>& m, int64_t r0, int64_t r1, const E* x, int64_t l
   return true;
 }
 
+// ---------------------------------------------------------------- sddmm
+// The plan of vec_avx512.cpp's sddmm with 8-lane vectors: VS = min(V, 8) outputs x P = 8 / VS tokens per vector
+// (a (4, 1) or (1, 4) vector: 4 outputs x 2 tokens, the entry's X^T tokens one vbroadcastsd; wider vectors are
+// 2 or 4 parts of 8 outputs x 1 token), NE = 8 entries a block (8 accumulators of the 16 registers).
+constexpr int kSdEntries = 8;    // entries per register block
+constexpr int64_t kSdTile = 64;  // tokens per tile: X^T / X packed for 64 tokens (in x 256 bytes, L2)
+
+// W consecutive floats at p repeated over the vector (W = 8: a plain load).
+template <int W>
+__attribute__((always_inline)) inline __m256 load_bc(const float* p) {
+  if constexpr (W == L) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (W == 2) {
+    double d;
+    std::memcpy(&d, p, sizeof(d));
+    return _mm256_castpd_ps(_mm256_set1_pd(d));
+  } else {
+    return _mm256_broadcast_ss(p);
+  }
+}
+
+// First n (<= 4) elements of a row as fp32, zeros after.
+inline __m128 load4(const float* p, int64_t n) {
+  if (n >= 4) return _mm_loadu_ps(p);
+  alignas(16) float t[4] = {};
+  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+  return _mm_load_ps(t);
+}
+inline __m128 load4(const uint16_t* p, int64_t n) {
+  alignas(16) uint16_t t[8] = {};
+  if (n < 4) {
+    for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+    p = t;
+  }
+  const __m128i h = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm_castsi128_ps(_mm_slli_epi32(h, 16));
+}
+
+// dst[(g * S + s) * 8 + o * P + j] = src[(s * P + j) * ld + g * VS + o] (VS = 8 / P) for the groups g < ng of
+// VS columns and the steps s < S; zero where s * P + j >= tb or g * VS + o >= nc.
+template <int P, typename E>
+void pack_interleaved(const E* src, int64_t ld, int64_t tb, int64_t nc, int64_t ng, int64_t S, float* dst) {
+  constexpr int VS = L / P;
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t c = g * VS, n = nc - c < VS ? nc - c : VS;
+    float* d = dst + g * S * L;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t t = s * P;
+      if constexpr (P == 1) {
+        _mm256_store_ps(d + s * L, t < tb && n > 0 ? load_n(src + t * ld + c, n) : _mm256_setzero_ps());
+      } else {
+        const __m128 r0 = t < tb && n > 0 ? load4(src + t * ld + c, n) : _mm_setzero_ps();
+        const __m128 r1 = t + 1 < tb && n > 0 ? load4(src + (t + 1) * ld + c, n) : _mm_setzero_ps();
+        _mm256_store_ps(d + s * L, _mm256_set_m128(_mm_unpackhi_ps(r0, r1), _mm_unpacklo_ps(r0, r1)));
+      }
+    }
+  }
+}
+
+// acc[e * V + o] += sum over the P token phases j of v[e] lane o * P + j, for the NE entries' VS = 8 / P outputs
+// (V = VS unless P = 1).
+template <int NE, int P, int V>
+__attribute__((always_inline)) inline void fold_add(const __m256 (&v)[NE], float* acc) {
+  if constexpr (P == 1) {
+#pragma GCC unroll 8
+    for (int e = 0; e < NE; ++e) _mm256_storeu_ps(acc + e * V, _mm256_add_ps(_mm256_loadu_ps(acc + e * V), v[e]));
+  } else {
+    static_assert(P == 2 && V == 4, "P > 1 only for 4-wide vectors");
+#pragma GCC unroll 4
+    for (int f = 0; f < (NE + 1) / 2; ++f) {
+      const __m256 w1 = 2 * f + 1 < NE ? v[2 * f + 1] : _mm256_setzero_ps();
+      // hadd: [e0 o0 o1, e1 o0 o1, e0 o2 o3, e1 o2 o3] in 64-bit pairs; the permute puts entry e0 first
+      const __m256 r = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(v[2 * f], w1)), 0xD8));
+      const int64_t n = NE * 4 - f * L < L ? NE * 4 - f * L : L;
+      float* d = acc + f * L;
+      store_n(d, _mm256_add_ps(load_n(d, n), r), n);
+    }
+  }
+}
+
+// The dot products of NE entries over S steps: v[e] = sum_s load_bc<WA>(a + s * WA) * load_bc<WB>(b[e] + s * WB),
+// K partial sums per entry (steps s = k mod K) so that at least 8 FMA chains run, added in a fixed order.
+template <int NE, int WA, int WB>
+__attribute__((always_inline)) inline void dots(const float* a, const float* const (&b)[NE], int64_t S,
+                                                __m256 (&v)[NE]) {
+  constexpr int K = NE >= 8 ? 1 : NE >= 4 ? 2 : 4;  // S is a multiple of 4
+  __m256 acc[K][NE];
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k)
+#pragma GCC unroll 8
+    for (int e = 0; e < NE; ++e) acc[k][e] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < S; s += K) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const __m256 av = load_bc<WA>(a + (s + k) * WA);
+#pragma GCC unroll 8
+      for (int e = 0; e < NE; ++e) acc[k][e] = _mm256_fmadd_ps(av, load_bc<WB>(b[e] + (s + k) * WB), acc[k][e]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int e = 0; e < NE; ++e) {
+    v[e] = acc[0][e];
+#pragma GCC unroll 4
+    for (int k = 1; k < K; ++k) v[e] = _mm256_add_ps(v[e], acc[k][e]);
+  }
+}
+
+// The entries [p, p + NE) of one row against the shared operand a: acc (at entry p) += their dot products;
+// bptr(p): entry p's own operand.
+template <int NE, int WA, int WB, int P, int V, typename B>
+__attribute__((always_inline)) inline void entry_block(const float* a, int64_t p, const B& bptr, int64_t S,
+                                                       float* acc) {
+  const float* b[NE];
+#pragma GCC unroll 8
+  for (int e = 0; e < NE; ++e) b[e] = bptr(p + e);
+  __m256 v[NE];
+  dots<NE, WA, WB>(a, b, S, v);
+  fold_add<NE, P, V>(v, acc);
+}
+
+template <int WA, int WB, int P, int V, typename B>
+void row_entries(const float* a, int64_t pb, int64_t pe, const B& bptr, int64_t S, float* acc) {
+  int64_t p = pb;
+  for (; p + kSdEntries <= pe; p += kSdEntries)
+    entry_block<kSdEntries, WA, WB, P, V>(a, p, bptr, S, acc + (p - pb) * V);
+  float* d = acc + (p - pb) * V;
+  switch (pe - p) {
+    case 1: return entry_block<1, WA, WB, P, V>(a, p, bptr, S, d);
+    case 2: return entry_block<2, WA, WB, P, V>(a, p, bptr, S, d);
+    case 3: return entry_block<3, WA, WB, P, V>(a, p, bptr, S, d);
+    case 4: return entry_block<4, WA, WB, P, V>(a, p, bptr, S, d);
+    case 5: return entry_block<5, WA, WB, P, V>(a, p, bptr, S, d);
+    case 6: return entry_block<6, WA, WB, P, V>(a, p, bptr, S, d);
+    case 7: return entry_block<7, WA, WB, P, V>(a, p, bptr, S, d);
+    default: return;
+  }
+}
+static_assert(kSdEntries == 8, "row_entries' switch covers the tails 1..kSdEntries-1");
+
+// dw for the block rows [r0, r1) of (V, 1) blocks (Col) or the rows [r0, r1) of (1, V) blocks.
+template <bool Col, int V, typename E>
+bool sddmm(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  constexpr int VS = V < L ? V : L, P = L / VS, NP = V / VS;
+  constexpr int64_t G = Col ? kRowGroup / V : kRowGroup;  // block rows whose dY is packed together
+  if (r1 <= r0) return true;
+  const int32_t* ro = a.row_offsets;
+  const int32_t* ci = a.col_indices;
+  const int64_t j0 = ro[r0], j1 = ro[r1];
+  float* acc = sizeof(E) == 4 ? static_cast<float*>(a.dw) + j0 * V : thread_buf(2, (j1 - j0) * V + 1);
+  if (!acc) return false;
+  std::memset(acc, 0, size_t(j1 - j0) * V * sizeof(float));
+  const E* dy = static_cast<const E*>(a.dy);
+  const E* x = static_cast<const E*>(a.x);
+  const int64_t ngx = (a.in + a.bi - 1) / a.bi * NP;  // row vectors: X groups of VS columns, whole blocks
+  if (a.T > 0 && j1 > j0) {
+    float* xp = thread_buf(0, (Col ? a.in : ngx * VS) * kSdTile);
+    float* dyp = thread_buf(1, kRowGroup * kSdTile);
+    if (!xp || !dyp) return false;
+    for (int64_t t0 = 0; t0 < a.T; t0 += kSdTile) {
+      const int64_t tb = a.T - t0 < kSdTile ? a.T - t0 : kSdTile;
+      const int64_t TT = (tb + L - 1) / L * L, S = TT / P;  // tokens of the tile (padded), steps of P tokens
+      auto pack_t = [&](const E* src, int64_t ld, int64_t nc, float* dst) {
+        with_vecs<kSdTile / L>(tb, [&](auto nv) { pack_transposed<decltype(nv)::value>(src, ld, tb, nc, dst); });
+      };
+      if constexpr (Col) {
+        pack_t(x + t0 * a.ldx, a.ldx, a.in, xp);
+      } else {
+        pack_interleaved<P>(x + t0 * a.ldx, a.ldx, tb, a.in, ngx, S, xp);
+      }
+      for (int64_t g0 = r0; g0 < r1; g0 += G) {
+        const int64_t g1 = g0 + G < r1 ? g0 + G : r1;
+        if (ro[g0] == ro[g1]) continue;
+        if constexpr (Col) {
+          pack_interleaved<P>(dy + t0 * a.lddy + g0 * V, a.lddy, tb, a.out - g0 * V, (g1 - g0) * NP, S, dyp);
+        } else {
+          pack_t(dy + t0 * a.lddy + g0, a.lddy, g1 - g0, dyp);
+        }
+        for (int64_t b = g0; b < g1; ++b) {
+          const int64_t pb = ro[b], pe = ro[b + 1];
+#pragma GCC unroll 4
+          for (int h = 0; h < NP; ++h) {
+            float* d = acc + (pb - j0) * V + h * VS;
+            if constexpr (Col) {
+              const float* ap = dyp + ((b - g0) * NP + h) * S * L;
+              auto bp = [&](int64_t p) { return xp + int64_t(ci[p]) * TT; };
+              row_entries<L, P, P, V>(ap, pb, pe, bp, S, d);
+            } else {
+              const float* ap = dyp + (b - g0) * TT;
+              auto bp = [&](int64_t p) { return xp + (int64_t(ci[p]) * NP + h) * S * L; };
+              row_entries<P, L, P, V>(ap, pb, pe, bp, S, d);
+            }
+          }
+        }
+      }
+    }
+  }
+  // Outputs of a ragged edge vector outside the matrix: exact zeros.
+  if constexpr (Col) {
+    const int64_t last = (a.out - 1) / V, rem = a.out - last * V;
+    if (rem < V && last >= r0 && last < r1) {
+      for (int64_t p = ro[last]; p < ro[last + 1]; ++p)
+        std::memset(acc + (p - j0) * V + rem, 0, size_t(V - rem) * sizeof(float));
+    }
+  } else {
+    const int64_t last = (a.in - 1) / V, rem = a.in - last * V;
+    if (rem < V) {
+      for (int64_t p = j0; p < j1; ++p)
+        if (ci[p] == last) std::memset(acc + (p - j0) * V + rem, 0, size_t(V - rem) * sizeof(float));
+    }
+  }
+  if constexpr (sizeof(E) != 4) {
+    E* dw = static_cast<E*>(a.dw) + j0 * V;
+    const int64_t n = (j1 - j0) * V;
+    for (int64_t k = 0; k < n; k += L) store_n(dw + k, load_n(acc + k, n - k), n - k);
+  }
+  return true;
+}
+
+template <typename E>
+bool sddmm_entry(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  if (a.bi == 1) {
+    switch (a.bo) {
+      case 4: return sddmm<true, 4, E>(a, r0, r1);
+      case 8: return sddmm<true, 8, E>(a, r0, r1);
+      case 16: return sddmm<true, 16, E>(a, r0, r1);
+      default: return sddmm<true, 32, E>(a, r0, r1);
+    }
+  }
+  switch (a.bi) {
+    case 4: return sddmm<false, 4, E>(a, r0, r1);
+    case 8: return sddmm<false, 8, E>(a, r0, r1);
+    case 16: return sddmm<false, 16, E>(a, r0, r1);
+    default: return sddmm<false, 32, E>(a, r0, r1);
+  }
+}
+
 // ---------------------------------------------------------------- entry points
 template <typename E>
 bool fwd(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
@@ -343,6 +580,12 @@ bool vec_grad_input_f32_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1) 
 }
 bool vec_grad_input_bf16_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
   return grad_input<uint16_t>(a, c0, c1);
+}
+bool vec_sddmm_f32_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  return sddmm_entry<float>(a, r0, r1);
+}
+bool vec_sddmm_bf16_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  return sddmm_entry<uint16_t>(a, r0, r1);
 }
 
 }  // namespace sparsekern::cpu

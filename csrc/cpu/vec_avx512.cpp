@@ -3,8 +3,9 @@
 // calls these for those block shapes on AVX-512 CPUs (vec_avx2.cpp has the AVX2 ones); float32 and bfloat16
 // (widened to float32, float32 accumulation). The input gradient is the forward of W^T, whose blocks are the
 // transposed shape: (V, 1) blocks of W are (1, V) blocks of W^T and the other way round, so the two kernels serve
-// both ops, the gradient reading the values through block_perm. Compiled with a target pragma inside a baseline
-// x86-64 build: no torch or STL headers, helpers have internal linkage, only the entry points are external.
+// both ops, the gradient reading the values through block_perm. The weight gradient (SDDMM) has a kernel of its own
+// (the "sddmm" section below). Compiled with a target pragma inside a baseline x86-64 build: no torch or STL
+// headers, helpers have internal linkage, only the entry points are external.
 //
 // Tokens are vectorised in both, as in csr_avx512.cpp: a tile of tokens is packed once (fp32, token-contiguous)
 // and every block row then runs its entries with its accumulators in registers; the partial sums of 64 rows go to
@@ -331,6 +332,244 @@ bool row_forward(const Rows<E>& m, int64_t r0, int64_t r1, const E* x, int64_t l
   return true;
 }
 
+// ---------------------------------------------------------------- sddmm
+// dW[p] = (dY^T X) on the V outputs of each kept vector p, accumulated in fp32 over token tiles of up to 64
+// tokens. A vector's V outputs are V dot products over the tokens of one row of the pair (dY rows, X columns)
+// that the vector shares with all others of its block row (column vectors: its V rows of dY; row vectors: its one
+// row of dY) and one that is its own (column vectors: its column of X; row vectors: its V columns of X). A vector
+// register holds P = 16 / VS tokens x VS outputs (VS = min(V, 16); a (32, 1) or (1, 32) vector is two halves of
+// 16), lane o * P + j = token j of the step, output o: the shared operand is one load per step, the entry's own
+// one a broadcast of its P tokens (column vectors: vbroadcastss / sd / f32x4 from X^T) or one load (row vectors:
+// X packed in groups of VS columns in that lane order), each entry one FMA per step, NE = 8 entries a block. The
+// P token phases of each lane group are added once per tile (fold_add), not per step. Per FMA: one load of the
+// entry's operand and 1 / NE of the shared one, so the loop runs at the load ports' rate, X^T / X from L2 (64
+// tokens x in features).
+// Each output is computed the same way whichever thread runs its row (the tiles depend only on T), so every
+// thread count gives the same bits. Rows past `out` (column vectors) and columns past `in` (row vectors) of a
+// ragged edge vector are computed from zero padding and then written as exact zeros.
+constexpr int kSdEntries = 8;  // entries per register block
+
+// W consecutive floats at p repeated over the vector (W = 16: a plain load).
+template <int W>
+__attribute__((always_inline)) inline __m512 load_bc(const float* p) {
+  if constexpr (W == L) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (W == 4) {
+    return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+  } else if constexpr (W == 2) {
+    double d;
+    std::memcpy(&d, p, sizeof(d));
+    return _mm512_castpd_ps(_mm512_set1_pd(d));
+  } else {
+    return _mm512_set1_ps(*p);
+  }
+}
+
+// dst[(g * S + s) * 16 + o * P + j] = src[(s * P + j) * ld + g * VS + o] (VS = 16 / P) for the groups g < ng of
+// VS columns and the steps s < S; zero where s * P + j >= tb or g * VS + o >= nc.
+template <int P, typename E>
+void pack_interleaved(const E* src, int64_t ld, int64_t tb, int64_t nc, int64_t ng, int64_t S, float* dst) {
+  constexpr int VS = L / P;
+  alignas(64) int32_t perm[L];
+  for (int o = 0; o < VS; ++o)
+    for (int j = 0; j < P; ++j) perm[o * P + j] = j * VS + o;
+  const __m512i idx = _mm512_load_si512(perm);
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t c = g * VS, n = nc - c < VS ? nc - c : VS;
+    auto part = [&](int64_t t) { return t < tb && n > 0 ? load_n(src + t * ld + c, n) : _mm512_setzero_ps(); };
+    float* d = dst + g * S * L;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t t = s * P;
+      __m512 r;
+      if constexpr (P == 1) {
+        r = part(t);
+      } else if constexpr (P == 2) {
+        r = _mm512_insertf32x8(part(t), _mm512_castps512_ps256(part(t + 1)), 1);
+        r = _mm512_permutexvar_ps(idx, r);
+      } else {
+        r = _mm512_insertf32x4(part(t), _mm512_castps512_ps128(part(t + 1)), 1);
+        r = _mm512_insertf32x4(r, _mm512_castps512_ps128(part(t + 2)), 2);
+        r = _mm512_insertf32x4(r, _mm512_castps512_ps128(part(t + 3)), 3);
+        r = _mm512_permutexvar_ps(idx, r);
+      }
+      _mm512_store_ps(d + s * L, r);
+    }
+  }
+}
+
+// acc[e * V + o] += sum over the P token phases j of v[e] lane o * P + j, for the NE entries' VS = 16 / P outputs
+// (V = VS unless P = 1).
+template <int NE, int P, int V>
+__attribute__((always_inline)) inline void fold_add(const __m512 (&v)[NE], float* acc) {
+  constexpr int VS = L / P;
+  if constexpr (P == 1) {
+#pragma GCC unroll 8
+    for (int e = 0; e < NE; ++e) _mm512_storeu_ps(acc + e * V, _mm512_add_ps(_mm512_loadu_ps(acc + e * V), v[e]));
+  } else {
+    static_assert(V == VS, "P > 1: one group of VS outputs per entry");
+    constexpr int NF = (NE + P - 1) / P;  // vectors of 16 outputs: P entries each
+#pragma GCC unroll 4
+    for (int f = 0; f < NF; ++f) {
+      __m512 w[P];
+#pragma GCC unroll 4
+      for (int i = 0; i < P; ++i) w[i] = f * P + i < NE ? v[f * P + i] : _mm512_setzero_ps();
+      __m512 r;
+      if constexpr (P == 2) {
+        const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+        r = _mm512_add_ps(_mm512_permutex2var_ps(w[0], ev, w[1]), _mm512_permutex2var_ps(w[0], od, w[1]));
+      } else {
+        // within each 128-bit lane o: [sum w0, sum w1, sum w2, sum w3], then entry-major
+        const __m512 s0 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+        const __m512 s1 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+        const __m512 q = _mm512_add_ps(_mm512_shuffle_ps(s0, s1, 0x44), _mm512_shuffle_ps(s0, s1, 0xEE));
+        r = _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), q);
+      }
+      const int64_t n = NE * VS - f * L < L ? NE * VS - f * L : L;
+      float* d = acc + f * L;
+      store_n(d, _mm512_add_ps(load_n(d, n), r), n);
+    }
+  }
+}
+
+// The dot products of NE entries over S steps: v[e] = sum_s load_bc<WA>(a + s * WA) * load_bc<WB>(b[e] + s * WB),
+// K partial sums per entry (steps s = k mod K) so that at least 8 FMA chains run, added in a fixed order.
+template <int NE, int WA, int WB>
+__attribute__((always_inline)) inline void dots(const float* a, const float* const (&b)[NE], int64_t S,
+                                                __m512 (&v)[NE]) {
+  constexpr int K = NE >= 8 ? 1 : NE >= 4 ? 2 : 4;  // S is a multiple of 4
+  __m512 acc[K][NE];
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k)
+#pragma GCC unroll 8
+    for (int e = 0; e < NE; ++e) acc[k][e] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; s += K) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const __m512 av = load_bc<WA>(a + (s + k) * WA);
+#pragma GCC unroll 8
+      for (int e = 0; e < NE; ++e) acc[k][e] = _mm512_fmadd_ps(av, load_bc<WB>(b[e] + (s + k) * WB), acc[k][e]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int e = 0; e < NE; ++e) {
+    v[e] = acc[0][e];
+#pragma GCC unroll 4
+    for (int k = 1; k < K; ++k) v[e] = _mm512_add_ps(v[e], acc[k][e]);
+  }
+}
+
+// The entries [pb, pe) of one row against the shared operand a: acc (at entry pb) += their dot products;
+// bptr(p): entry p's own operand.
+template <int NE, int WA, int WB, int P, int V, typename B>
+__attribute__((always_inline)) inline void entry_block(const float* a, int64_t p, const B& bptr, int64_t S,
+                                                       float* acc) {
+  const float* b[NE];
+#pragma GCC unroll 8
+  for (int e = 0; e < NE; ++e) b[e] = bptr(p + e);
+  __m512 v[NE];
+  dots<NE, WA, WB>(a, b, S, v);
+  fold_add<NE, P, V>(v, acc);
+}
+
+template <int WA, int WB, int P, int V, typename B>
+void row_entries(const float* a, int64_t pb, int64_t pe, const B& bptr, int64_t S, float* acc) {
+  int64_t p = pb;
+  for (; p + kSdEntries <= pe; p += kSdEntries)
+    entry_block<kSdEntries, WA, WB, P, V>(a, p, bptr, S, acc + (p - pb) * V);
+  float* d = acc + (p - pb) * V;
+  switch (pe - p) {
+    case 1: return entry_block<1, WA, WB, P, V>(a, p, bptr, S, d);
+    case 2: return entry_block<2, WA, WB, P, V>(a, p, bptr, S, d);
+    case 3: return entry_block<3, WA, WB, P, V>(a, p, bptr, S, d);
+    case 4: return entry_block<4, WA, WB, P, V>(a, p, bptr, S, d);
+    case 5: return entry_block<5, WA, WB, P, V>(a, p, bptr, S, d);
+    case 6: return entry_block<6, WA, WB, P, V>(a, p, bptr, S, d);
+    case 7: return entry_block<7, WA, WB, P, V>(a, p, bptr, S, d);
+    default: return;
+  }
+}
+static_assert(kSdEntries == 8, "row_entries' switch covers the tails 1..kSdEntries-1");
+
+// dw for the block rows [r0, r1) of (V, 1) blocks (Col) or the rows [r0, r1) of (1, V) blocks.
+template <bool Col, int V, typename E>
+bool sddmm(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  constexpr int VS = V < L ? V : L, P = L / VS, NP = V / VS;
+  constexpr int64_t G = Col ? kRowGroup / V : kRowGroup;  // block rows whose dY is packed together
+  if (r1 <= r0) return true;
+  const int32_t* ro = a.row_offsets;
+  const int32_t* ci = a.col_indices;
+  const int64_t j0 = ro[r0], j1 = ro[r1];
+  float* acc = sizeof(E) == 4 ? static_cast<float*>(a.dw) + j0 * V : thread_buf(2, (j1 - j0) * V + 1);
+  if (!acc) return false;
+  std::memset(acc, 0, size_t(j1 - j0) * V * sizeof(float));
+  const E* dy = static_cast<const E*>(a.dy);
+  const E* x = static_cast<const E*>(a.x);
+  const int64_t ngx = (a.in + a.bi - 1) / a.bi * NP;  // row vectors: X groups of VS columns, whole blocks
+  if (a.T > 0 && j1 > j0) {
+    float* xp = thread_buf(0, (Col ? a.in : ngx * VS) * kMaxTile);
+    float* dyp = thread_buf(1, kRowGroup * kMaxTile);
+    if (!xp || !dyp) return false;
+    for (int64_t t0 = 0; t0 < a.T; t0 += kMaxTile) {
+      const int64_t tb = a.T - t0 < kMaxTile ? a.T - t0 : kMaxTile;
+      const int64_t TT = (tb + L - 1) / L * L, S = TT / P;  // tokens of the tile (padded), steps of P tokens
+      auto pack_t = [&](const E* src, int64_t ld, int64_t nc, float* dst) {
+        with_vecs<kMaxTile / L>(tb, [&](auto nv) { pack_transposed<decltype(nv)::value>(src, ld, tb, nc, dst); });
+      };
+      if constexpr (Col) {
+        pack_t(x + t0 * a.ldx, a.ldx, a.in, xp);
+      } else {
+        pack_interleaved<P>(x + t0 * a.ldx, a.ldx, tb, a.in, ngx, S, xp);
+      }
+      for (int64_t g0 = r0; g0 < r1; g0 += G) {
+        const int64_t g1 = g0 + G < r1 ? g0 + G : r1;
+        if (ro[g0] == ro[g1]) continue;
+        if constexpr (Col) {
+          pack_interleaved<P>(dy + t0 * a.lddy + g0 * V, a.lddy, tb, a.out - g0 * V, (g1 - g0) * NP, S, dyp);
+        } else {
+          pack_t(dy + t0 * a.lddy + g0, a.lddy, g1 - g0, dyp);
+        }
+        for (int64_t b = g0; b < g1; ++b) {
+          const int64_t pb = ro[b], pe = ro[b + 1];
+#pragma GCC unroll 2
+          for (int h = 0; h < NP; ++h) {
+            float* d = acc + (pb - j0) * V + h * VS;
+            if constexpr (Col) {
+              const float* ap = dyp + ((b - g0) * NP + h) * S * L;
+              auto bp = [&](int64_t p) { return xp + int64_t(ci[p]) * TT; };
+              row_entries<L, P, P, V>(ap, pb, pe, bp, S, d);
+            } else {
+              const float* ap = dyp + (b - g0) * TT;
+              auto bp = [&](int64_t p) { return xp + (int64_t(ci[p]) * NP + h) * S * L; };
+              row_entries<P, L, P, V>(ap, pb, pe, bp, S, d);
+            }
+          }
+        }
+      }
+    }
+  }
+  // Outputs of a ragged edge vector outside the matrix: exact zeros.
+  if constexpr (Col) {
+    const int64_t last = (a.out - 1) / V, rem = a.out - last * V;
+    if (rem < V && last >= r0 && last < r1) {
+      for (int64_t p = ro[last]; p < ro[last + 1]; ++p)
+        std::memset(acc + (p - j0) * V + rem, 0, size_t(V - rem) * sizeof(float));
+    }
+  } else {
+    const int64_t last = (a.in - 1) / V, rem = a.in - last * V;
+    if (rem < V) {
+      for (int64_t p = j0; p < j1; ++p)
+        if (ci[p] == last) std::memset(acc + (p - j0) * V + rem, 0, size_t(V - rem) * sizeof(float));
+    }
+  }
+  if constexpr (sizeof(E) != 4) {
+    E* dw = static_cast<E*>(a.dw) + j0 * V;
+    const int64_t n = (j1 - j0) * V;
+    for (int64_t k = 0; k < n; k += L) store_n(dw + k, load_n(acc + k, n - k), n - k);
+  }
+  return true;
+}
+
 // ---------------------------------------------------------------- entry points
 // Forward: (V, 1) blocks run the column kernel over block rows, (1, V) blocks the row kernel over rows.
 template <typename E>
@@ -380,6 +619,24 @@ bool grad_input(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
   }
 }
 
+template <typename E>
+bool sddmm_entry(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  if (a.bi == 1) {
+    switch (a.bo) {
+      case 4: return sddmm<true, 4, E>(a, r0, r1);
+      case 8: return sddmm<true, 8, E>(a, r0, r1);
+      case 16: return sddmm<true, 16, E>(a, r0, r1);
+      default: return sddmm<true, 32, E>(a, r0, r1);
+    }
+  }
+  switch (a.bi) {
+    case 4: return sddmm<false, 4, E>(a, r0, r1);
+    case 8: return sddmm<false, 8, E>(a, r0, r1);
+    case 16: return sddmm<false, 16, E>(a, r0, r1);
+    default: return sddmm<false, 32, E>(a, r0, r1);
+  }
+}
+
 }  // namespace
 
 bool vec_fwd_f32_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
@@ -393,6 +650,12 @@ bool vec_grad_input_f32_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1
 }
 bool vec_grad_input_bf16_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
   return grad_input<uint16_t>(a, c0, c1);
+}
+bool vec_sddmm_f32_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  return sddmm_entry<float>(a, r0, r1);
+}
+bool vec_sddmm_bf16_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  return sddmm_entry<uint16_t>(a, r0, r1);
 }
 
 }  // namespace sparsekern::cpu
