@@ -353,14 +353,19 @@ def test_vector_blocks_tiles_ragged_edges_and_threads(isa, dtype, block, make_bs
 @pytest.mark.parametrize("block", VECTOR_BLOCKS, ids=lambda b: f"b{b[0]}x{b[1]}")
 def test_vector_blocks_sddmm_tiles_ragged_edges_and_threads(isa, dtype, block, make_bsr):
     """The weight gradient of column and row vectors (vec_avx512.cpp / vec_avx2.cpp sddmm): no tokens, one, odd
-    counts, every token-tile width, a ragged last tile and more than one tile (64 tokens each), strided rows of
-    dY and X, more than one group of rows, rows without entries, rows of fewer and of more entries than one register
-    block (8), both edges ragged, against the float64 reference; the parts of ragged edge vectors outside the matrix
-    exactly zero even where X holds Inf (0 * Inf would be NaN); and every thread count giving the same bits."""
+    counts, every token-tile width, a ragged last tile and more than one tile (64 tokens for column vectors, 256 for
+    row vectors), strided rows of dY and X, more than one chunk of rows (1024 rows for column vectors, 512 for row
+    vectors, whose entries each thread sorts by column per chunk), rows and columns without entries, lines of fewer
+    and of more entries than one register block (8), both edges ragged, against the float64 reference; the parts of
+    ragged edge vectors outside the matrix exactly zero even where X holds Inf (0 * Inf would be NaN); and every
+    thread count giving the same bits."""
     bo, bi = block
     threads = torch.get_num_threads()
-    # (150, 141): both edges ragged for every V; (70, 600) at a higher density: rows of more than 8 row vectors
-    for out, inn, rate, many in ((150, 141, 0.3, False), (70, 600, 0.6, True)):
+    # (150, 141): both edges ragged for every V; (70, 600) at a higher density: rows of more than 8 row vectors;
+    # (1100, 70): several chunks of rows
+    tokens = (0, 1, 5, 16, 33, 64, 100, 131, 200, 300)
+    for out, inn, rate, many, Ts in ((150, 141, 0.3, False, tokens), (70, 600, 0.6, True, tokens),
+                                     (1100, 70, 0.3, False, (1, 37, 300))):
         g = torch.Generator().manual_seed(bo * 10 + bi + inn)
         mask = torch.rand(-(-out // bo), -(-inn // bi), generator=g) < rate
         mask[1] = False
@@ -370,7 +375,7 @@ def test_vector_blocks_sddmm_tiles_ragged_edges_and_threads(isa, dtype, block, m
         rows, cols = w._block_rows(), w.col_indices.long()
         inside = BlockSparseWeight._blocked(torch.ones(out, inn, dtype=torch.bool), bo, bi)[rows, cols]
         try:
-            for T in (0, 1, 5, 16, 33, 64, 100, 131, 200):
+            for T in Ts:
                 x = _tokens(T, inn, dtype, seed=T + inn, strided=T % 2 == 1)
                 dy = _tokens(T, out, dtype, seed=T + out, strided=T % 2 == 0)
                 runs = []

@@ -35,7 +35,7 @@ float* thread_buf(int slot, int64_t n) {
     int64_t n = 0;
     ~Buf() { std::free(p); }
   };
-  static thread_local Buf bufs[3];
+  static thread_local Buf bufs[5];
   Buf& b = bufs[slot];
   if (b.n < n) {
     std::free(b.p);
@@ -285,11 +285,12 @@ bool row_forward(const Rows<E>& m, int64_t r0, int64_t r1, const E* x, int64_t l
 }
 
 // ---------------------------------------------------------------- sddmm
-// The plan of vec_avx512.cpp's sddmm with 8-lane vectors: VS = min(V, 8) outputs x P = 8 / VS tokens per vector
-// (a (4, 1) or (1, 4) vector: 4 outputs x 2 tokens, the entry's X^T tokens one vbroadcastsd; wider vectors are
-// 2 or 4 parts of 8 outputs x 1 token), NE = 8 entries a block (8 accumulators of the 16 registers).
-constexpr int kSdEntries = 8;    // entries per register block
-constexpr int64_t kSdTile = 64;  // tokens per tile: X^T / X packed for 64 tokens (in x 256 bytes, L2)
+// The plan of vec_avx512.cpp's sddmm (whose comment says why) with 8-lane vectors: VS = min(V, 8) outputs x P =
+// 8 / VS tokens per vector (a (4, 1) or (1, 4) vector: 4 outputs x 2 tokens, the entry's tokens one vbroadcastsd;
+// wider vectors are NH = 1, 2 or 4 parts of 8 outputs x 1 token sharing the entry's broadcast), 8 / NH entries a
+// register block (8 accumulators of the 16 registers). Row vectors take one partial sum per entry (their blocks
+// depend on the work split, so the summation must not).
+constexpr int64_t kSdColTile = 64, kSdColChunk = 64, kSdRowTile = 256, kSdRowChunk = 512;
 
 // W consecutive floats at p repeated over the vector (W = 8: a plain load).
 template <int W>
@@ -323,111 +324,138 @@ inline __m128 load4(const uint16_t* p, int64_t n) {
 }
 
 // dst[(g * S + s) * 8 + o * P + j] = src[(s * P + j) * ld + g * VS + o] (VS = 8 / P) for the groups g < ng of
-// VS columns and the steps s < S; zero where s * P + j >= tb or g * VS + o >= nc.
+// VS columns and the steps s < S; zero where s * P + j >= tb or g * VS + o >= nc. Steps outer: the P rows of a step
+// are read front to back.
 template <int P, typename E>
 void pack_interleaved(const E* src, int64_t ld, int64_t tb, int64_t nc, int64_t ng, int64_t S, float* dst) {
   constexpr int VS = L / P;
-  for (int64_t g = 0; g < ng; ++g) {
-    const int64_t c = g * VS, n = nc - c < VS ? nc - c : VS;
-    float* d = dst + g * S * L;
-    for (int64_t s = 0; s < S; ++s) {
-      const int64_t t = s * P;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t t = s * P;
+    float* d = dst + s * L;
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t c = g * VS, n = nc - c < VS ? nc - c : VS;
       if constexpr (P == 1) {
-        _mm256_store_ps(d + s * L, t < tb && n > 0 ? load_n(src + t * ld + c, n) : _mm256_setzero_ps());
+        _mm256_store_ps(d + g * S * L, t < tb && n > 0 ? load_n(src + t * ld + c, n) : _mm256_setzero_ps());
       } else {
         const __m128 r0 = t < tb && n > 0 ? load4(src + t * ld + c, n) : _mm_setzero_ps();
         const __m128 r1 = t + 1 < tb && n > 0 ? load4(src + (t + 1) * ld + c, n) : _mm_setzero_ps();
-        _mm256_store_ps(d + s * L, _mm256_set_m128(_mm_unpackhi_ps(r0, r1), _mm_unpacklo_ps(r0, r1)));
+        _mm256_store_ps(d + g * S * L, _mm256_set_m128(_mm_unpackhi_ps(r0, r1), _mm_unpacklo_ps(r0, r1)));
       }
     }
   }
 }
 
-// acc[e * V + o] += sum over the P token phases j of v[e] lane o * P + j, for the NE entries' VS = 8 / P outputs
-// (V = VS unless P = 1).
-template <int NE, int P, int V>
-__attribute__((always_inline)) inline void fold_add(const __m256 (&v)[NE], float* acc) {
+// o[e][h * VS + k] += the sum over the P token phases j of v[h][e] lane k * P + j (VS = 8 / P outputs per part).
+template <int NE, int NH, int P>
+__attribute__((always_inline)) inline void fold_add(const __m256 (&v)[NH][NE], float* const (&o)[NE]) {
   if constexpr (P == 1) {
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; ++h)
 #pragma GCC unroll 8
-    for (int e = 0; e < NE; ++e) _mm256_storeu_ps(acc + e * V, _mm256_add_ps(_mm256_loadu_ps(acc + e * V), v[e]));
+      for (int e = 0; e < NE; ++e) {
+        float* d = o[e] + h * L;
+        _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), v[h][e]));
+      }
   } else {
-    static_assert(P == 2 && V == 4, "P > 1 only for 4-wide vectors");
+    static_assert(P == 2 && NH == 1, "P > 1 only for 4-wide vectors");
 #pragma GCC unroll 4
     for (int f = 0; f < (NE + 1) / 2; ++f) {
-      const __m256 w1 = 2 * f + 1 < NE ? v[2 * f + 1] : _mm256_setzero_ps();
-      // hadd: [e0 o0 o1, e1 o0 o1, e0 o2 o3, e1 o2 o3] in 64-bit pairs; the permute puts entry e0 first
-      const __m256 r = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(v[2 * f], w1)), 0xD8));
-      const int64_t n = NE * 4 - f * L < L ? NE * 4 - f * L : L;
-      float* d = acc + f * L;
-      store_n(d, _mm256_add_ps(load_n(d, n), r), n);
+      const __m256 w1 = 2 * f + 1 < NE ? v[0][2 * f + 1] : _mm256_setzero_ps();
+      // hadd: [e0 k0 k1, e1 k0 k1, e0 k2 k3, e1 k2 k3] in 64-bit pairs; the permute puts entry e0 first
+      const __m256 r = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(v[0][2 * f], w1)), 0xD8));
+      float* d0 = o[2 * f];
+      _mm_storeu_ps(d0, _mm_add_ps(_mm_loadu_ps(d0), _mm256_castps256_ps128(r)));
+      if (2 * f + 1 < NE) {
+        float* d1 = o[2 * f + 1];
+        _mm_storeu_ps(d1, _mm_add_ps(_mm_loadu_ps(d1), _mm256_extractf128_ps(r, 1)));
+      }
     }
   }
 }
 
-// The dot products of NE entries over S steps: v[e] = sum_s load_bc<WA>(a + s * WA) * load_bc<WB>(b[e] + s * WB),
-// K partial sums per entry (steps s = k mod K) so that at least 8 FMA chains run, added in a fixed order.
-template <int NE, int WA, int WB>
-__attribute__((always_inline)) inline void dots(const float* a, const float* const (&b)[NE], int64_t S,
-                                                __m256 (&v)[NE]) {
-  constexpr int K = NE >= 8 ? 1 : NE >= 4 ? 2 : 4;  // S is a multiple of 4
-  __m256 acc[K][NE];
+// v[h][e] = sum over the steps s < S of a[h * ah + s * 8 ...] * (the P floats at b[e] + s * P, broadcast), K
+// partial sums per entry (steps s = k mod K), added in a fixed order.
+template <int NE, int NH, int K, int P>
+__attribute__((always_inline)) inline void dots(const float* a, int64_t ah, const float* const (&b)[NE], int64_t S,
+                                                __m256 (&v)[NH][NE]) {
+  __m256 acc[K][NH][NE];
 #pragma GCC unroll 4
   for (int k = 0; k < K; ++k)
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; ++h)
 #pragma GCC unroll 8
-    for (int e = 0; e < NE; ++e) acc[k][e] = _mm256_setzero_ps();
+      for (int e = 0; e < NE; ++e) acc[k][h][e] = _mm256_setzero_ps();
   for (int64_t s = 0; s < S; s += K) {
 #pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
-      const __m256 av = load_bc<WA>(a + (s + k) * WA);
+      __m256 av[NH];
+#pragma GCC unroll 4
+      for (int h = 0; h < NH; ++h) {
+        __m256 t = _mm256_loadu_ps(a + h * ah + (s + k) * L);
+        __asm__("" : "+x"(t));  // in a register: GCC would otherwise reload it as an operand of each FMA
+        av[h] = t;
+      }
 #pragma GCC unroll 8
-      for (int e = 0; e < NE; ++e) acc[k][e] = _mm256_fmadd_ps(av, load_bc<WB>(b[e] + (s + k) * WB), acc[k][e]);
+      for (int e = 0; e < NE; ++e) {
+        const __m256 bv = load_bc<P>(b[e] + (s + k) * P);
+#pragma GCC unroll 4
+        for (int h = 0; h < NH; ++h) acc[k][h][e] = _mm256_fmadd_ps(av[h], bv, acc[k][h][e]);
+      }
     }
   }
-#pragma GCC unroll 8
-  for (int e = 0; e < NE; ++e) {
-    v[e] = acc[0][e];
 #pragma GCC unroll 4
-    for (int k = 1; k < K; ++k) v[e] = _mm256_add_ps(v[e], acc[k][e]);
-  }
-}
-
-// The entries [p, p + NE) of one row against the shared operand a: acc (at entry p) += their dot products;
-// bptr(p): entry p's own operand.
-template <int NE, int WA, int WB, int P, int V, typename B>
-__attribute__((always_inline)) inline void entry_block(const float* a, int64_t p, const B& bptr, int64_t S,
-                                                       float* acc) {
-  const float* b[NE];
+  for (int h = 0; h < NH; ++h)
 #pragma GCC unroll 8
-  for (int e = 0; e < NE; ++e) b[e] = bptr(p + e);
-  __m256 v[NE];
-  dots<NE, WA, WB>(a, b, S, v);
-  fold_add<NE, P, V>(v, acc);
+    for (int e = 0; e < NE; ++e) {
+      v[h][e] = acc[0][h][e];
+#pragma GCC unroll 4
+      for (int k = 1; k < K; ++k) v[h][e] = _mm256_add_ps(v[h][e], acc[k][h][e]);
+    }
 }
 
-template <int WA, int WB, int P, int V, typename B>
-void row_entries(const float* a, int64_t pb, int64_t pe, const B& bptr, int64_t S, float* acc) {
-  int64_t p = pb;
-  for (; p + kSdEntries <= pe; p += kSdEntries)
-    entry_block<kSdEntries, WA, WB, P, V>(a, p, bptr, S, acc + (p - pb) * V);
-  float* d = acc + (p - pb) * V;
-  switch (pe - p) {
-    case 1: return entry_block<1, WA, WB, P, V>(a, p, bptr, S, d);
-    case 2: return entry_block<2, WA, WB, P, V>(a, p, bptr, S, d);
-    case 3: return entry_block<3, WA, WB, P, V>(a, p, bptr, S, d);
-    case 4: return entry_block<4, WA, WB, P, V>(a, p, bptr, S, d);
-    case 5: return entry_block<5, WA, WB, P, V>(a, p, bptr, S, d);
-    case 6: return entry_block<6, WA, WB, P, V>(a, p, bptr, S, d);
-    case 7: return entry_block<7, WA, WB, P, V>(a, p, bptr, S, d);
-    default: return;
+// Partial sums per entry: KF if nonzero (row vectors), else enough for 8 FMA chains in the block (S is a multiple
+// of 4).
+template <int NE, int NH, int KF>
+constexpr int sd_chains() {
+  return KF ? KF : NE * NH >= 8 ? 1 : NE * NH >= 4 ? 2 : 4;
+}
+
+// Calls f(Int<n>{}) for n in [1, N) (n < N).
+template <int N, typename F>
+inline void with_tail(int64_t n, const F& f) {
+  if constexpr (N > 1) {
+    if (n == N - 1) return f(Int<N - 1>{});
+    return with_tail<N - 1>(n, f);
   }
 }
-static_assert(kSdEntries == 8, "row_entries' switch covers the tails 1..kSdEntries-1");
+
+// The entries [q0, q1) of one line (a block row of column vectors, a block column of row vectors) against its
+// shared operand a (NH parts ah floats apart): out(q) (V floats) += their dot products with own(q).
+template <int NH, int P, int KF, typename B, typename O>
+void line_entries(const float* a, int64_t ah, int64_t S, int64_t q0, int64_t q1, const B& own, const O& out) {
+  constexpr int NB = 8 / NH;  // entries per block: 8 accumulators
+  auto block = [&](int64_t q, auto ne) {
+    constexpr int NE = decltype(ne)::value;
+    const float* b[NE];
+    float* o[NE];
+#pragma GCC unroll 8
+    for (int e = 0; e < NE; ++e) b[e] = own(q + e), o[e] = out(q + e);
+    __m256 v[NH][NE];
+    dots<NE, NH, sd_chains<NE, NH, KF>(), P>(a, ah, b, S, v);
+    fold_add<NE, NH, P>(v, o);
+  };
+  int64_t q = q0;
+  for (; q + NB <= q1; q += NB) block(q, Int<NB>{});
+  with_tail<NB>(q1 - q, [&](auto ne) { block(q, ne); });
+}
 
 // dw for the block rows [r0, r1) of (V, 1) blocks (Col) or the rows [r0, r1) of (1, V) blocks.
 template <bool Col, int V, typename E>
 bool sddmm(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
-  constexpr int VS = V < L ? V : L, P = L / VS, NP = V / VS;
-  constexpr int64_t G = Col ? kRowGroup / V : kRowGroup;  // block rows whose dY is packed together
+  constexpr int VS = V < L ? V : L, P = L / VS, NH = V / VS;
+  constexpr int KF = Col ? 0 : 1;                             // row vectors: one partial sum per entry
+  constexpr int64_t G = Col ? kSdColChunk / V : kSdRowChunk;  // block rows whose dY is packed together
+  constexpr int64_t TM = Col ? kSdColTile : kSdRowTile;       // tokens per tile
   if (r1 <= r0) return true;
   const int32_t* ro = a.row_offsets;
   const int32_t* ci = a.col_indices;
@@ -437,45 +465,65 @@ bool sddmm(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
   std::memset(acc, 0, size_t(j1 - j0) * V * sizeof(float));
   const E* dy = static_cast<const E*>(a.dy);
   const E* x = static_cast<const E*>(a.x);
-  const int64_t ngx = (a.in + a.bi - 1) / a.bi * NP;  // row vectors: X groups of VS columns, whole blocks
+  const int64_t nbc = (a.in + a.bi - 1) / a.bi;  // block columns
+  const int64_t nch = (r1 - r0 + G - 1) / G;     // chunks of rows
+  // Row vectors: per chunk of rows, its entries by block column (rows ascending): coff[ch * (nbc + 1) + c] ..
+  // [.. + 1] index cq, whose pairs are (row - chunk start, entry - j0).
+  int32_t* coff = nullptr;
+  int32_t* cq = nullptr;
+  if constexpr (!Col) {
+    coff = reinterpret_cast<int32_t*>(thread_buf(3, nch * (nbc + 1) + 1));
+    cq = reinterpret_cast<int32_t*>(thread_buf(4, 2 * (j1 - j0) + 1));
+    if (!coff || !cq) return false;
+    for (int64_t ch = 0; ch < nch; ++ch) {
+      const int64_t c0 = r0 + ch * G, c1 = c0 + G < r1 ? c0 + G : r1;
+      int32_t* off = coff + ch * (nbc + 1);
+      std::memset(off, 0, size_t(nbc + 1) * sizeof(int32_t));
+      for (int64_t p = ro[c0]; p < ro[c1]; ++p) ++off[ci[p] + 1];
+      off[0] = int32_t(ro[c0] - j0);
+      for (int64_t c = 0; c < nbc; ++c) off[c + 1] += off[c];
+      for (int64_t r = c0; r < c1; ++r)
+        for (int64_t p = ro[r]; p < ro[r + 1]; ++p) {
+          const int32_t k = off[ci[p]]++;
+          cq[2 * k] = int32_t(r - c0), cq[2 * k + 1] = int32_t(p - j0);
+        }
+      for (int64_t c = nbc; c > 0; --c) off[c] = off[c - 1];  // back to the starts
+      off[0] = int32_t(ro[c0] - j0);
+    }
+  }
   if (a.T > 0 && j1 > j0) {
-    float* xp = thread_buf(0, (Col ? a.in : ngx * VS) * kSdTile);
-    float* dyp = thread_buf(1, kRowGroup * kSdTile);
+    const int64_t nx = Col ? a.in : nbc * NH * VS;  // X^T columns, or X columns in whole groups
+    float* xp = thread_buf(0, nx * TM);
+    float* dyp = thread_buf(1, G * V * TM);
     if (!xp || !dyp) return false;
-    for (int64_t t0 = 0; t0 < a.T; t0 += kSdTile) {
-      const int64_t tb = a.T - t0 < kSdTile ? a.T - t0 : kSdTile;
+    for (int64_t t0 = 0; t0 < a.T; t0 += TM) {
+      const int64_t tb = a.T - t0 < TM ? a.T - t0 : TM;
       const int64_t TT = (tb + L - 1) / L * L, S = TT / P;  // tokens of the tile (padded), steps of P tokens
       auto pack_t = [&](const E* src, int64_t ld, int64_t nc, float* dst) {
-        with_vecs<kSdTile / L>(tb, [&](auto nv) { pack_transposed<decltype(nv)::value>(src, ld, tb, nc, dst); });
+        with_vecs<TM / L>(tb, [&](auto nv) { pack_transposed<decltype(nv)::value>(src, ld, tb, nc, dst); });
       };
       if constexpr (Col) {
         pack_t(x + t0 * a.ldx, a.ldx, a.in, xp);
       } else {
-        pack_interleaved<P>(x + t0 * a.ldx, a.ldx, tb, a.in, ngx, S, xp);
+        pack_interleaved<P>(x + t0 * a.ldx, a.ldx, tb, a.in, nbc * NH, S, xp);
       }
-      for (int64_t g0 = r0; g0 < r1; g0 += G) {
-        const int64_t g1 = g0 + G < r1 ? g0 + G : r1;
+      for (int64_t ch = 0; ch < nch; ++ch) {
+        const int64_t g0 = r0 + ch * G, g1 = g0 + G < r1 ? g0 + G : r1;
         if (ro[g0] == ro[g1]) continue;
         if constexpr (Col) {
-          pack_interleaved<P>(dy + t0 * a.lddy + g0 * V, a.lddy, tb, a.out - g0 * V, (g1 - g0) * NP, S, dyp);
+          pack_interleaved<P>(dy + t0 * a.lddy + g0 * V, a.lddy, tb, a.out - g0 * V, (g1 - g0) * NH, S, dyp);
+          auto own = [&](int64_t p) { return xp + int64_t(ci[p]) * TT; };
+          auto out = [&](int64_t p) { return acc + (p - j0) * V; };
+          for (int64_t b = g0; b < g1; ++b)
+            line_entries<NH, P, KF>(dyp + (b - g0) * NH * S * L, S * L, S, ro[b], ro[b + 1], own, out);
         } else {
           pack_t(dy + t0 * a.lddy + g0, a.lddy, g1 - g0, dyp);
-        }
-        for (int64_t b = g0; b < g1; ++b) {
-          const int64_t pb = ro[b], pe = ro[b + 1];
-#pragma GCC unroll 4
-          for (int h = 0; h < NP; ++h) {
-            float* d = acc + (pb - j0) * V + h * VS;
-            if constexpr (Col) {
-              const float* ap = dyp + ((b - g0) * NP + h) * S * L;
-              auto bp = [&](int64_t p) { return xp + int64_t(ci[p]) * TT; };
-              row_entries<L, P, P, V>(ap, pb, pe, bp, S, d);
-            } else {
-              const float* ap = dyp + (b - g0) * TT;
-              auto bp = [&](int64_t p) { return xp + (int64_t(ci[p]) * NP + h) * S * L; };
-              row_entries<P, L, P, V>(ap, pb, pe, bp, S, d);
-            }
-          }
+          const int32_t* off = coff + ch * (nbc + 1);
+          auto own = [&](int64_t q) { return dyp + int64_t(cq[2 * q]) * TT; };
+          auto out = [&](int64_t q) { return acc + int64_t(cq[2 * q + 1]) * V; };
+          for (int64_t c = 0; c < nbc; ++c)
+            if (off[c] < off[c + 1])
+              line_entries<NH, P, KF>(xp + c * NH * S * L, S * L, S, off[c], off[c + 1], own, out);
         }
       }
     }
