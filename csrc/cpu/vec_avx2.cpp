@@ -460,7 +460,11 @@ bool sddmm(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
   const int32_t* ro = a.row_offsets;
   const int32_t* ci = a.col_indices;
   const int64_t j0 = ro[r0], j1 = ro[r1];
-  float* acc = sizeof(E) == 4 ? static_cast<float*>(a.dw) + j0 * V : thread_buf(2, (j1 - j0) * V + 1);
+  // fp32 sums in storage order (float32: dw itself), or for row vectors in walk order (by column), so that their
+  // updates run front to back, scattered into dw at the end: when there is more than one tile, or when a vector's
+  // outputs are less than a cache line (each scattered update would move a whole line)
+  const bool walk = !Col && (a.T > TM || V * 4 < 64);
+  float* acc = sizeof(E) == 4 && !walk ? static_cast<float*>(a.dw) + j0 * V : thread_buf(2, (j1 - j0) * V + 1);
   if (!acc) return false;
   std::memset(acc, 0, size_t(j1 - j0) * V * sizeof(float));
   const E* dy = static_cast<const E*>(a.dy);
@@ -520,7 +524,7 @@ bool sddmm(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
           pack_t(dy + t0 * a.lddy + g0, a.lddy, g1 - g0, dyp);
           const int32_t* off = coff + ch * (nbc + 1);
           auto own = [&](int64_t q) { return dyp + int64_t(cq[2 * q]) * TT; };
-          auto out = [&](int64_t q) { return acc + int64_t(cq[2 * q + 1]) * V; };
+          auto out = [&](int64_t q) { return acc + (walk ? q : int64_t(cq[2 * q + 1])) * V; };
           for (int64_t c = 0; c < nbc; ++c)
             if (off[c] < off[c + 1])
               line_entries<NH, P, KF>(xp + c * NH * S * L, S * L, S, off[c], off[c + 1], own, out);
@@ -528,24 +532,37 @@ bool sddmm(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
       }
     }
   }
+  E* dw = static_cast<E*>(a.dw) + j0 * V;
+  if (walk) {
+    for (int64_t q = 0; q < j1 - j0; ++q) {
+      E* d = dw + int64_t(cq[2 * q + 1]) * V;
+      const float* sq = acc + q * V;
+      if constexpr (V == 4 && sizeof(E) == 4) {
+        _mm_storeu_ps(reinterpret_cast<float*>(d), _mm_loadu_ps(sq));
+      } else if constexpr (V == 4) {
+        for (int k = 0; k < 4; ++k) d[k] = E(float_to_bf16(sq[k]));
+      } else {
+#pragma GCC unroll 4
+        for (int k = 0; k < V; k += L) store_n(d + k, _mm256_loadu_ps(sq + k), L);
+      }
+    }
+  } else if constexpr (sizeof(E) != 4) {
+    const int64_t n = (j1 - j0) * V;
+    for (int64_t k = 0; k < n; k += L) store_n(dw + k, load_n(acc + k, n - k), n - k);
+  }
   // Outputs of a ragged edge vector outside the matrix: exact zeros.
   if constexpr (Col) {
     const int64_t last = (a.out - 1) / V, rem = a.out - last * V;
     if (rem < V && last >= r0 && last < r1) {
       for (int64_t p = ro[last]; p < ro[last + 1]; ++p)
-        std::memset(acc + (p - j0) * V + rem, 0, size_t(V - rem) * sizeof(float));
+        std::memset(dw + (p - j0) * V + rem, 0, size_t(V - rem) * sizeof(E));
     }
   } else {
     const int64_t last = (a.in - 1) / V, rem = a.in - last * V;
     if (rem < V) {
       for (int64_t p = j0; p < j1; ++p)
-        if (ci[p] == last) std::memset(acc + (p - j0) * V + rem, 0, size_t(V - rem) * sizeof(float));
+        if (ci[p] == last) std::memset(dw + (p - j0) * V + rem, 0, size_t(V - rem) * sizeof(E));
     }
-  }
-  if constexpr (sizeof(E) != 4) {
-    E* dw = static_cast<E*>(a.dw) + j0 * V;
-    const int64_t n = (j1 - j0) * V;
-    for (int64_t k = 0; k < n; k += L) store_n(dw + k, load_n(acc + k, n - k), n - k);
   }
   return true;
 }
