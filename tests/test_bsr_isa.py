@@ -348,6 +348,57 @@ def test_vector_blocks_tiles_ragged_edges_and_threads(isa, dtype, block, make_bs
         torch.set_num_threads(threads)
 
 
+
+@pytest.mark.parametrize("dtype", VECTOR_DTYPES, ids=str)
+@pytest.mark.parametrize("block", VECTOR_BLOCKS, ids=lambda b: f"b{b[0]}x{b[1]}")
+def test_vector_blocks_sddmm_tiles_ragged_edges_and_threads(isa, dtype, block, make_bsr):
+    """The weight gradient of column and row vectors (vec_avx512.cpp / vec_avx2.cpp sddmm): no tokens, one, odd
+    counts, every token-tile width, a ragged last tile and more than one tile (64 tokens for column vectors, 256 for
+    row vectors), strided rows of dY and X, more than one chunk of rows (1024 rows for column vectors, 512 for row
+    vectors, whose entries each thread sorts by column per chunk), rows and columns without entries, lines of fewer
+    and of more entries than one register block (8), both edges ragged, against the float64 reference; the parts of
+    ragged edge vectors outside the matrix exactly zero even where X holds Inf (0 * Inf would be NaN); and every
+    thread count giving the same bits."""
+    bo, bi = block
+    threads = torch.get_num_threads()
+    # (150, 141): both edges ragged for every V; (70, 600) at a higher density: rows of more than 8 row vectors;
+    # (1100, 70): several chunks of rows
+    tokens = (0, 1, 5, 16, 33, 64, 100, 131, 200, 300)
+    for out, inn, rate, many, Ts in ((150, 141, 0.3, False, tokens), (70, 600, 0.6, True, tokens),
+                                     (1100, 70, 0.3, False, (1, 37, 300))):
+        g = torch.Generator().manual_seed(bo * 10 + bi + inn)
+        mask = torch.rand(-(-out // bo), -(-inn // bi), generator=g) < rate
+        mask[1] = False
+        w = make_bsr(out, inn, block, mask=mask, dtype=dtype, seed=bo + 3 * bi + out)
+        counts = (w.row_offsets[1:] - w.row_offsets[:-1]).tolist()
+        assert 0 in counts and (max(counts) > 8 or not many), "the case needs empty rows and rows of over 8 vectors"
+        rows, cols = w._block_rows(), w.col_indices.long()
+        inside = BlockSparseWeight._blocked(torch.ones(out, inn, dtype=torch.bool), bo, bi)[rows, cols]
+        try:
+            for T in Ts:
+                x = _tokens(T, inn, dtype, seed=T + inn, strided=T % 2 == 1)
+                dy = _tokens(T, out, dtype, seed=T + out, strided=T % 2 == 0)
+                runs = []
+                for n in (1, 2, 3):
+                    torch.set_num_threads(n)
+                    runs.append(torch.ops.sparsekern.bsr_sddmm(dy, x, w.values, w.row_offsets, w.col_indices))
+                assert all(torch.equal(r, runs[0]) for r in runs[1:]), f"{isa} {block} T={T}: thread counts differ"
+                dw = runs[0]
+                assert dw.stride() == w.values.stride(), "the gradient must come in the parameter's own layout"
+                dense = BlockSparseWeight._blocked(dy.t() @ x, bo, bi)[rows, cols]
+                assert_close_to_ref(dw, reference.sddmm(dy, x, w), dense, f"{isa} {block} {out}x{inn} sddmm T={T}",
+                                    floor=KERNEL_FLOOR)
+                assert torch.all(dw[~inside] == 0), f"{isa} {block} T={T}: nonzero gradient outside the matrix"
+                if T == 0:
+                    assert torch.equal(dw, torch.zeros_like(dw)), f"{isa} {block}: no tokens, nonzero gradient"
+                if T in (5, 64):  # Inf in every column of X: the padded outputs must still be exact zeros
+                    xi = x.clone()
+                    xi[T // 2] = float("inf")
+                    dwi = torch.ops.sparsekern.bsr_sddmm(dy, xi, w.values, w.row_offsets, w.col_indices)
+                    assert torch.all(dwi[~inside] == 0), f"{isa} {block} T={T}: Inf in X leaks outside the matrix"
+        finally:
+            torch.set_num_threads(threads)
+
 def test_unstructured_refuses_unsorted_indices(make_bsr):
     """The 1x1-block kernels walk each row's entries in column order: metadata whose columns are not strictly
     increasing within a row is refused with the position, not silently misread."""

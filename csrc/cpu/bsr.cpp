@@ -444,6 +444,11 @@ at::Tensor bsr_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const 
       run_checked(bounds, "bsr_sddmm", [&](int64_t r0, int64_t r1) { return csr(a, r0, r1); });
       return dw;
     }
+    if (vec_block(g.bo, g.bi)) {
+      auto* vec = pick(fp, &vec_sddmm_f32_avx512, &vec_sddmm_bf16_avx512, &vec_sddmm_f32_avx2, &vec_sddmm_bf16_avx2);
+      run_checked(bounds, "bsr_sddmm", [&](int64_t r0, int64_t r1) { return vec(a, r0, r1); });
+      return dw;
+    }
     auto* kernel = pick(fp, &bsr_sddmm_f32_avx512, &bsr_sddmm_bf16_avx512, &bsr_sddmm_f32_avx2, &bsr_sddmm_bf16_avx2);
     run_chunks(bounds, [&](int64_t r0, int64_t r1) { kernel(a, r0, r1); });
     return dw;

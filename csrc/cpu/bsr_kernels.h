@@ -94,9 +94,13 @@ bool vec_fwd_f32_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1);
 bool vec_fwd_bf16_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1);
 bool vec_grad_input_f32_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
 bool vec_grad_input_bf16_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
+bool vec_sddmm_f32_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1);
+bool vec_sddmm_bf16_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1);
 bool vec_fwd_f32_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1);
 bool vec_fwd_bf16_avx2(const BsrFwdArgs& a, int64_t r0, int64_t r1);
 bool vec_grad_input_f32_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
 bool vec_grad_input_bf16_avx2(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
+bool vec_sddmm_f32_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1);
+bool vec_sddmm_bf16_avx2(const BsrSddmmArgs& a, int64_t r0, int64_t r1);
 
 }  // namespace sparsekern::cpu

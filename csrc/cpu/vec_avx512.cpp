@@ -3,8 +3,9 @@
 // calls these for those block shapes on AVX-512 CPUs (vec_avx2.cpp has the AVX2 ones); float32 and bfloat16
 // (widened to float32, float32 accumulation). The input gradient is the forward of W^T, whose blocks are the
 // transposed shape: (V, 1) blocks of W are (1, V) blocks of W^T and the other way round, so the two kernels serve
-// both ops, the gradient reading the values through block_perm. Compiled with a target pragma inside a baseline
-// x86-64 build: no torch or STL headers, helpers have internal linkage, only the entry points are external.
+// both ops, the gradient reading the values through block_perm. The weight gradient (SDDMM) has a kernel of its own
+// (the "sddmm" section below). Compiled with a target pragma inside a baseline x86-64 build: no torch or STL
+// headers, helpers have internal linkage, only the entry points are external.
 //
 // Tokens are vectorised in both, as in csr_avx512.cpp: a tile of tokens is packed once (fp32, token-contiguous)
 // and every block row then runs its entries with its accumulators in registers; the partial sums of 64 rows go to
@@ -55,7 +56,7 @@ float* thread_buf(int slot, int64_t n) {
     int64_t n = 0;
     ~Buf() { std::free(p); }
   };
-  static thread_local Buf bufs[3];
+  static thread_local Buf bufs[5];
   Buf& b = bufs[slot];
   if (b.n < n) {
     std::free(b.p);
@@ -331,6 +332,317 @@ bool row_forward(const Rows<E>& m, int64_t r0, int64_t r1, const E* x, int64_t l
   return true;
 }
 
+// ---------------------------------------------------------------- sddmm
+// dW[p] = (dY^T X) on the V outputs of each kept vector p, accumulated in fp32 over token tiles (64 tokens for
+// column vectors, 256 for row vectors). A column vector's V outputs are dot products over the tokens of its V rows of
+// dY with its column of X; its block row's rows of dY are shared by all its vectors, its column of X is its own. A row
+// vector is a column vector of W^T with dY and X swapped: its V columns of X are shared by all the vectors of its block
+// column, its row of dY is its own. The outputs of different vectors are independent, so row vectors are walked by
+// block column (each thread sorts the vectors of its rows by column once per call, per chunk of 512 rows): both kinds
+// then run one loop, a shared operand against the entries' own ones.
+// A vector register holds P = 16 / VS tokens x VS outputs (VS = min(V, 16); a (32, 1) or (1, 32) vector is
+// NH = 2 halves of 16 that share the entry's operand), lane o * P + j = token j of the step, output o. Per step:
+// one load of the shared operand (packed per tile in that lane order: dY of the block rows, X of the groups of VS
+// columns) per half, and per entry one broadcast of its P tokens (vbroadcastss / sd / f32x4 of X^T or dY^T,
+// token-contiguous) and NH FMAs; 8 entries a register block. The P token phases are added once per tile. Per
+// FMA that is 1 / NH + 1 / 8 loads, from L1 or L2 (measured no slower from L2). Walked by rows instead, row
+// vectors would load a fresh X vector from L2 for every FMA, at about half the rate (docs/measurements.md).
+// The tiles depend only on T and the partial sums of an entry only on V (row vectors) or on its row's entries
+// (column vectors), so every thread count gives the same bits. Outputs of ragged edge vectors outside the matrix
+// are computed from zero padding and then written as exact zeros.
+constexpr int kSdEntries = 8;  // entries per register block
+// Column vectors: tiles of 64 tokens (X^T, read at random columns, stays in L2: in x 256 bytes), dY packed for
+// 64 rows (16 KiB, L1; 1024 rows measured no faster). Row vectors: tiles of 256 tokens (X is read one group at a time,
+// dY^T at random rows of the chunk: 512 rows x 1 KiB, L2), so that an entry runs 4x the FMAs per update of its outputs.
+constexpr int64_t kSdColTile = 64, kSdColChunk = 64, kSdRowTile = 256, kSdRowChunk = 512;
+
+// W consecutive floats at p repeated over the vector (W = 16: a plain load).
+template <int W>
+__attribute__((always_inline)) inline __m512 load_bc(const float* p) {
+  if constexpr (W == L) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (W == 4) {
+    return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+  } else if constexpr (W == 2) {
+    double d;
+    std::memcpy(&d, p, sizeof(d));
+    return _mm512_castpd_ps(_mm512_set1_pd(d));
+  } else {
+    return _mm512_set1_ps(*p);
+  }
+}
+
+// dst[(g * S + s) * 16 + o * P + j] = src[(s * P + j) * ld + g * VS + o] (VS = 16 / P) for the groups g < ng of
+// VS columns and the steps s < S; zero where s * P + j >= tb or g * VS + o >= nc. Steps outer: the P rows of a step
+// are read front to back.
+template <int P, typename E>
+void pack_interleaved(const E* src, int64_t ld, int64_t tb, int64_t nc, int64_t ng, int64_t S, float* dst) {
+  constexpr int VS = L / P;
+  alignas(64) int32_t perm[L];
+  for (int o = 0; o < VS; ++o)
+    for (int j = 0; j < P; ++j) perm[o * P + j] = j * VS + o;
+  const __m512i idx = _mm512_load_si512(perm);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t t = s * P;
+    float* d = dst + s * L;
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t c = g * VS, n = nc - c < VS ? nc - c : VS;
+      auto part = [&](int64_t i) {
+        return t + i < tb && n > 0 ? load_n(src + (t + i) * ld + c, n) : _mm512_setzero_ps();
+      };
+      __m512 r;
+      if constexpr (P == 1) {
+        r = part(0);
+      } else if constexpr (P == 2) {
+        r = _mm512_insertf32x8(part(0), _mm512_castps512_ps256(part(1)), 1);
+        r = _mm512_permutexvar_ps(idx, r);
+      } else {
+        r = _mm512_insertf32x4(part(0), _mm512_castps512_ps128(part(1)), 1);
+        r = _mm512_insertf32x4(r, _mm512_castps512_ps128(part(2)), 2);
+        r = _mm512_insertf32x4(r, _mm512_castps512_ps128(part(3)), 3);
+        r = _mm512_permutexvar_ps(idx, r);
+      }
+      _mm512_store_ps(d + g * S * L, r);
+    }
+  }
+}
+
+// o[e][h * VS + k] += the sum over the P token phases j of v[h][e] lane k * P + j (VS = 16 / P outputs per half).
+template <int NE, int NH, int P>
+__attribute__((always_inline)) inline void fold_add(const __m512 (&v)[NH][NE], float* const (&o)[NE]) {
+  if constexpr (P == 1) {
+#pragma GCC unroll 2
+    for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 8
+      for (int e = 0; e < NE; ++e) {
+        float* d = o[e] + h * L;
+        _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), v[h][e]));
+      }
+  } else {
+    static_assert(NH == 1, "vectors narrower than 16 have one half");
+#pragma GCC unroll 4
+    for (int f = 0; f < (NE + P - 1) / P; ++f) {
+      __m512 w[P];
+#pragma GCC unroll 4
+      for (int i = 0; i < P; ++i) w[i] = f * P + i < NE ? v[0][f * P + i] : _mm512_setzero_ps();
+      if constexpr (P == 2) {
+        const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+        const __m512 r = _mm512_add_ps(_mm512_permutex2var_ps(w[0], ev, w[1]), _mm512_permutex2var_ps(w[0], od, w[1]));
+        float* d0 = o[f * 2];
+        _mm256_storeu_ps(d0, _mm256_add_ps(_mm256_loadu_ps(d0), _mm512_castps512_ps256(r)));
+        if (f * 2 + 1 < NE) {
+          float* d1 = o[f * 2 + 1];
+          _mm256_storeu_ps(d1, _mm256_add_ps(_mm256_loadu_ps(d1), _mm512_extractf32x8_ps(r, 1)));
+        }
+      } else {
+        // within each 128-bit lane k: [sum w0, sum w1, sum w2, sum w3], then entry-major
+        const __m512 s0 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+        const __m512 s1 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+        const __m512 q = _mm512_add_ps(_mm512_shuffle_ps(s0, s1, 0x44), _mm512_shuffle_ps(s0, s1, 0xEE));
+        const __m512 r =
+            _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), q);
+        float* d0 = o[f * 4];
+        _mm_storeu_ps(d0, _mm_add_ps(_mm_loadu_ps(d0), _mm512_castps512_ps128(r)));
+        if (f * 4 + 1 < NE)
+          _mm_storeu_ps(o[f * 4 + 1], _mm_add_ps(_mm_loadu_ps(o[f * 4 + 1]), _mm512_extractf32x4_ps(r, 1)));
+        if (f * 4 + 2 < NE)
+          _mm_storeu_ps(o[f * 4 + 2], _mm_add_ps(_mm_loadu_ps(o[f * 4 + 2]), _mm512_extractf32x4_ps(r, 2)));
+        if (f * 4 + 3 < NE)
+          _mm_storeu_ps(o[f * 4 + 3], _mm_add_ps(_mm_loadu_ps(o[f * 4 + 3]), _mm512_extractf32x4_ps(r, 3)));
+      }
+    }
+  }
+}
+
+// v[h][e] = sum over the steps s < S of a[h * ah + s * 16 ...] * (the P floats at b[e] + s * P, broadcast), K
+// partial sums per entry (steps s = k mod K), added in a fixed order.
+template <int NE, int NH, int K, int P>
+__attribute__((always_inline)) inline void dots(const float* a, int64_t ah, const float* const (&b)[NE], int64_t S,
+                                                __m512 (&v)[NH][NE]) {
+  __m512 acc[K][NH][NE];
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k)
+#pragma GCC unroll 2
+    for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 8
+      for (int e = 0; e < NE; ++e) acc[k][h][e] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; s += K) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      __m512 av[NH];
+#pragma GCC unroll 2
+      for (int h = 0; h < NH; ++h) {
+        __m512 t = _mm512_loadu_ps(a + h * ah + (s + k) * L);
+        __asm__("" : "+v"(t));  // in a register: GCC would otherwise reload it as an operand of each FMA
+        av[h] = t;
+      }
+#pragma GCC unroll 8
+      for (int e = 0; e < NE; ++e) {
+        const __m512 bv = load_bc<P>(b[e] + (s + k) * P);
+#pragma GCC unroll 2
+        for (int h = 0; h < NH; ++h) acc[k][h][e] = _mm512_fmadd_ps(av[h], bv, acc[k][h][e]);
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 8
+    for (int e = 0; e < NE; ++e) {
+      v[h][e] = acc[0][h][e];
+#pragma GCC unroll 4
+      for (int k = 1; k < K; ++k) v[h][e] = _mm512_add_ps(v[h][e], acc[k][h][e]);
+    }
+}
+
+// Partial sums per entry: KF if nonzero (row vectors: the same for every block, whose entries depend on the work
+// split), else enough for 8 FMA chains in the block (column vectors: a block row's blocks are the same whatever
+// the split).
+template <int NE, int NH, int KF>
+constexpr int sd_chains() {
+  return KF ? KF : NE * NH >= 8 ? 1 : NE * NH >= 4 ? 2 : 4;  // S is a multiple of 4
+}
+
+// The entries [q0, q1) of one line (a block row of column vectors, a block column of row vectors) against its
+// shared operand a (NH halves ah floats apart): out(q) (V floats) += their dot products with own(q).
+template <int NH, int P, int KF, typename B, typename O>
+void line_entries(const float* a, int64_t ah, int64_t S, int64_t q0, int64_t q1, const B& own, const O& out) {
+  auto block = [&](int64_t q, auto ne) {
+    constexpr int NE = decltype(ne)::value;
+    const float* b[NE];
+    float* o[NE];
+#pragma GCC unroll 8
+    for (int e = 0; e < NE; ++e) b[e] = own(q + e), o[e] = out(q + e);
+    __m512 v[NH][NE];
+    dots<NE, NH, sd_chains<NE, NH, KF>(), P>(a, ah, b, S, v);
+    fold_add<NE, NH, P>(v, o);
+  };
+  int64_t q = q0;
+  for (; q + kSdEntries <= q1; q += kSdEntries) block(q, Int<kSdEntries>{});
+  switch (q1 - q) {
+    case 1: return block(q, Int<1>{});
+    case 2: return block(q, Int<2>{});
+    case 3: return block(q, Int<3>{});
+    case 4: return block(q, Int<4>{});
+    case 5: return block(q, Int<5>{});
+    case 6: return block(q, Int<6>{});
+    case 7: return block(q, Int<7>{});
+    default: return;
+  }
+}
+static_assert(kSdEntries == 8, "line_entries' switch covers the tails 1..kSdEntries-1");
+
+// dw for the block rows [r0, r1) of (V, 1) blocks (Col) or the rows [r0, r1) of (1, V) blocks.
+template <bool Col, int V, typename E>
+bool sddmm(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  constexpr int VS = V < L ? V : L, P = L / VS, NH = V / VS;
+  constexpr int KF = Col ? 0 : NH == 1 ? 2 : 1;               // row vectors: fixed partial sums (16 accumulators)
+  constexpr int64_t G = Col ? kSdColChunk / V : kSdRowChunk;  // block rows whose dY is packed together
+  constexpr int64_t TM = Col ? kSdColTile : kSdRowTile;       // tokens per tile
+  if (r1 <= r0) return true;
+  const int32_t* ro = a.row_offsets;
+  const int32_t* ci = a.col_indices;
+  const int64_t j0 = ro[r0], j1 = ro[r1];
+  // fp32 sums in storage order (float32: dw itself), or for row vectors in walk order (by column), so that their
+  // updates run front to back, scattered into dw at the end: when there is more than one tile, or when a vector's
+  // outputs are less than a cache line (each scattered update would move a whole line)
+  const bool walk = !Col && (a.T > TM || V * 4 < 64);
+  float* acc = sizeof(E) == 4 && !walk ? static_cast<float*>(a.dw) + j0 * V : thread_buf(2, (j1 - j0) * V + 1);
+  if (!acc) return false;
+  std::memset(acc, 0, size_t(j1 - j0) * V * sizeof(float));
+  const E* dy = static_cast<const E*>(a.dy);
+  const E* x = static_cast<const E*>(a.x);
+  const int64_t nbc = (a.in + a.bi - 1) / a.bi;  // block columns
+  const int64_t nch = (r1 - r0 + G - 1) / G;     // chunks of rows
+  // Row vectors: per chunk of rows, its entries by block column (rows ascending): coff[ch * (nbc + 1) + c] ..
+  // [.. + 1] index cq, whose pairs are (row - chunk start, entry - j0).
+  int32_t* coff = nullptr;
+  int32_t* cq = nullptr;
+  if constexpr (!Col) {
+    coff = reinterpret_cast<int32_t*>(thread_buf(3, nch * (nbc + 1) + 1));
+    cq = reinterpret_cast<int32_t*>(thread_buf(4, 2 * (j1 - j0) + 1));
+    if (!coff || !cq) return false;
+    for (int64_t ch = 0; ch < nch; ++ch) {
+      const int64_t c0 = r0 + ch * G, c1 = c0 + G < r1 ? c0 + G : r1;
+      int32_t* off = coff + ch * (nbc + 1);
+      std::memset(off, 0, size_t(nbc + 1) * sizeof(int32_t));
+      for (int64_t p = ro[c0]; p < ro[c1]; ++p) ++off[ci[p] + 1];
+      off[0] = int32_t(ro[c0] - j0);
+      for (int64_t c = 0; c < nbc; ++c) off[c + 1] += off[c];
+      for (int64_t r = c0; r < c1; ++r)
+        for (int64_t p = ro[r]; p < ro[r + 1]; ++p) {
+          const int32_t k = off[ci[p]]++;
+          cq[2 * k] = int32_t(r - c0), cq[2 * k + 1] = int32_t(p - j0);
+        }
+      for (int64_t c = nbc; c > 0; --c) off[c] = off[c - 1];  // back to the starts
+      off[0] = int32_t(ro[c0] - j0);
+    }
+  }
+  if (a.T > 0 && j1 > j0) {
+    const int64_t nx = Col ? a.in : nbc * NH * VS;  // X^T columns, or X columns in whole groups
+    float* xp = thread_buf(0, nx * TM);
+    float* dyp = thread_buf(1, G * V * TM);
+    if (!xp || !dyp) return false;
+    for (int64_t t0 = 0; t0 < a.T; t0 += TM) {
+      const int64_t tb = a.T - t0 < TM ? a.T - t0 : TM;
+      const int64_t TT = (tb + L - 1) / L * L, S = TT / P;  // tokens of the tile (padded), steps of P tokens
+      auto pack_t = [&](const E* src, int64_t ld, int64_t nc, float* dst) {
+        with_vecs<TM / L>(tb, [&](auto nv) { pack_transposed<decltype(nv)::value>(src, ld, tb, nc, dst); });
+      };
+      if constexpr (Col) {
+        pack_t(x + t0 * a.ldx, a.ldx, a.in, xp);
+      } else {
+        pack_interleaved<P>(x + t0 * a.ldx, a.ldx, tb, a.in, nbc * NH, S, xp);
+      }
+      for (int64_t ch = 0; ch < nch; ++ch) {
+        const int64_t g0 = r0 + ch * G, g1 = g0 + G < r1 ? g0 + G : r1;
+        if (ro[g0] == ro[g1]) continue;
+        if constexpr (Col) {
+          pack_interleaved<P>(dy + t0 * a.lddy + g0 * V, a.lddy, tb, a.out - g0 * V, (g1 - g0) * NH, S, dyp);
+          auto own = [&](int64_t p) { return xp + int64_t(ci[p]) * TT; };
+          auto out = [&](int64_t p) { return acc + (p - j0) * V; };
+          for (int64_t b = g0; b < g1; ++b)
+            line_entries<NH, P, KF>(dyp + (b - g0) * NH * S * L, S * L, S, ro[b], ro[b + 1], own, out);
+        } else {
+          pack_t(dy + t0 * a.lddy + g0, a.lddy, g1 - g0, dyp);
+          const int32_t* off = coff + ch * (nbc + 1);
+          auto own = [&](int64_t q) { return dyp + int64_t(cq[2 * q]) * TT; };
+          auto out = [&](int64_t q) { return acc + (walk ? q : int64_t(cq[2 * q + 1])) * V; };
+          for (int64_t c = 0; c < nbc; ++c)
+            if (off[c] < off[c + 1])
+              line_entries<NH, P, KF>(xp + c * NH * S * L, S * L, S, off[c], off[c + 1], own, out);
+        }
+      }
+    }
+  }
+  E* dw = static_cast<E*>(a.dw) + j0 * V;
+  if (walk) {
+    for (int64_t q = 0; q < j1 - j0; ++q) {
+      E* d = dw + int64_t(cq[2 * q + 1]) * V;
+#pragma GCC unroll 2
+      for (int k = 0; k < V; k += L) store_n(d + k, load_n(acc + q * V + k, V - k), V - k);
+    }
+  } else if constexpr (sizeof(E) != 4) {
+    const int64_t n = (j1 - j0) * V;
+    for (int64_t k = 0; k < n; k += L) store_n(dw + k, load_n(acc + k, n - k), n - k);
+  }
+  // Outputs of a ragged edge vector outside the matrix: exact zeros.
+  if constexpr (Col) {
+    const int64_t last = (a.out - 1) / V, rem = a.out - last * V;
+    if (rem < V && last >= r0 && last < r1) {
+      for (int64_t p = ro[last]; p < ro[last + 1]; ++p)
+        std::memset(dw + (p - j0) * V + rem, 0, size_t(V - rem) * sizeof(E));
+    }
+  } else {
+    const int64_t last = (a.in - 1) / V, rem = a.in - last * V;
+    if (rem < V) {
+      for (int64_t p = j0; p < j1; ++p)
+        if (ci[p] == last) std::memset(dw + (p - j0) * V + rem, 0, size_t(V - rem) * sizeof(E));
+    }
+  }
+  return true;
+}
+
 // ---------------------------------------------------------------- entry points
 // Forward: (V, 1) blocks run the column kernel over block rows, (1, V) blocks the row kernel over rows.
 template <typename E>
@@ -380,6 +692,24 @@ bool grad_input(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
   }
 }
 
+template <typename E>
+bool sddmm_entry(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  if (a.bi == 1) {
+    switch (a.bo) {
+      case 4: return sddmm<true, 4, E>(a, r0, r1);
+      case 8: return sddmm<true, 8, E>(a, r0, r1);
+      case 16: return sddmm<true, 16, E>(a, r0, r1);
+      default: return sddmm<true, 32, E>(a, r0, r1);
+    }
+  }
+  switch (a.bi) {
+    case 4: return sddmm<false, 4, E>(a, r0, r1);
+    case 8: return sddmm<false, 8, E>(a, r0, r1);
+    case 16: return sddmm<false, 16, E>(a, r0, r1);
+    default: return sddmm<false, 32, E>(a, r0, r1);
+  }
+}
+
 }  // namespace
 
 bool vec_fwd_f32_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
@@ -393,6 +723,12 @@ bool vec_grad_input_f32_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1
 }
 bool vec_grad_input_bf16_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
   return grad_input<uint16_t>(a, c0, c1);
+}
+bool vec_sddmm_f32_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  return sddmm_entry<float>(a, r0, r1);
+}
+bool vec_sddmm_bf16_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1) {
+  return sddmm_entry<uint16_t>(a, r0, r1);
 }
 
 }  // namespace sparsekern::cpu
