@@ -262,7 +262,7 @@ def run_point(s: Setup, pattern: Pattern, sparsity: float, p: Preset, progress: 
     converted = "" if report is None else f"; {len(report.converted)} of {len(report.layers)} Linear layers sparse"
     notes = (f"{how} ({prune_s:.0f} s); one-shot cosine {one_shot['cosine']:.4f}, top-1 "
              f"{one_shot['top1_agreement']:.3f}; recovery {rec['steps']} steps in {rec['seconds']:.0f} s "
-             f"({budget_text(p)}), loss {rec['first_loss']:.4g} -> {rec['last_loss']:.4g}{converted}")
+             f"[run: {budget_text(p)}], loss {rec['first_loss']:.4g} -> {rec['last_loss']:.4g}{converted}")
 
     # End to end, as the CLI's latency comparison: two dense and two pruned contenders, the best of each.
     leftover = copy.deepcopy(student)
@@ -502,15 +502,19 @@ def _name(q: Dict[str, Any]) -> str:
 
 
 def budget_text(p: Preset) -> str:
-    if p.max_steps is not None:
-        return f"at most {p.max_steps} recovery steps per point"
-    return f"{p.recover_seconds:.0f} s of recovery per point"
+    """The recovery budget of a run, and OMP_WAIT_POLICY where it is set (PASSIVE: OpenMP threads sleep at a
+    barrier instead of spinning; on a machine whose cores other processes share, the spinning thread holds the
+    core the other needs and 2-thread timings stretch to the scheduler's time slice)."""
+    budget = (f"at most {p.max_steps} recovery steps per point" if p.max_steps is not None
+              else f"{p.recover_seconds:.0f} s of recovery per point")
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    return f"{budget}, OMP_WAIT_POLICY={policy}" if policy else budget
 
 
 def _budget_of(rows: Sequence[dict]) -> str:
-    """The recovery budget a run's notes state (:func:`budget_text`), "" if none does."""
+    """The run conditions a run's notes state (:func:`budget_text`), "" if none does."""
     for r in rows:
-        m = re.search(r"\((\d+ s of recovery per point|at most \d+ recovery steps per point)\)", str(r["notes"]))
+        m = re.search(r"\[run: ([^\]]*)\]", str(r["notes"]))
         if m:
             return m.group(1)
     return ""
