@@ -65,7 +65,12 @@ COLUMNS: List[str] = [
     "git_rev",
     "timestamp",
     "notes",  # what else decided the time, e.g. the attention implementation an end-to-end model ran with
+    # Accuracy of the model a row ran against the dense model (benchmarks.atlas; empty where not measured):
+    "cosine",  # mean cosine similarity of held-out sentence embeddings, in [-1, 1]
+    "top1_agreement",  # fraction of held-out sentences with the same nearest neighbour, in [0, 1]
 ]
+# Headers of CSVs written before the newest columns: read back with those columns empty.
+_OLDER_SCHEMAS: List[List[str]] = [COLUMNS[:COLUMNS.index("notes")], COLUMNS[:COLUMNS.index("cosine")]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,7 +329,7 @@ def write_csv(path: str, rows: Iterable[Dict[str, Any]]) -> None:
 _NUMERIC = {
     "out_features": int, "in_features": int, "tokens": int, "threads": int, "weight_bytes": int, "repeats": int,
     "sparsity": float, "density": float, "median_s": float, "p10_s": float, "p90_s": float, "baseline_s": float,
-    "ratio": float, "ideal_ratio": float,
+    "ratio": float, "ideal_ratio": float, "cosine": float, "top1_agreement": float,
 }
 
 
@@ -332,12 +337,12 @@ def read_csv(path: str) -> List[Dict[str, Any]]:
     """Reads a harness CSV back with numeric columns converted (empty cells stay "")."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        older = reader.fieldnames == [c for c in COLUMNS if c != "notes"]  # written before the notes column
-        if reader.fieldnames != COLUMNS and not older:
+        if reader.fieldnames != COLUMNS and reader.fieldnames not in _OLDER_SCHEMAS:
             raise ValueError(f"{path}: columns {reader.fieldnames} are not the harness schema {COLUMNS}")
         rows = []
         for row in reader:
-            row.setdefault("notes", "")
+            for k in COLUMNS[len(reader.fieldnames):]:
+                row[k] = ""
             for k, conv in _NUMERIC.items():
                 if row[k] != "":
                     row[k] = conv(float(row[k])) if conv is int else conv(row[k])

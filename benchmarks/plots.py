@@ -134,3 +134,49 @@ def write_plots(rows: List[Row], out_dir: str) -> List[str]:
         if fn(rows, path):
             paths.append(path)
     return paths
+
+
+ATLAS_MARKERS = "osv^DPXh*<>"
+
+
+def atlas_plot(points: List[Row], front: List[Row], path: str, title: str = "") -> bool:
+    """The pattern atlas (``benchmarks.atlas.points``): held-out cosine against end-to-end speedup over the best
+    dense path, one marker per pattern, each point labelled with its sparsity; the Pareto front (``front``, slowest
+    first) circled and joined by a dashed staircase: above each speedup, the best cosine any point at least that
+    fast reaches; the dense model at (1, 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(7.6, 5.2))
+    labels = list(dict.fromkeys(str(q["label"]) for q in points))
+    colors = plt.get_cmap("tab10")
+    for i, label in enumerate(labels):
+        pts = [q for q in points if q["label"] == label]
+        ax.plot([float(q["speedup"]) for q in pts], [float(q["cosine"]) for q in pts], ATLAS_MARKERS[i % 11],
+                color=colors(i % 10), ms=7, ls=":", lw=0.8, label=label)
+        for q in pts:
+            ax.annotate(f"{float(q['nominal']):.0%}", (float(q["speedup"]), float(q["cosine"])), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points", color=colors(i % 10))
+    if front:
+        xs = [float(q["speedup"]) for q in front]
+        ys = [float(q["cosine"]) for q in front]
+        ax.step(xs, ys, where="pre", color="k", ls="--", lw=1, label="Pareto front", zorder=0)
+        ax.plot(xs, ys, "o", mfc="none", mec="k", ms=12, zorder=0)
+    ax.plot([1.0], [1.0], "k*", ms=11, label="dense (best path)")
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x" if v in (0.5, 2, 3, 5) else ""))
+    ax.set_xlabel("end-to-end speedup over the best dense path (batch 8, seq 128)")
+    ax.set_ylabel("held-out cosine to the dense model's embeddings")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -217,6 +217,7 @@ def distill(
     max_length: int = 64,
     seed: int = 0,
     max_steps: Optional[int] = None,
+    teacher_hidden: Optional[Sequence[int]] = None,
     progress: bool = True,
 ) -> Dict[str, float]:
     """Trains ``student`` (in place) to reproduce ``teacher``'s hidden states on ``sentences`` for ``seconds`` of
@@ -227,6 +228,11 @@ def distill(
     (the budget is a time, so the step count is not known in advance).
     Returns ``{"steps", "seconds", "steps_per_second", "first_loss", "last_loss", "world_size"}`` (losses: mean of
     the first / last 10 steps).
+
+    ``teacher_hidden``: for a student with fewer layers than the teacher (``sparse.prune.drop_layers``), the
+    teacher's hidden-state index each of the student's hidden states is compared to, the embeddings (0) first
+    (``sparse.prune.teacher_hidden_states`` gives it for the kept layers); default: the same index, which needs
+    a student as deep as the teacher (``ValueError`` otherwise).
 
     Across processes (``torch.distributed`` initialised with more than one rank, e.g. under ``torchrun``; the
     batches stay on the CPU, so a gloo process group): every rank must call it with the same student, teacher,
@@ -244,6 +250,10 @@ def distill(
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if multi else (0, 1)
     if batch_size < world:
         raise ValueError(f"batch_size={batch_size} is smaller than the {world} ranks: each needs a sentence per step")
+    if teacher_hidden is not None:
+        teacher_hidden = [int(i) for i in teacher_hidden]
+        if not teacher_hidden or teacher_hidden[0] != 0 or teacher_hidden != sorted(set(teacher_hidden)):
+            raise ValueError(f"teacher_hidden must start at 0 (the embeddings) and increase, got {teacher_hidden}")
     layers = {name: m for name, m in student.named_modules() if name in masks}
     missing = sorted(set(masks) - set(layers))
     if missing:
@@ -298,6 +308,7 @@ def distill(
             with torch.no_grad():
                 t_hidden = teacher(**enc, output_hidden_states=True).hidden_states
             s_hidden = forward(**enc, output_hidden_states=True).hidden_states
+            t_hidden = _matched(t_hidden, len(s_hidden), teacher_hidden)
             # hidden_states[0] is the embedding output, which pruning the encoder does not change.
             loss = _hidden_loss(s_hidden[1:], t_hidden[1:], enc["attention_mask"])
             opt.zero_grad(set_to_none=True)
@@ -332,6 +343,21 @@ def distill(
     result.update(steps=steps, seconds=elapsed, steps_per_second=steps / elapsed, first_loss=sum(head) / len(head),
                   last_loss=sum(tail) / len(tail))
     return result
+
+
+def _matched(teacher: Sequence[torch.Tensor], n_student: int,
+             index: Optional[Sequence[int]]) -> Sequence[torch.Tensor]:
+    """The teacher's hidden states the student's ``n_student`` are compared to, in order."""
+    if index is None:
+        if len(teacher) != n_student:
+            raise ValueError(f"the student has {n_student} hidden states and the teacher {len(teacher)}: give "
+                             "teacher_hidden (sparse.prune.teacher_hidden_states) to say which teacher layers the "
+                             "student's stand for")
+        return teacher
+    if len(index) != n_student or index[-1] >= len(teacher):
+        raise ValueError(f"teacher_hidden {list(index)} must name one of the teacher's {len(teacher)} hidden states "
+                         f"for each of the student's {n_student}")
+    return [teacher[i] for i in index]
 
 
 def _go_on(local: bool, multi: bool) -> bool:

@@ -173,6 +173,21 @@ def test_drop_layers_keeps_a_consistent_shallower_model(arch):
         run(model)
 
 
+def test_teacher_hidden_states_match_each_kept_layer_to_the_last_layer_it_stands_for():
+    from sparse.prune import every_other, teacher_hidden_states
+
+    # hidden state 0 is the embeddings, i the output of layer i - 1: kept layer j replaces layers kept[j] up to
+    # the next kept one, so its output stands for the full model's before that layer, the last one for its output
+    assert teacher_hidden_states([0, 2, 4], 6) == [0, 2, 4, 6]
+    assert teacher_hidden_states(every_other(6, 2), 6) == [0, 3, 6]
+    assert teacher_hidden_states([0], 6) == [0, 6]
+    assert teacher_hidden_states(list(range(4)), 4) == [0, 1, 2, 3, 4]  # nothing dropped: the identity
+    with pytest.raises(ValueError, match=r"indices \[6\] are out of range \[0, 6\)"):
+        teacher_hidden_states([0, 6], 6)
+    with pytest.raises(ValueError, match="must be increasing and without repeats"):
+        teacher_hidden_states([2, 0], 6)
+
+
 def test_drop_layers_refuses_bad_keep():
     from sparse.prune import drop_layers, every_other
 

@@ -164,6 +164,27 @@ def test_write_csv_rejects_columns_outside_the_schema(tmp_path):
         harness.write_csv(str(tmp_path / "x.csv"), [{"op": "linear", "speed": 1}])
 
 
+@pytest.mark.parametrize("last", ["ideal_ratio", "git_rev", "timestamp", "notes"])
+def test_read_csv_takes_a_header_of_every_schema_so_far(tmp_path, last):
+    """CSVs written before the notes column and before the accuracy columns read back with those columns empty;
+    any other header is refused, naming the schema."""
+    import csv
+
+    old = COLUMNS[:COLUMNS.index(last) + 1]
+    path = tmp_path / "old.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old)
+        w.writeheader()
+        w.writerow({k: "1" if k in harness._NUMERIC else "x" for k in old})
+    if last in ("timestamp", "notes"):
+        (row,) = harness.read_csv(str(path))
+        assert list(row) == COLUMNS and row["median_s"] == 1.0
+        assert row["cosine"] == "" and row["top1_agreement"] == ""
+    else:
+        with pytest.raises(ValueError, match="are not the harness schema"):
+            harness.read_csv(str(path))
+
+
 def _rows(case, ours_s, dense_s, **ours_info):
     cs = [
         Contender(

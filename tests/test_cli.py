@@ -393,6 +393,40 @@ def test_distill_keeps_masks_and_lowers_the_loss(tiny_model):
         distill.distill(student, teacher, tok, text.train, masks, seconds=0)
 
 
+def test_distill_a_layer_dropped_student_against_the_layers_it_stands_for(tiny_model):
+    from sparse.prune import drop_layers, teacher_hidden_states
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    teacher = transformers.AutoModel.from_pretrained(tiny_model).eval()
+    student = transformers.AutoModel.from_pretrained(tiny_model).eval()
+    kept = drop_layers(student, 1)["encoder.layer"]
+    index = teacher_hidden_states(kept, 2)
+    assert kept == [0] and index == [0, 2]  # the one kept layer's output is to match the 2-layer model's output
+    text = corpus.load(n_heldout=32)
+    enc = tok(text.heldout, padding=True, truncation=True, max_length=64, return_tensors="pt")
+
+    def loss() -> float:
+        with torch.no_grad():
+            s = student(**enc, output_hidden_states=True).hidden_states
+            t = teacher(**enc, output_hidden_states=True).hidden_states
+            return distill._hidden_loss(s[1:], [t[i] for i in index[1:]], enc["attention_mask"]).item()
+
+    with pytest.raises(ValueError, match="the student has 2 hidden states and the teacher 3: give teacher_hidden"):
+        distill.distill(student, teacher, tok, text.train, {}, seconds=60, max_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"teacher_hidden \[0, 1, 2\] must name one of the teacher's 3 hidden "
+                                         r"states for each of the student's 2"):
+        distill.distill(student, teacher, tok, text.train, {}, seconds=60, max_steps=1, teacher_hidden=[0, 1, 2],
+                        progress=False)
+    with pytest.raises(ValueError, match=r"teacher_hidden must start at 0 \(the embeddings\) and increase, got "
+                                         r"\[2, 1\]"):
+        distill.distill(student, teacher, tok, text.train, {}, seconds=60, teacher_hidden=[2, 1], progress=False)
+    before = loss()
+    stats = distill.distill(student, teacher, tok, text.train, {}, seconds=60, max_steps=8, lr=1e-3, batch_size=16,
+                            teacher_hidden=index, progress=False)
+    assert stats["steps"] == 8
+    assert loss() < before
+
+
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 def test_prepacked_linear_matches_the_reference(activation):
     torch.manual_seed(0)

@@ -14,14 +14,15 @@
   respect to a per-head gate; ``prune_heads`` removes heads and shrinks the Q/K/V and output projections. (Voita
   et al., 2019 learn the gates with an L0 penalty instead; the shrinking step is the same.)
 - :mod:`sparse.prune.depth`: layer dropping (Fan et al., 2020): ``drop_layers`` keeps some of the Transformer
-  layers of a Hugging Face encoder, decoder or encoder-decoder and updates its config and cache indices.
+  layers of a Hugging Face encoder, decoder or encoder-decoder and updates its config and cache indices;
+  ``teacher_hidden_states`` maps the shallower model's hidden states to the full one's for distillation.
 
 Ties between equal scores are broken by position (the earlier entry is kept), as in ``sparse.formats``.
 """
 
 from __future__ import annotations
 
-from .depth import drop_layers, every_other, layer_stacks
+from .depth import drop_layers, every_other, layer_stacks, teacher_hidden_states
 from .heads import head_importance, prune_heads, recorded_pruned_heads
 from .masks import balanced_mask, block_mask, global_magnitude_masks, magnitude_mask, movement_scores, topk_mask
 from .schedules import PRUNE_PATTERNS, GradualPruner, cubic_sparsity  # noqa: F401  (PRUNE_PATTERNS: as before the split)
@@ -29,5 +30,5 @@ from .schedules import PRUNE_PATTERNS, GradualPruner, cubic_sparsity  # noqa: F4
 __all__ = [
     "topk_mask", "magnitude_mask", "global_magnitude_masks", "block_mask", "balanced_mask", "movement_scores",
     "cubic_sparsity", "GradualPruner", "head_importance", "prune_heads", "recorded_pruned_heads", "drop_layers",
-    "every_other", "layer_stacks",
+    "every_other", "layer_stacks", "teacher_hidden_states",
 ]

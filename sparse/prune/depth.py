@@ -4,7 +4,9 @@ subset of its Transformer layers, in order, and its config says so; distillation
 recovers what the dropped layers did.
 
 :func:`layer_stacks` finds the stacks (``encoder.layer`` of BERT and ViT, ``h`` of GPT-2, ``layers`` of Llama,
-``encoder.block`` and ``decoder.block`` of T5, ...); :func:`drop_layers` keeps ``keep`` layers of each.
+``encoder.block`` and ``decoder.block`` of T5, ...); :func:`drop_layers` keeps ``keep`` layers of each;
+:func:`teacher_hidden_states` says which of the full model's hidden states the shallower one's should match
+(``sparse.distill.distill(..., teacher_hidden=...)``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Dict, List, Mapping, Sequence, Union
 
 from torch import nn
 
-__all__ = ["layer_stacks", "drop_layers", "every_other"]
+__all__ = ["layer_stacks", "drop_layers", "every_other", "teacher_hidden_states"]
 
 # Names a Transformer's layer list goes by; the list holds layers of one class.
 _STACK_NAMES = ("layer", "layers", "h", "block", "blocks")
@@ -115,3 +117,13 @@ def drop_layers(model: nn.Module, keep: Keep) -> Dict[str, List[int]]:
             if isinstance(types, list) and len(types) == n_old:
                 cfg.layer_types = [types[i] for i in idx]
     return plan
+
+
+def teacher_hidden_states(kept: Sequence[int], n_layers: int) -> List[int]:
+    """For a stack of ``n_layers`` that kept the layers ``kept`` (:func:`drop_layers`' answer for it): the index
+    of the full model's hidden state (``output_hidden_states``: 0 the embeddings, i the output of layer i - 1)
+    that each of the shallower model's ``len(kept) + 1`` hidden states stands for. Kept layer j does the work of
+    the full layers ``kept[j]`` up to the next kept one, so its output matches the full model's before layer
+    ``kept[j + 1]``, the last one the full model's output: keep ``[0, 2, 4]`` of 6 -> ``[0, 2, 4, 6]``."""
+    idx = _indices(list(kept), n_layers, "kept")
+    return [0] + idx[1:] + [n_layers]
