@@ -113,9 +113,10 @@ PRESETS: Dict[str, Preset] = {
 
 # What a point costs besides its recovery (SparseGPT, two embeddings of the held-out text, the timing), and the
 # set-up before the first, on all-MiniLM-L6-v2 with the quick preset: what --total-minutes subtracts from its
-# budget. From a quiet phase of the 2-core AVX-512 Xeon (2026-12-07): two points with 10 s of recovery in 83 s.
+# budget. The full run of 2026-12-07 (2-core AVX-512 Xeon shared with other workers, load 3-5; 44.8 min): 22-39 s
+# per point in its quieter phases, up to 94 s in its busiest.
 SETUP_S = 20.0
-POINT_S = 24.0
+POINT_S = 30.0
 
 
 def recovery_for(total_minutes: float, n_points: int) -> float:
@@ -481,16 +482,18 @@ def pareto_front(pts: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return sorted((q for q in pts if not any(dominates(o, q) for o in pts)), key=lambda q: (q["speedup"], -q["cosine"]))
 
 
-MIN_COSINE = 0.85  # the demo rule: the fastest point that keeps this much of the dense model's embeddings
+# The demo rule: `make demo` shows a real gain in speed and keeps as much of the model as a pattern can at that
+# speed, so its pattern is the most accurate point at least this much faster than the best dense path end to end.
+MIN_SPEEDUP = 1.25
 
 
-def pick(pts: Sequence[Dict[str, Any]], min_cosine: float = MIN_COSINE,
+def pick(pts: Sequence[Dict[str, Any]], min_speedup: float = MIN_SPEEDUP,
          patterns: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
-    """The fastest point (end to end, faster than dense) whose cosine is at least ``min_cosine``, among
-    ``patterns`` (keys; default all); None if none is."""
-    ok = [q for q in pts if q["cosine"] >= min_cosine and q["speedup"] > 1.0
-          and (patterns is None or q["pattern"] in patterns)]
-    return max(ok, key=lambda q: q["speedup"]) if ok else None
+    """The point of highest cosine (ties: the faster) among those at least ``min_speedup`` times faster than the
+    best dense path end to end, of ``patterns`` (keys; default all); None if none is that fast. It is always a
+    point of the Pareto front: a point that dominated it would be as fast and more accurate."""
+    ok = [q for q in pts if q["speedup"] >= min_speedup and (patterns is None or q["pattern"] in patterns)]
+    return max(ok, key=lambda q: (q["cosine"], q["speedup"])) if ok else None
 
 
 def _first_e2e(rows: Sequence[dict]) -> Optional[dict]:
@@ -555,10 +558,11 @@ def markdown(rows: Sequence[dict], skipped: Sequence[str] = (), budget: str = ""
                      "slowest first: " + ", ".join(f"{_name(q)} ({q['cosine']:.3f}, {q['speedup']:.2f}x)"
                                                    for q in front) + ".")
         for what, pats in (("any pattern", None), ("the patterns `make demo` runs", DEMO_PATTERNS)):
-            chosen = pick(pts, MIN_COSINE, pats)
+            chosen = pick(pts, MIN_SPEEDUP, pats)
             verdict = "none" if chosen is None else (
                 f"**{_name(chosen)}** ({chosen['cosine']:.3f}, {chosen['speedup']:.2f}x)")
-            lines += ["", f"Fastest point faster than dense with cosine >= {MIN_COSINE}, {what}: {verdict}."]
+            lines += ["", f"Most accurate point at least {MIN_SPEEDUP:g}x faster than dense end to end (the demo "
+                          f"rule), {what}: {verdict}."]
     if skipped:
         lines += ["", "Points that could not run:", ""] + [f"- {s}" for s in skipped]
     return "\n".join(lines) + "\n"
@@ -584,7 +588,7 @@ def _title(rows: Sequence[dict], budget: str) -> str:
     first = _first_e2e(rows)
     if first is None:
         return ""
-    return f"{first['shape']}, {first['machine']}, {first['threads']} threads, fp32{', ' + budget if budget else ''}"
+    return f"{first['shape']}, {first['machine']}\n{first['threads']} threads, fp32{', ' + budget if budget else ''}"
 
 
 # ---- command line --------------------------------------------------------------------------------------------------

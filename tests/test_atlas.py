@@ -40,13 +40,24 @@ def test_pareto_front_of_hand_made_points():
     assert not atlas.dominates(b, b2) and not atlas.dominates(a, e) and not atlas.dominates(e, a)
 
 
-def test_pick_is_the_fastest_point_faster_than_dense_above_the_cosine():
-    pts = [_pt("unstructured", 0.9, 0.99), _pt("balanced32", 1.4, 0.90), _pt("block32", 2.5, 0.86),
-           _pt("layers", 3.0, 0.88), _pt("vector8x1", 4.0, 0.40)]
-    assert atlas.pick(pts, 0.85)["pattern"] == "layers"
-    assert atlas.pick(pts, 0.85, atlas.DEMO_PATTERNS)["pattern"] == "block32"
-    assert atlas.pick(pts, 0.89)["pattern"] == "balanced32"
-    assert atlas.pick(pts, 0.995) is None  # unstructured is accurate enough but slower than dense
+def test_demo_rule_is_the_most_accurate_point_with_a_real_speedup():
+    pts = [_pt("balanced32", 1.03, 0.96), _pt("vector8x1", 1.37, 0.85), _pt("balanced32", 1.53, 0.82),
+           _pt("unstructured", 1.29, 0.79), _pt("block32", 2.2, 0.53), _pt("layers", 5.7, 0.30),
+           _pt("block16", 1.53, 0.82)]
+    assert atlas.MIN_SPEEDUP == 1.25
+    assert _key(atlas.pick(pts)) == ("vector8x1", 1.37)  # 1.03x is no gain: balanced 50% is left out
+    assert _key(atlas.pick(pts, patterns=atlas.DEMO_PATTERNS)) == ("balanced32", 1.53)  # no vectors in the demo
+    assert _key(atlas.pick(pts, 2.0)) == ("block32", 2.2)
+    assert atlas.pick(pts, 6.0) is None
+    # a tie in cosine goes to the faster point, and the pick is always on the front
+    tie = [_pt("a", 1.5, 0.8), _pt("b", 1.6, 0.8), _pt("c", 1.3, 0.7)]
+    assert _key(atlas.pick(tie)) == ("b", 1.6)
+    for some in (pts, tie):
+        assert atlas.pick(some) in atlas.pareto_front(list(some) + [atlas.DENSE_POINT])
+
+
+def _key(q: dict) -> tuple:
+    return q["pattern"], q["speedup"]
 
 
 def test_timed_layers_are_the_middle_transformer_layers():
