@@ -941,7 +941,7 @@ def sparsify(
 def _quantize_converted(model: nn.Module, layers: List[LayerReport], replacements: Dict[int, nn.Module],
                         mode: str) -> None:
     """sparsify(quantize=mode): the block-sparse layers this call built (and fused QKV ops over them) -> int8."""
-    from .quant import QuantizedBlockSparseLinear
+    from .quant import convert_layer
 
     built = {id(sp) for sp in replacements.values()}
     reports = {r.name: r for r in layers}
@@ -952,17 +952,10 @@ def _quantize_converted(model: nn.Module, layers: List[LayerReport], replacement
         fused = name.endswith("." + FUSED_QKV) or name == FUSED_QKV
         if id(m) in built or fused:
             targets.append((name, m, fused))
+    swaps = {id(m): convert_layer(name, m, mode) for name, m, _ in targets}
+    replace_modules(model, swaps)
     for name, m, fused in targets:
-        if m.values.dtype not in (torch.float32, torch.bfloat16) or m.values.device.type != "cpu":
-            raise ValueError(f"layer {name!r} is {m.values.dtype} on {m.values.device}: the int8 layers run float32 "
-                             "or bfloat16 models on the CPU")
-        try:
-            q = QuantizedBlockSparseLinear.from_sparse(m, mode)
-        except ValueError as exc:
-            raise ValueError(f"layer {name!r}: {exc}") from exc
-        q.train(m.training)
-        parent_path, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, attr, q)
+        q = swaps[id(m)]
         if fused:  # the three projections' reports share the fused op
             prefix = name[: -len(FUSED_QKV)]
             for key in QKV_NAMES:

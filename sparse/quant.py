@@ -302,10 +302,19 @@ def _quantizable(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)]
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, module)
+def convert_layer(name: str, module: nn.Module, mode: str) -> "QuantizedBlockSparseLinear":
+    """The int8 version of the ``BlockSparseLinear`` called ``name`` (in its training mode), or a ``ValueError``
+    naming it: a dtype other than float32 / bfloat16, a device other than the CPU, or a weight int8 cannot hold."""
+    v = module.values
+    if v.dtype not in (torch.float32, torch.bfloat16) or v.device.type != "cpu":
+        raise ValueError(f"layer {name!r} is {v.dtype} on {v.device}: the int8 layers run float32 or bfloat16 "
+                         "models on the CPU")
+    try:
+        q = QuantizedBlockSparseLinear.from_sparse(module, mode)
+    except ValueError as exc:
+        raise ValueError(f"layer {name!r}: {exc}") from exc
+    q.train(module.training)
+    return q
 
 
 def quantize(model: nn.Module, mode: str = "int8") -> Dict[str, Dict[str, int]]:
@@ -314,7 +323,8 @@ def quantize(model: nn.Module, mode: str = "int8") -> Dict[str, Dict[str, int]]:
     (:func:`calibrate` sets static ones). Moves nothing: the int8 layers live on the CPU.
 
     Returns ``{layer: {"float_bytes", "int8_bytes"}}``. Raises ``ValueError`` if there is no block-sparse layer,
-    or for a layer on another device than the CPU, naming it; layers of other formats (balanced) stay as they are.
+    or for a layer in another dtype or on another device than the CPU, naming it; layers of other formats
+    (balanced) stay as they are.
     """
     _check_mode(mode)
     if not isinstance(model, nn.Module):
@@ -325,17 +335,14 @@ def quantize(model: nn.Module, mode: str = "int8") -> Dict[str, Dict[str, int]]:
                          "block, vectors and unstructured; sparsify first)")
     if any(name == "" for name, _ in layers):
         raise ValueError("the model is itself a BlockSparseLinear: use QuantizedBlockSparseLinear.from_sparse")
+    from .walk import replace_modules
+
     report: Dict[str, Dict[str, int]] = {}
+    replacements: Dict[int, nn.Module] = {}
     for name, m in layers:
-        if m.values.device.type != "cpu":
-            raise ValueError(f"layer {name!r} is on {m.values.device}: the int8 kernels run on the CPU only")
-        try:
-            q = QuantizedBlockSparseLinear.from_sparse(m, mode)
-        except ValueError as exc:
-            raise ValueError(f"layer {name!r}: {exc}") from exc
-        q.train(m.training)
+        q = replacements.setdefault(id(m), convert_layer(name, m, mode))
         report[name] = {"float_bytes": int(m.nbytes), "int8_bytes": int(q.nbytes)}
-        _set_submodule(model, name, q)
+    replace_modules(model, replacements)
     return report
 
 
