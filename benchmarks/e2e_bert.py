@@ -13,7 +13,8 @@ Attention is not this package's business, but it is a third to a half of the spa
 backends forced (``sdpa_math``, ``sdpa_flash``; ``sparse.evaluate.pick_attention``) and keeps the fastest, as its
 user would; the ``notes`` column names the choice and every time. Sparse contenders:
 ``sparse.sparsify`` on every Linear of the encoder layers (the pooler stays dense), unfused, with the GELU fused
-(``:fused``) and, block only, also with each attention's query, key and value as one op (``:fused+qkv``). Rows
+(``:fused``) and, block only, also with each attention's query, key and value as one op (``:fused+qkv``), and
+with the residual add and LayerNorm after each output projection as one op besides (``:fused+qkv+ln``). Rows
 use the harness schema; ``tokens`` = batch x sequence. ``<out>/e2e_profile.md`` has the time split (Linear layers
 vs the rest) from torch.profiler.
 """
@@ -90,11 +91,12 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, fuse: Union[bool, 
     ``keep = round(32 (1 - sparsity))`` (``"balanced"``) or unstructured (``"unstructured"``: the largest weights of
     each layer, 1x1 blocks), kept sparse even where a layer measures slower; ``fuse``: the GELU after the
     intermediate Linear runs in the sparse kernel's output stage; ``"qkv"``: that, and each attention's query, key
-    and value as one sparse op (``fuse_qkv``, not timed: always fused)."""
+    and value as one sparse op (``fuse_qkv``, not timed: always fused); ``"ln"``: that, and the residual add and
+    LayerNorm after each output projection as one op (``fuse_layernorm``); ``"int8"``: ``"ln"`` with int8 weights."""
     model = copy.deepcopy(model)
     sparse.sparsify(model, pattern=pattern, sparsity=sparsity, block=32, bank=32, include=_encoder_linear,
-                    skip_if_slower=False, fuse_activations=bool(fuse), fuse_qkv=fuse in ("qkv", "int8"),
-                    quantize="int8" if fuse == "int8" else None)
+                    skip_if_slower=False, fuse_activations=bool(fuse), fuse_qkv=fuse in ("qkv", "ln", "int8"),
+                    fuse_layernorm=fuse in ("ln", "int8"), quantize="int8" if fuse == "int8" else None)
     return model
 
 
@@ -102,8 +104,10 @@ def _fused_label(fuse: Union[bool, str]) -> Tuple[str, str]:
     """(contender name suffix, backend suffix) of a sparse model's fusions."""
     if fuse == "qkv":
         return ":fused+qkv", "(fused gelu+qkv)"
+    if fuse == "ln":
+        return ":fused+qkv+ln", "(fused gelu+qkv+add-layernorm)"
     if fuse == "int8":
-        return ":fused+qkv:int8", "(fused gelu+qkv, int8)"
+        return ":fused+qkv+ln:int8", "(fused gelu+qkv+add-layernorm, int8)"
     return (":fused", "(fused gelu)") if fuse else ("", "")
 
 
@@ -247,6 +251,7 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
         wanted.append((pattern, top, "float32", True))
     if "block" in p.patterns:
         wanted.append(("block", top, "float32", "qkv"))
+        wanted.append(("block", top, "float32", "ln"))
     if "block" in p.patterns and p.int8:
         wanted.append(("block", top, "float32", "int8"))
     if "block" in p.patterns and p.bf16_sparse and bf16_ok:
@@ -425,7 +430,8 @@ def _torch_split(name: str, fn: Callable[[], object], attn_impl: str, info: Dict
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = [(e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()]
-    ours = sum(t for k, t in events if k.startswith("sparsekern::"))
+    # our Linear ops; sparsekern::residual_layer_norm (the fused add + LayerNorm) is remainder work, as aten's are
+    ours = sum(t for k, t in events if k.startswith("sparsekern::") and "linear" in k)
     dense = sum(t for k, t in events if k in DENSE_LINEAR_OPS)
     attn = sum(t for k, t in events if k.startswith(ATTENTION_OPS))
     total = sum(t for _, t in events)
@@ -518,7 +524,8 @@ def _remainder_rows(split: Sequence[Split], common: Dict[str, object], case: str
 
 def _write_profile(lines: List[str], p: Preset, out_dir: str) -> str:
     head = [f"# BERT forward time split (torch.profiler; ONNX Runtime: its own profiler), {p.threads} threads", "",
-            "Self times of one profiled forward per model, in ms. *Our sparse ops*: `sparsekern::*`; *all "
+            "Self times of one profiled forward per model, in ms. *Our sparse ops*: `sparsekern::*linear*` (the "
+            "fused add + LayerNorm, `sparsekern::residual_layer_norm`, counts in the rest); *all "
             "Linear/MatMul*: those plus dense Linear kernels (ONNX Runtime: MatMul, Gemm, FusedMatMul); "
             "*attention*: SDPA, bmm, softmax (ONNX Runtime: Attention / MultiHeadAttention, Softmax and the MatMuls "
             "between two activations, which leave its Linear/MatMul column); a compiled model's fused "

@@ -33,6 +33,8 @@ using BalancedSddmm = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_
 //                             activation, clip)
 using BsrLinearInt8 = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                              c10::SymInt, int64_t, const OptTensor&, std::string_view, double);
+// sparsekern::residual_layer_norm(x, residual, weight, bias, eps)
+using ResidualLayerNorm = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double);
 // sparsekern::act_backward(grad, z, activation)
 using ActBackward = Tensor(const Tensor&, const Tensor&, std::string_view);
 
@@ -55,6 +57,7 @@ SK_OP_HANDLE(balanced_linear, BalancedLinear)
 SK_OP_HANDLE(balanced_linear_grad_input, BalancedLinearGradInput)
 SK_OP_HANDLE(balanced_sddmm, BalancedSddmm)
 SK_OP_HANDLE(bsr_linear_int8, BsrLinearInt8)
+SK_OP_HANDLE(residual_layer_norm, ResidualLayerNorm)
 SK_OP_HANDLE(act_backward, ActBackward)
 #undef SK_OP_HANDLE
 

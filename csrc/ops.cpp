@@ -53,6 +53,12 @@ TORCH_LIBRARY(sparsekern, m) {
       "bsr_linear_int8(Tensor x, Tensor qvalues, Tensor w_scale, Tensor w_sum, Tensor row_offsets, "
       "Tensor col_indices, SymInt out_features, int block_cols, Tensor? bias=None, str activation=\"none\", "
       "float clip=0.0) -> Tensor");
+  // LayerNorm(x + residual) over the last dimension (weight, bias: [x.size(-1)]), in one pass over the rows: the
+  // output stage of BERT's *Output blocks after a sparse projection (sparse/nn.py, ResidualLayerNorm). residual
+  // None normalises x alone. Autograd: sparse/ops.py (aten's layer_norm backward; training is not its hot path).
+  m.def(
+      "residual_layer_norm(Tensor x, Tensor? residual, Tensor? weight=None, Tensor? bias=None, float eps=1e-05) "
+      "-> Tensor");
   // grad * act'(z): the activation's backward, as the backward of every forward op uses it. Its kernel is the
   // activation table of sparse/activations.py (CompositeImplicitAutograd, registered from Python), so it runs on
   // every device and torch.compile traces it into aten ops.

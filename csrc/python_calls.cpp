@@ -146,6 +146,22 @@ PyObject* bsr_linear_int8_call(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* residual_layer_norm_call(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *x, *residual, *weight, *bias;
+  double eps;
+  if (!PyArg_ParseTuple(args, "OOOOd", &x, &residual, &weight, &bias, &eps)) return nullptr;
+  if (!plain(x)) Py_RETURN_NONE;
+  for (PyObject* o : {residual, weight, bias})
+    if (!plain_or_none(o)) Py_RETURN_NONE;
+  const auto& op = ops::residual_layer_norm();
+  const at::Tensor& xt = THPVariable_Unpack(x);
+  const std::optional<at::Tensor> r = optional_tensor(residual), w = optional_tensor(weight), b = optional_tensor(bias);
+  // A LayerNorm pass is a few operations per element: weigh it like a 16-wide projection for the GIL.
+  return call_and_wrap(xt.numel() * 16, [&] { return op.call(xt, r, w, b, eps); });
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 
 PyMethodDef python_call_methods[] = {
@@ -157,6 +173,8 @@ PyMethodDef python_call_methods[] = {
      "__torch_function__ override is in play (then call torch.ops)."},
     {"balanced_linear_call", balanced_linear_call, METH_VARARGS, "torch.ops.sparsekern.balanced_linear likewise."},
     {"bsr_linear_int8_call", bsr_linear_int8_call, METH_VARARGS, "torch.ops.sparsekern.bsr_linear_int8 likewise."},
+    {"residual_layer_norm_call", residual_layer_norm_call, METH_VARARGS,
+     "torch.ops.sparsekern.residual_layer_norm likewise."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace sparsekern

@@ -9,15 +9,15 @@ from . import _ext, export, prune, quant, reference, runtime  # noqa: F401  (pub
 from .export import densify, export_onnx, export_program
 from .formats import BalancedSparseWeight, BlockSparseWeight
 from .io import load, save
-from .nn import BalancedSparseLinear, BlockSparseLinear
+from .nn import BalancedSparseLinear, BlockSparseLinear, ResidualLayerNorm
 from .ops import linear, linear_grad_input, sddmm
-from .patch import FusedActivation, SparsifyReport, compile, fuse_qkv, sparsify
+from .patch import FusedActivation, SparsifyReport, compile, fuse_layernorm, fuse_qkv, sparsify
 from .quant import QuantizedBlockSparseLinear, QuantizedBlockSparseWeight
 
 __all__ = [
     "BlockSparseWeight", "BalancedSparseWeight", "linear", "linear_grad_input", "sddmm",
     "BlockSparseLinear", "BalancedSparseLinear", "sparsify", "compile", "SparsifyReport", "FusedActivation", "prune",
     "save", "load", "runtime", "densify", "export_onnx", "export_program", "fuse_qkv", "quant",
-    "QuantizedBlockSparseLinear", "QuantizedBlockSparseWeight",
+    "QuantizedBlockSparseLinear", "QuantizedBlockSparseWeight", "fuse_layernorm", "ResidualLayerNorm",
 ]
 __version__ = "0.1.0"

@@ -143,6 +143,11 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
                    help="run the query, key and value projections of each attention as one sparse op over their "
                         "concatenated weight (sparse.fuse_qkv); with skip-if-slower (the default) only where that "
                         "measures faster than the three separate ops, which the report lists. Default: off.")
+    p.add_argument("--fuse-layernorm", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the residual add and LayerNorm after each attention-output and feed-forward-output "
+                        "projection as one op (sparse.fuse_layernorm, CPU inference; outputs equal within float "
+                        "tolerance). On by default: one pass over the rows instead of eager's two. "
+                        "--no-fuse-layernorm keeps the blocks as they are.")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="after pruning and recovery, convert the block-sparse layers (block, unstructured) to int8 "
                         "weights with per-token activation scales (sparse.quant, CPU inference). The report adds the "
@@ -484,6 +489,7 @@ def sparsify_command(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
                            block=args.block, bank=args.bank, keep=pattern_args.get("keep"),
                            masks=masks, skip_if_slower=args.skip_if_slower,
                            fuse_activations=args.fuse_activations, fuse_qkv=args.fuse_qkv,
+                           fuse_layernorm=args.fuse_layernorm,
                            sample_tokens=8 * args.seq, repeats=10)
     accuracy["after_recovery"] = evaluate.agreement(reference, evaluate.embed(student, tokenizer, text.heldout))
     accuracy["after_recovery_measured_on"] = f"the saved sparse model ({args.dtype})"

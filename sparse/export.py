@@ -1,7 +1,8 @@
 """Handing a sparsified model to other runtimes.
 
 - :func:`densify`: a copy whose sparse layers are equal dense ``nn.Linear`` layers (pruned weights as zeros, a
-  fused activation applied after the layer), for code that only knows ``nn.Linear``.
+  fused activation applied after the layer, a fused residual LayerNorm as aten's add and LayerNorm), for code
+  that only knows ``nn.Linear``.
 - :func:`export_onnx`: that copy written as an ONNX model, the sparse layers as dense initializers with zeros,
   which is how ONNX runtimes (DeepSparse among them) read a pruned model. Needs the ``onnx`` package (torch's
   exporter does); ONNX Runtime, to run the file, is optional.
@@ -21,7 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import walk
-from .nn import SparseLinear
+from .nn import ResidualLayerNorm, SparseLinear
 from .reference import activation as _activation
 
 __all__ = ["densify", "export_onnx", "export_program"]
@@ -52,6 +53,9 @@ def densify(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     replacements = {id(m): _dense_layer(m) for _, m in walk.linear_layers(model) if isinstance(m, SparseLinear)}
     walk.replace_modules(model, replacements)
+    for m in model.modules():
+        if isinstance(m, ResidualLayerNorm):
+            m.fused_op = False  # the add and the LayerNorm as the aten ops every runtime knows
     return model
 
 

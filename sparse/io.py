@@ -5,7 +5,7 @@ the same structure can be rebuilt on a fresh dense model before the tensors are 
 A saved model is a directory:
     model.safetensors   every tensor of ``model.state_dict()`` (tied tensors once)
     sparse.json         format version, model class, dtype, sparse modules, fusions (activations; query, key and
-                        value as one op), pruned heads, tied names
+                        value as one op; residual add and LayerNorm as one op), pruned heads, tied names
     config.json         the Hugging Face config, when the model has one (``load(None, path)`` then rebuilds it)
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from . import prune
 from .formats import BalancedSparseWeight, BlockSparseWeight
-from .nn import BalancedSparseLinear, BlockSparseLinear, SparseLinear
+from .nn import BalancedSparseLinear, BlockSparseLinear, ResidualLayerNorm, SparseLinear
 from .patch import FUSED_QKV, FusedActivation, QKVSlice, _install_qkv
 from .quant import QuantizedBlockSparseLinear, QuantizedBlockSparseWeight
 
@@ -62,7 +62,10 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     sparse_modules: Dict[str, Dict[str, Any]] = {}
     fused: Dict[str, Dict[str, str]] = {}
     fused_qkv: Dict[str, list] = {}
+    fused_ln: Dict[str, Dict[str, Any]] = {}
     for name, m in model.named_modules():
+        if isinstance(m, ResidualLayerNorm):
+            fused_ln[name] = {"names": list(m._names), "replaces": m.replaces}
         slices = [m._modules.get(k) for k in ("query", "key", "value")]
         if all(isinstance(s, QKVSlice) for s in slices):
             fused_qkv[name] = [[s.start, s.out_features, s.in_features] for s in slices]
@@ -110,6 +113,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         "sparse_modules": sparse_modules,
         "fused_activations": fused,
         "fused_qkv": fused_qkv,
+        "fused_layernorm": fused_ln,
         "pruned_heads": prune.recorded_pruned_heads(model),
         "tied": tied,
     }
@@ -231,6 +235,14 @@ def load(model_or_config: Any, path: Union[str, os.PathLike]) -> nn.Module:
         _set_submodule(model, name, new)
     for name, info in meta["fused_activations"].items():
         _set_submodule(model, name, FusedActivation(info["fused_into"], info["activation"]))
+    for name, info in meta.get("fused_layernorm", {}).items():  # written since the fusion (same format version)
+        block = model.get_submodule(name)
+        if isinstance(block, ResidualLayerNorm):
+            continue
+        names = tuple(info["names"])
+        fused = ResidualLayerNorm(*(block._modules.get(n) for n in names), names=names, replaces=info["replaces"])
+        fused.train(block.training)
+        _set_submodule(model, name, fused)
 
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:

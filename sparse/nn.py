@@ -17,7 +17,8 @@ from . import ops, runtime
 from .formats import BalancedSparseWeight, BlockSparseWeight
 from .formats import _kernel_layout as _block_kernel_layout
 
-__all__ = ["BlockSparseLinear", "BalancedSparseLinear", "SparseLinear", "SparseWeightView", "contiguous_parameters"]
+__all__ = ["BlockSparseLinear", "BalancedSparseLinear", "SparseLinear", "SparseWeightView", "ResidualLayerNorm",
+           "contiguous_parameters"]
 
 _BLOCK_META = ("row_offsets", "col_indices", "col_offsets", "row_indices", "block_perm")
 
@@ -489,3 +490,48 @@ def contiguous_parameters(model: nn.Module) -> List[str]:
                 changed.append(f"{name}.{pname}" if name else pname)
         m._refresh()
     return changed
+
+
+class ResidualLayerNorm(nn.Module):
+    """A BERT-style ``*Output`` block, ``LayerNorm(dropout(dense(hidden_states)) + input_tensor)``, whose residual
+    add and LayerNorm run as one op after the projection (:func:`sparse.ops.residual_layer_norm`: one pass over the
+    rows instead of eager's add and LayerNorm, two passes through memory with a fresh tensor each). What
+    ``sparsify(..., fuse_layernorm=True)`` / :func:`sparse.patch.fuse_layernorm` put in place of the block.
+
+    The children keep the block's names (``dense``, ``LayerNorm``, ``dropout`` in BERT), so the state dict is the
+    block's. The fused op runs for CPU inference: outside training, with no gradient wanted, on CPU tensors of the
+    LayerNorm's dtype; anything else takes the block's own ops (dropout, add, LayerNorm), so training and
+    other devices compute exactly what the block did.
+    """
+
+    def __init__(self, dense: nn.Module, layer_norm: nn.LayerNorm, dropout: Optional[nn.Module] = None, *,
+                 names: Tuple[str, str, str] = ("dense", "LayerNorm", "dropout"), replaces: str = "") -> None:
+        super().__init__()
+        if not isinstance(layer_norm, nn.LayerNorm) or len(layer_norm.normalized_shape) != 1:
+            raise TypeError(f"layer_norm must be an nn.LayerNorm over the last dimension, got {layer_norm!r}")
+        self._names = tuple(names)
+        self.add_module(names[0], dense)
+        self.add_module(names[1], layer_norm)
+        self.add_module(names[2], dropout if dropout is not None else nn.Identity())
+        self.replaces = replaces
+        self.fused_op = True  # False: always the block's own ops (sparse.densify sets it, for other runtimes)
+
+    def _fused(self, y: torch.Tensor, residual: torch.Tensor, ln: nn.LayerNorm) -> bool:
+        if not self.fused_op or self.training or torch.jit.is_tracing() or y.device.type != "cpu":
+            return False
+        if residual.dtype != y.dtype or residual.shape != y.shape:
+            return False
+        params = [p for p in (ln.weight, ln.bias) if p is not None]
+        if any(p.dtype != y.dtype for p in params):
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in [y, residual, *params]))
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        dense, ln, dropout = (self._modules[n] for n in self._names)
+        y = dense(hidden_states)
+        if self._fused(y, input_tensor, ln):
+            return ops.residual_layer_norm(y, input_tensor, ln.weight, ln.bias, ln.eps)
+        return ln(dropout(y) + input_tensor)
+
+    def extra_repr(self) -> str:
+        return f"LayerNorm(dropout(dense(x)) + residual), add and LayerNorm as one op; replaces {self.replaces}"

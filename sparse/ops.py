@@ -17,8 +17,9 @@ from .activations import ACTIVATIONS, check_native
 from .activations import get as _activation
 from .formats import BalancedSparseWeight, BlockSparseWeight
 
-__all__ = ["linear", "linear_grad_input", "sddmm", "select_backend", "fastest_backend", "backend_timings",
-           "backend_status", "not_supported_reasons", "nm24_reasons", "ACTIVATIONS", "BACKENDS", "BACKEND_DTYPES"]
+__all__ = ["linear", "linear_grad_input", "sddmm", "residual_layer_norm", "select_backend", "fastest_backend",
+           "backend_timings", "backend_status", "not_supported_reasons", "nm24_reasons", "ACTIVATIONS", "BACKENDS",
+           "BACKEND_DTYPES"]
 
 SparseWeight = Union[BlockSparseWeight, BalancedSparseWeight]
 # In order of preference when a backend is forced by device only (select_backend); modules built without a
@@ -91,6 +92,31 @@ def _register() -> None:
                            col_indices=col_indices, bias=bias)
         torch._check(x.dim() == 2, lambda: f"x must be 2-D, got {x.dim()}-D")
         return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("sparsekern::residual_layer_norm")
+    def _(x, residual, weight=None, bias=None, eps=1e-5):
+        _check_same_device(x=x, residual=residual, weight=weight, bias=bias)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    # Its autograd: aten's LayerNorm backward at the statistics recomputed from the saved inputs. The modules take
+    # aten's own ops whenever a gradient is wanted (sparse/nn.py, ResidualLayerNorm), so this serves direct callers.
+    def _rln_setup(ctx, inputs, output):
+        x, residual, weight, bias, eps = inputs
+        ctx.save_for_backward(x, residual, weight, bias)
+        ctx.eps = eps
+        ctx.has_residual = residual is not None
+
+    def _rln_backward(ctx, grad):
+        x, residual, weight, bias = ctx.saved_tensors
+        s = x + residual if ctx.has_residual else x
+        n = [s.shape[-1]]
+        _, mean, rstd = torch.ops.aten.native_layer_norm(s, n, weight, bias, ctx.eps)
+        mask = [ctx.needs_input_grad[0] or ctx.needs_input_grad[1], weight is not None and ctx.needs_input_grad[2],
+                bias is not None and ctx.needs_input_grad[3]]
+        gs, gw, gb = torch.ops.aten.native_layer_norm_backward(grad, s, n, mean, rstd, weight, bias, mask)
+        return (gs if ctx.needs_input_grad[0] else None, gs if ctx.needs_input_grad[1] else None, gw, gb, None)
+
+    torch.library.register_autograd("sparsekern::residual_layer_norm", _rln_backward, setup_context=_rln_setup)
 
     # The activation backward of every forward op's autograd (csrc/autograd.cpp): the activation table's, as aten
     # ops on any device, and decomposed into them under torch.compile.
@@ -386,6 +412,25 @@ def linear(
         else:
             y = _call(backend, "balanced_linear", (x2, weight.values, weight.indices, weight.bank, bias, activation))
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def residual_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm(x + residual, x.shape[-1:], weight, bias, eps)`` as one pass over the rows on the CPU
+    (``sparsekern::residual_layer_norm``: the add, the statistics in float32 and the affine map per row, where
+    eager runs the add and the LayerNorm as two passes through memory). ``residual`` None normalises ``x`` alone.
+    x, residual, weight and bias share one dtype; float32 and bfloat16 take the fused kernel, float64 and float16
+    compute the same in aten. Differentiable; CPU tensors only (elsewhere call the two aten ops)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"residual_layer_norm runs on CPU tensors, got x on {x.device}")
+    args = (x, residual, weight, bias, float(eps))
+    if not torch.compiler.is_compiling():
+        y = _ext.require().residual_layer_norm_call(*args)
+        if y is not None:
+            return y
+    return torch.ops.sparsekern.residual_layer_norm(*args)
 
 
 def _wants_grad(x: torch.Tensor, weight: SparseWeight, bias: Optional[torch.Tensor]) -> bool:

@@ -37,7 +37,7 @@ from .walk import (
 
 __all__ = [
     "sparsify", "compile", "SparsifyReport", "LayerReport", "Fusion", "FusedActivation", "activation_name", "Filter",
-    "QKVFusion", "QKVSlice", "fuse_qkv", "FUSED_QKV",
+    "QKVFusion", "QKVSlice", "fuse_qkv", "FUSED_QKV", "LayerNormFusion", "fuse_layernorm",
 ]
 
 PATTERNS = ("block", "balanced", "unstructured", "auto")
@@ -177,6 +177,7 @@ class SparsifyReport:
     fusions: List[Fusion] = field(default_factory=list)
     settings: Dict[str, Any] = field(default_factory=dict)
     qkv_fusions: List[QKVFusion] = field(default_factory=list)
+    layernorm_fusions: List["LayerNormFusion"] = field(default_factory=list)
 
     @property
     def converted(self) -> List[LayerReport]:
@@ -204,6 +205,7 @@ class SparsifyReport:
             "layers": [dict(asdict(layer), shape=list(layer.shape), speedup=layer.speedup) for layer in self.layers],
             "fusions": [asdict(f) for f in self.fusions],
             "qkv_fusions": [asdict(f) for f in self.qkv_fusions],
+            "layernorm_fusions": [asdict(f) for f in self.layernorm_fusions],
             "summary": {
                 "layers": len(self.layers),
                 "converted": len(self.converted),
@@ -258,6 +260,10 @@ class SparsifyReport:
                     f" (fused {f.fused_ms:.3f} ms, separate {f.separate_ms:.3f} ms)")
                 lines.append(f"- `{f.attention}`: {'fused' if f.applied else 'not fused'}{timed}"
                              + (f": {f.reason}" if f.reason else ""))
+        if self.layernorm_fusions:
+            lines += ["", "Residual add and LayerNorm as one op (fuse_layernorm):", ""]
+            lines += [f"- `{f.block}`: {'fused' if f.applied else 'not fused'}" + (f": {f.reason}" if f.reason else "")
+                      for f in self.layernorm_fusions]
         return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
@@ -517,6 +523,106 @@ def fuse_qkv(model: nn.Module, *, only: Optional[Sequence[str]] = None, sample_t
 _fuse_qkv = fuse_qkv  # sparsify's argument of the same name hides it there
 
 
+# ---- residual add + LayerNorm ----------------------------------------------------------------------------------------
+# (class-name suffix, projection, LayerNorm, dropout): blocks whose forward(hidden_states, input_tensor) is
+# LayerNorm(dropout(projection(hidden_states)) + input_tensor). BERT's BertSelfOutput and BertOutput, and the same
+# blocks of RoBERTa, ELECTRA, XLM-R, MiniLM, ... Each candidate is still checked on a sample input before it is kept.
+_RESIDUAL_LN_BLOCKS = (("Output", "dense", "LayerNorm", "dropout"),)
+
+
+@dataclass
+class LayerNormFusion:
+    """A block considered by ``sparsify(..., fuse_layernorm=True)``: whether its residual add and LayerNorm now
+    run as one op after its projection (``applied``; the block became a :class:`sparse.nn.ResidualLayerNorm`), and
+    why not (``reason``)."""
+
+    block: str
+    applied: bool = False
+    reason: str = ""
+
+
+def fuse_layernorm(model: nn.Module, *, only: Optional[Sequence[str]] = None) -> List[LayerNormFusion]:
+    """Replaces each BERT-style output block of ``model`` (a module whose class name ends in ``Output`` with a
+    ``dense`` projection, an ``nn.LayerNorm`` over its features called ``LayerNorm`` and an optional ``nn.Dropout``
+    called ``dropout``, computing ``LayerNorm(dropout(dense(x)) + residual)``) by a
+    :class:`sparse.nn.ResidualLayerNorm` holding the same children, in place: in CPU inference the residual add
+    and the LayerNorm then run as one op (:func:`sparse.ops.residual_layer_norm`) after the projection. Each
+    replacement is checked on a sample input (the block's output, within its dtype's tolerance) and undone if it
+    differs or the block's forward takes other arguments.
+
+    Args:
+        only: names of the blocks to consider (default: all).
+    Returns:
+        One :class:`LayerNormFusion` per block considered.
+    """
+    from .nn import ResidualLayerNorm
+
+    uses: Dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    found: List[LayerNormFusion] = []
+    replacements: Dict[int, nn.Module] = {}
+    for name, block in list(model.named_modules()):
+        if isinstance(block, ResidualLayerNorm) or (only is not None and name not in only):
+            continue
+        for suffix, dense_attr, ln_attr, drop_attr in _RESIDUAL_LN_BLOCKS:
+            dense, ln = block._modules.get(dense_attr), block._modules.get(ln_attr)
+            if not type(block).__name__.endswith(suffix) or dense is None or ln is None:
+                continue
+            rep = LayerNormFusion(name or type(block).__name__)
+            found.append(rep)
+            drop = block._modules.get(drop_attr)
+            extra = set(block._modules) - {dense_attr, ln_attr, drop_attr}
+            if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1:
+                rep.reason = f"{ln_attr} is {type(ln).__name__}, not an nn.LayerNorm over the last dimension"
+            elif drop is not None and not isinstance(drop, (nn.Dropout, nn.Identity)):
+                rep.reason = f"{drop_attr} is {type(drop).__name__}, not nn.Dropout"
+            elif extra:
+                rep.reason = f"the block has other children ({', '.join(sorted(extra))}) its forward may use"
+            elif uses.get(id(block), 0) > 1:
+                rep.reason = "the block is registered at several places in the model"
+            else:
+                fused = ResidualLayerNorm(dense, ln, drop, names=(dense_attr, ln_attr, drop_attr),
+                                          replaces=type(block).__name__)
+                rep.reason = _check_residual_ln(block, fused, ln)
+                if not rep.reason:
+                    fused.train(block.training)
+                    replacements[id(block)] = fused
+                    rep.applied = True
+            break
+    replace_modules(model, replacements)
+    return found
+
+
+_fuse_layernorm = fuse_layernorm  # sparsify's argument of the same name hides it there
+
+
+def _check_residual_ln(block: nn.Module, fused: nn.Module, ln: nn.LayerNorm) -> str:
+    """'' if ``fused`` computes what ``block`` does on a sample input (both in eval mode, no gradient, through the
+    fused op), else why not."""
+    like = next((p for p in ln.parameters()), None)
+    dense = fused._modules[fused._names[0]]
+    in_features = getattr(dense, "in_features", None)
+    if like is None or in_features is None:
+        return "the LayerNorm has no weight or the projection no in_features to build a sample input from"
+    training = {m: m.training for m in block.modules()}
+    block.eval()
+    try:
+        gen = torch.Generator(like.device).manual_seed(2)
+        x = torch.randn(2, 5, in_features, dtype=like.dtype, device=like.device, generator=gen)
+        r = torch.randn(2, 5, ln.normalized_shape[0], dtype=like.dtype, device=like.device, generator=gen)
+        with torch.no_grad():
+            ref, got = block(x, r), fused(x, r)
+        torch.testing.assert_close(got, ref, **_qkv_tolerance(like.dtype))
+    except Exception as exc:
+        return (f"the fused block did not reproduce the block on a sample input "
+                f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})")
+    finally:
+        for m, was in training.items():
+            m.training = was
+    return ""
+
+
 # ---- the patcher ---------------------------------------------------------------------------------------------------
 def _resolve_pattern_args(
     pattern: str, sparsity: Optional[float], block, bank: int, keep: Optional[int]
@@ -704,6 +810,7 @@ def sparsify(
     skip_if_slower: bool = True,
     fuse_activations: bool = False,
     fuse_qkv: bool = False,
+    fuse_layernorm: bool = False,
     sample_tokens: int = 128,
     repeats: int = 5,
     masks: Optional[Dict[str, torch.Tensor]] = None,
@@ -738,6 +845,9 @@ def sparsify(
             sparse op over their concatenated weight (:func:`fuse_qkv`); with ``skip_if_slower`` only where that
             measures faster than the three separate ops on the timing input. ``report.qkv_fusions`` says where
             and why.
+        fuse_layernorm: run the residual add and LayerNorm of each BERT-style output block whose projection this
+            call converts (``LayerNorm(dropout(dense(x)) + residual)``) as one op after the sparse projection
+            (:func:`fuse_layernorm`; CPU inference). ``report.layernorm_fusions`` says where and why.
         sample_tokens: rows of the timing input; 0 disables timing (then ``skip_if_slower`` must be False).
         masks: optional ``{layer name: bool mask}`` (``[out, in]``, or the block grid for ``"block"``; per
             weight for ``"unstructured"``); those layers are built from their mask instead of by magnitude, and
@@ -910,6 +1020,13 @@ def sparsify(
 
     if quantize is not None:
         _quantize_converted(model, layers, replacements, quantize)
+    ln_fusions: List[LayerNormFusion] = []
+    if fuse_layernorm:
+        converted = {r.name for r in layers if r.status == CONVERTED}
+        only = [n for n, m in model.named_modules()
+                if any(f"{n}.{dense}" in converted if n else dense in converted
+                       for _, dense, _, _ in _RESIDUAL_LN_BLOCKS)]
+        ln_fusions = _fuse_layernorm(model, only=only)
 
     threads = torch.get_num_threads()
     timing = (
@@ -928,6 +1045,7 @@ def sparsify(
         "skip_if_slower": skip_if_slower,
         "fuse_activations": fuse_activations,
         "fuse_qkv": fuse_qkv,
+        "fuse_layernorm": fuse_layernorm,
         "sample_tokens": sample_tokens,
         "repeats": repeats,
         "timing": timing,
@@ -935,7 +1053,8 @@ def sparsify(
         "threads": threads,
         "quantize": quantize,
     }
-    return SparsifyReport(layers=layers, fusions=applied, settings=settings, qkv_fusions=qkv)
+    return SparsifyReport(layers=layers, fusions=applied, settings=settings, qkv_fusions=qkv,
+                          layernorm_fusions=ln_fusions)
 
 
 def _quantize_converted(model: nn.Module, layers: List[LayerReport], replacements: Dict[int, nn.Module],
