@@ -69,10 +69,11 @@ namespace {
 
 PyObject* py_cpu_features(PyObject*, PyObject*) {
   const auto& f = sparsekern::cpu::features();
-  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
+  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
                        f.fma ? Py_True : Py_False, "avx512f", f.avx512f ? Py_True : Py_False, "avx512bw",
                        f.avx512bw ? Py_True : Py_False, "avx512vl", f.avx512vl ? Py_True : Py_False, "avx512bf16",
-                       f.avx512bf16 ? Py_True : Py_False, "avx512vnni", f.avx512vnni ? Py_True : Py_False);
+                       f.avx512bf16 ? Py_True : Py_False, "avx512vnni", f.avx512vnni ? Py_True : Py_False, "amx_int8",
+                       f.amx_int8 ? Py_True : Py_False);
 }
 
 PyObject* py_get_isa(PyObject*, PyObject*) {
@@ -92,6 +93,21 @@ PyObject* py_set_isa(PyObject*, PyObject* arg) {
     return nullptr;
   }
   Py_RETURN_NONE;
+}
+
+PyObject* py_set_amx(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  std::string err = sparsekern::cpu::set_amx_enabled(on != 0);
+  if (!err.empty()) {
+    PyErr_SetString(PyExc_ValueError, err.c_str());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* py_amx_enabled(PyObject*, PyObject*) {
+  return PyBool_FromLong(sparsekern::cpu::amx_enabled());
 }
 
 PyObject* py_isa_env(PyObject*, PyObject*) {
@@ -132,6 +148,10 @@ PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest code path this CPU supports (capped by SPARSEKERN_ISA)."},
     {"set_isa", py_set_isa, METH_O,
      "Cap the CPU code path ('avx512', 'avx2', 'portable' or 'auto'); for tests and benchmarks."},
+    {"set_amx", py_set_amx, METH_O,
+     "Let the int8 kernels use AMX (True, the default where the CPU has AMX-INT8) or not (the AVX-512 VNNI kernels); "
+     "for tests and benchmarks."},
+    {"amx_enabled", py_amx_enabled, METH_NOARGS, "Whether the int8 kernels use AMX now."},
     {"isa_env", py_isa_env, METH_NOARGS,
      "(SPARSEKERN_ISA as read at load, '' if unset or auto; an error message for a value that is no level, else '')."},
     {"activation_names", py_activation_names, METH_NOARGS,

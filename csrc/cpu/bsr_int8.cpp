@@ -18,6 +18,8 @@
 namespace sparsekern::cpu {
 
 enum class Int8Path { Portable, Avx2, Avx512Vnni };
+// AMX is a variant of the AVX-512 VNNI path (the same quantization, qmax 127), taken per call for the blocks and
+// token counts it serves (int8_amx_fits, T >= 16) when the CPU has it and amx_enabled().
 
 Int8Path int8_path() {
 #if defined(__x86_64__)
@@ -201,6 +203,7 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
 #if defined(__x86_64__)
   if (path != Int8Path::Portable && bo <= kInt8FastMaxBlock)
     kernel = path == Int8Path::Avx512Vnni ? &int8_fwd_avx512 : &int8_fwd_avx2;
+  if (path == Int8Path::Avx512Vnni && T >= 16 && int8_amx_fits(bo, bi) && amx_enabled()) kernel = &int8_fwd_amx;
 #endif
   const auto bounds = split_rows(a.row_offsets, n_brow, T * bo * bi, T * bo, at::get_num_threads());
   run_chunks(bounds, [&](int64_t r0, int64_t r1) { kernel(a, r0, r1); });

@@ -60,6 +60,9 @@ void int8_quantize_avx2(const Int8QuantArgs& a, int64_t t0, int64_t t1);
 // (qmax 127); the AVX2 kernel needs qmax <= 63: vpmaddubsw adds two u8 x s8 products in a saturating int16,
 // which 127 * 127 * 2 fits and 255 * 127 * 2 does not.
 void int8_fwd_avx512(const Int8FwdArgs& a, int64_t r0, int64_t r1);
+// The same with AMX tiles (tdpbusd) for the blocks int8_amx_fits, qmax 127; needs features().amx_int8.
+bool int8_amx_fits(int64_t bo, int64_t bi);
+void int8_fwd_amx(const Int8FwdArgs& a, int64_t r0, int64_t r1);
 void int8_fwd_avx2(const Int8FwdArgs& a, int64_t r0, int64_t r1);
 
 }  // namespace sparsekern::cpu

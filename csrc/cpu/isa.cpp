@@ -3,6 +3,12 @@
 #include <atomic>
 #include <cstdlib>
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace sparsekern::cpu {
 
 namespace {
@@ -31,6 +37,21 @@ Isa env_limit() {
   return isa;
 }
 
+// AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits 24, 25) and the tile data state enabled by the OS and granted
+// to this process: Linux gives it only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, 18),
+// process-wide; without it the first tile instruction faults.
+bool detect_amx_int8() {
+#if defined(__x86_64__) && defined(__linux__)
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (!((edx >> 24) & 1u) || !((edx >> 25) & 1u)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 Features detect() {
   Features f;
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -44,6 +65,7 @@ Features detect() {
   f.avx512vnni = __builtin_cpu_supports("avx512vnni");
 #endif
   const Isa cap = env_limit();
+  f.amx_int8 = cap == Isa::Avx512 && f.avx512vnni && detect_amx_int8();
   if (cap < Isa::Avx512) f.avx512f = f.avx512bw = f.avx512vl = f.avx512bf16 = f.avx512vnni = false;
   if (cap < Isa::Avx2) f.avx2 = f.fma = false;
   return f;
@@ -58,6 +80,7 @@ Isa detect_best() {
 
 // The runtime cap of set_isa_limit; the kernels read it once per call.
 std::atomic<int> g_limit{static_cast<int>(Isa::Avx512)};
+std::atomic<bool> g_amx{true};
 
 }  // namespace
 
@@ -114,6 +137,16 @@ std::string set_isa_limit(const std::string& name) {
     return msg + ")";
   }
   g_limit.store(static_cast<int>(isa));
+  return "";
+}
+
+bool amx_enabled() {
+  return g_amx.load(std::memory_order_relaxed) && features().amx_int8;
+}
+
+std::string set_amx_enabled(bool on) {
+  if (on && !features().amx_int8) return "AMX-INT8 is not available on this CPU (or SPARSEKERN_ISA caps it)";
+  g_amx.store(on);
   return "";
 }
 

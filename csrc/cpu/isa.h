@@ -16,6 +16,9 @@ enum class Isa : int { Portable = 0, Avx2 = 1, Avx512 = 2 };
 struct Features {
   bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false, avx512bf16 = false,
        avx512vnni = false;
+  // AMX-TILE + AMX-INT8, and the kernel's permission to use the tile state granted to this process (Linux
+  // arch_prctl ARCH_REQ_XCOMP_PERM); an AVX-512 feature for the cap (SPARSEKERN_ISA below avx512 removes it).
+  bool amx_int8 = false;
 };
 
 // The CPU's features, less those that SPARSEKERN_ISA removes.
@@ -30,5 +33,9 @@ std::string env_cap();
 std::string env_cap_error();
 // Returns an error message, empty on success. Accepts "avx512", "avx2", "portable" or "auto".
 std::string set_isa_limit(const std::string& name);
+// Whether the int8 kernels may use AMX where features().amx_int8 (default: yes); for tests and benchmarks, which
+// compare the AMX and the AVX-512 VNNI kernels on one machine. Returns an error message, empty on success.
+bool amx_enabled();
+std::string set_amx_enabled(bool on);
 
 }  // namespace sparsekern::cpu
