@@ -63,10 +63,11 @@ namespace {
 
 PyObject* py_cpu_features(PyObject*, PyObject*) {
   const auto& f = sparsekern::cpu::features();
-  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
+  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
                        f.fma ? Py_True : Py_False, "avx512f", f.avx512f ? Py_True : Py_False, "avx512bw",
                        f.avx512bw ? Py_True : Py_False, "avx512vl", f.avx512vl ? Py_True : Py_False, "avx512bf16",
-                       f.avx512bf16 ? Py_True : Py_False, "avx512vnni", f.avx512vnni ? Py_True : Py_False);
+                       f.avx512bf16 ? Py_True : Py_False, "avx512vnni", f.avx512vnni ? Py_True : Py_False, "avxvnni",
+                       f.avxvnni ? Py_True : Py_False);
 }
 
 PyObject* py_get_isa(PyObject*, PyObject*) {
@@ -125,7 +126,8 @@ PyMethodDef methods[] = {
     {"get_isa", py_get_isa, METH_NOARGS, "The code path the CPU kernels take now: avx512, avx2 or portable."},
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest code path this CPU supports (capped by SPARSEKERN_ISA)."},
     {"set_isa", py_set_isa, METH_O,
-     "Cap the CPU code path ('avx512', 'avx2', 'portable' or 'auto'); for tests and benchmarks."},
+     "Cap the CPU code path ('avx512', 'avxvnni', 'avx2', 'portable' or 'auto'; avxvnni: AVX2 plus AVX-VNNI); "
+     "for tests and benchmarks."},
     {"isa_env", py_isa_env, METH_NOARGS,
      "(SPARSEKERN_ISA as read at load, '' if unset or auto; an error message for a value that is no level, else '')."},
     {"activation_names", py_activation_names, METH_NOARGS,
