@@ -112,6 +112,10 @@ PyObject* py_int8_act_qmax(PyObject*, PyObject*) {
   return PyLong_FromLong(sparsekern::cpu::int8_act_qmax());
 }
 
+PyObject* py_int8_kernel(PyObject*, PyObject*) {
+  return PyUnicode_FromString(sparsekern::cpu::int8_kernel_name());
+}
+
 PyObject* py_has_cuda(PyObject*, PyObject*) {
 #ifdef SPARSEKERN_WITH_CUDA
   Py_RETURN_TRUE;
@@ -134,6 +138,8 @@ PyMethodDef methods[] = {
      "The activations the kernels implement (csrc/activations.h), in the order of their codes."},
     {"int8_act_qmax", py_int8_act_qmax, METH_NOARGS,
      "The largest |quantized activation| of the int8 op on the active code path: 127, or 63 on AVX2 without VNNI."},
+    {"int8_kernel", py_int8_kernel, METH_NOARGS,
+     "The int8 kernel the active code path takes: avx512vnni, avxvnni, avx2 (vpmaddubsw) or portable."},
     {"has_cuda", py_has_cuda, METH_NOARGS, "Whether this build contains the CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};
 

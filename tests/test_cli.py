@@ -251,6 +251,9 @@ def test_info(capsys):
     data = cli.info()
     assert f"cpu code path: {data['isa']['active']}" in out
     assert data["isa"]["active"] == sparse._ext._C.get_isa()
+    assert data["isa"]["int8"] == sparse._ext._C.int8_kernel()
+    q = data["isa"]["int8_act_qmax"]
+    assert f"int8 kernel: {data['isa']['int8']} (activations quantized to [-{q}, {q}])" in out
     for name in sparse.ops.BACKENDS:
         assert f"backend {name}:" in out
     assert f"torch {torch.__version__}" in out

@@ -17,12 +17,14 @@
 
 namespace sparsekern::cpu {
 
-enum class Int8Path { Portable, Avx2, Avx512Vnni };
+enum class Int8Path { Portable, Avx2, AvxVnni, Avx512Vnni };
 
+// zmm VNNI where AVX-512 is active, else ymm VNNI (AVX-VNNI, which an avx2 cap hides), else vpmaddubsw.
 Int8Path int8_path() {
 #if defined(__x86_64__)
   const Isa isa = active_isa();
   if (isa == Isa::Avx512 && features().avx512vnni) return Int8Path::Avx512Vnni;
+  if (isa >= Isa::Avx2 && avxvnni_active()) return Int8Path::AvxVnni;
   if (isa >= Isa::Avx2) return Int8Path::Avx2;
 #endif
   return Int8Path::Portable;
@@ -30,6 +32,15 @@ Int8Path int8_path() {
 
 int int8_act_qmax() {
   return int8_path() == Int8Path::Avx2 ? 63 : 127;
+}
+
+const char* int8_kernel_name() {
+  switch (int8_path()) {
+    case Int8Path::Avx512Vnni: return "avx512vnni";
+    case Int8Path::AvxVnni: return "avxvnni";
+    case Int8Path::Avx2: return "avx2";
+    default: return "portable";
+  }
 }
 
 namespace {
@@ -154,7 +165,7 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
   const at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
 
   const Int8Path path = int8_path();
-  const int qmax = path == Int8Path::Avx2 ? 63 : 127;
+  const int qmax = path == Int8Path::Avx2 ? 63 : 127;  // as int8_act_qmax, from the path read once
   // Quantized rows: every block column's features (the last one may run past `in`) and 3 more for the groups of 4,
   // padded to a multiple of 64 bytes that is an odd number of cache lines (rows 4 KiB apart alias in L1).
   int64_t ldxq = ((n_bcol * bi + 3 + 63) / 64) * 64;
@@ -170,9 +181,9 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
                          xq.data_ptr<uint8_t>(),
                          ldxq,
                          xs.data_ptr<float>()};
-  auto* quantize = path == Int8Path::Avx512Vnni ? &int8_quantize_avx512
-                   : path == Int8Path::Avx2     ? &int8_quantize_avx2
-                                                : &quantize_portable;
+  auto* quantize = path == Int8Path::Avx512Vnni                          ? &int8_quantize_avx512
+                   : path == Int8Path::AvxVnni || path == Int8Path::Avx2 ? &int8_quantize_avx2
+                                                                         : &quantize_portable;
 #if !defined(__x86_64__)
   quantize = &quantize_portable;
 #endif
@@ -199,8 +210,11 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
                       static_cast<int>(act)};
   auto* kernel = &fwd_portable;
 #if defined(__x86_64__)
-  if (path != Int8Path::Portable && bo <= kInt8FastMaxBlock)
-    kernel = path == Int8Path::Avx512Vnni ? &int8_fwd_avx512 : &int8_fwd_avx2;
+  if (path != Int8Path::Portable && bo <= kInt8FastMaxBlock) {
+    kernel = path == Int8Path::Avx512Vnni ? &int8_fwd_avx512
+             : path == Int8Path::AvxVnni  ? &int8_fwd_avxvnni
+                                          : &int8_fwd_avx2;
+  }
 #endif
   const auto bounds = split_rows(a.row_offsets, n_brow, T * bo * bi, T * bo, at::get_num_threads());
   run_chunks(bounds, [&](int64_t r0, int64_t r1) { kernel(a, r0, r1); });
