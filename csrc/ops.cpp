@@ -69,11 +69,11 @@ namespace {
 
 PyObject* py_cpu_features(PyObject*, PyObject*) {
   const auto& f = sparsekern::cpu::features();
-  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
+  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
                        f.fma ? Py_True : Py_False, "avx512f", f.avx512f ? Py_True : Py_False, "avx512bw",
                        f.avx512bw ? Py_True : Py_False, "avx512vl", f.avx512vl ? Py_True : Py_False, "avx512bf16",
-                       f.avx512bf16 ? Py_True : Py_False, "avx512vnni", f.avx512vnni ? Py_True : Py_False, "amx_int8",
-                       f.amx_int8 ? Py_True : Py_False);
+                       f.avx512bf16 ? Py_True : Py_False, "avx512vnni", f.avx512vnni ? Py_True : Py_False, "avxvnni",
+                       f.avxvnni ? Py_True : Py_False, "amx_int8", f.amx_int8 ? Py_True : Py_False);
 }
 
 PyObject* py_get_isa(PyObject*, PyObject*) {
@@ -133,6 +133,10 @@ PyObject* py_int8_act_qmax(PyObject*, PyObject*) {
   return PyLong_FromLong(sparsekern::cpu::int8_act_qmax());
 }
 
+PyObject* py_int8_kernel(PyObject*, PyObject*) {
+  return PyUnicode_FromString(sparsekern::cpu::int8_kernel_name());
+}
+
 PyObject* py_has_cuda(PyObject*, PyObject*) {
 #ifdef SPARSEKERN_WITH_CUDA
   Py_RETURN_TRUE;
@@ -147,7 +151,8 @@ PyMethodDef methods[] = {
     {"get_isa", py_get_isa, METH_NOARGS, "The code path the CPU kernels take now: avx512, avx2 or portable."},
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest code path this CPU supports (capped by SPARSEKERN_ISA)."},
     {"set_isa", py_set_isa, METH_O,
-     "Cap the CPU code path ('avx512', 'avx2', 'portable' or 'auto'); for tests and benchmarks."},
+     "Cap the CPU code path ('avx512', 'avxvnni', 'avx2', 'portable' or 'auto'; avxvnni: AVX2 plus AVX-VNNI); "
+     "for tests and benchmarks."},
     {"set_amx", py_set_amx, METH_O,
      "Let the int8 kernels use AMX (True, the default where the CPU has AMX-INT8) or not (the AVX-512 VNNI kernels); "
      "for tests and benchmarks."},
@@ -158,6 +163,8 @@ PyMethodDef methods[] = {
      "The activations the kernels implement (csrc/activations.h), in the order of their codes."},
     {"int8_act_qmax", py_int8_act_qmax, METH_NOARGS,
      "The largest |quantized activation| of the int8 op on the active code path: 127, or 63 on AVX2 without VNNI."},
+    {"int8_kernel", py_int8_kernel, METH_NOARGS,
+     "The int8 kernel the active code path takes: avx512vnni, avxvnni, avx2 (vpmaddubsw) or portable."},
     {"has_cuda", py_has_cuda, METH_NOARGS, "Whether this build contains the CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};
 

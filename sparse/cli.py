@@ -227,7 +227,9 @@ def info() -> Dict[str, Any]:
     if _ext.available():
         C = _ext._C
         out["cpu_features"] = dict(C.cpu_features())
-        out["isa"] = {"active": C.get_isa(), "best": C.best_isa(), "cap": C.isa_env()[0] or None}
+        out["isa"] = {"active": C.get_isa(), "best": C.best_isa(), "cap": C.isa_env()[0] or None,
+                      "int8": C.int8_kernel(), "int8_act_qmax": C.int8_act_qmax(),
+                      "int8_amx": C.amx_enabled() and C.int8_kernel() == "avx512vnni"}
         out["extension_has_cuda"] = bool(C.has_cuda())
     else:
         out["extension_error"] = str(_ext._IMPORT_ERROR)
@@ -258,6 +260,9 @@ def _print_info(data: Dict[str, Any]) -> None:
         feats = " ".join(f"{k}{'' if v else '(no)'}" for k, v in data["cpu_features"].items())
         print(f"cpu features: {feats}")
         print(f"cpu code path: {data['isa']['active']} (best this CPU supports: {data['isa']['best']})")
+        q = data["isa"]["int8_act_qmax"]
+        amx = ", AMX tiles for blocks of 16-64 rows and columns, 16+ tokens" if data["isa"].get("int8_amx") else ""
+        print(f"int8 kernel: {data['isa']['int8']}{amx} (activations quantized to [-{q}, {q}])")
         print(f"extension built with CUDA kernels: {'yes' if data['extension_has_cuda'] else 'no'}")
     else:
         print(f"extension: not loaded: {data['extension_error']}")

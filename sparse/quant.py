@@ -4,13 +4,13 @@ A :class:`QuantizedBlockSparseWeight` holds a block-sparse weight's kept values 
 scale per output channel (``W[o, k] ~ w_scale[o] * q[o, k]``, ``|q| <= 127``): a quarter of the float32 bytes.
 :class:`QuantizedBlockSparseLinear` runs ``y = act(x W^T + b)`` with it: the op quantizes ``x`` inside, per token
 (dynamic: ``max |x[t, :]|`` maps to the largest integer) or with one static clip value from :func:`calibrate`
-(values beyond it saturate), accumulates in int32 (AVX-512 VNNI ``vpdpbusd``, AVX2 ``vpmaddubsw``, or portable
-C++), and its output stage dequantizes, adds the bias, applies the activation and writes ``x``'s dtype (float32
-or bfloat16).
+(values beyond it saturate), accumulates in int32 (AVX-512 VNNI ``vpdpbusd`` on zmm, AVX-VNNI ``vpdpbusd`` on
+ymm, AVX2 ``vpmaddubsw``, or portable C++), and its output stage dequantizes, adds the bias, applies the
+activation and writes ``x``'s dtype (float32 or bfloat16).
 
-Activation precision: 8 bits (integers in [-127, 127]) with AVX-512 VNNI and on the portable path; 7 bits
-([-63, 63]) on AVX2 without VNNI, where ``vpmaddubsw``'s int16 sum of two products would saturate at 8 bits
-(``sparse.quant.activation_qmax()`` says which applies).
+Activation precision: 8 bits (integers in [-127, 127]) with AVX-512 VNNI or AVX-VNNI and on the portable path;
+7 bits ([-63, 63]) on AVX2 without either VNNI, where ``vpmaddubsw``'s int16 sum of two products would saturate
+at 8 bits (``sparse.quant.activation_qmax()`` says which applies, ``sparse._C.int8_kernel()`` which kernel).
 
 Defined results for bad values:
 - a weight with NaN or Inf: ``ValueError`` naming the output row (int8 cannot hold it);
@@ -42,7 +42,7 @@ _QMAX = 127
 
 def activation_qmax() -> int:
     """The largest integer the int8 op quantizes activations to on this CPU's active code path: 127, or 63 on
-    AVX2 without VNNI."""
+    AVX2 without VNNI (neither AVX512_VNNI nor AVX-VNNI)."""
     return int(_ext.require().int8_act_qmax())
 
 

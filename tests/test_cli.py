@@ -251,6 +251,11 @@ def test_info(capsys):
     data = cli.info()
     assert f"cpu code path: {data['isa']['active']}" in out
     assert data["isa"]["active"] == sparse._ext._C.get_isa()
+    assert data["isa"]["int8"] == sparse._ext._C.int8_kernel()
+    q = data["isa"]["int8_act_qmax"]
+    amx = ", AMX tiles for blocks of 16-64 rows and columns, 16+ tokens" if data["isa"]["int8_amx"] else ""
+    assert data["isa"]["int8_amx"] == (sparse._ext._C.amx_enabled() and data["isa"]["int8"] == "avx512vnni")
+    assert f"int8 kernel: {data['isa']['int8']}{amx} (activations quantized to [-{q}, {q}])" in out
     for name in sparse.ops.BACKENDS:
         assert f"backend {name}:" in out
     assert f"torch {torch.__version__}" in out

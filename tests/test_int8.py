@@ -15,9 +15,39 @@ from torch import nn
 import sparse
 from sparse import reference
 from sparse.quant import QuantizedBlockSparseLinear, QuantizedBlockSparseWeight, activation_qmax
+from tests import _reliab as R
 from tests.helpers import KERNEL_FLOOR, assert_close_to_ref, make_bsr
 
 OP = torch.ops.sparsekern.bsr_linear_int8
+
+
+def _levels():
+    """conftest's levels plus avxvnni (AVX2 + AVX-VNNI, no AVX-512) after avx2: a level only the int8 kernel tells
+    apart, so only this file runs it."""
+    levels = R.isa_levels()
+    return levels[:2] + ["avxvnni"] + levels[2:] if "avx2" in levels else levels
+
+
+def _int8_kernel(level):
+    """The int8 kernel the `level` cap must select on this CPU (csrc/cpu/bsr_int8.cpp int8_path)."""
+    feats = R.require().cpu_features()
+    if level == "avx512" and feats["avx512vnni"]:
+        return "avx512vnni"
+    if level in ("avx512", "avxvnni") and feats["avxvnni"]:
+        return "avxvnni"
+    return "portable" if level == "portable" else "avx2"
+
+
+@pytest.fixture(params=_levels())
+def isa(request):
+    """Every int8 code path this machine (or its SPARSEKERN_ISA cap) can run, forced in turn; overrides conftest's
+    `isa` to add avxvnni, which skips on a CPU without AVX-VNNI (or under SPARSEKERN_ISA=avx2)."""
+    level = request.param
+    if level == "avxvnni" and not R.require().cpu_features()["avxvnni"]:
+        pytest.skip("no AVX-VNNI on this CPU (or hidden by SPARSEKERN_ISA): the avxvnni int8 kernel cannot run")
+    with R.isa(level):
+        assert R.require().int8_kernel() == _int8_kernel(level), (level, R.require().int8_kernel())
+        yield level
 
 # (out, in, block): divisible and ragged, square blocks of every vector width of the AVX-512 kernel (16..64
 # outputs), thin ones, unstructured (1x1), vectors, and a block taller than the fast kernels take (80: portable).
@@ -63,7 +93,7 @@ def test_op_matches_reference(isa, dtype, case):
     w = make_bsr(out, inn, block, sparsity=0.4, seed=out + inn)
     qw = QuantizedBlockSparseWeight.from_float(w)
     qmax = activation_qmax()
-    assert qmax == (63 if isa == "avx2" else 127) or (isa == "avx512" and qmax == 63)
+    assert qmax == (63 if R.require().int8_kernel() == "avx2" else 127)
     for i, T in enumerate((1, 7, 13, 40)):
         act = ("none", "gelu", "relu", "silu")[i]
         x = _x(T, inn, dtype, seed=i, strided=i == 2)
@@ -72,6 +102,50 @@ def test_op_matches_reference(isa, dtype, case):
         ref = reference.int8_linear(x, qw, bias, act, qmax)
         dense = _dense_same_integers(x, qw, bias, act, qmax)
         assert_close_to_ref(ours, ref, dense, f"{isa} {dtype} T={T} {act}", k=inn, floor=KERNEL_FLOOR)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_8bit_kernels_agree_bitwise(dtype):
+    """The kernels with 8-bit activations (portable, AVX-VNNI, AVX-512 VNNI) quantize alike, sum the same integers
+    exactly in int32 and share the output stage's float operations: for the activations computed without
+    approximation (none, relu) their outputs are bitwise equal, whatever the block shape or T."""
+    kernels = {_int8_kernel(lv): lv for lv in ("portable", "avxvnni", "avx512") if lv in _levels()}
+    kernels.pop("avx2", None)  # 7-bit: other integers
+    if len(kernels) < 2:
+        pytest.skip(f"only {list(kernels)} of the 8-bit int8 kernels run on this CPU (or under its SPARSEKERN_ISA cap)")
+    for out, inn, block in CASES:
+        qw = QuantizedBlockSparseWeight.from_float(make_bsr(out, inn, block, sparsity=0.4, seed=out + inn))
+        for i, T in enumerate((1, 5, 16, 29)):
+            x = _x(T, inn, dtype, seed=10 + i, strided=i == 1)
+            bias = torch.randn(out, generator=torch.Generator().manual_seed(i)).to(dtype) if i % 2 else None
+            act = ("none", "relu")[i % 2]
+            runs = {}
+            for name, lv in kernels.items():
+                with R.isa(lv):
+                    runs[name] = _run(x, qw, bias, act)
+            first = next(iter(runs))
+            for name, y in runs.items():
+                assert torch.equal(y, runs[first]), f"{name} != {first}: {out}x{inn} block {block} T={T} {act}"
+
+
+def test_set_isa_selects_the_int8_kernel():
+    """avx2 hides AVX-VNNI (vpmaddubsw, 7-bit activations, as on a Zen 3); avxvnni keeps it under an AVX2 cap; a
+    CPU (or SPARSEKERN_ISA cap) without AVX-VNNI refuses avxvnni with an error that names it."""
+    C = R.require()
+    if "avx2" not in R.isa_levels():
+        pytest.skip("no AVX2 on this CPU (or under its SPARSEKERN_ISA cap)")
+    with R.isa("avx2"):
+        assert (C.get_isa(), C.int8_kernel(), activation_qmax()) == ("avx2", "avx2", 63)
+    if C.cpu_features()["avxvnni"]:
+        with R.isa("avxvnni"):
+            assert (C.get_isa(), C.int8_kernel(), activation_qmax()) == ("avx2", "avxvnni", 127)
+    else:
+        before = C.get_isa()
+        with pytest.raises(ValueError, match=r"isa 'avxvnni' is not supported by this CPU \(no AVX-VNNI"):
+            C.set_isa("avxvnni")
+        assert C.get_isa() == before
+    with pytest.raises(ValueError, match="'avxvnni'"):  # the list of levels names it
+        C.set_isa("avx-vnni")
 
 
 def test_static_clip_saturates(isa):
@@ -205,7 +279,7 @@ def test_module(isa):
         q.set_clip(0.0)
 
 
-def test_threads_give_identical_results():
+def test_threads_give_identical_results(isa):
     q = sparse.BlockSparseLinear(256, 192, block=32, sparsity=0.6).quantize()
     x = torch.randn(37, 256)
     threads = torch.get_num_threads()

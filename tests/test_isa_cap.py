@@ -33,6 +33,15 @@ for level in ("avx512", "avx2", "portable"):
         refused[level] = str(exc)
     c.set_isa("auto")
 out["refused"] = refused
+int8 = {}  # per cap: [int8 kernel, activation qmax], or the refusal
+for level in ("avx512", "avxvnni", "avx2", "portable"):
+    try:
+        c.set_isa(level)
+        int8[level] = [c.int8_kernel(), c.int8_act_qmax()]
+    except ValueError as exc:
+        int8[level] = str(exc)
+    c.set_isa("auto")
+out["int8"] = int8
 print(json.dumps(out))
 """
 
@@ -74,6 +83,42 @@ def test_cap_behaves_as_an_older_cpu(cap):
             assert msg.startswith(f"isa '{level}' is not supported by this CPU (best: {want}"), msg
             if ORDER.index(level) <= ORDER.index(real):
                 assert f"capped by SPARSEKERN_ISA={cap}" in msg, msg
+
+
+@pytest.mark.slow  # three fresh interpreters
+def test_avxvnni_cap_keeps_avx_vnni_and_avx2_hides_it():
+    """avxvnni runs an AVX-512 machine as an AVX2 + AVX-VNNI one (an Alder Lake): the int8 kernel is ymm vpdpbusd
+    with 8-bit activations. avx2 runs it as an AVX2-only one (a Zen 3): AVX-VNNI is hidden, the int8 kernel is
+    vpmaddubsw with 7-bit activations, and asking for avxvnni is refused with the AVX-VNNI named."""
+    real = json.loads(_probe(None).stdout)
+    if real["best"] == "portable":
+        pytest.skip("no AVX2 on this CPU")
+    has = real["features"]["avxvnni"]
+    if has:
+        assert real["int8"]["avxvnni"] == ["avxvnni", 127], real["int8"]
+    else:
+        assert real["int8"]["avxvnni"].startswith("isa 'avxvnni' is not supported by this CPU (no AVX-VNNI"), real
+    r = _probe("avxvnni")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["best"] == "avx2" and got["env"] == ["avxvnni", ""], got
+    assert got["features"]["avxvnni"] == has and not got["features"]["avx512f"], got["features"]
+    assert not got["features"]["avx512vnni"], got["features"]
+    assert got["int8"]["avx2"] == ["avx2", 63] and got["int8"]["portable"] == ["portable", 127], got["int8"]
+    assert got["int8"]["avx512"].startswith("isa 'avx512' is not supported by this CPU (best: avx2"), got["int8"]
+    if has:
+        assert got["int8"]["avxvnni"] == ["avxvnni", 127], got["int8"]
+        if real["best"] == "avx512":
+            assert "capped by SPARSEKERN_ISA=avxvnni" in got["int8"]["avx512"], got["int8"]
+    r = _probe("avx2")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert not got["features"]["avxvnni"], got["features"]
+    assert got["int8"]["avx2"] == ["avx2", 63], got["int8"]
+    msg = got["int8"]["avxvnni"]
+    assert msg.startswith("isa 'avxvnni' is not supported by this CPU (no AVX-VNNI; best: avx2"), msg
+    if has:
+        assert msg.endswith("capped by SPARSEKERN_ISA=avx2)"), msg
 
 
 @pytest.mark.slow  # three fresh interpreters

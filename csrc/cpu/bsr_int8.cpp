@@ -17,14 +17,16 @@
 
 namespace sparsekern::cpu {
 
-enum class Int8Path { Portable, Avx2, Avx512Vnni };
+enum class Int8Path { Portable, Avx2, AvxVnni, Avx512Vnni };
 // AMX is a variant of the AVX-512 VNNI path (the same quantization, qmax 127), taken per call for the blocks and
 // token counts it serves (int8_amx_fits, T >= 16) when the CPU has it and amx_enabled().
 
+// zmm VNNI where AVX-512 is active, else ymm VNNI (AVX-VNNI, which an avx2 cap hides), else vpmaddubsw.
 Int8Path int8_path() {
 #if defined(__x86_64__)
   const Isa isa = active_isa();
   if (isa == Isa::Avx512 && features().avx512vnni) return Int8Path::Avx512Vnni;
+  if (isa >= Isa::Avx2 && avxvnni_active()) return Int8Path::AvxVnni;
   if (isa >= Isa::Avx2) return Int8Path::Avx2;
 #endif
   return Int8Path::Portable;
@@ -32,6 +34,15 @@ Int8Path int8_path() {
 
 int int8_act_qmax() {
   return int8_path() == Int8Path::Avx2 ? 63 : 127;
+}
+
+const char* int8_kernel_name() {
+  switch (int8_path()) {
+    case Int8Path::Avx512Vnni: return "avx512vnni";
+    case Int8Path::AvxVnni: return "avxvnni";
+    case Int8Path::Avx2: return "avx2";
+    default: return "portable";
+  }
 }
 
 namespace {
@@ -156,7 +167,7 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
   const at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
 
   const Int8Path path = int8_path();
-  const int qmax = path == Int8Path::Avx2 ? 63 : 127;
+  const int qmax = path == Int8Path::Avx2 ? 63 : 127;  // as int8_act_qmax, from the path read once
   // Quantized rows: every block column's features (the last one may run past `in`) and 3 more for the groups of 4,
   // padded to a multiple of 64 bytes that is an odd number of cache lines (rows 4 KiB apart alias in L1).
   int64_t ldxq = ((n_bcol * bi + 3 + 63) / 64) * 64;
@@ -172,9 +183,9 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
                          xq.data_ptr<uint8_t>(),
                          ldxq,
                          xs.data_ptr<float>()};
-  auto* quantize = path == Int8Path::Avx512Vnni ? &int8_quantize_avx512
-                   : path == Int8Path::Avx2     ? &int8_quantize_avx2
-                                                : &quantize_portable;
+  auto* quantize = path == Int8Path::Avx512Vnni                          ? &int8_quantize_avx512
+                   : path == Int8Path::AvxVnni || path == Int8Path::Avx2 ? &int8_quantize_avx2
+                                                                         : &quantize_portable;
 #if !defined(__x86_64__)
   quantize = &quantize_portable;
 #endif
@@ -201,8 +212,11 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
                       static_cast<int>(act)};
   auto* kernel = &fwd_portable;
 #if defined(__x86_64__)
-  if (path != Int8Path::Portable && bo <= kInt8FastMaxBlock)
-    kernel = path == Int8Path::Avx512Vnni ? &int8_fwd_avx512 : &int8_fwd_avx2;
+  if (path != Int8Path::Portable && bo <= kInt8FastMaxBlock) {
+    kernel = path == Int8Path::Avx512Vnni ? &int8_fwd_avx512
+             : path == Int8Path::AvxVnni  ? &int8_fwd_avxvnni
+                                          : &int8_fwd_avx2;
+  }
   if (path == Int8Path::Avx512Vnni && T >= 16 && int8_amx_fits(bo, bi) && amx_enabled()) kernel = &int8_fwd_amx;
 #endif
   const auto bounds = split_rows(a.row_offsets, n_brow, T * bo * bi, T * bo, at::get_num_threads());

@@ -13,14 +13,29 @@ namespace sparsekern::cpu {
 
 namespace {
 
-bool parse(const std::string& name, Isa* out, bool* is_auto) {
+// The caps of SPARSEKERN_ISA and set_isa_limit, each allowing the features of those before it (isa.h).
+enum class Level : int { Portable = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3 };
+
+constexpr const char* kLevels = "'avx512', 'avxvnni', 'avx2', 'portable' or 'auto'";
+
+bool parse(const std::string& name, Level* out, bool* is_auto) {
   *is_auto = false;
-  if (name == "avx512") *out = Isa::Avx512;
-  else if (name == "avx2") *out = Isa::Avx2;
-  else if (name == "portable") *out = Isa::Portable;
+  if (name == "avx512") *out = Level::Avx512;
+  else if (name == "avxvnni") *out = Level::AvxVnni;
+  else if (name == "avx2") *out = Level::Avx2;
+  else if (name == "portable") *out = Level::Portable;
   else if (name == "auto") *is_auto = true;
   else return false;
   return true;
+}
+
+Isa level_isa(Level level) {
+  switch (level) {
+    case Level::Avx512: return Isa::Avx512;
+    case Level::AvxVnni:
+    case Level::Avx2: return Isa::Avx2;
+    default: return Isa::Portable;
+  }
 }
 
 const char* env_value() {
@@ -29,12 +44,12 @@ const char* env_value() {
 }
 
 // The level SPARSEKERN_ISA allows; Avx512 (no cap) when unset, "auto" or not a level (env_cap_error says so).
-Isa env_limit() {
+Level env_limit() {
   const std::string env = env_value();
-  Isa isa;
+  Level level;
   bool is_auto;
-  if (env.empty() || !parse(env, &isa, &is_auto) || is_auto) return Isa::Avx512;
-  return isa;
+  if (env.empty() || !parse(env, &level, &is_auto) || is_auto) return Level::Avx512;
+  return level;
 }
 
 // AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits 24, 25) and the tile data state enabled by the OS and granted
@@ -63,11 +78,14 @@ Features detect() {
   f.avx512vl = __builtin_cpu_supports("avx512vl");
   f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
   f.avx512vnni = __builtin_cpu_supports("avx512vnni");
+  f.avxvnni = __builtin_cpu_supports("avxvnni");
 #endif
-  const Isa cap = env_limit();
-  f.amx_int8 = cap == Isa::Avx512 && f.avx512vnni && detect_amx_int8();
-  if (cap < Isa::Avx512) f.avx512f = f.avx512bw = f.avx512vl = f.avx512bf16 = f.avx512vnni = false;
-  if (cap < Isa::Avx2) f.avx2 = f.fma = false;
+  const Level cap = env_limit();
+  f.amx_int8 = cap == Level::Avx512 && f.avx512vnni && detect_amx_int8();
+  if (cap < Level::Avx512) f.avx512f = f.avx512bw = f.avx512vl = f.avx512bf16 = f.avx512vnni = false;
+  if (cap < Level::AvxVnni) f.avxvnni = false;
+  if (cap < Level::Avx2) f.avx2 = f.fma = false;
+  if (!(f.avx2 && f.fma)) f.avxvnni = false;  // the AVX-VNNI kernel is AVX2 code
   return f;
 }
 
@@ -78,8 +96,8 @@ Isa detect_best() {
   return Isa::Portable;
 }
 
-// The runtime cap of set_isa_limit; the kernels read it once per call.
-std::atomic<int> g_limit{static_cast<int>(Isa::Avx512)};
+// The runtime cap of set_isa_limit (a Level); the kernels read it once per call.
+std::atomic<int> g_limit{static_cast<int>(Level::Avx512)};
 std::atomic<bool> g_amx{true};
 
 }  // namespace
@@ -95,9 +113,13 @@ Isa best_isa() {
 }
 
 Isa active_isa() {
-  int limit = g_limit.load(std::memory_order_relaxed);
+  int limit = static_cast<int>(level_isa(static_cast<Level>(g_limit.load(std::memory_order_relaxed))));
   int best = static_cast<int>(best_isa());
   return static_cast<Isa>(limit < best ? limit : best);
+}
+
+bool avxvnni_active() {
+  return features().avxvnni && g_limit.load(std::memory_order_relaxed) >= static_cast<int>(Level::AvxVnni);
 }
 
 const char* isa_name(Isa isa) {
@@ -115,28 +137,32 @@ std::string env_cap() {
 
 std::string env_cap_error() {
   const std::string env = env_value();
-  Isa isa;
+  Level level;
   bool is_auto;
-  if (env.empty() || parse(env, &isa, &is_auto)) return "";
-  return "SPARSEKERN_ISA='" + env + "' is not a code path: expected 'avx512', 'avx2', 'portable' or 'auto'";
+  if (env.empty() || parse(env, &level, &is_auto)) return "";
+  return "SPARSEKERN_ISA='" + env + "' is not a code path: expected " + kLevels;
 }
 
 std::string set_isa_limit(const std::string& name) {
-  Isa isa;
+  Level level;
   bool is_auto;
-  if (!parse(name, &isa, &is_auto)) {
-    return "isa must be one of 'avx512', 'avx2', 'portable' or 'auto', got '" + name + "'";
-  }
+  if (!parse(name, &level, &is_auto)) return "isa must be one of " + std::string(kLevels) + ", got '" + name + "'";
   if (is_auto) {
-    g_limit.store(static_cast<int>(Isa::Avx512));
+    g_limit.store(static_cast<int>(Level::Avx512));
     return "";
   }
-  if (static_cast<int>(isa) > static_cast<int>(best_isa())) {
-    std::string msg = std::string("isa '") + name + "' is not supported by this CPU (best: " + isa_name(best_isa());
-    if (env_limit() < Isa::Avx512) msg += std::string(", capped by SPARSEKERN_ISA=") + env_value();
+  std::string why;
+  if (static_cast<int>(level_isa(level)) > static_cast<int>(best_isa())) {
+    why = std::string("best: ") + isa_name(best_isa());
+  } else if (level == Level::AvxVnni && !features().avxvnni) {
+    why = std::string("no AVX-VNNI; best: ") + isa_name(best_isa());
+  }
+  if (!why.empty()) {
+    std::string msg = "isa '" + name + "' is not supported by this CPU (" + why;
+    if (env_limit() < Level::Avx512) msg += std::string(", capped by SPARSEKERN_ISA=") + env_value();
     return msg + ")";
   }
-  g_limit.store(static_cast<int>(isa));
+  g_limit.store(static_cast<int>(level));
   return "";
 }
 
