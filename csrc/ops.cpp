@@ -69,11 +69,12 @@ namespace {
 
 PyObject* py_cpu_features(PyObject*, PyObject*) {
   const auto& f = sparsekern::cpu::features();
-  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
+  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
                        f.fma ? Py_True : Py_False, "avx512f", f.avx512f ? Py_True : Py_False, "avx512bw",
                        f.avx512bw ? Py_True : Py_False, "avx512vl", f.avx512vl ? Py_True : Py_False, "avx512bf16",
                        f.avx512bf16 ? Py_True : Py_False, "avx512vnni", f.avx512vnni ? Py_True : Py_False, "avxvnni",
-                       f.avxvnni ? Py_True : Py_False, "amx_int8", f.amx_int8 ? Py_True : Py_False);
+                       f.avxvnni ? Py_True : Py_False, "amx_int8", f.amx_int8 ? Py_True : Py_False, "amx_bf16",
+                       f.amx_bf16 ? Py_True : Py_False);
 }
 
 PyObject* py_get_isa(PyObject*, PyObject*) {
@@ -154,8 +155,8 @@ PyMethodDef methods[] = {
      "Cap the CPU code path ('avx512', 'avxvnni', 'avx2', 'portable' or 'auto'; avxvnni: AVX2 plus AVX-VNNI); "
      "for tests and benchmarks."},
     {"set_amx", py_set_amx, METH_O,
-     "Let the int8 kernels use AMX (True, the default where the CPU has AMX-INT8) or not (the AVX-512 VNNI kernels); "
-     "for tests and benchmarks."},
+     "Let the int8 and the bfloat16 block-sparse forward kernels use AMX (True, the default where the CPU has "
+     "AMX-INT8 / AMX-BF16) or not (the AVX-512 kernels); for tests and benchmarks."},
     {"amx_enabled", py_amx_enabled, METH_NOARGS, "Whether the int8 kernels use AMX now."},
     {"isa_env", py_isa_env, METH_NOARGS,
      "(SPARSEKERN_ISA as read at load, '' if unset or auto; an error message for a value that is no level, else '')."},

@@ -324,6 +324,8 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& values, cons
       special = pick(fp, &vec_fwd_f32_avx512, &vec_fwd_bf16_avx512, &vec_fwd_f32_avx2, &vec_fwd_bf16_avx2);
     }
     auto* kernel = pick(fp, &bsr_fwd_f32_avx512, &bsr_fwd_bf16_avx512, &bsr_fwd_f32_avx2, &bsr_fwd_bf16_avx2);
+    if (fp == FastPath::Bf16Avx512 && !special && T >= 16 && bsr_amx_bf16_fits(g.bo, g.bi, g.in) && amx_bf16_enabled())
+      kernel = &bsr_fwd_bf16_amx;
     const int64_t es = x.element_size();
     run_checked(bounds, "bsr_linear", [&](int64_t c0, int64_t c1) {
       bool ok = true;

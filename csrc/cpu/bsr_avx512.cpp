@@ -11,7 +11,7 @@
 // bfloat16: the same, over pairs of input features: two W columns are interleaved in registers (vpermt2w) into
 // (w[k][o], w[k+1][o]) pairs and multiplied with the broadcast pair (x[t][k], x[t][k+1]) by vdpbf16ps.
 #if defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")
 // GCC 12 flags the deliberately undefined vector inside its own masked-load intrinsics (avx512fintrin.h).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
@@ -557,6 +557,118 @@ void fwd_dispatch(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---------------------------------------------------------------- forward, bfloat16 on AMX tiles
+// tdpbf16ps multiplies a [16 tokens x 32 features] bf16 tile of X (its rows in place, stride ldx) by a
+// [16 feature pairs x 16 outputs x 2] tile of W into a [16 x 16] fp32 tile. The kernel layout ([bi][bo] per block)
+// is repacked into those pairs once per block row and call, into a heap buffer, and every token tile of the chunk
+// reuses it. Eight tile registers: four accumulators (2 token tiles x 2 output tiles), two X tiles, two W tiles.
+// The accumulators go through a 4 KiB buffer into fwd_epilogue. Blocks with bo a multiple of 16 (<= 64), bi 16,
+// 32 or 64, and in a multiple of bi (the X tile reads whole blocks); tokens in tiles of 16, the last T % 16 padded
+// to one. Same products and fp32 sums as vdpbf16ps, in another order.
+struct AmxConfig {
+  uint8_t palette_id = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// dst[i] = the i-th block of row r from `first` in (feature pair, output, 2) order.
+inline void amx_pack_pairs(const BsrFwdArgs& a, int64_t first, int64_t count, uint16_t* dst) {
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  const int64_t bo = a.bo, bi = a.bi;
+  const uint16_t* w = static_cast<const uint16_t*>(a.w) + first * bo * bi;
+  for (int64_t i = 0; i < count; ++i, w += bo * bi, dst += bo * bi) {
+    for (int64_t k2 = 0; k2 < bi / 2; ++k2) {
+      const uint16_t* r0 = w + 2 * k2 * bo;
+      uint16_t* d = dst + k2 * bo * 2;
+      for (int64_t o = 0; o < bo; o += 32) {
+        const __mmask32 m = bo - o >= 32 ? ~__mmask32(0) : __mmask32(0xffff);
+        const __m512i x0 = _mm512_maskz_loadu_epi16(m, r0 + o), x1 = _mm512_maskz_loadu_epi16(m, r0 + bo + o);
+        _mm512_storeu_si512(d + 2 * o, _mm512_permutex2var_epi16(x0, lo, x1));
+        if (bo - o >= 32) _mm512_storeu_si512(d + 2 * o + 32, _mm512_permutex2var_epi16(x0, hi, x1));
+      }
+    }
+  }
+}
+
+// TM token tiles of 16 from t0 x NH output tiles of 16 from output group h of block row r, over the `count` blocks
+// of the row packed in `packed`.
+template <int TM, int NH>
+__attribute__((always_inline)) inline void amx_bf16_tile(const BsrFwdArgs& a, int64_t r, int64_t first, int64_t count,
+                                                         const uint16_t* packed, int64_t t0, int64_t h, float* acc) {
+  const int64_t kc = a.bi < 32 ? a.bi : 32;  // features per tile
+  const int64_t wrow = a.bo * 4;             // bytes per feature pair of a packed block
+  _tile_zero(0);
+  if constexpr (NH == 2) _tile_zero(1);
+  if constexpr (TM == 2) _tile_zero(2);
+  if constexpr (TM == 2 && NH == 2) _tile_zero(3);
+  const uint16_t* xt = static_cast<const uint16_t*>(a.x) + t0 * a.ldx;
+  const int64_t ldx = a.ldx * 2;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint16_t* xb = xt + int64_t(a.col_indices[first + i]) * a.bi;
+    const uint16_t* wb = packed + i * a.bo * a.bi + h * 32;
+    for (int64_t k = 0; k < a.bi; k += kc) {
+      const uint16_t* wk = wb + (k / 2) * a.bo * 2;
+      _tile_loadd(4, xb + k, ldx);
+      _tile_loadd(6, wk, wrow);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NH == 2) {
+        _tile_loadd(7, wk + 32, wrow);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      if constexpr (TM == 2) {
+        _tile_loadd(5, xb + k + 16 * a.ldx, ldx);
+        _tile_dpbf16ps(2, 5, 6);
+        if constexpr (NH == 2) _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+}
+
+template <int TM, int NH>
+__attribute__((always_inline)) inline void amx_bf16_store(const BsrFwdArgs& a, int64_t r, int64_t t0, int64_t h,
+                                                          float* acc) {
+  constexpr int64_t ld = 32 * 4;
+  _tile_stored(0, acc, ld);
+  if constexpr (NH == 2) _tile_stored(1, acc + 16, ld);
+  if constexpr (TM == 2) _tile_stored(2, acc + 16 * 32, ld);
+  if constexpr (TM == 2 && NH == 2) _tile_stored(3, acc + 16 * 32 + 16, ld);
+  __m512 v[16 * TM][NH];
+  __mmask16 m[NH];
+  const int64_t o0 = r * a.bo + h * 16;
+#pragma GCC unroll 4
+  for (int j = 0; j < NH; ++j) {
+    const int64_t n = a.out - o0 - 16 * j;
+    m[j] = n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+  }
+  for (int t = 0; t < 16 * TM; ++t)
+#pragma GCC unroll 4
+    for (int j = 0; j < NH; ++j) v[t][j] = _mm512_load_ps(acc + t * 32 + 16 * j);
+  BsrFwdArgs b = a;  // the epilogue's outputs start at o0 = r * bo: shift y and bias to the output group
+  b.y = static_cast<uint16_t*>(a.y) + h * 16;
+  if (a.bias) b.bias = static_cast<const uint16_t*>(a.bias) + h * 16;
+  fwd_epilogue<uint16_t, NH, 16 * TM>(b, v, r, m, t0);
+}
+
+template <int TM>
+void amx_bf16_tokens(const BsrFwdArgs& a, int64_t r, int64_t first, int64_t count, const uint16_t* packed, int64_t t0,
+                     float* acc) {
+  const int64_t nh = a.bo / 16;
+  for (int64_t h = 0; h < nh; h += 2) {
+    if (nh - h >= 2) {
+      amx_bf16_tile<TM, 2>(a, r, first, count, packed, t0, h, acc);
+      amx_bf16_store<TM, 2>(a, r, t0, h, acc);
+    } else {
+      amx_bf16_tile<TM, 1>(a, r, first, count, packed, t0, h, acc);
+      amx_bf16_store<TM, 1>(a, r, t0, h, acc);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- grad_input
 // dx[t, k] = sum_o dy[t, o] W[o, k]: the kernel layout has o contiguous, so each block is transposed once per
 // chunk of kGiChunk tokens into an L1 buffer with k contiguous (for bf16: (W[o][k], W[o+1][k]) pairs as 32-bit
@@ -859,6 +971,64 @@ void bsr_fwd_f32_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
 void bsr_fwd_bf16_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
   fwd_dispatch<true>(a, r0, r1);
 }
+bool bsr_amx_bf16_fits(int64_t bo, int64_t bi, int64_t in) {
+  return bo % 16 == 0 && bo <= 64 && (bi == 16 || bi == 32 || bi == 64) && in % bi == 0;
+}
+
+void bsr_fwd_bf16_amx(const BsrFwdArgs& a, int64_t r0, int64_t r1) {
+  if (a.T <= 0 || r0 >= r1) return;
+  AmxConfig cfg;
+  const int64_t kc = a.bi < 32 ? a.bi : 32;
+  for (int i = 0; i < 4; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+  for (int i = 4; i < 6; ++i) cfg.rows[i] = 16, cfg.colsb[i] = uint16_t(kc * 2);
+  for (int i = 6; i < 8; ++i) cfg.rows[i] = uint8_t(kc / 2), cfg.colsb[i] = 64;
+  alignas(64) float acc[32 * 32];
+  int64_t most = 0;  // blocks in the fullest row of the chunk: the repack buffer holds one row
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = a.row_offsets[r + 1] - a.row_offsets[r];
+    most = n > most ? n : most;
+  }
+  // The last T % 16 tokens run as a tile of 16 too, from a zero-padded copy of their X rows into a scratch Y: every
+  // token gets the same sums whatever the token count or the thread split. (malloc, not std::vector: no STL code in
+  // a translation unit compiled for AVX-512, see the top.)
+  const int64_t T16 = a.T / 16 * 16, rem = a.T - T16;
+  const size_t pack_elems = size_t(most > 0 ? most : 1) * a.bo * a.bi;
+  const size_t tail_elems = rem ? size_t(16) * (a.in + a.out) : 0;
+  auto* buf = static_cast<uint16_t*>(std::malloc((pack_elems + tail_elems) * 2));
+  if (buf == nullptr) {  // no memory for the scratch: the AVX-512 kernel needs none
+    fwd_dispatch<true>(a, r0, r1);
+    return;
+  }
+  uint16_t* packed = buf;
+  BsrFwdArgs tail = a;
+  if (rem) {
+    uint16_t* xpad = buf + pack_elems;
+    std::memset(xpad, 0, size_t(16) * a.in * 2);
+    for (int64_t t = 0; t < rem; ++t)
+      std::memcpy(xpad + t * a.in, static_cast<const uint16_t*>(a.x) + (T16 + t) * a.ldx, size_t(a.in) * 2);
+    tail.x = xpad;
+    tail.ldx = a.in;
+    tail.y = xpad + 16 * a.in;  // [16][out], written for the chunk's columns only
+  }
+  _tile_loadconfig(&cfg);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t first = a.row_offsets[r], count = a.row_offsets[r + 1] - first;
+    amx_pack_pairs(a, first, count, packed);
+    int64_t t0 = 0;
+    for (; t0 + 32 <= T16; t0 += 32) amx_bf16_tokens<2>(a, r, first, count, packed, t0, acc);
+    if (t0 < T16) amx_bf16_tokens<1>(a, r, first, count, packed, t0, acc);
+    if (rem) amx_bf16_tokens<1>(tail, r, first, count, packed, 0, acc);
+  }
+  _tile_release();
+  if (rem) {
+    const int64_t c0 = r0 * a.bo, c1 = r1 * a.bo < a.out ? r1 * a.bo : a.out;
+    for (int64_t t = 0; t < rem; ++t)
+      std::memcpy(static_cast<uint16_t*>(a.y) + (T16 + t) * a.out + c0,
+                  static_cast<const uint16_t*>(tail.y) + t * a.out + c0, size_t(c1 - c0) * 2);
+  }
+  std::free(buf);
+}
+
 void bsr_grad_input_f32_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1) {
   gi_dispatch<false>(a, c0, c1);
 }

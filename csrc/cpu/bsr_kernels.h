@@ -58,6 +58,9 @@ struct BsrSddmmArgs {
 // the AVX2 bf16 kernels widen to float32 and need only AVX2 + FMA. All accumulate in float32.
 void bsr_fwd_f32_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1);
 void bsr_fwd_bf16_avx512(const BsrFwdArgs& a, int64_t r0, int64_t r1);
+// bfloat16 forward with AMX tiles (tdpbf16ps) for the shapes bsr_amx_bf16_fits; needs features().amx_bf16.
+bool bsr_amx_bf16_fits(int64_t bo, int64_t bi, int64_t in);
+void bsr_fwd_bf16_amx(const BsrFwdArgs& a, int64_t r0, int64_t r1);
 void bsr_grad_input_f32_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
 void bsr_grad_input_bf16_avx512(const BsrGradInputArgs& a, int64_t c0, int64_t c1);
 void bsr_sddmm_f32_avx512(const BsrSddmmArgs& a, int64_t r0, int64_t r1);

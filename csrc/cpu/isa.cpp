@@ -55,14 +55,17 @@ Level env_limit() {
 // AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits 24, 25) and the tile data state enabled by the OS and granted
 // to this process: Linux gives it only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, 18),
 // process-wide; without it the first tile instruction faults.
-bool detect_amx_int8() {
+// `bit`: 25 for AMX-INT8, 22 for AMX-BF16.
+bool detect_amx(int bit) {
 #if defined(__x86_64__) && defined(__linux__)
   unsigned eax, ebx, ecx, edx;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  if (!((edx >> 24) & 1u) || !((edx >> 25) & 1u)) return false;
+  if (!((edx >> 24) & 1u) || !((edx >> bit) & 1u)) return false;
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  static const bool granted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
 #else
+  (void)bit;
   return false;
 #endif
 }
@@ -81,7 +84,8 @@ Features detect() {
   f.avxvnni = __builtin_cpu_supports("avxvnni");
 #endif
   const Level cap = env_limit();
-  f.amx_int8 = cap == Level::Avx512 && f.avx512vnni && detect_amx_int8();
+  f.amx_int8 = cap == Level::Avx512 && f.avx512vnni && detect_amx(25);
+  f.amx_bf16 = cap == Level::Avx512 && f.avx512bf16 && detect_amx(22);
   if (cap < Level::Avx512) f.avx512f = f.avx512bw = f.avx512vl = f.avx512bf16 = f.avx512vnni = false;
   if (cap < Level::AvxVnni) f.avxvnni = false;
   if (cap < Level::Avx2) f.avx2 = f.fma = false;
@@ -170,8 +174,13 @@ bool amx_enabled() {
   return g_amx.load(std::memory_order_relaxed) && features().amx_int8;
 }
 
+bool amx_bf16_enabled() {
+  return g_amx.load(std::memory_order_relaxed) && features().amx_bf16;
+}
+
 std::string set_amx_enabled(bool on) {
-  if (on && !features().amx_int8) return "AMX-INT8 is not available on this CPU (or SPARSEKERN_ISA caps it)";
+  if (on && !features().amx_int8 && !features().amx_bf16)
+    return "AMX (AMX-INT8, AMX-BF16) is not available on this CPU (or SPARSEKERN_ISA caps it)";
   g_amx.store(on);
   return "";
 }

@@ -23,6 +23,7 @@ struct Features {
   // AMX-TILE + AMX-INT8, and the kernel's permission to use the tile state granted to this process (Linux
   // arch_prctl ARCH_REQ_XCOMP_PERM); an AVX-512 feature for the cap (SPARSEKERN_ISA below avx512 removes it).
   bool amx_int8 = false;
+  bool amx_bf16 = false;  // AMX-TILE + AMX-BF16, the same permission; needs AVX512_BF16 for the output stage
 };
 
 // The CPU's features, less those that SPARSEKERN_ISA removes.
@@ -44,6 +45,8 @@ std::string set_isa_limit(const std::string& name);
 // Whether the int8 kernels may use AMX where features().amx_int8 (default: yes); for tests and benchmarks, which
 // compare the AMX and the AVX-512 VNNI kernels on one machine. Returns an error message, empty on success.
 bool amx_enabled();
+// The same for the bfloat16 block-sparse forward (features().amx_bf16); set_amx_enabled switches both.
+bool amx_bf16_enabled();
 std::string set_amx_enabled(bool on);
 
 }  // namespace sparsekern::cpu

@@ -1,6 +1,10 @@
-"""The AMX int8 block-sparse forward (csrc/cpu/int8_avx512.cpp, int8_fwd_amx): on a CPU with AMX-INT8, every block
-shape and token count it takes gives exactly the integers of the AVX-512 VNNI kernel (so the same outputs, bit for
-bit) and matches the float64 reference; the toggle and its error. Skipped where the CPU has no AMX."""
+"""The AMX kernels, on a CPU that has them (skipped elsewhere):
+- the int8 block-sparse forward (csrc/cpu/int8_avx512.cpp, int8_fwd_amx): every block shape and token count it takes
+  gives exactly the integers of the AVX-512 VNNI kernel (so the same outputs, bit for bit) and matches the float64
+  reference;
+- the bfloat16 block-sparse forward (csrc/cpu/bsr_avx512.cpp, bsr_fwd_bf16_amx): the same products as the AVX-512
+  kernel summed in another order, so within bfloat16 rounding of it and of the float64 reference;
+- the toggle and its error."""
 
 from __future__ import annotations
 
@@ -19,11 +23,12 @@ pytestmark = pytest.mark.skipif(not sparse._ext.available(), reason="sparse._C n
 OP = torch.ops.sparsekern.bsr_linear_int8
 
 
-def _has_amx() -> bool:
-    return sparse._ext.available() and sparse._ext.require().cpu_features().get("amx_int8", False)
+def _has_amx(kind: str = "int8") -> bool:
+    return sparse._ext.available() and sparse._ext.require().cpu_features().get(f"amx_{kind}", False)
 
 
 needs_amx = pytest.mark.skipif(not _has_amx(), reason="this CPU has no AMX-INT8 (or SPARSEKERN_ISA caps it)")
+needs_amx_bf16 = pytest.mark.skipif(not _has_amx("bf16"), reason="this CPU has no AMX-BF16 (or SPARSEKERN_ISA caps it)")
 
 
 @contextlib.contextmanager
@@ -105,13 +110,59 @@ def test_amx_empty_rows_static_clip_and_threads():
     assert (y[:, 32:] != b[32:]).any()
 
 
+# (out, in, block) the bf16 AMX kernel takes (rows a multiple of 16 up to 64; 16, 32 or 64 columns dividing in),
+# the last block row cut by the matrix in some.
+BF16_CASES = [(96, 128, (32, 32)), (70, 64, (32, 32)), (50, 48, (16, 16)), (100, 128, (48, 64)), (130, 192, (64, 32)),
+              (64, 96, (16, 32))]
+
+
+@needs_amx_bf16
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}")
+def test_amx_bf16_matches_the_avx512_kernel_and_the_reference(case):
+    out, inn, block = case
+    w = make_bsr(out, inn, block, sparsity=0.4, seed=out + inn, dtype=torch.bfloat16)
+    for i, T in enumerate((15, 16, 17, 31, 32, 33, 64, 100)):
+        act = ("none", "gelu", "relu", "silu")[i % 4]
+        g = torch.Generator().manual_seed(i)
+        base = torch.randn(T, inn + 8, generator=g).bfloat16()
+        x = base[:, 4: 4 + inn] if i % 3 == 0 else base[:, :inn].contiguous()  # rows strided in some
+        bias = torch.randn(out, generator=g).bfloat16() if i % 2 else None
+        with _amx(True):
+            amx = sparse.linear(x, w, bias, activation=act)
+        with _amx(False):
+            avx = sparse.linear(x, w, bias, activation=act)
+        ref = reference.linear(x, w, bias, act)
+        # the same bf16 products in fp32, another order: a few bf16 ulps of the output apart at most
+        torch.testing.assert_close(amx.float(), avx.float(), rtol=2e-2, atol=2e-2, msg=f"{case} T={T} {act}")
+        assert_close_to_ref(amx, ref, avx, f"amx bf16 T={T} {act}", k=inn, floor=KERNEL_FLOOR)
+
+
+@needs_amx_bf16
+def test_amx_bf16_threads_and_token_split():
+    w = make_bsr(768, 768, 32, sparsity=0.9, seed=3, dtype=torch.bfloat16)  # small W: the forward splits tokens
+    x = torch.randn(200, 768).bfloat16()
+    old = torch.get_num_threads()
+    try:
+        with _amx(True):
+            torch.set_num_threads(1)
+            one = sparse.linear(x, w, None, activation="gelu")
+            torch.set_num_threads(2)
+            two = sparse.linear(x, w, None, activation="gelu")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)  # each token row's sums are the same whichever thread runs them
+    with _amx(False):
+        torch.testing.assert_close(one.float(), sparse.linear(x, w, None, activation="gelu").float(), rtol=2e-2,
+                                   atol=2e-2)
+
+
 def test_set_amx_refuses_a_cpu_without_it():
     C = sparse._ext.require()
-    if _has_amx():
+    if _has_amx() or _has_amx("bf16"):
         with _amx(False):
             assert C.amx_enabled() is False
         return
     assert C.amx_enabled() is False
-    with pytest.raises(ValueError, match="AMX-INT8 is not available on this CPU"):
+    with pytest.raises(ValueError, match=r"AMX \(AMX-INT8, AMX-BF16\) is not available on this CPU"):
         C.set_amx(True)
     C.set_amx(False)  # turning it off is always allowed
