@@ -21,7 +21,7 @@ SUITES = ("ops", "e2e")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import cpu_ops, e2e_bert
 
-    # Each suite has its own presets; quick, full and tiny are in both, the focused ones in the op benchmark only.
+    # Each suite has its own presets; quick, full and tiny are in both, the focused ones in one of them.
     presets = {"ops": cpu_ops.PRESETS, "e2e": e2e_bert.PRESETS}
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -31,7 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="quick: the CPU kernel target grid on BERT-base shapes (~3-5 min on 2 cores) + BERT batch 8 at "
         "90%%; full: every shape preset, op, format and thread count; tiny: seconds, for smoke tests; "
         "op benchmark only: bsr (block 32), balanced (bank 32), decode (T = 1, cold weights), act (activation "
-        "fused vs not); see benchmarks/README.md",
+        "fused vs not); e2e benchmark only: block (BERT-base 90%% block 32: the fused stacks eager and compiled, "
+        "int8, the peers); see benchmarks/README.md",
     )
     ap.add_argument("--suite", help=f"comma list of {SUITES} (default: every suite that has the preset)")
     ap.add_argument("--out", default="bench-out", help="output folder (default: bench-out/)")
