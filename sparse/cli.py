@@ -144,7 +144,7 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
                         "concatenated weight (sparse.fuse_qkv); with skip-if-slower (the default) only where that "
                         "measures faster than the three separate ops, which the report lists. Default: off.")
     p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="after pruning and recovery, convert the block-sparse layers (block, unstructured) to int8 "
+                   help="after pruning and recovery, convert the sparse layers (block, unstructured, balanced) to int8 "
                         "weights with per-token activation scales (sparse.quant, CPU inference). The report adds the "
                         "int8 model's accuracy against the float sparse and the dense model, its weight bytes, and "
                         "the float sparse model as a latency contender. Default: no quantization.")
@@ -492,8 +492,6 @@ def sparsify_command(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         f"top-1 agreement {accuracy['after_recovery']['top1_agreement']:.3f}")
     float_sparse = None
     if args.quantize:
-        if args.pattern == "balanced":
-            raise ValueError("--quantize int8 takes --pattern block or unstructured: balanced has no int8 kernel")
         float_sparse = copy.deepcopy(student)
         float_embedding = evaluate.embed(student, tokenizer, text.heldout)
         int8_layers = sparse.quant.quantize(student, args.quantize)
