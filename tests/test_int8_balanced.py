@@ -5,6 +5,10 @@ tiny BERT with save/load, and bad input."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,6 +78,21 @@ def test_op_matches_reference(isa, dtype, case):
         ref = reference.int8_linear(x, qw, bias, act, qmax)
         dense = _dense_same_integers(x, qw, bias, act, qmax)
         assert_close_to_ref(ours, ref, dense, f"{isa} {dtype} T={T} {act}", k=inn, floor=KERNEL_FLOOR)
+
+
+@pytest.mark.skipif(os.environ.get("SPARSEKERN_NO_VBMI") == "1", reason="already the kernel without VBMI")
+def test_avx512_without_vbmi():
+    """The AVX-512 VNNI kernel of CPUs without VBMI (vpshufb tables instead of vpermb), as SPARSEKERN_NO_VBMI=1
+    makes this CPU one: the op tests above on the avx512 path, in a child process (the variable is read once)."""
+    c = sparse._ext.require()
+    if c.best_isa() != "avx512" or not c.cpu_features()["avx512vnni"]:
+        pytest.skip("no AVX-512 VNNI path on this CPU (or under SPARSEKERN_ISA)")
+    env = {**os.environ, "SPARSEKERN_NO_VBMI": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "avx512 and (matches_reference or exact or clip or non_finite)"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
 
 
 def test_integer_sums_are_exact(isa):

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "../checks.h"
 #include "balanced_int8_kernels.h"
@@ -21,17 +23,30 @@ namespace {
 // Bound on in_features: |sum_c xq * q| <= 255 * 127 * in must fit int32 (and so must zp * w_sum).
 constexpr int64_t kInt8MaxIn = 65536;
 
-enum class Kernel { Portable, Avx2, Avx512 };
+enum class Kernel { Portable, Avx2, Avx512, Avx512Bw };
+
+// Whether the CPU has AVX512_VBMI; SPARSEKERN_NO_VBMI=1 (read once) makes it answer no, which is how the tests run
+// the kernel of an AVX-512 VNNI CPU without VBMI (Cascade Lake) on one that has it.
+bool has_vbmi() {
+#if defined(__x86_64__)
+  static const bool vbmi = [] {
+    const char* off = std::getenv("SPARSEKERN_NO_VBMI");
+    return __builtin_cpu_supports("avx512vbmi") && !(off && std::string(off) == "1");
+  }();
+  return vbmi;
+#else
+  return false;
+#endif
+}
 
 // The kernel for the activations int8_act_qmax() gives on this CPU's active path (int8_path() in bsr_int8.cpp):
-// qmax 63 is AVX2's vpmaddubsw path; with qmax 127 the AVX-512 kernel needs VNNI (as int8_path) and VBMI (vpermb);
-// anything else, including an AVX2 path that quantizes to 127, takes the portable kernel.
+// qmax 63 is AVX2's vpmaddubsw path; qmax 127 with AVX-512 and VNNI (as int8_path) the AVX-512 kernel, with vpermb
+// where the CPU has VBMI; anything else, including an AVX2 path that quantizes to 127, the portable kernel.
 Kernel pick_kernel(int qmax) {
 #if defined(__x86_64__)
   const Isa isa = active_isa();
   if (qmax <= 63 && isa >= Isa::Avx2) return Kernel::Avx2;
-  static const bool vbmi = __builtin_cpu_supports("avx512vbmi");
-  if (qmax == 127 && isa == Isa::Avx512 && features().avx512vnni && vbmi) return Kernel::Avx512;
+  if (qmax == 127 && isa == Isa::Avx512 && features().avx512vnni) return has_vbmi() ? Kernel::Avx512 : Kernel::Avx512Bw;
 #endif
   return Kernel::Portable;
 }
@@ -178,6 +193,7 @@ at::Tensor balanced_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qv
   auto* kernel = &fwd_portable;
 #if defined(__x86_64__)
   if (kernel_kind == Kernel::Avx512) kernel = &balanced_int8_fwd_avx512;
+  if (kernel_kind == Kernel::Avx512Bw) kernel = &balanced_int8_fwd_avx512bw;
   if (kernel_kind == Kernel::Avx2) kernel = &balanced_int8_fwd_avx2;
 #endif
   // Every row group costs the same: an even split, one chunk per thread.

@@ -1,7 +1,8 @@
 // INT8 balanced-sparse forward: the raw-pointer interface between balanced_int8.cpp (checks, activation
 // quantization with the block op's quantizers, threading, the portable kernel) and the translation units compiled
-// for one ISA each (balanced_int8_avx512.cpp: AVX-512 VBMI vpermb + VNNI vpdpbusd; balanced_int8_avx2.cpp: AVX2
-// vpshufb + vpmaddubsw). No torch or STL headers (see bsr_kernels.h). The arithmetic is int8_kernels.h's.
+// for one ISA each (balanced_int8_avx512.cpp: AVX-512 VBMI vpermb + VNNI vpdpbusd; balanced_int8_avx512bw.cpp:
+// the same with vpshufb for CPUs without VBMI; balanced_int8_avx2.cpp: AVX2 vpshufb + vpmaddubsw). No torch or STL
+// headers (see bsr_kernels.h). The arithmetic is int8_kernels.h's.
 //
 // Weights: int8, symmetric, one float scale per output channel: W[o, c] ~ w_scale[o] * q[o, c]. The columns are
 // cut into windows of `window` (<= 64) consecutive columns, window w covering [w * window, (w + 1) * window). Each
@@ -47,9 +48,10 @@ struct BalInt8FwdArgs {
 
 // bsr_int8.cpp's portable activation quantizer (the vector ones are declared in int8_kernels.h).
 void int8_quantize_portable(const Int8QuantArgs& a, int64_t t0, int64_t t1);
-// y for the row groups [g0, g1), every token. The AVX-512 kernel needs AVX512_VBMI and AVX512_VNNI and 8-bit
-// activations (qmax 127); the AVX2 kernel needs qmax <= 63 (vpmaddubsw, see int8_kernels.h).
+// y for the row groups [g0, g1), every token. The AVX-512 kernels need AVX512_VNNI (and AVX512_VBMI for the first)
+// and 8-bit activations (qmax 127); the AVX2 kernel needs qmax <= 63 (vpmaddubsw, see int8_kernels.h).
 void balanced_int8_fwd_avx512(const BalInt8FwdArgs& a, int64_t g0, int64_t g1);
+void balanced_int8_fwd_avx512bw(const BalInt8FwdArgs& a, int64_t g0, int64_t g1);
 void balanced_int8_fwd_avx2(const BalInt8FwdArgs& a, int64_t g0, int64_t g1);
 
 }  // namespace sparsekern::cpu
