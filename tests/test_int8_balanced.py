@@ -108,6 +108,15 @@ def test_integer_sums_are_exact(isa):
     torch.testing.assert_close(ours.double(), exact, rtol=0, atol=0)
 
 
+def test_empty_inputs():
+    qw = QuantizedBalancedSparseWeight.from_float(_weight(20, 45, 7, 3, seed=8))
+    y = _run(torch.randn(0, 45), qw)
+    assert y.shape == (0, 20) and y.dtype == torch.float32
+    q = sparse.BalancedSparseLinear(45, 20, bank=7, keep=3).quantize()
+    with torch.no_grad():
+        assert q(torch.randn(2, 0, 45, dtype=torch.bfloat16)).shape == (2, 0, 20)
+
+
 def test_static_clip_saturates(isa):
     qw = QuantizedBalancedSparseWeight.from_float(_weight(64, 96, 32, 8, seed=3))
     qmax = activation_qmax()
