@@ -23,7 +23,7 @@ namespace {
 // Bound on in_features: |sum_c xq * q| <= 255 * 127 * in must fit int32 (and so must zp * w_sum).
 constexpr int64_t kInt8MaxIn = 65536;
 
-enum class Kernel { Portable, Avx2, Avx512, Avx512Bw };
+enum class Kernel { Portable, Avx2, AvxVnni, Avx512, Avx512Bw };
 
 // Whether the CPU has AVX512_VBMI; SPARSEKERN_NO_VBMI=1 (read once) makes it answer no, which is how the tests run
 // the kernel of an AVX-512 VNNI CPU without VBMI (Cascade Lake) on one that has it.
@@ -39,14 +39,25 @@ bool has_vbmi() {
 #endif
 }
 
+bool has_avxvnni() {
+#if defined(__x86_64__)
+  static const bool avxvnni = __builtin_cpu_supports("avxvnni");
+  return avxvnni;
+#else
+  return false;
+#endif
+}
+
 // The kernel for the activations int8_act_qmax() gives on this CPU's active path (int8_path() in bsr_int8.cpp):
 // qmax 63 is AVX2's vpmaddubsw path; qmax 127 with AVX-512 and VNNI (as int8_path) the AVX-512 kernel, with vpermb
-// where the CPU has VBMI; anything else, including an AVX2 path that quantizes to 127, the portable kernel.
+// where the CPU has VBMI; qmax 127 below AVX-512 is an AVX-VNNI path (ymm vpdpbusd) where the CPU has AVX-VNNI;
+// anything else the portable kernel.
 Kernel pick_kernel(int qmax) {
 #if defined(__x86_64__)
   const Isa isa = active_isa();
   if (qmax <= 63 && isa >= Isa::Avx2) return Kernel::Avx2;
   if (qmax == 127 && isa == Isa::Avx512 && features().avx512vnni) return has_vbmi() ? Kernel::Avx512 : Kernel::Avx512Bw;
+  if (qmax == 127 && isa == Isa::Avx2 && has_avxvnni()) return Kernel::AvxVnni;
 #endif
   return Kernel::Portable;
 }
@@ -195,6 +206,7 @@ at::Tensor balanced_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qv
   if (kernel_kind == Kernel::Avx512) kernel = &balanced_int8_fwd_avx512;
   if (kernel_kind == Kernel::Avx512Bw) kernel = &balanced_int8_fwd_avx512bw;
   if (kernel_kind == Kernel::Avx2) kernel = &balanced_int8_fwd_avx2;
+  if (kernel_kind == Kernel::AvxVnni) kernel = &balanced_int8_fwd_avxvnni;
 #endif
   // Every row group costs the same: an even split, one chunk per thread.
   const auto bounds = split_rows(nullptr, R, 0, 1, at::get_num_threads());

@@ -1,7 +1,8 @@
 // INT8 balanced-sparse forward: the raw-pointer interface between balanced_int8.cpp (checks, activation
 // quantization with the block op's quantizers, threading, the portable kernel) and the translation units compiled
 // for one ISA each (balanced_int8_avx512.cpp: AVX-512 VBMI vpermb + VNNI vpdpbusd; balanced_int8_avx512bw.cpp:
-// the same with vpshufb for CPUs without VBMI; balanced_int8_avx2.cpp: AVX2 vpshufb + vpmaddubsw). No torch or STL
+// the same with vpshufb for CPUs without VBMI; balanced_int8_avx2.cpp: AVX2 vpshufb + vpmaddubsw;
+// balanced_int8_avxvnni.cpp: the same with AVX-VNNI vpdpbusd). No torch or STL
 // headers (see bsr_kernels.h). The arithmetic is int8_kernels.h's.
 //
 // Weights: int8, symmetric, one float scale per output channel: W[o, c] ~ w_scale[o] * q[o, c]. The columns are
@@ -53,5 +54,7 @@ void int8_quantize_portable(const Int8QuantArgs& a, int64_t t0, int64_t t1);
 void balanced_int8_fwd_avx512(const BalInt8FwdArgs& a, int64_t g0, int64_t g1);
 void balanced_int8_fwd_avx512bw(const BalInt8FwdArgs& a, int64_t g0, int64_t g1);
 void balanced_int8_fwd_avx2(const BalInt8FwdArgs& a, int64_t g0, int64_t g1);
+// The AVX2 kernel with AVX-VNNI's ymm vpdpbusd in place of vpmaddubsw: any qmax (127 on an AVX-VNNI int8 path).
+void balanced_int8_fwd_avxvnni(const BalInt8FwdArgs& a, int64_t g0, int64_t g1);
 
 }  // namespace sparsekern::cpu
