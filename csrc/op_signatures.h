@@ -35,6 +35,10 @@ using BsrLinearInt8 = Tensor(const Tensor&, const Tensor&, const Tensor&, const 
                              c10::SymInt, int64_t, const OptTensor&, std::string_view, double);
 // sparsekern::residual_layer_norm(x, residual, weight, bias, eps)
 using ResidualLayerNorm = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double);
+// sparsekern::balanced_linear_int8(x, qvalues, indices, w_scale, w_sum, out_features, window, bias, activation,
+//                                  clip)
+using BalancedLinearInt8 = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                  c10::SymInt, int64_t, const OptTensor&, std::string_view, double);
 // sparsekern::act_backward(grad, z, activation)
 using ActBackward = Tensor(const Tensor&, const Tensor&, std::string_view);
 
@@ -58,6 +62,7 @@ SK_OP_HANDLE(balanced_linear_grad_input, BalancedLinearGradInput)
 SK_OP_HANDLE(balanced_sddmm, BalancedSddmm)
 SK_OP_HANDLE(bsr_linear_int8, BsrLinearInt8)
 SK_OP_HANDLE(residual_layer_norm, ResidualLayerNorm)
+SK_OP_HANDLE(balanced_linear_int8, BalancedLinearInt8)
 SK_OP_HANDLE(act_backward, ActBackward)
 #undef SK_OP_HANDLE
 

@@ -59,6 +59,13 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def(
       "residual_layer_norm(Tensor x, Tensor? residual, Tensor? weight=None, Tensor? bias=None, float eps=1e-05) "
       "-> Tensor");
+  // Y = act(X W^T + b) for an int8 balanced-sparse W: qvalues and window-relative uint8 indices
+  // [ceil(out / 16), ceil(in / window), groups, 16, 4] (each row's kept entries of a window of `window` <= 64
+  // columns, in groups of 4), per-output scales w_scale and sums w_sum; layout and arithmetic:
+  // cpu/balanced_int8_kernels.h. X is quantized inside the op as for bsr_linear_int8. Inference only: no autograd.
+  m.def(
+      "balanced_linear_int8(Tensor x, Tensor qvalues, Tensor indices, Tensor w_scale, Tensor w_sum, "
+      "SymInt out_features, int window, Tensor? bias=None, str activation=\"none\", float clip=0.0) -> Tensor");
   // grad * act'(z): the activation's backward, as the backward of every forward op uses it. Its kernel is the
   // activation table of sparse/activations.py (CompositeImplicitAutograd, registered from Python), so it runs on
   // every device and torch.compile traces it into aten ops.

@@ -162,6 +162,29 @@ PyObject* residual_layer_norm_call(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* balanced_linear_int8_call(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *x, *qvalues, *indices, *w_scale, *w_sum, *bias;
+  long long out_features, window;
+  const char* activation;
+  double clip;
+  if (!PyArg_ParseTuple(args, "OOOOOLLOsd", &x, &qvalues, &indices, &w_scale, &w_sum, &out_features, &window, &bias,
+                        &activation, &clip))
+    return nullptr;
+  for (PyObject* o : {x, qvalues, indices, w_scale, w_sum})
+    if (!plain(o)) Py_RETURN_NONE;
+  if (!plain_or_none(bias)) Py_RETURN_NONE;
+  const auto& op = ops::balanced_linear_int8();
+  const at::Tensor& xt = THPVariable_Unpack(x);
+  const std::optional<at::Tensor> b = optional_tensor(bias);
+  auto call = [&] {
+    return op.call(xt, THPVariable_Unpack(qvalues), THPVariable_Unpack(indices), THPVariable_Unpack(w_scale),
+                   THPVariable_Unpack(w_sum), c10::SymInt(out_features), window, b, std::string_view(activation), clip);
+  };
+  return call_and_wrap(xt.numel() * out_features, call);
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 
 PyMethodDef python_call_methods[] = {
@@ -175,6 +198,8 @@ PyMethodDef python_call_methods[] = {
     {"bsr_linear_int8_call", bsr_linear_int8_call, METH_VARARGS, "torch.ops.sparsekern.bsr_linear_int8 likewise."},
     {"residual_layer_norm_call", residual_layer_norm_call, METH_VARARGS,
      "torch.ops.sparsekern.residual_layer_norm likewise."},
+    {"balanced_linear_int8_call", balanced_linear_int8_call, METH_VARARGS,
+     "torch.ops.sparsekern.balanced_linear_int8 likewise."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace sparsekern

@@ -12,12 +12,18 @@ from .io import load, save
 from .nn import BalancedSparseLinear, BlockSparseLinear, ResidualLayerNorm
 from .ops import linear, linear_grad_input, sddmm
 from .patch import FusedActivation, SparsifyReport, compile, fuse_layernorm, fuse_qkv, sparsify
-from .quant import QuantizedBlockSparseLinear, QuantizedBlockSparseWeight
+from .quant import (
+    QuantizedBalancedSparseLinear,
+    QuantizedBalancedSparseWeight,
+    QuantizedBlockSparseLinear,
+    QuantizedBlockSparseWeight,
+)
 
 __all__ = [
     "BlockSparseWeight", "BalancedSparseWeight", "linear", "linear_grad_input", "sddmm",
     "BlockSparseLinear", "BalancedSparseLinear", "sparsify", "compile", "SparsifyReport", "FusedActivation", "prune",
     "save", "load", "runtime", "densify", "export_onnx", "export_program", "fuse_qkv", "quant",
-    "QuantizedBlockSparseLinear", "QuantizedBlockSparseWeight", "fuse_layernorm", "ResidualLayerNorm",
+    "QuantizedBlockSparseLinear", "QuantizedBlockSparseWeight", "QuantizedBalancedSparseLinear",
+    "QuantizedBalancedSparseWeight", "fuse_layernorm", "ResidualLayerNorm",
 ]
 __version__ = "0.1.0"

@@ -149,7 +149,7 @@ def _add_sparsify_args(p: argparse.ArgumentParser, defaults: Dict[str, Any]) -> 
                         "tolerance). On by default: one pass over the rows instead of eager's two. "
                         "--no-fuse-layernorm keeps the blocks as they are.")
     p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="after pruning and recovery, convert the block-sparse layers (block, unstructured) to int8 "
+                   help="after pruning and recovery, convert the sparse layers (block, unstructured, balanced) to int8 "
                         "weights with per-token activation scales (sparse.quant, CPU inference). The report adds the "
                         "int8 model's accuracy against the float sparse and the dense model, its weight bytes, and "
                         "the float sparse model as a latency contender. Default: no quantization.")
@@ -503,8 +503,6 @@ def sparsify_command(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         f"top-1 agreement {accuracy['after_recovery']['top1_agreement']:.3f}")
     float_sparse = None
     if args.quantize:
-        if args.pattern == "balanced":
-            raise ValueError("--quantize int8 takes --pattern block or unstructured: balanced has no int8 kernel")
         float_sparse = copy.deepcopy(student)
         float_embedding = evaluate.embed(student, tokenizer, text.heldout)
         int8_layers = sparse.quant.quantize(student, args.quantize)

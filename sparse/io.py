@@ -23,7 +23,12 @@ from . import prune
 from .formats import BalancedSparseWeight, BlockSparseWeight
 from .nn import BalancedSparseLinear, BlockSparseLinear, ResidualLayerNorm, SparseLinear
 from .patch import FUSED_QKV, FusedActivation, QKVSlice, _install_qkv
-from .quant import QuantizedBlockSparseLinear, QuantizedBlockSparseWeight
+from .quant import (
+    QuantizedBalancedSparseLinear,
+    QuantizedBalancedSparseWeight,
+    QuantizedBlockSparseLinear,
+    QuantizedBlockSparseWeight,
+)
 
 __all__ = ["save", "load"]
 
@@ -73,6 +78,9 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
             sparse_modules[name] = {"class": "BlockSparseLinear", "block": list(m.block), "activation": m.activation}
         elif isinstance(m, QuantizedBlockSparseLinear):
             sparse_modules[name] = {"class": "QuantizedBlockSparseLinear", "block": list(m.block),
+                                    "activation": m.activation}
+        elif isinstance(m, QuantizedBalancedSparseLinear):
+            sparse_modules[name] = {"class": "QuantizedBalancedSparseLinear", "bank": m.bank, "keep": m.keep,
                                     "activation": m.activation}
         elif isinstance(m, BalancedSparseLinear):
             sparse_modules[name] = {"class": "BalancedSparseLinear", "bank": m.bank, "keep": m.keep,
@@ -198,7 +206,7 @@ def load(model_or_config: Any, path: Union[str, os.PathLike]) -> nn.Module:
             old = model.get_submodule(name)
         except AttributeError as exc:
             raise ValueError(f"the saved model has a sparse module {name!r} that this model lacks") from exc
-        if isinstance(old, (SparseLinear, QuantizedBlockSparseLinear)):
+        if isinstance(old, (SparseLinear, QuantizedBlockSparseLinear, QuantizedBalancedSparseLinear)):
             continue  # already sparse (e.g. a model loaded into twice): load_state_dict checks it
         bias = tensors.get(f"{name}.bias")
         if info["class"] == "BlockSparseLinear":
@@ -229,6 +237,12 @@ def load(model_or_config: Any, path: Union[str, os.PathLike]) -> nn.Module:
                                              ("qvalues", "w_scale", "w_sum", "row_offsets", "col_indices")),
                                            (out, inn), (bo, bi))
             new = QuantizedBlockSparseLinear(w, bias, activation=info["activation"])
+        elif info["class"] == "QuantizedBalancedSparseLinear":
+            out, inn, bank, keep, window = tensors[f"{name}.pattern_info"].tolist()
+            w = QuantizedBalancedSparseWeight(*(tensors[f"{name}.{k}"] for k in ("qvalues", "indices", "w_scale",
+                                                                                 "w_sum")),
+                                              (out, inn), window, bank, keep)
+            new = QuantizedBalancedSparseLinear(w, bias, activation=info["activation"])
         else:
             raise ValueError(f"{meta_path}: unknown sparse module class {info['class']!r} for {name!r}")
         new.train(old.training)

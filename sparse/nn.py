@@ -457,6 +457,14 @@ class BalancedSparseLinear(SparseLinear):
     def _pattern_repr(self) -> str:
         return f"bank={self.bank}, keep={self.keep}"
 
+    def quantize(self, mode: str = "int8", clip: Optional[float] = None):
+        """The int8 version of this layer (``sparse.quant.QuantizedBalancedSparseLinear``, CPU inference only):
+        int8 weights with per-output-channel scales, activations quantized per token (or with the static
+        ``clip``). This module is left as it is."""
+        from .quant import QuantizedBalancedSparseLinear
+
+        return QuantizedBalancedSparseLinear.from_sparse(self, mode, clip=clip)
+
     @staticmethod
     def _describe_info(info: torch.Tensor) -> str:
         out, inn, bank, keep = info.tolist()

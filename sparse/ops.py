@@ -117,6 +117,11 @@ def _register() -> None:
         return (gs if ctx.needs_input_grad[0] else None, gs if ctx.needs_input_grad[1] else None, gw, gb, None)
 
     torch.library.register_autograd("sparsekern::residual_layer_norm", _rln_backward, setup_context=_rln_setup)
+    @torch.library.register_fake("sparsekern::balanced_linear_int8")
+    def _(x, qvalues, indices, w_scale, w_sum, out_features, window, bias=None, activation="none", clip=0.0):
+        _check_same_device(x=x, qvalues=qvalues, indices=indices, w_scale=w_scale, w_sum=w_sum, bias=bias)
+        torch._check(x.dim() == 2, lambda: f"x must be 2-D, got {x.dim()}-D")
+        return x.new_empty(x.shape[0], out_features)
 
     # The activation backward of every forward op's autograd (csrc/autograd.cpp): the activation table's, as aten
     # ops on any device, and decomposed into them under torch.compile.

@@ -852,9 +852,9 @@ def sparsify(
         masks: optional ``{layer name: bool mask}`` (``[out, in]``, or the block grid for ``"block"``; per
             weight for ``"unstructured"``); those layers are built from their mask instead of by magnitude, and
             only they are converted.
-        quantize: ``"int8"`` to convert every block-sparse layer this call builds (block and unstructured
+        quantize: ``"int8"`` to convert every sparse layer this call builds (block, unstructured and balanced
             patterns, including a fused QKV op) to int8 weights with per-token activation scales
-            (``sparse.quant``: CPU inference only, float32 or bfloat16 models); balanced layers stay float. The
+            (``sparse.quant``: CPU inference only, float32 or bfloat16 models). The
             report's ``bytes_after`` are then the int8 bytes and ``quantized`` says which layers. Latencies (and
             ``skip_if_slower``) are measured before quantization, on the float sparse layers.
     Returns:
@@ -870,9 +870,6 @@ def sparsify(
 
         if quantize not in MODES:
             raise ValueError(f"quantize must be None or one of {MODES}, got {quantize!r}")
-        if pattern == "balanced":
-            raise ValueError("quantize='int8' takes the block patterns (block, unstructured, auto's block formats); "
-                             "the balanced format has no int8 kernel")
     if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 0:
         raise ValueError(f"sample_tokens must be an int >= 0, got {sample_tokens!r}")
     if skip_if_slower and sample_tokens == 0:
@@ -1059,14 +1056,14 @@ def sparsify(
 
 def _quantize_converted(model: nn.Module, layers: List[LayerReport], replacements: Dict[int, nn.Module],
                         mode: str) -> None:
-    """sparsify(quantize=mode): the block-sparse layers this call built (and fused QKV ops over them) -> int8."""
+    """sparsify(quantize=mode): the sparse layers this call built (and fused QKV ops over them) -> int8."""
     from .quant import convert_layer
 
     built = {id(sp) for sp in replacements.values()}
     reports = {r.name: r for r in layers}
     targets = []
     for name, m in model.named_modules():
-        if not isinstance(m, BlockSparseLinear):
+        if not isinstance(m, (BlockSparseLinear, BalancedSparseLinear)):
             continue
         fused = name.endswith("." + FUSED_QKV) or name == FUSED_QKV
         if id(m) in built or fused:

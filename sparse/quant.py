@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from . import _ext
-from .formats import BlockSparseWeight
+from .formats import BalancedSparseWeight, BlockSparseWeight
 from .ops import ACTIVATIONS
 
-__all__ = ["QuantizedBlockSparseWeight", "QuantizedBlockSparseLinear", "quantize", "calibrate", "activation_qmax",
-           "MODES"]
+__all__ = ["QuantizedBlockSparseWeight", "QuantizedBlockSparseLinear", "QuantizedBalancedSparseWeight",
+           "QuantizedBalancedSparseLinear", "quantize", "calibrate", "activation_qmax", "MODES"]
 
 MODES = ("int8",)
 _QMAX = 127
@@ -296,21 +296,276 @@ class QuantizedBlockSparseLinear(nn.Module):
                 f"activation={self.activation}")
 
 
+def _window(bank: int) -> int:
+    """Columns per window of the int8 balanced layout: whole banks up to 32 columns (one 16-byte table pair of
+    the AVX2 kernel), one bank up to 64 (one AVX-512 register), else 64."""
+    return bank * max(1, 32 // bank) if bank <= 64 else 64
+
+
+class QuantizedBalancedSparseWeight:
+    """An int8 balanced-sparse weight ``[out_features, in_features]`` (each bank of ``bank`` columns keeps
+    ``keep`` entries), with one symmetric float32 scale per output channel as :class:`QuantizedBlockSparseWeight`.
+
+    Attributes (CPU tensors), the layout of csrc/cpu/balanced_int8_kernels.h: the columns are cut into windows of
+    ``window`` (<= 64) columns; each row's kept entries in a window are stored in ``G`` groups of 4, 16 rows at a
+    time:
+        qvalues: int8 ``[ceil(out / 16), n_win, G, 16, 4]``; row o's j-th entry of group g in window w at
+            ``[o // 16, w, g, o % 16, j]`` (padding: 0);
+        indices: uint8, the same shape: the entry's column inside its window (padding: 0);
+        w_scale: float32 ``[out]``; w_sum: int32 ``[out]``, the sum of each row's integers.
+    """
+
+    def __init__(self, qvalues: torch.Tensor, indices: torch.Tensor, w_scale: torch.Tensor, w_sum: torch.Tensor,
+                 shape: Tuple[int, int], window: int, bank: int, keep: int, *, validate: bool = True) -> None:
+        self.qvalues = qvalues
+        self.indices = indices
+        self.w_scale = w_scale
+        self.w_sum = w_sum
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.window = int(window)
+        self.bank = int(bank)
+        self.keep = int(keep)
+        if validate:
+            self.validate()
+
+    @classmethod
+    def from_float(cls, weight: BalancedSparseWeight) -> "QuantizedBalancedSparseWeight":
+        """Quantizes a float balanced-sparse weight as :meth:`QuantizedBlockSparseWeight.from_float` does (per
+        row, ``scale = max |w| / 127``, ``q = round(w / scale)``). Raises ``ValueError`` naming the row for NaN or
+        Inf."""
+        if not isinstance(weight, BalancedSparseWeight):
+            raise TypeError(f"weight must be a BalancedSparseWeight, got {type(weight).__name__}")
+        out, inn = weight.shape
+        bank, keep = weight.bank, weight.keep
+        v = weight.values.detach().to("cpu", torch.float64).reshape(out, -1)  # [out, n_banks * keep]
+        bad = ~torch.isfinite(v)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"the weight has a non-finite value in output row {row}: int8 cannot represent NaN or "
+                             "Inf (fix or prune the weight first)")
+        scale = v.abs().amax(dim=1).to(torch.float32) / _QMAX
+        safe = torch.where(scale > 0, scale, torch.ones((), dtype=scale.dtype)).double()
+        q = torch.clamp(torch.round(v / safe[:, None]), -_QMAX, _QMAX).to(torch.int8)
+        cols = (torch.arange(weight.n_banks)[None, :, None] * bank + weight.indices.cpu().long()).reshape(out, -1)
+        window = _window(bank)
+        n_win = -(-inn // window)
+        win = cols // window  # non-decreasing along each row: the entries are sorted by column
+        counts = torch.zeros(out, n_win, dtype=torch.int64).scatter_add_(1, win, torch.ones_like(win))
+        G = max(1, -(-int(counts.max()) // 4))
+        first = torch.cumsum(counts, dim=1) - counts  # [out, n_win]: position of each window's first entry
+        rank = torch.arange(cols.shape[1])[None, :] - torch.gather(first, 1, win)
+        R = -(-out // 16)
+        qv = torch.zeros(R * 16, n_win, G * 4, dtype=torch.int8)
+        ix = torch.zeros(R * 16, n_win, G * 4, dtype=torch.uint8)
+        rows = torch.arange(out)[:, None].expand_as(cols)
+        qv[rows, win, rank] = q
+        ix[rows, win, rank] = (cols % window).to(torch.uint8)
+        pack = lambda t: t.reshape(R, 16, n_win, G, 4).permute(0, 2, 3, 1, 4).contiguous()  # noqa: E731
+        w_sum = q.to(torch.int64).sum(dim=1).to(torch.int32)
+        return cls(pack(qv), pack(ix), scale.contiguous(), w_sum.contiguous(), (out, inn), window, bank, keep)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``[R, n_win, G, 16, 4]`` -> ``[out, n_win, 4 G]``."""
+        R, n_win, G = t.shape[:3]
+        return t.permute(0, 3, 1, 2, 4).reshape(R * 16, n_win, 4 * G)[: self.shape[0]]
+
+    def int_dense(self) -> torch.Tensor:
+        """The integers as a dense int64 ``[out, in]`` matrix (pruned entries are zeros)."""
+        out, inn = self.shape
+        q, ix = self._rows(self.qvalues).long(), self._rows(self.indices).long()
+        n_win = q.shape[1]
+        cols = (torch.arange(n_win)[None, :, None] * self.window + ix).reshape(out, -1)
+        dense = torch.zeros(out, n_win * self.window, dtype=torch.int64)
+        dense.scatter_add_(1, cols, q.reshape(out, -1))  # padding entries add 0
+        return dense[:, :inn]
+
+    def to_dense(self) -> torch.Tensor:
+        """The dequantized float32 ``[out, in]`` weight (pruned entries are zeros)."""
+        return (self.int_dense().double() * self.w_scale.double()[:, None]).float()
+
+    def validate(self) -> "QuantizedBalancedSparseWeight":
+        """Checks every invariant the kernels rely on; raises ValueError naming the first violation."""
+        out, inn = self.shape
+        if out < 1 or inn < 1:
+            raise ValueError(f"shape must be positive, got {self.shape}")
+        if not 1 <= self.window <= 64:
+            raise ValueError(f"window must be in [1, 64], got {self.window}")
+        for name, t, dtype in (("qvalues", self.qvalues, torch.int8), ("indices", self.indices, torch.uint8),
+                               ("w_scale", self.w_scale, torch.float32), ("w_sum", self.w_sum, torch.int32)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.dtype != dtype:
+                raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+            if t.device.type != "cpu":
+                raise ValueError(f"{name} must be on the CPU (the int8 kernels are CPU only), got {t.device}")
+        R, n_win = -(-out // 16), -(-inn // self.window)
+        if self.qvalues.dim() != 5 or tuple(self.qvalues.shape[:2]) != (R, n_win) or \
+                tuple(self.qvalues.shape[3:]) != (16, 4):
+            raise ValueError(f"qvalues must have shape ({R}, {n_win}, G, 16, 4) for {self.shape} in windows of "
+                             f"{self.window}, got {tuple(self.qvalues.shape)}")
+        if self.indices.shape != self.qvalues.shape:
+            raise ValueError(f"indices must have the shape of qvalues {tuple(self.qvalues.shape)}, got "
+                             f"{tuple(self.indices.shape)}")
+        if bool((self.qvalues == -128).any()):
+            raise ValueError("qvalues must lie in [-127, 127] (symmetric int8; -128 would overflow the AVX2 "
+                             "kernel's int16 pair sums)")
+        if bool((self.indices >= self.window).any()):
+            i = int((self.indices.reshape(-1) >= self.window).nonzero()[0])
+            raise ValueError(f"indices.flatten()[{i}] = {int(self.indices.reshape(-1)[i])} is out of range "
+                             f"[0, window={self.window})")
+        for name, t in (("w_scale", self.w_scale), ("w_sum", self.w_sum)):
+            if tuple(t.shape) != (out,):
+                raise ValueError(f"{name} must have shape ({out},), got {tuple(t.shape)}")
+        if not bool(torch.isfinite(self.w_scale).all()) or bool((self.w_scale < 0).any()):
+            raise ValueError("w_scale must be finite and >= 0")
+        sums = self._rows(self.qvalues).to(torch.int64).sum(dim=(1, 2))
+        if not torch.equal(sums, self.w_sum.to(torch.int64)):
+            o = int((sums != self.w_sum).nonzero()[0])
+            raise ValueError(f"w_sum[{o}] = {int(self.w_sum[o])} is not the sum of row {o}'s integers "
+                             f"({int(sums[o])})")
+        return self
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.keep / self.bank if self.bank <= self.shape[1] else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the integers and indices (with their group-of-4 padding), scales and sums."""
+        return sum(t.numel() * t.element_size() for t in (self.qvalues, self.indices, self.w_scale, self.w_sum))
+
+    def __repr__(self) -> str:
+        return (f"QuantizedBalancedSparseWeight(shape={self.shape}, bank={self.bank}, keep={self.keep}, "
+                f"window={self.window}, groups={self.qvalues.shape[2]}, int8)")
+
+
+class QuantizedBalancedSparseLinear(nn.Module):
+    """``y = activation(x W^T + b)`` with an int8 balanced-sparse ``W`` (:class:`QuantizedBalancedSparseWeight`),
+    as :class:`QuantizedBlockSparseLinear` (``x`` float32 or bfloat16 on the CPU, quantized inside the op).
+
+    Buffers (all in the state dict): ``qvalues``, ``indices``, ``w_scale``, ``w_sum``, ``bias`` (float32, or None),
+    ``clip`` (float32 scalar, 0 for per-token scales) and ``pattern_info`` = (out, in, bank, keep, window).
+    Inference only.
+    """
+
+    def __init__(self, weight: QuantizedBalancedSparseWeight, bias: Optional[torch.Tensor] = None, *,
+                 activation: str = "none", clip: Optional[float] = None) -> None:
+        super().__init__()
+        if not isinstance(weight, QuantizedBalancedSparseWeight):
+            raise TypeError(f"weight must be a QuantizedBalancedSparseWeight, got {type(weight).__name__}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.out_features, self.in_features = weight.shape
+        self.bank, self.keep, self.window = weight.bank, weight.keep, weight.window
+        self.activation = activation
+        for name in ("qvalues", "indices", "w_scale", "w_sum"):
+            self.register_buffer(name, getattr(weight, name))
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            bias = bias.detach().to("cpu", torch.float32).clone()
+        self.register_buffer("bias", bias)
+        self.register_buffer("clip", torch.tensor(0.0))
+        self.register_buffer("pattern_info", torch.tensor([*weight.shape, weight.bank, weight.keep, weight.window],
+                                                          dtype=torch.int64))
+        self.set_clip(clip)
+
+    @classmethod
+    def from_sparse(cls, module: nn.Module, mode: str = "int8", clip: Optional[float] = None
+                    ) -> "QuantizedBalancedSparseLinear":
+        """The int8 version of a ``BalancedSparseLinear`` (its activation and bias kept)."""
+        from .nn import BalancedSparseLinear
+
+        _check_mode(mode)
+        if not isinstance(module, BalancedSparseLinear):
+            raise TypeError(f"int8 balanced quantization takes a BalancedSparseLinear, got {type(module).__name__}")
+        w = QuantizedBalancedSparseWeight.from_float(module.weight_format)
+        return cls(w, None if module.bias is None else module.bias, activation=module.activation, clip=clip)
+
+    set_clip = QuantizedBlockSparseLinear.set_clip
+
+    @property
+    def weight_format(self) -> QuantizedBalancedSparseWeight:
+        return QuantizedBalancedSparseWeight(self.qvalues, self.indices, self.w_scale, self.w_sum,
+                                             (self.out_features, self.in_features), self.window, self.bank, self.keep,
+                                             validate=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_int8_input(self, x)
+        bias = self.bias if self.bias is None or x.dtype == torch.float32 else self.bias.to(x.dtype)
+        args = (x.reshape(-1, self.in_features), self.qvalues, self.indices, self.w_scale, self.w_sum,
+                self.out_features, self.window, bias, self.activation, self._clip)
+        y = None
+        if not torch.compiler.is_compiling():  # the direct entry point: no generic op-call overhead
+            y = _ext.require().balanced_linear_int8_call(*args)
+        if y is None:
+            y = torch.ops.sparsekern.balanced_linear_int8(*args)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        info = state_dict.get(prefix + "pattern_info")
+        if info is not None and not torch.equal(info.cpu(), self.pattern_info.cpu()):
+            error_msgs.append(f"{prefix}pattern_info: the state dict describes {info.tolist()} (out, in, bank, keep, "
+                              f"window), this module is {self.pattern_info.tolist()}")
+            return
+        for k in ("qvalues", "indices"):  # the group count G may differ for another pattern of the same shape
+            if prefix + k in state_dict:
+                getattr(self, k).resize_(state_dict[prefix + k].shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        try:
+            self.weight_format.validate()
+        except ValueError as exc:
+            error_msgs.append(f"{prefix}: the stored int8 weight is invalid: {exc}")
+        self._clip = float(self.clip)
+
+    @property
+    def nbytes(self) -> int:
+        b = 0 if self.bias is None else self.bias.numel() * 4
+        return self.weight_format.nbytes + b
+
+    @property
+    def sparsity(self) -> float:
+        return self.weight_format.sparsity
+
+    def extra_repr(self) -> str:
+        clip = "per-token" if self._clip == 0 else f"static clip {self._clip:g}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bank={self.bank}, keep={self.keep}, int8, activations {clip}, activation={self.activation}")
+
+
+def _check_int8_input(module: nn.Module, x: torch.Tensor) -> None:
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{type(module).__name__} is inference only: run it under torch.no_grad() / "
+                           "torch.inference_mode(), or train the float model and quantize after")
+    if x.shape[-1] != module.in_features:
+        raise ValueError(f"x must end in {module.in_features} features, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"the int8 layers take float32 or bfloat16 inputs, got {x.dtype}")
+    if x.device.type != "cpu":
+        raise ValueError(f"the int8 kernels run on the CPU only, got an input on {x.device}")
+
+
 def _quantizable(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    from .nn import BlockSparseLinear
+    from .nn import BalancedSparseLinear, BlockSparseLinear
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (BlockSparseLinear, BalancedSparseLinear))]
 
 
-def convert_layer(name: str, module: nn.Module, mode: str) -> "QuantizedBlockSparseLinear":
-    """The int8 version of the ``BlockSparseLinear`` called ``name`` (in its training mode), or a ``ValueError``
-    naming it: a dtype other than float32 / bfloat16, a device other than the CPU, or a weight int8 cannot hold."""
+def convert_layer(name: str, module: nn.Module, mode: str) -> nn.Module:
+    """The int8 version of the ``BlockSparseLinear`` (``BalancedSparseLinear``) called ``name`` (in its training
+    mode): a ``QuantizedBlockSparseLinear`` (``QuantizedBalancedSparseLinear``), or a ``ValueError`` naming it: a
+    dtype other than float32 / bfloat16, a device other than the CPU, or a weight int8 cannot hold."""
+    from .nn import BalancedSparseLinear
+
     v = module.values
     if v.dtype not in (torch.float32, torch.bfloat16) or v.device.type != "cpu":
         raise ValueError(f"layer {name!r} is {v.dtype} on {v.device}: the int8 layers run float32 or bfloat16 "
                          "models on the CPU")
     try:
-        q = QuantizedBlockSparseLinear.from_sparse(module, mode)
+        cls = QuantizedBalancedSparseLinear if isinstance(module, BalancedSparseLinear) else QuantizedBlockSparseLinear
+        q = cls.from_sparse(module, mode)
     except ValueError as exc:
         raise ValueError(f"layer {name!r}: {exc}") from exc
     q.train(module.training)
@@ -318,23 +573,24 @@ def convert_layer(name: str, module: nn.Module, mode: str) -> "QuantizedBlockSpa
 
 
 def quantize(model: nn.Module, mode: str = "int8") -> Dict[str, Dict[str, int]]:
-    """Replaces every ``BlockSparseLinear`` of ``model`` (in place; the model itself when it is one is returned
-    by ``QuantizedBlockSparseLinear.from_sparse``) by its int8 version, with per-token activation scales
+    """Replaces every ``BlockSparseLinear`` and ``BalancedSparseLinear`` of ``model`` (in place; the model itself
+    when it is one is returned by ``QuantizedBlockSparseLinear.from_sparse`` / ``QuantizedBalancedSparseLinear``'s)
+    by its int8 version, with per-token activation scales
     (:func:`calibrate` sets static ones). Moves nothing: the int8 layers live on the CPU.
 
-    Returns ``{layer: {"float_bytes", "int8_bytes"}}``. Raises ``ValueError`` if there is no block-sparse layer,
-    or for a layer in another dtype or on another device than the CPU, naming it; layers of other formats
-    (balanced) stay as they are.
+    Returns ``{layer: {"float_bytes", "int8_bytes"}}``. Raises ``ValueError`` if there is no sparse layer, or for
+    a layer in another dtype or on another device than the CPU, naming it.
     """
     _check_mode(mode)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = _quantizable(model)
     if not layers:
-        raise ValueError("the model has no BlockSparseLinear layer to quantize (int8 takes the block patterns: "
-                         "block, vectors and unstructured; sparsify first)")
+        raise ValueError("the model has no BlockSparseLinear layer and no BalancedSparseLinear layer to quantize "
+                         "(sparsify first)")
     if any(name == "" for name, _ in layers):
-        raise ValueError("the model is itself a BlockSparseLinear: use QuantizedBlockSparseLinear.from_sparse")
+        raise ValueError("the model is itself a sparse layer: use QuantizedBlockSparseLinear.from_sparse or "
+                         "QuantizedBalancedSparseLinear.from_sparse")
     from .walk import replace_modules
 
     report: Dict[str, Dict[str, int]] = {}
@@ -352,7 +608,8 @@ def calibrate(model: nn.Module, inputs: Iterable, percentile: float = 99.99) -> 
     of them (outliers beyond it saturate). Returns ``{layer: clip}``."""
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not (0 < percentile <= 100):
         raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedBlockSparseLinear)]
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, (QuantizedBlockSparseLinear, QuantizedBalancedSparseLinear))]
     if not layers:
         raise ValueError("the model has no int8 layer to calibrate: quantize it first")
     seen: Dict[str, List[torch.Tensor]] = {n: [] for n, _ in layers}

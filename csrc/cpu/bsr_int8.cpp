@@ -225,6 +225,12 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
 }
 
 }  // namespace
+
+// The portable quantizer, for the balanced int8 op (balanced_int8.cpp).
+void int8_quantize_portable(const Int8QuantArgs& a, int64_t t0, int64_t t1) {
+  quantize_portable(a, t0, t1);
+}
+
 }  // namespace sparsekern::cpu
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {

@@ -1,0 +1,21 @@
+// AVX-512 VNNI INT8 balanced-sparse forward for CPUs without VBMI (vpshufb gathers); the kernel is
+// balanced_int8_avx512.h.
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#define SK_BAL_INT8_VBMI 0
+#include "balanced_int8_avx512.h"
+
+namespace sparsekern::cpu {
+
+void balanced_int8_fwd_avx512bw(const BalInt8FwdArgs& a, int64_t g0, int64_t g1) {
+  switch ((a.window + 15) / 16) {
+    case 1: return fwd_ntab<1>(a, g0, g1);
+    case 2: return fwd_ntab<2>(a, g0, g1);
+    default: return fwd_ntab<4>(a, g0, g1);
+  }
+}
+
+}  // namespace sparsekern::cpu
+#endif
