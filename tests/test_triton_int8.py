@@ -206,6 +206,37 @@ def test_module_refuses_a_device_it_cannot_run_on():
         layer(torch.empty(2, 48, device="meta"))
 
 
+def test_op_schema():
+    """opcheck's eager schema check (inference only: no autograd); its fake-tensor checks need a GPU (the
+    interpreter would launch on fake tensors) and run in test_layer_on_cuda below."""
+    qw = _qweight(40, 48, (16, 16), seed=1)
+    args = (_x(3, 48, torch.float32, 0), qw.qvalues, qw.w_scale, qw.w_sum, qw.row_offsets, qw.col_indices, 40, 16,
+            torch.randn(40), "gelu", 0.0)
+    torch.library.opcheck(OP, args, test_utils=("test_schema",))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("clip", (None, 1.5))
+def test_layer_on_cuda(clip):
+    """The module path: an int8 layer moved to the GPU runs the Triton op, eager and under torch.compile."""
+    qw = _qweight(130, 140, (64, 64), seed=4)
+    bias = torch.randn(130, generator=torch.Generator().manual_seed(5))
+    layer = QuantizedBlockSparseLinear(qw, bias, activation="gelu", clip=clip).to("cuda")
+    x = _x(37, 140, torch.float32, seed=6)
+    with torch.no_grad():
+        y = layer(x.cuda())
+        compiled = torch.compile(layer, fullgraph=True)(x.cuda())
+    c = 0.0 if clip is None else layer._clip
+    ref = reference.int8_linear(x, qw, bias, "gelu", 127, c)
+    assert_close_to_ref(y.cpu(), ref, _dense_same_integers(x, qw, bias, "gelu", c), "cuda layer", k=140,
+                        floor=KERNEL_FLOOR)
+    torch.testing.assert_close(compiled, y, rtol=1e-6, atol=1e-6)
+    d = lambda t: t.cuda()  # noqa: E731
+    torch.library.opcheck(OP, (x.cuda(), d(qw.qvalues), d(qw.w_scale), d(qw.w_sum), d(qw.row_offsets),
+                               d(qw.col_indices), 130, 64, bias.cuda(), "gelu", c))
+
+
 # ---- compile for sm_80 and sm_90 --------------------------------------------------------------------------
 # Every forward config x output dtype x block 16 / 32 / 64, and the quantize kernel per input dtype, at the
 # shapes of tests/test_triton_compile.py (T=4096, 4096x4096, half the blocks kept), with its machinery.
