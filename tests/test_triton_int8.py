@@ -90,8 +90,8 @@ def test_quantize_equals_reference(dtype, clip):
     x[3, 0] = float("-inf")
     x[4] = 0.0
     x[5] = 1e-39
-    x[6, :2] = torch.tensor([2.0, 0.5 * 2.0 / 127 * 3])  # 1.5 integer steps of the max: rounds to even (2)
-    x[6, 2:] = 0.1
+    x[6] = 0.1
+    x[6, :4] = torch.tensor([127.0, 2.5, 3.5, -0.5])  # per token: a scale of 1, ties round to even
     x = x.to(dtype)
     q, s = bsr_int8.quantize_activations(x.to(DEVICE), clip)
     rq, rs = reference.quantize_activations(x, 127, clip)
@@ -100,6 +100,8 @@ def test_quantize_equals_reference(dtype, clip):
     torch.testing.assert_close(s.cpu(), rs, rtol=0, atol=0, equal_nan=True)
     if clip:
         assert int(q[2].max()) == 127 and int(q[3].min()) == -127, "a static clip saturates +-Inf"
+    else:
+        assert q[6, :4].tolist() == [127, 2, 4, 0], "ties round half to even"
 
 
 # ---- the forward ----------------------------------------------------------------------------------------------
@@ -304,6 +306,8 @@ def compile_all(arch: int, workdir: str) -> List[dict]:
             "shared": compiled.metadata.shared + res.get("SHARED", 0),
             "mma": "".join(_INT8_MMA.findall(ptx)[:1]),
             "ieee_div": "div.rn.f32" in ptx,
+            # The quantize's round-half-to-even, +-1.5 * 2^23, kept as two adds (not folded away).
+            "round_adds": "0f4B400000" in ptx and "0fCB400000" in ptx,
         })
     return rows
 
@@ -334,7 +338,8 @@ def test_every_config_compiles_within_limits(arch: int, tmp_path) -> None:
     assert not [r for r in rows if r["spill_bytes"]], f"register spills on sm_{arch}"
     assert not [r for r in rows if r["shared"] > SMEM_LIMIT[arch]], f"shared memory over the limit on sm_{arch}"
     assert all(r["mma"] for r in rows if r["op"] == "fwd"), "the forward's dot is not an int8 tensor-core mma"
-    assert all(r["ieee_div"] for r in rows if r["op"] == "quantize"), "the scales need IEEE division"
+    assert all(r["ieee_div"] and r["round_adds"] for r in rows if r["op"] == "quantize"), \
+        "the quantize needs IEEE division and its rounding adds, or it differs from the reference"
 
 
 if __name__ == "__main__":  # the child process of the test above: python tests/test_triton_int8.py ARCH WORKDIR
