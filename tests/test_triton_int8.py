@@ -115,6 +115,27 @@ def test_forward_matches_reference(dtype, case):
         _check(_x(T, inn, dtype, seed=T), qw, bias, "none", what=f"{dtype} T={T} bias={bias_on}")
 
 
+_TILES = sorted({c.kwargs["BLOCK_T"] for cfgs in bsr_int8.CONFIGS["fwd"].values() for c in cfgs})
+
+
+@pytest.mark.parametrize("block_t", _TILES)
+def test_every_tile_shape_of_the_configs(block_t):
+    """The GPU configurations' token tiles (and the quantize's 1024-wide steps), run by the interpreter."""
+    qw = _qweight(70, 75, (32, 32), seed=block_t)
+    x = _x(block_t + 3, 75, torch.float32, seed=block_t)  # one full tile and a ragged one
+    bias = torch.randn(70, generator=torch.Generator().manual_seed(0))
+    q, s = bsr_int8.quantize_activations(x.to(DEVICE), config=bsr_int8.CONFIGS["quantize"][80][0])
+    rq, rs = reference.quantize_activations(x, 127)
+    torch.testing.assert_close(q.cpu().double(), rq, rtol=0, atol=0)
+    torch.testing.assert_close(s.cpu(), rs, rtol=0, atol=0)
+    config = triton.Config({"BLOCK_T": block_t}, num_warps=4)
+    y = bsr_int8.bsr_linear_int8(x.to(DEVICE), *(t.to(DEVICE) for t in (qw.qvalues, qw.w_scale, qw.row_offsets,
+                                                                         qw.col_indices)), 70, 32, bias.to(DEVICE),
+                                 "silu", config=config).cpu()
+    assert_close_to_ref(y, reference.int8_linear(x, qw, bias, "silu", 127),
+                        _dense_same_integers(x, qw, bias, "silu"), f"BLOCK_T={block_t}", k=75, floor=KERNEL_FLOOR)
+
+
 @pytest.mark.parametrize("act", ("none", "relu", "gelu", "gelu_tanh", "silu", "quick_gelu"))
 def test_each_activation(act):
     qw = _qweight(40, 48, (16, 16), seed=7)
