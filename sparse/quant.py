@@ -250,11 +250,12 @@ class QuantizedBlockSparseLinear(nn.Module):
             raise ValueError(f"x must end in {self.in_features} features, got shape {tuple(x.shape)}")
         if x.dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"the int8 layers take float32 or bfloat16 inputs, got {x.dtype}")
-        if x.device.type != "cpu":
-            raise ValueError(f"the int8 kernels run on the CPU only, got an input on {x.device}")
+        gpu = _gpu_int8_op(x, self.qvalues.device) if x.device.type != "cpu" else None
         bias = self.bias if self.bias is None or x.dtype == torch.float32 else self.bias.to(x.dtype)
         args = (x.reshape(-1, self.in_features), self.qvalues, self.w_scale, self.w_sum, self.row_offsets,
                 self.col_indices, self.out_features, self.block[1], bias, self.activation, self._clip)
+        if gpu is not None:
+            return gpu(*args).reshape(*x.shape[:-1], self.out_features)
         y = None
         if not torch.compiler.is_compiling():  # the direct entry point: no generic op-call overhead
             y = _ext.require().bsr_linear_int8_call(*args)
@@ -545,6 +546,22 @@ def _check_int8_input(module: nn.Module, x: torch.Tensor) -> None:
         raise TypeError(f"the int8 layers take float32 or bfloat16 inputs, got {x.dtype}")
     if x.device.type != "cpu":
         raise ValueError(f"the int8 kernels run on the CPU only, got an input on {x.device}")
+
+
+def _gpu_int8_op(x: torch.Tensor, weight_device: torch.device):
+    """The op that runs an int8 layer on ``x``'s GPU: the Triton kernel (kernels/bsr_int8.py; signed activations,
+    qmax 127), or a ValueError saying why none can (not CUDA, no Triton, the layer elsewhere)."""
+    if x.device.type != "cuda":
+        raise ValueError(f"the int8 kernels run on the CPU, or on CUDA through Triton; got an input on {x.device}")
+    try:
+        from . import triton_backend  # noqa: F401  (registers torch.ops.sparsekern.triton_bsr_linear_int8)
+    except ImportError as exc:
+        raise ValueError(f"the int8 kernels run on the CPU only without Triton ({exc}); got an input on {x.device}: "
+                         "pip install triton, or run the layer on the CPU") from exc
+    if weight_device != x.device:
+        raise ValueError(f"the int8 layer is on {weight_device} but its input on {x.device}: move the layer with "
+                         f".to({str(x.device)!r})")
+    return torch.ops.sparsekern.triton_bsr_linear_int8
 
 
 def _quantizable(model: nn.Module) -> List[Tuple[str, nn.Module]]:

@@ -20,11 +20,12 @@ import torch
 from torch.library import triton_op
 
 from .activations import get as _activation
-from .kernels import balanced, bsr, csr
+from .kernels import balanced, bsr, bsr_int8, csr
 
 __all__ = [
     "triton_bsr_linear", "triton_bsr_linear_grad_input", "triton_bsr_sddmm",
     "triton_balanced_linear", "triton_balanced_linear_grad_input", "triton_balanced_sddmm",
+    "triton_bsr_linear_int8",
 ]
 
 
@@ -91,6 +92,20 @@ def triton_balanced_linear_grad_input(
 def triton_balanced_sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, bank: int) -> torch.Tensor:
     """(grad_out^T x) at the kept positions: -> [out, n_banks, keep]."""
     return balanced.balanced_sddmm(grad_out, x, indices, bank)
+
+
+@triton_op("sparsekern::triton_bsr_linear_int8", mutates_args=())
+def triton_bsr_linear_int8(
+    x: torch.Tensor, qvalues: torch.Tensor, w_scale: torch.Tensor, w_sum: torch.Tensor, row_offsets: torch.Tensor,
+    col_indices: torch.Tensor, out_features: int, in_block: int, bias: Optional[torch.Tensor] = None,
+    activation: str = "none", clip: float = 0.0,
+) -> torch.Tensor:
+    """The int8 forward (inference only, no autograd): x [T, in] quantized per token (``clip`` 0) or with a static
+    clip, as signed int8 with qmax 127 on every GPU. ``w_sum`` is unused (the GPU's activations have no zero
+    point); it keeps the C++ op's schema (sparse.quant passes both the same arguments)."""
+    fused, after = _split_activation(activation)
+    return after(bsr_int8.bsr_linear_int8(x, qvalues, w_scale, row_offsets, col_indices, out_features, in_block,
+                                          bias, fused, clip))
 
 
 # ---- autograd: gradients for x, values and bias; the backward calls only ops, so it traces too ----------

@@ -111,6 +111,7 @@ _TRITON_TYPES = {
     "float32": "fp32",
     "int32": "i32",
     "uint8": "u8",
+    "int8": "i8",
     "int16": "i16",
 }
 
