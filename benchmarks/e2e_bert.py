@@ -67,9 +67,10 @@ PRESETS: Dict[str, Preset] = {
                    patterns=["block", "balanced", "unstructured"],
                    compile=True, bf16_sparse=True, train_patterns=["block", "balanced"], rounds=5, aoti=True),
     # The block-32 targets of the whole-model and INT8 issues only: BERT-base at 90%, inference, the fused stacks
-    # eager and compiled, int8, and the peers (DeepSparse on the same weights, ONNX Runtime fp32 and INT8).
+    # eager and compiled, int8, bf16 (where native), and the peers (DeepSparse on the same weights, ONNX Runtime fp32
+    # and INT8).
     "block": Preset(batches=[1, 8], train_batches=[], sparsities=[0.9], patterns=["block"], compile=True,
-                    bf16_sparse=False, train_patterns=[], rounds=5),
+                    bf16_sparse=True, train_patterns=[], rounds=5),
     # Seconds-long run for the smoke test: a toy 1-layer encoder, no torch.compile (numbers mean nothing).
     "tiny": Preset(batches=[1], train_batches=[1], sparsities=[0.75], patterns=["block", "balanced", "unstructured"],
                    compile=False,
@@ -340,11 +341,12 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                           {**_pattern_info(pattern, s), "backend": "sparse.compile(fused gelu)", "dtype": dt})
                          for (pattern, s, dt, fuse), m in sparse_models.items()
                          if fuse is True and s == top and dt == "float32"]
-                todo += [(f"compile_{pattern}:{s}:{dt}:fused+qkv+ln", m,
-                          {**_pattern_info(pattern, s), "backend": "sparse.compile(fused gelu+qkv+add-layernorm)",
-                           "dtype": dt})
+                todo += [(f"compile_{pattern}:{s}:{dt}:fused+qkv+ln" + (":int8" if fuse == "int8" else ""), m,
+                          {**_pattern_info(pattern, s), "dtype": dt,
+                           **({"backend": "sparse.compile(fused gelu+qkv+add-layernorm, int8)", "format": "bsr-int8"}
+                              if fuse == "int8" else {"backend": "sparse.compile(fused gelu+qkv+add-layernorm)"})})
                          for (pattern, s, dt, fuse), m in sparse_models.items()
-                         if fuse == "ln" and s == top and dt == "float32"]
+                         if fuse in ("ln", "int8") and s == top and dt == "float32"]
                 for name, m, info in todo:
                     try:
                         compiled[name] = compiled_forward(m, ids)
