@@ -279,9 +279,10 @@ def test_module(isa):
         q.set_clip(0.0)
 
 
-def test_threads_give_identical_results(isa):
+@pytest.mark.parametrize("T", [37, 200, 301])  # 37: block rows split; 200, 301: tokens (a small weight, >= 64 each)
+def test_threads_give_identical_results(isa, T):
     q = sparse.BlockSparseLinear(256, 192, block=32, sparsity=0.6).quantize()
-    x = torch.randn(37, 256)
+    x = torch.randn(T, 256)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -293,6 +294,8 @@ def test_threads_give_identical_results(isa):
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(one, many, rtol=0, atol=0)
+    ref = reference.int8_linear(x, q.weight_format, q.bias, q.activation, activation_qmax())
+    assert_close_to_ref(many, ref, ref.float(), f"{isa} T={T} split", k=256, floor=KERNEL_FLOOR)
 
 
 def test_state_dict_round_trip():

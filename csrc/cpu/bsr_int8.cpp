@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -49,6 +50,8 @@ namespace {
 
 // Bound on in_features: |sum_k xq * q| <= 255 * 127 * in must fit int32 (and so must zp * w_sum).
 constexpr int64_t kInt8MaxIn = 65536;
+// Largest int8 weight (bytes) the forward splits by tokens (see the work split in bsr_linear_int8_cpu).
+constexpr int64_t kInt8TokenSplitBytes = 512 * 1024;
 
 void quantize_portable(const Int8QuantArgs& a, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
@@ -219,7 +222,26 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
   }
   if (path == Int8Path::Avx512Vnni && T >= 16 && int8_amx_fits(bo, bi) && amx_enabled()) kernel = &int8_fwd_amx;
 #endif
-  const auto bounds = split_rows(a.row_offsets, n_brow, T * bo * bi, T * bo, at::get_num_threads());
+  // Work split. By default block rows balanced by blocks, as the float forward's. When the int8 weight fits in a
+  // quarter of a core's L2 and each thread gets at least 64 tokens, tokens instead (in multiples of 32, the AMX
+  // kernel's tile pair): every thread runs every block row over its tokens with the whole weight in its L2, and the
+  // split is exact where block rows balance only to within a row (768 outputs are 24 block rows of 32). The sums are
+  // integers, so the outputs do not depend on the split.
+  const int64_t threads = at::get_num_threads();
+  if (threads >= 2 && T >= 64 * threads && qvalues.numel() <= kInt8TokenSplitBytes) {
+    const int64_t es = a.y_bf16 ? 2 : 4;
+    run_chunks(split_rows(nullptr, (T + 31) / 32, 1, 0, threads), [&](int64_t c0, int64_t c1) {
+      Int8FwdArgs ac = a;
+      const int64_t t0 = c0 * 32, t1 = std::min(T, c1 * 32);
+      ac.T = t1 - t0;
+      ac.xq = a.xq + t0 * ldxq;
+      ac.x_scale = a.x_scale + t0;
+      ac.y = static_cast<char*>(a.y) + t0 * out * es;
+      kernel(ac, 0, n_brow);
+    });
+    return y;
+  }
+  const auto bounds = split_rows(a.row_offsets, n_brow, T * bo * bi, T * bo, threads);
   run_chunks(bounds, [&](int64_t r0, int64_t r1) { kernel(a, r0, r1); });
   return y;
 }
