@@ -26,53 +26,11 @@
 #include <cstring>
 
 #include "act_avx512.h"
+#include "int8_io_avx512.h"
 #include "int8_kernels.h"
 
 namespace sparsekern::cpu {
 namespace {
-
-template <int N>
-struct Int {
-  static constexpr int value = N;
-};
-
-// Calls f(Int<n>{}) for a run-time n in [1, N].
-template <int N, typename F>
-inline void dispatch_upto(int64_t n, const F& f) {
-  if constexpr (N >= 1) {
-    if (n == N) {
-      f(Int<N>{});
-    } else {
-      dispatch_upto<N - 1>(n, f);
-    }
-  }
-}
-
-inline __mmask16 mask16(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
-}
-
-inline __m512 load_f32(const void* base, bool bf16, int64_t i, __mmask16 m) {
-  if (bf16) {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + i);
-}
-
-// Round to nearest even, NaN kept quiet (float_to_bf16, 16 lanes), without AVX512_BF16.
-inline void store_out(void* base, bool bf16, int64_t i, __m512 v, __mmask16 m) {
-  if (!bf16) {
-    _mm512_mask_storeu_ps(static_cast<float*>(base) + i, m, v);
-    return;
-  }
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(base) + i, m, _mm512_cvtepi32_epi16(r));
-}
 
 // The output stage of TT tokens from t0 x the `width` outputs from o0 (NV groups of 16, the last maybe partial, all
 // cut at `out`): acc(t, v) gives the int32 sums; removes the zero point, scales, adds the bias, applies the
