@@ -14,6 +14,7 @@
 #include "balanced_int8_kernels.h"
 #include "epilogue.h"
 #include "int8_kernels.h"
+#include "int8_ops.h"
 #include "isa.h"
 #include "parallel.h"
 
@@ -90,11 +91,8 @@ at::Tensor balanced_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qv
                                     const at::Tensor& w_scale, const at::Tensor& w_sum, int64_t out, int64_t window,
                                     const std::optional<at::Tensor>& bias_in, c10::string_view activation,
                                     double clip) {
-  SK_CHECK_CPU(x_in);
+  int8_check_input(x_in, bias_in, out);
   for (const auto* t : {&qvalues, &indices, &w_scale, &w_sum}) SK_CHECK_CPU(*t);
-  TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
-              "x must be float32 or bfloat16 for the int8 kernels, got ", x_in.scalar_type());
   TORCH_CHECK_VALUE(qvalues.scalar_type() == at::kChar, "qvalues must be int8, got ", qvalues.scalar_type());
   TORCH_CHECK_VALUE(indices.scalar_type() == at::kByte, "indices must be uint8, got ", indices.scalar_type());
   TORCH_CHECK_VALUE(w_scale.scalar_type() == at::kFloat, "w_scale must be float32, got ", w_scale.scalar_type());
@@ -131,13 +129,6 @@ at::Tensor balanced_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qv
       }
     }
   }
-  if (bias_in) {
-    SK_CHECK_CPU(*bias_in);
-    TORCH_CHECK(bias_in->scalar_type() == x_in.scalar_type(), "bias must have x's dtype ", x_in.scalar_type(), ", got ",
-                bias_in->scalar_type());
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == out, "bias must have shape [", out, "], got ",
-                bias_in->sizes());
-  }
   const Act act = parse_activation(activation);
   const at::Tensor x = x_in.stride(1) == 1 && x_in.stride(0) >= in ? x_in : x_in.contiguous();
   const int64_t T = x.size(0);
@@ -151,28 +142,8 @@ at::Tensor balanced_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qv
   // number of cache lines (rows 4 KiB apart alias in L1).
   int64_t ldxq = ((std::max(in, (n_win - 1) * window + kBalInt8MaxWindow) + 63) / 64) * 64;
   if ((ldxq / 64) % 2 == 0) ldxq += 64;
-  at::Tensor xq = at::empty({T, ldxq}, x.options().dtype(at::kByte));
-  at::Tensor xs = at::empty({T}, x.options().dtype(at::kFloat));
-  const Int8QuantArgs qa{in,
-                         x.data_ptr(),
-                         x.stride(0),
-                         x.scalar_type() == at::kBFloat16,
-                         qmax,
-                         float(clip),
-                         xq.data_ptr<uint8_t>(),
-                         ldxq,
-                         xs.data_ptr<float>()};
-  auto* quantize = &int8_quantize_portable;
-#if defined(__x86_64__)
-  // The quantizers give the same bytes on every path; the fastest the CPU runs.
-  if (active_isa() == Isa::Avx512 && features().avx512vnni) {  // compiled for VNNI, as bsr_int8.cpp calls it
-    quantize = &int8_quantize_avx512;
-  } else if (active_isa() >= Isa::Avx2) {
-    quantize = &int8_quantize_avx2;
-  }
-#endif
-  at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(in, 1)),
-                   [&](int64_t t0, int64_t t1) { quantize(qa, t0, t1); });
+  at::Tensor xq, xs;
+  int8_quantize_rows(x, qmax, clip, ldxq, xq, xs);
 
   const BalInt8FwdArgs a{out,
                          in,

@@ -47,8 +47,6 @@ struct BalInt8FwdArgs {
   int act;  // sparsekern::Act
 };
 
-// bsr_int8.cpp's portable activation quantizer (the vector ones are declared in int8_kernels.h).
-void int8_quantize_portable(const Int8QuantArgs& a, int64_t t0, int64_t t1);
 // y for the row groups [g0, g1), every token. The AVX-512 kernels need AVX512_VNNI (and AVX512_VBMI for the first)
 // and 8-bit activations (qmax 127); the AVX2 kernel needs qmax <= 63 (vpmaddubsw, see int8_kernels.h).
 void balanced_int8_fwd_avx512(const BalInt8FwdArgs& a, int64_t g0, int64_t g1);

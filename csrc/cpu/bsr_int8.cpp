@@ -13,6 +13,7 @@
 #include "../checks.h"
 #include "epilogue.h"
 #include "int8_kernels.h"
+#include "int8_ops.h"
 #include "isa.h"
 #include "parallel.h"
 
@@ -125,11 +126,8 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
                                const at::Tensor& w_sum, const at::Tensor& row_offsets, const at::Tensor& col_indices,
                                int64_t out, int64_t bi, const std::optional<at::Tensor>& bias_in,
                                c10::string_view activation, double clip) {
-  SK_CHECK_CPU(x_in);
+  int8_check_input(x_in, bias_in, out);
   SK_CHECK_CPU(qvalues);
-  TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
-              "x must be float32 or bfloat16 for the int8 kernels, got ", x_in.scalar_type());
   TORCH_CHECK_VALUE(qvalues.scalar_type() == at::kChar, "qvalues must be int8, got ", qvalues.scalar_type());
   TORCH_CHECK(qvalues.dim() == 4 && qvalues.size(3) == 4,
               "qvalues must have shape [nnz_blocks, ceil(block_cols / 4), block_rows, 4], got ", qvalues.sizes());
@@ -155,13 +153,6 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
   const int64_t n_brow = (out + bo - 1) / bo, n_bcol = (in + bi - 1) / bi;
   check_offsets(row_offsets, n_brow, nnz, "row_offsets");
   check_indices(col_indices, nnz, n_bcol, "col_indices");
-  if (bias_in) {
-    SK_CHECK_CPU(*bias_in);
-    TORCH_CHECK(bias_in->scalar_type() == x_in.scalar_type(), "bias must have x's dtype ", x_in.scalar_type(), ", got ",
-                bias_in->scalar_type());
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == out, "bias must have shape [", out, "], got ",
-                bias_in->sizes());
-  }
   const Act act = parse_activation(activation);
   const at::Tensor x = x_in.stride(1) == 1 && x_in.stride(0) >= in ? x_in : x_in.contiguous();
   const int64_t T = x.size(0);
@@ -175,25 +166,8 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
   // padded to a multiple of 64 bytes that is an odd number of cache lines (rows 4 KiB apart alias in L1).
   int64_t ldxq = ((n_bcol * bi + 3 + 63) / 64) * 64;
   if ((ldxq / 64) % 2 == 0) ldxq += 64;
-  at::Tensor xq = at::empty({T, ldxq}, x.options().dtype(at::kByte));
-  at::Tensor xs = at::empty({T}, x.options().dtype(at::kFloat));
-  const Int8QuantArgs qa{in,
-                         x.data_ptr(),
-                         x.stride(0),
-                         x.scalar_type() == at::kBFloat16,
-                         qmax,
-                         float(clip),
-                         xq.data_ptr<uint8_t>(),
-                         ldxq,
-                         xs.data_ptr<float>()};
-  auto* quantize = path == Int8Path::Avx512Vnni                          ? &int8_quantize_avx512
-                   : path == Int8Path::AvxVnni || path == Int8Path::Avx2 ? &int8_quantize_avx2
-                                                                         : &quantize_portable;
-#if !defined(__x86_64__)
-  quantize = &quantize_portable;
-#endif
-  at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(in, 1)),
-                   [&](int64_t t0, int64_t t1) { quantize(qa, t0, t1); });
+  at::Tensor xq, xs;
+  int8_quantize_rows(x, qmax, clip, ldxq, xq, xs);
 
   const Int8FwdArgs a{out,
                       in,
@@ -248,9 +222,41 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x_in, const at::Tensor& qvalues
 
 }  // namespace
 
-// The portable quantizer, for the balanced int8 op (balanced_int8.cpp).
-void int8_quantize_portable(const Int8QuantArgs& a, int64_t t0, int64_t t1) {
-  quantize_portable(a, t0, t1);
+void int8_check_input(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t out) {
+  SK_CHECK_CPU(x);
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16 for the int8 kernels, got ", x.scalar_type());
+  if (!bias) return;
+  SK_CHECK_CPU(*bias);
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ", x.scalar_type(), ", got ",
+              bias->scalar_type());
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must have shape [", out, "], got ", bias->sizes());
+}
+
+void int8_quantize_rows(const at::Tensor& x, int qmax, double clip, int64_t ldxq, at::Tensor& xq, at::Tensor& xs) {
+  const int64_t T = x.size(0), in = x.size(1);
+  xq = at::empty({T, ldxq}, x.options().dtype(at::kByte));
+  xs = at::empty({T}, x.options().dtype(at::kFloat));
+  const Int8QuantArgs qa{in,
+                         x.data_ptr(),
+                         x.stride(0),
+                         x.scalar_type() == at::kBFloat16,
+                         qmax,
+                         float(clip),
+                         xq.data_ptr<uint8_t>(),
+                         ldxq,
+                         xs.data_ptr<float>()};
+  auto* quantize = &quantize_portable;
+#if defined(__x86_64__)
+  if (active_isa() == Isa::Avx512 && features().avx512vnni) {  // compiled for AVX512_VNNI
+    quantize = &int8_quantize_avx512;
+  } else if (active_isa() >= Isa::Avx2) {
+    quantize = &int8_quantize_avx2;
+  }
+#endif
+  at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(in, 1)),
+                   [&](int64_t t0, int64_t t1) { quantize(qa, t0, t1); });
 }
 
 }  // namespace sparsekern::cpu
