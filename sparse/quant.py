@@ -187,26 +187,27 @@ class QuantizedBlockSparseWeight:
                 f"nnz_blocks={self.col_indices.numel()}, int8)")
 
 
-class QuantizedBlockSparseLinear(nn.Module):
-    """``y = activation(x W^T + b)`` with an int8 block-sparse ``W`` (:class:`QuantizedBlockSparseWeight`); ``x``
-    float32 or bfloat16 on the CPU, quantized inside the op (per token, or with the static ``clip``).
+class _QuantizedLinear(nn.Module):
+    """What the int8 layers share: the buffers bias / clip / pattern_info, the static clip, the input checks and
+    the op call, loading a state dict, bytes and sparsity. A subclass sets _WEIGHT (its weight class), _BUFFERS (the
+    weight's tensors, as buffers), _RESIZED (those whose size depends on the pattern), _INFO (what pattern_info
+    holds), _OP (the op's name) and the hooks _pattern_info, _op_args and _pattern_repr."""
 
-    Buffers (all in the state dict): ``qvalues``, ``w_scale``, ``w_sum``, ``row_offsets``, ``col_indices``,
-    ``bias`` (float32, or None), ``clip`` (float32 scalar, 0 for per-token scales) and ``pattern_info`` =
-    (out, in, bo, bi). Inference only.
-    """
+    _WEIGHT: type
+    _BUFFERS: Tuple[str, ...]
+    _RESIZED: Tuple[str, ...]
+    _INFO: str
+    _OP: str
 
-    def __init__(self, weight: QuantizedBlockSparseWeight, bias: Optional[torch.Tensor] = None, *,
-                 activation: str = "none", clip: Optional[float] = None) -> None:
+    def __init__(self, weight, bias: Optional[torch.Tensor], activation: str, clip: Optional[float]) -> None:
         super().__init__()
-        if not isinstance(weight, QuantizedBlockSparseWeight):
-            raise TypeError(f"weight must be a QuantizedBlockSparseWeight, got {type(weight).__name__}")
+        if not isinstance(weight, self._WEIGHT):
+            raise TypeError(f"weight must be a {self._WEIGHT.__name__}, got {type(weight).__name__}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.out_features, self.in_features = weight.shape
-        self.block = weight.block
         self.activation = activation
-        for name in ("qvalues", "w_scale", "w_sum", "row_offsets", "col_indices"):
+        for name in self._BUFFERS:
             self.register_buffer(name, getattr(weight, name))
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
@@ -214,20 +215,8 @@ class QuantizedBlockSparseLinear(nn.Module):
             bias = bias.detach().to("cpu", torch.float32).clone()
         self.register_buffer("bias", bias)
         self.register_buffer("clip", torch.tensor(0.0))
-        self.register_buffer("pattern_info", torch.tensor([*weight.shape, *weight.block], dtype=torch.int64))
+        self.register_buffer("pattern_info", torch.tensor(self._pattern_info(weight), dtype=torch.int64))
         self.set_clip(clip)
-
-    @classmethod
-    def from_sparse(cls, module: nn.Module, mode: str = "int8", clip: Optional[float] = None
-                    ) -> "QuantizedBlockSparseLinear":
-        """The int8 version of a ``BlockSparseLinear`` (its activation and bias kept)."""
-        from .nn import BlockSparseLinear
-
-        _check_mode(mode)
-        if not isinstance(module, BlockSparseLinear):
-            raise TypeError(f"int8 quantization takes a BlockSparseLinear, got {type(module).__name__}")
-        w = QuantizedBlockSparseWeight.from_float(module.weight_format)
-        return cls(w, None if module.bias is None else module.bias, activation=module.activation, clip=clip)
 
     def set_clip(self, clip: Optional[float]) -> None:
         """A static clip value for the activations (``|x|`` beyond it saturates), or None for per-token scales."""
@@ -237,42 +226,33 @@ class QuantizedBlockSparseLinear(nn.Module):
         self.clip.fill_(0.0 if clip is None else float(clip))
         self._clip = 0.0 if clip is None else float(torch.tensor(float(clip), dtype=torch.float32))
 
-    @property
-    def weight_format(self) -> QuantizedBlockSparseWeight:
-        return QuantizedBlockSparseWeight(self.qvalues, self.w_scale, self.w_sum, self.row_offsets, self.col_indices,
-                                          (self.out_features, self.in_features), self.block, validate=False)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(f"{type(self).__name__} is inference only: run it under torch.no_grad() / "
-                               "torch.inference_mode(), or train the float model and quantize after")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must end in {self.in_features} features, got shape {tuple(x.shape)}")
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"the int8 layers take float32 or bfloat16 inputs, got {x.dtype}")
-        gpu = _gpu_int8_op(x, self.qvalues.device) if x.device.type != "cpu" else None
+        _check_int8_input(self, x)
         bias = self.bias if self.bias is None or x.dtype == torch.float32 else self.bias.to(x.dtype)
-        args = (x.reshape(-1, self.in_features), self.qvalues, self.w_scale, self.w_sum, self.row_offsets,
-                self.col_indices, self.out_features, self.block[1], bias, self.activation, self._clip)
-        if gpu is not None:
-            return gpu(*args).reshape(*x.shape[:-1], self.out_features)
+        args = (x.reshape(-1, self.in_features), *self._op_args(bias))
         y = None
-        if not torch.compiler.is_compiling():  # the direct entry point: no generic op-call overhead
-            y = _ext.require().bsr_linear_int8_call(*args)
+        if x.device.type != "cpu":
+            y = self._gpu_op(x)(*args)
+        elif not torch.compiler.is_compiling():  # the direct entry point: no generic op-call overhead
+            y = getattr(_ext.require(), self._OP + "_call")(*args)
         if y is None:
-            y = torch.ops.sparsekern.bsr_linear_int8(*args)
+            y = getattr(torch.ops.sparsekern, self._OP)(*args)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _gpu_op(self, x: torch.Tensor):
+        """The op for an input on another device (that device's kernel), or a ValueError saying there is none."""
+        raise ValueError(f"the int8 kernels of {type(self).__name__} run on the CPU only, got an input on {x.device}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         info = state_dict.get(prefix + "pattern_info")
         if info is not None and not torch.equal(info.cpu(), self.pattern_info.cpu()):
-            error_msgs.append(f"{prefix}pattern_info: the state dict describes {info.tolist()} (out, in, bo, bi), "
+            error_msgs.append(f"{prefix}pattern_info: the state dict describes {info.tolist()} {self._INFO}, "
                               f"this module is {self.pattern_info.tolist()}")
             return
-        shapes = {k: state_dict[prefix + k] for k in ("qvalues", "col_indices") if prefix + k in state_dict}
-        for k, t in shapes.items():  # another pattern of the same shape: take the stored tensors' sizes
-            getattr(self, k).resize_(t.shape)
+        for k in self._RESIZED:  # another pattern of the same shape: take the stored tensors' sizes
+            if prefix + k in state_dict:
+                getattr(self, k).resize_(state_dict[prefix + k].shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         try:
@@ -293,8 +273,59 @@ class QuantizedBlockSparseLinear(nn.Module):
     def extra_repr(self) -> str:
         clip = "per-token" if self._clip == 0 else f"static clip {self._clip:g}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"block={self.block}, sparsity={self.sparsity:.3f}, int8, activations {clip}, "
-                f"activation={self.activation}")
+                f"{self._pattern_repr()}, int8, activations {clip}, activation={self.activation}")
+
+
+class QuantizedBlockSparseLinear(_QuantizedLinear):
+    """``y = activation(x W^T + b)`` with an int8 block-sparse ``W`` (:class:`QuantizedBlockSparseWeight`); ``x``
+    float32 or bfloat16 on the CPU, quantized inside the op (per token, or with the static ``clip``).
+
+    Buffers (all in the state dict): ``qvalues``, ``w_scale``, ``w_sum``, ``row_offsets``, ``col_indices``,
+    ``bias`` (float32, or None), ``clip`` (float32 scalar, 0 for per-token scales) and ``pattern_info`` =
+    (out, in, bo, bi). Inference only.
+    """
+
+    _WEIGHT = QuantizedBlockSparseWeight
+    _BUFFERS = ("qvalues", "w_scale", "w_sum", "row_offsets", "col_indices")
+    _RESIZED = ("qvalues", "col_indices")
+    _INFO = "(out, in, bo, bi)"
+    _OP = "bsr_linear_int8"
+
+    def __init__(self, weight: QuantizedBlockSparseWeight, bias: Optional[torch.Tensor] = None, *,
+                 activation: str = "none", clip: Optional[float] = None) -> None:
+        super().__init__(weight, bias, activation, clip)
+        self.block = weight.block
+
+    @staticmethod
+    def _pattern_info(weight: QuantizedBlockSparseWeight) -> List[int]:
+        return [*weight.shape, *weight.block]
+
+    def _op_args(self, bias: Optional[torch.Tensor]) -> tuple:
+        return (self.qvalues, self.w_scale, self.w_sum, self.row_offsets, self.col_indices, self.out_features,
+                self.block[1], bias, self.activation, self._clip)
+
+    def _gpu_op(self, x: torch.Tensor):
+        return _gpu_int8_op(x, self.qvalues.device)
+
+    def _pattern_repr(self) -> str:
+        return f"block={self.block}, sparsity={self.sparsity:.3f}"
+
+    @classmethod
+    def from_sparse(cls, module: nn.Module, mode: str = "int8", clip: Optional[float] = None
+                    ) -> "QuantizedBlockSparseLinear":
+        """The int8 version of a ``BlockSparseLinear`` (its activation and bias kept)."""
+        from .nn import BlockSparseLinear
+
+        _check_mode(mode)
+        if not isinstance(module, BlockSparseLinear):
+            raise TypeError(f"int8 quantization takes a BlockSparseLinear, got {type(module).__name__}")
+        w = QuantizedBlockSparseWeight.from_float(module.weight_format)
+        return cls(w, None if module.bias is None else module.bias, activation=module.activation, clip=clip)
+
+    @property
+    def weight_format(self) -> QuantizedBlockSparseWeight:
+        return QuantizedBlockSparseWeight(self.qvalues, self.w_scale, self.w_sum, self.row_offsets, self.col_indices,
+                                          (self.out_features, self.in_features), self.block, validate=False)
 
 
 def _window(bank: int) -> int:
@@ -440,7 +471,7 @@ class QuantizedBalancedSparseWeight:
                 f"window={self.window}, groups={self.qvalues.shape[2]}, int8)")
 
 
-class QuantizedBalancedSparseLinear(nn.Module):
+class QuantizedBalancedSparseLinear(_QuantizedLinear):
     """``y = activation(x W^T + b)`` with an int8 balanced-sparse ``W`` (:class:`QuantizedBalancedSparseWeight`),
     as :class:`QuantizedBlockSparseLinear` (``x`` float32 or bfloat16 on the CPU, quantized inside the op).
 
@@ -449,27 +480,27 @@ class QuantizedBalancedSparseLinear(nn.Module):
     Inference only.
     """
 
+    _WEIGHT = QuantizedBalancedSparseWeight
+    _BUFFERS = ("qvalues", "indices", "w_scale", "w_sum")
+    _RESIZED = ("qvalues", "indices")  # the group count G may differ for another pattern of the same shape
+    _INFO = "(out, in, bank, keep, window)"
+    _OP = "balanced_linear_int8"
+
     def __init__(self, weight: QuantizedBalancedSparseWeight, bias: Optional[torch.Tensor] = None, *,
                  activation: str = "none", clip: Optional[float] = None) -> None:
-        super().__init__()
-        if not isinstance(weight, QuantizedBalancedSparseWeight):
-            raise TypeError(f"weight must be a QuantizedBalancedSparseWeight, got {type(weight).__name__}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        self.out_features, self.in_features = weight.shape
+        super().__init__(weight, bias, activation, clip)
         self.bank, self.keep, self.window = weight.bank, weight.keep, weight.window
-        self.activation = activation
-        for name in ("qvalues", "indices", "w_scale", "w_sum"):
-            self.register_buffer(name, getattr(weight, name))
-        if bias is not None:
-            if tuple(bias.shape) != (self.out_features,):
-                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
-            bias = bias.detach().to("cpu", torch.float32).clone()
-        self.register_buffer("bias", bias)
-        self.register_buffer("clip", torch.tensor(0.0))
-        self.register_buffer("pattern_info", torch.tensor([*weight.shape, weight.bank, weight.keep, weight.window],
-                                                          dtype=torch.int64))
-        self.set_clip(clip)
+
+    @staticmethod
+    def _pattern_info(weight: QuantizedBalancedSparseWeight) -> List[int]:
+        return [*weight.shape, weight.bank, weight.keep, weight.window]
+
+    def _op_args(self, bias: Optional[torch.Tensor]) -> tuple:
+        return (self.qvalues, self.indices, self.w_scale, self.w_sum, self.out_features, self.window, bias,
+                self.activation, self._clip)
+
+    def _pattern_repr(self) -> str:
+        return f"bank={self.bank}, keep={self.keep}"
 
     @classmethod
     def from_sparse(cls, module: nn.Module, mode: str = "int8", clip: Optional[float] = None
@@ -483,57 +514,11 @@ class QuantizedBalancedSparseLinear(nn.Module):
         w = QuantizedBalancedSparseWeight.from_float(module.weight_format)
         return cls(w, None if module.bias is None else module.bias, activation=module.activation, clip=clip)
 
-    set_clip = QuantizedBlockSparseLinear.set_clip
-
     @property
     def weight_format(self) -> QuantizedBalancedSparseWeight:
         return QuantizedBalancedSparseWeight(self.qvalues, self.indices, self.w_scale, self.w_sum,
                                              (self.out_features, self.in_features), self.window, self.bank, self.keep,
                                              validate=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_int8_input(self, x)
-        bias = self.bias if self.bias is None or x.dtype == torch.float32 else self.bias.to(x.dtype)
-        args = (x.reshape(-1, self.in_features), self.qvalues, self.indices, self.w_scale, self.w_sum,
-                self.out_features, self.window, bias, self.activation, self._clip)
-        y = None
-        if not torch.compiler.is_compiling():  # the direct entry point: no generic op-call overhead
-            y = _ext.require().balanced_linear_int8_call(*args)
-        if y is None:
-            y = torch.ops.sparsekern.balanced_linear_int8(*args)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        info = state_dict.get(prefix + "pattern_info")
-        if info is not None and not torch.equal(info.cpu(), self.pattern_info.cpu()):
-            error_msgs.append(f"{prefix}pattern_info: the state dict describes {info.tolist()} (out, in, bank, keep, "
-                              f"window), this module is {self.pattern_info.tolist()}")
-            return
-        for k in ("qvalues", "indices"):  # the group count G may differ for another pattern of the same shape
-            if prefix + k in state_dict:
-                getattr(self, k).resize_(state_dict[prefix + k].shape)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        try:
-            self.weight_format.validate()
-        except ValueError as exc:
-            error_msgs.append(f"{prefix}: the stored int8 weight is invalid: {exc}")
-        self._clip = float(self.clip)
-
-    @property
-    def nbytes(self) -> int:
-        b = 0 if self.bias is None else self.bias.numel() * 4
-        return self.weight_format.nbytes + b
-
-    @property
-    def sparsity(self) -> float:
-        return self.weight_format.sparsity
-
-    def extra_repr(self) -> str:
-        clip = "per-token" if self._clip == 0 else f"static clip {self._clip:g}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bank={self.bank}, keep={self.keep}, int8, activations {clip}, activation={self.activation}")
 
 
 def _check_int8_input(module: nn.Module, x: torch.Tensor) -> None:
@@ -544,8 +529,6 @@ def _check_int8_input(module: nn.Module, x: torch.Tensor) -> None:
         raise ValueError(f"x must end in {module.in_features} features, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"the int8 layers take float32 or bfloat16 inputs, got {x.dtype}")
-    if x.device.type != "cpu":
-        raise ValueError(f"the int8 kernels run on the CPU only, got an input on {x.device}")
 
 
 def _gpu_int8_op(x: torch.Tensor, weight_device: torch.device):
