@@ -8,9 +8,10 @@ Dense contenders: eager fp32 and bf16; every Linear through oneDNN with a pre-pa
 (``sparse.evaluate.prepack_linears``, inference only; the fastest dense fp32 path where eager ``F.linear`` takes
 MKL's path, as on AMD EPYC); ``torch.compile`` fp32 and bf16 with ``torch._inductor.config.freezing`` (inference
 only).
-Attention is not this package's business, but it is a third to a half of the sparse model's time: each model
-(dense and sparse alike) is timed with ``transformers``' ``sdpa`` and ``eager`` attention and with SDPA's CPU
-backends forced (``sdpa_math``, ``sdpa_flash``; ``sparse.evaluate.pick_attention``) and keeps the fastest, as its
+Attention is a third to a half of the sparse model's time: each model (dense and sparse alike) is timed with
+``transformers``' ``sdpa`` and ``eager`` attention, with SDPA's CPU backends forced (``sdpa_math``,
+``sdpa_flash``) and with our kernel (``sparsekern``: ``sparse.ops.attention``; ``sparse.evaluate.pick_attention``)
+and keeps the fastest, as its
 user would; the ``notes`` column names the choice and every time. Sparse contenders:
 ``sparse.sparsify`` on every Linear of the encoder layers (the pooler stays dense), unfused, with the GELU fused
 (``:fused``) and, block only, also with each attention's query, key and value as one op (``:fused+qkv``), and
@@ -401,7 +402,7 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
 # Self-time buckets of torch.profiler's op names: our sparse ops, dense Linear kernels, attention, the rest.
 DENSE_LINEAR_OPS = ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::linear")
 ATTENTION_OPS = ("aten::_scaled_dot_product", "aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::softmax",
-                 "aten::_safe_softmax", "aten::matmul")
+                 "aten::_safe_softmax", "aten::matmul", "sparsekern::attention")
 # ONNX Runtime op types that are a Linear or a matmul (the ones the remainder target leaves out). The profile
 # (benchmarks/peer_runner.py) names a MatMul between two activations (Q K^T, P V) "MatMul:attention": attention,
 # as torch's bmm / matmul / SDPA are on our side.

@@ -66,6 +66,11 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def(
       "balanced_linear_int8(Tensor x, Tensor qvalues, Tensor indices, Tensor w_scale, Tensor w_sum, "
       "SymInt out_features, int window, Tensor? bias=None, str activation=\"none\", float clip=0.0) -> Tensor");
+  // softmax(q k^T * scale + mask) v for q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (H a multiple of
+  // Hkv: grouped-query heads share k and v), returned as [B, Lq, H, Dv], the layout the output projection reads.
+  // mask: bool (true: attend) or floating (added), broadcastable to [B, H, Lq, Lk]; causal: query i sees keys
+  // j <= i (top-left, as torch's SDPA). Rows with every key masked give 0. Autograd: sparse/ops.py.
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, float scale=1.0, bool causal=False) -> Tensor");
   // grad * act'(z): the activation's backward, as the backward of every forward op uses it. Its kernel is the
   // activation table of sparse/activations.py (CompositeImplicitAutograd, registered from Python), so it runs on
   // every device and torch.compile traces it into aten ops.

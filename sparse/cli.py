@@ -656,7 +656,8 @@ def _markdown(r: Dict[str, Any], layer_table: str) -> str:
             **{k: f"sparse {v}" for k, v in _SPARSE_NAMES.items()},
         }
         lines += ["Attention: each model runs with the fastest implementation for itself (transformers' `sdpa` and "
-                  "`eager`, and SDPA with its CPU backend forced: `sdpa_math`, `sdpa_flash`), timed before the "
+                  "`eager`, SDPA with its CPU backend forced: `sdpa_math`, `sdpa_flash`, and this package's kernel: "
+                  "`sparsekern`), timed before the "
                   "comparison (best of 2 calls, ms): "
                   + "; ".join(f"batch {k[len('batch'):]}: "
                               + ", ".join(f"{names.get(n, n)} `{a['implementation']}` ("

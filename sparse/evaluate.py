@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import timing, walk
+from . import _ext, timing, walk
 
 __all__ = [
     "mean_pool",
@@ -32,15 +32,18 @@ __all__ = [
     "pick_attention",
 ]
 
-# transformers' attention implementations that run on any CPU, and torch SDPA with one of its CPU backends forced
-# (``sdpa`` lets torch pick: its flash kernel where the case allows, else math); which is fastest depends on the
-# model's head size, sequence length, batch, dtype and mask, so it is measured, not assumed
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "sdpa_math", "sdpa_flash")
+# transformers' attention implementations that run on any CPU, torch SDPA with one of its CPU backends forced
+# (``sdpa`` lets torch pick: its flash kernel where the case allows, else math), and ours (``sparsekern``:
+# sparse.ops.attention, where it applies; SDPA otherwise); which is fastest depends on the model's head size,
+# sequence length, batch, dtype and mask, so it is measured, not assumed
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "sdpa_math", "sdpa_flash", "sparsekern")
 # Ours -> torch.nn.attention.SDPBackend member, for the implementations that force one.
 SDPA_BACKENDS = {"sdpa_math": "MATH", "sdpa_flash": "FLASH_ATTENTION"}
+# The implementations that go through transformers' AttentionInterface (a function of ours registered there).
+_FUNCTION_IMPLEMENTATIONS = (*SDPA_BACKENDS, "sparsekern")
 # The names they are registered under in transformers' AttentionInterface: "flash" in a name would make
 # transformers look for the flash-attn package, and the prefix keeps clear of its own names.
-_REGISTERED = {"sdpa_math": "sparse_sdpa_math", "sdpa_flash": "sparse_sdpa_fused"}
+_REGISTERED = {"sdpa_math": "sparse_sdpa_math", "sdpa_flash": "sparse_sdpa_fused", "sparsekern": "sparsekern"}
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -206,31 +209,68 @@ def _sdpa_with_backend(backend_name: str) -> Callable:
     return attention
 
 
+def _sparsekern_attention() -> Callable:
+    """transformers' attention function for ``sparsekern``: :func:`sparse.ops.attention` (our CPU kernel, written
+    straight in the [B, L, H, D] layout the output projection reads) where it applies, i.e. CPU float32 / bfloat16
+    inference without dropout, softcap or attention weights asked for; transformers' SDPA function otherwise
+    (training, other devices and dtypes), so that the model computes what ``sdpa`` computes in every case."""
+    from transformers.integrations.sdpa_attention import create_position_bias_mask, repeat_kv, sdpa_attention_forward
+
+    from . import ops
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                  position_bias=None, **kwargs):
+        wants_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        if (query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16) or wants_grad
+                or (dropout and module.training) or kwargs.get("softcap") is not None
+                or kwargs.get("output_attentions", False) or key.shape[-1] != query.shape[-1]
+                or query.shape[1] % key.shape[1] != 0):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, position_bias=position_bias, **kwargs)
+        q_length = query.shape[2]
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        is_causal = bool(q_length > 1 and attention_mask is None and is_causal)
+        if position_bias is not None:
+            if query.shape[1] != key.shape[1]:
+                group = query.shape[1] // key.shape[1]
+                key, value = repeat_kv(key, group), repeat_kv(value, group)
+            attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+            is_causal = False
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return ops.attention(query, key, value, attention_mask, scale, is_causal), None
+
+    attention.__name__ = "sparsekern_attention_forward"
+    return attention
+
+
 def _register(impl: str) -> str:
-    """Registers ``impl`` (a key of :data:`SDPA_BACKENDS`) with transformers, once; returns its registered name."""
+    """Registers ``impl`` (one of :data:`_FUNCTION_IMPLEMENTATIONS`) with transformers, once; returns its
+    registered name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     name = _REGISTERED[impl]
     if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, _sdpa_with_backend(SDPA_BACKENDS[impl]))
+        fn = _sparsekern_attention() if impl == "sparsekern" else _sdpa_with_backend(SDPA_BACKENDS[impl])
+        AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, sdpa_mask)  # the masks torch SDPA takes, as for "sdpa"
     return name
 
 
 def set_attention(model: nn.Module, impl: str) -> bool:
     """Switches a ``transformers`` model to attention implementation ``impl`` (one of
-    :data:`ATTENTION_IMPLEMENTATIONS`; ``sdpa_math`` / ``sdpa_flash``: SDPA with that CPU backend forced, inside
+    :data:`ATTENTION_IMPLEMENTATIONS`; ``sparsekern``: :func:`sparse.ops.attention` where it applies, SDPA
+    elsewhere; ``sdpa_math`` / ``sdpa_flash``: SDPA with that CPU backend forced, inside
     the model's forward). Returns False, changing nothing, for a model without ``set_attn_implementation`` (not a
     ``transformers`` model). Raises ValueError for a model that cannot take ``impl`` (:func:`attention_candidates`)."""
     if impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
     if not hasattr(model, "set_attn_implementation"):
         return False
-    if impl in SDPA_BACKENDS:
+    if impl in _FUNCTION_IMPLEMENTATIONS:
         if impl not in attention_candidates(model):
             raise ValueError(f"{type(model).__name__} does not run transformers' attention functions (needs "
-                             "_supports_sdpa and _supports_attention_backend): no SDPA backend can be forced")
+                             f"_supports_sdpa and _supports_attention_backend): cannot run {impl!r}")
         model.set_attn_implementation(_register(impl))
     else:
         model.set_attn_implementation(impl)
@@ -249,8 +289,9 @@ def attention_of(model: nn.Module) -> Optional[str]:
 
 def attention_candidates(model: nn.Module) -> Tuple[str, ...]:
     """The implementations :func:`pick_attention` races on ``model``: ``sdpa`` and ``eager`` for any
-    ``transformers`` model, plus the forced SDPA backends where its attention goes through transformers' attention
-    functions (``AttentionInterface``); () for any other model."""
+    ``transformers`` model, plus the forced SDPA backends and ours (``sparsekern``, where the extension is built)
+    where its attention goes through transformers' attention functions (``AttentionInterface``); () for any other
+    model."""
     if not hasattr(model, "set_attn_implementation"):
         return ()
     forced = getattr(model, "_supports_sdpa", False) and getattr(model, "_supports_attention_backend", False)
@@ -258,17 +299,20 @@ def attention_candidates(model: nn.Module) -> Tuple[str, ...]:
         from transformers import AttentionInterface  # noqa: F401  (transformers >= 4.48)
     except ImportError:
         forced = False
-    return tuple(i for i in ATTENTION_IMPLEMENTATIONS if forced or i not in SDPA_BACKENDS)
+    ours = _ext.available()  # sparsekern needs the extension's op
+    return tuple(i for i in ATTENTION_IMPLEMENTATIONS
+                 if (forced or i not in _FUNCTION_IMPLEMENTATIONS) and (ours or i != "sparsekern"))
 
 
 def pick_attention(
     model: nn.Module, run: Callable[[], object], calls: int = 2
 ) -> Tuple[Optional[str], Dict[str, float]]:
-    """Races :func:`attention_candidates` on ``model`` (transformers' ``sdpa`` and ``eager``, and SDPA with its
-    ``math`` and ``flash`` CPU backends forced): ``run()`` (a call of ``model``) once to warm up, then the best of
-    ``calls`` timed calls, for each. ``model`` is left with the fastest. Returns it and the seconds per
-    implementation; an implementation that cannot run this case (e.g. SDPA's CPU flash kernel with dropout, in a
-    training step) is left out of them. ``(None, {})`` for a model that cannot switch (see :func:`set_attention`)."""
+    """Races :func:`attention_candidates` on ``model`` (transformers' ``sdpa`` and ``eager``, SDPA with its
+    ``math`` and ``flash`` CPU backends forced, and our kernel, ``sparsekern``): ``run()`` (a call of ``model``)
+    once to warm up, then the best of ``calls`` timed calls, for each. ``model`` is left with the fastest. Returns
+    it and the seconds per implementation; an implementation that cannot run this case (e.g. SDPA's CPU flash
+    kernel with dropout, in a training step) is left out of them. ``(None, {})`` for a model that cannot switch
+    (see :func:`set_attention`)."""
     if calls < 1:
         raise ValueError(f"calls={calls}: expected >= 1")
     seconds: Dict[str, float] = {}
@@ -283,7 +327,7 @@ def pick_attention(
                 warnings.filterwarnings("ignore", message=r".*(kernel not used|do not support)", category=UserWarning)
                 seconds[impl] = timing.sample(run, repeats=calls, warmup=1).min
         except RuntimeError:  # torch: "No available kernel" for a forced backend that does not fit the case
-            if impl not in SDPA_BACKENDS:
+            if impl not in _FUNCTION_IMPLEMENTATIONS:
                 raise
     winner = min(seconds, key=seconds.get)
     set_attention(model, winner)

@@ -17,9 +17,9 @@ from .activations import ACTIVATIONS, check_native
 from .activations import get as _activation
 from .formats import BalancedSparseWeight, BlockSparseWeight
 
-__all__ = ["linear", "linear_grad_input", "sddmm", "residual_layer_norm", "select_backend", "fastest_backend",
-           "backend_timings", "backend_status", "not_supported_reasons", "nm24_reasons", "ACTIVATIONS", "BACKENDS",
-           "BACKEND_DTYPES"]
+__all__ = ["linear", "linear_grad_input", "sddmm", "residual_layer_norm", "attention", "select_backend",
+           "fastest_backend", "backend_timings", "backend_status", "not_supported_reasons", "nm24_reasons",
+           "ACTIVATIONS", "BACKENDS", "BACKEND_DTYPES"]
 
 SparseWeight = Union[BlockSparseWeight, BalancedSparseWeight]
 # In order of preference when a backend is forced by device only (select_backend); modules built without a
@@ -117,6 +117,44 @@ def _register() -> None:
         return (gs if ctx.needs_input_grad[0] else None, gs if ctx.needs_input_grad[1] else None, gw, gb, None)
 
     torch.library.register_autograd("sparsekern::residual_layer_norm", _rln_backward, setup_context=_rln_setup)
+    @torch.library.register_fake("sparsekern::attention")
+    def _(q, k, v, mask=None, scale=1.0, causal=False):
+        _check_same_device(q=q, k=k, v=v, mask=mask)
+        torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k and v must be 4-D")
+        return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[3])
+
+    # Its autograd: the softmax recomputed from the saved inputs in aten ops (training is not its hot path: the
+    # attention function of sparse/evaluate.py takes torch's SDPA whenever a gradient is wanted).
+    def _attn_setup(ctx, inputs, output):
+        q, k, v, mask, scale, causal = inputs
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.scale, ctx.causal = scale, causal
+
+    def _attn_backward(ctx, grad):
+        q, k, v, mask = ctx.saved_tensors
+        group = q.shape[1] // k.shape[1]
+        kf = k.repeat_interleave(group, 1) if group > 1 else k
+        vf = v.repeat_interleave(group, 1) if group > 1 else v
+        s = (q @ kf.transpose(-1, -2)).float() * ctx.scale
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+        if ctx.causal:
+            keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+            s = s.masked_fill(~keep, float("-inf"))
+        p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0).to(q.dtype)  # rows with every key masked: 0
+        go = grad.transpose(1, 2)  # [B, H, Lq, Dv]
+        gv = p.transpose(-1, -2) @ go
+        gp = (go @ vf.transpose(-1, -2)).float()
+        gs = (p.float() * (gp - (gp * p.float()).sum(-1, keepdim=True))).to(q.dtype) * ctx.scale
+        gq = gs @ kf
+        gk = gs.transpose(-1, -2) @ q
+        if group > 1:
+            gk = gk.unflatten(1, (k.shape[1], group)).sum(2)
+            gv = gv.unflatten(1, (k.shape[1], group)).sum(2)
+        return gq, gk, gv, None, None, None
+
+    torch.library.register_autograd("sparsekern::attention", _attn_backward, setup_context=_attn_setup)
+
     @torch.library.register_fake("sparsekern::balanced_linear_int8")
     def _(x, qvalues, indices, w_scale, w_sum, out_features, window, bias=None, activation="none", clip=0.0):
         _check_same_device(x=x, qvalues=qvalues, indices=indices, w_scale=w_scale, w_sum=w_sum, bias=bias)
@@ -436,6 +474,28 @@ def residual_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weigh
         if y is not None:
             return y
     return torch.ops.sparsekern.residual_layer_norm(*args)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+              scale: Optional[float] = None, causal: bool = False) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` per batch and head, returned as ``[B, Lq, H, Dv]`` (the layout an
+    output projection reads; ``F.scaled_dot_product_attention(...).transpose(1, 2)`` computes the same values).
+
+    q ``[B, H, Lq, D]``, k ``[B, Hkv, Lk, D]``, v ``[B, Hkv, Lk, Dv]`` (H a multiple of Hkv: grouped-query heads
+    share k and v), any strides with the last dimension contiguous. ``mask``: bool (True: attend) or floating
+    (added to the scores), broadcastable to ``[B, H, Lq, Lk]``; ``causal``: query i sees keys j <= i, as torch's
+    ``is_causal``; not both. ``scale`` defaults to ``D ** -0.5``. Rows whose every key is masked give 0.
+    ``sparsekern::attention``: float32 and bfloat16 on AVX-512 / AVX2 CPUs run our kernel (S = q k^T for a tile of
+    query rows stays in cache, the softmax in place, then P v); other dtypes and CPUs compute the same with torch's
+    SDPA. Differentiable (the backward recomputes the softmax in aten ops). CPU tensors only."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"attention runs on CPU tensors, got {name} on {t.device}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return torch.ops.sparsekern.attention(q, k, v, mask, float(scale), bool(causal))
 
 
 def _wants_grad(x: torch.Tensor, weight: SparseWeight, bias: Optional[torch.Tensor]) -> bool:

@@ -68,8 +68,8 @@ def _check_report(report: dict, n_layers: int) -> None:
         per = lat["attention"][f"batch{b}"]
         assert set(per) == {name for name in lat["models"] if not name.endswith("_compiled")}
         for a in per.values():
-            # transformers' sdpa and eager, and SDPA with its math and flash CPU backends forced
-            assert set(a["ms"]) == {"sdpa", "eager", "sdpa_math", "sdpa_flash"}
+            # transformers' sdpa and eager, SDPA with its math and flash CPU backends forced, and ours
+            assert set(a["ms"]) == {"sdpa", "eager", "sdpa_math", "sdpa_flash", "sparsekern"}
             assert a["implementation"] == min(a["ms"], key=a["ms"].get)
     assert lat["speedup_batch8"] == pytest.approx(
         lat["models"][lat["best_dense"]]["batch8_ms"] / lat["models"][lat["best_sparse"]]["batch8_ms"])
