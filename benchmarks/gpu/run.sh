@@ -156,7 +156,7 @@ fi
 
 # ---- GPU benchmarks ---------------------------------------------------------------------------------------------
 # One at a time (timings). Each writes its CSV straight into $OUT row by row and stops by itself at --max-seconds
-# (its cap less 10 s), so a slow run still leaves its first rows. gpu_cuda first: about a minute. Without a GPU
+# (its cap less 10 s), so a slow run still leaves its first rows. gpu_cuda first: about 1.5 minutes. Without a GPU
 # both are recorded as skipped (tests/test_benchmarks.py checks their plumbing on CPU tensors).
 if ((!HAVE_GPU)); then
     for b in bench_cuda bench_triton; do
