@@ -7,11 +7,18 @@ each sample preceded by an untimed call of the same contender; medians):
 - dense ``F.linear`` (cuBLAS) on the dense weight: the baseline of every ratio;
 - 2:4 on sparse tensor cores (``sparsekern::nm24_linear``, weight packed once) and
   ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt / CUTLASS) on the same 2:4 weight;
-- block-sparse, block 64, density 0.5 / 0.25 / 0.1 (``sparsekern::bsr_linear``), target >= 0.8 / density.
+- block-sparse, block 64, density 0.5 / 0.25 / 0.1 (``sparsekern::bsr_linear``), target >= 0.8 / density;
+- unstructured (``bsr_linear`` with 1x1 blocks: csrc/cuda/csr.cu), density 0.1 / 0.05 / 0.01 with the kernel the
+  shape picks, the warp-per-row variant at 0.1 (SPARSEKERN_CUDA_CSR=wide) and bsr.cu's SIMT fallback, the path
+  before csr.cu, at 0.01 (SPARSEKERN_CUDA_CSR=off; slow).
+Then, each against its own cuBLAS baseline: the unstructured input gradient (``dy @ W``) and SDDMM (``dy^T x``, the
+dense weight gradient) at density 0.1, and decode (T = 1: cuBLAS's GEMV against csr.cu's warp-per-row kernel and
+the SIMT fallback, 20 calls a sample).
 Each contender's output is compared with dense ``F.linear`` on its own (pruned) weight, so a wrong kernel shows
 up as a large error here rather than as a fast time. Writes DIR/gpu_cuda.csv (the columns of benchmarks/harness.py)
-and prints a table. About a minute on an H200. The rows of each shape are appended to the CSV as soon as that shape
-is measured, so a run stopped early keeps the shapes it finished; ``--max-seconds`` starts no shape after that long.
+and prints a table. About 1.5 minutes on an H200 (estimated: the unstructured cases have not run on a GPU yet). The
+rows of each shape are appended to the CSV as soon as that shape is measured, so a run stopped early keeps the
+shapes it finished; ``--max-seconds`` starts no shape after that long.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse  # noqa: F401  (registers the ops)
-from sparse import BalancedSparseWeight, BlockSparseWeight, _ext, timing
+from sparse import BalancedSparseWeight, BlockSparseWeight, _ext, reference, timing
 
 COLUMNS = ["bench", "case", "op", "backend", "format", "block", "dtype", "out_features", "in_features", "shape",
            "tokens", "sparsity", "density", "threads", "weights", "weight_bytes", "median_s", "p10_s", "p90_s",
@@ -39,15 +46,57 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = 4096
 BLOCK = 64
 DENSITIES = (0.5, 0.25, 0.1)
+CSR_DENSITIES = (0.1, 0.05, 0.01)  # unstructured: csr.cu's default kernel at each
+CSR_WIDE_DENSITY = 0.1  # ... the warp-per-row variant at this one
+CSR_SIMT_DENSITY = 0.01  # ... bsr.cu's SIMT fallback (the path before csr.cu) at this one: ~10x slower per nonzero
+CSR_GRAD_DENSITY = 0.1  # input gradient and SDDMM
+DECODE_CALLS = 20  # calls per timed sample at T = 1 (microseconds each)
 
 
-def _time(contenders: Dict[str, Callable[[], torch.Tensor]], repeats: int) -> Dict[str, List[float]]:
+def _time(contenders: Dict[str, Callable[[], torch.Tensor]], repeats: int, calls: int = 1) -> Dict[str, List[float]]:
     """Seconds per call of each contender, by CUDA events (sparse.timing.interleaved): one untimed call of each
     first (compile / autotune / allocate), then rounds that interleave the contenders in rotating order, each
-    sample right after an untimed call of the same contender (its steady state)."""
-    samples = timing.interleaved(contenders, repeats=repeats, warmup=1, device="cuda", rotate=True, presample=True,
-                                 cuda_events=True)
+    sample (``calls`` calls in a row) right after an untimed call of the same contender (its steady state)."""
+    samples = timing.interleaved(contenders, repeats=repeats, warmup=1, device="cuda", calls=calls, rotate=True,
+                                 presample=True, cuda_events=True)
     return {n: list(s.seconds) for n, s in samples.items()}
+
+
+def _add_rows(rows: List[Dict[str, object]], common: Dict[str, object], case: str, op: str, tokens: int, out: int,
+              inn: int, samples: Dict[str, List[float]], meta: Dict[str, Dict[str, object]], baseline: str) -> None:
+    """One row per contender of a case, its ratio against the case's baseline."""
+    base = statistics.median(samples[baseline])
+    for name, s in samples.items():
+        m = meta[name]
+        q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
+        med = statistics.median(s)
+        rows.append({**common, "case": case, "op": op, "tokens": tokens, "backend": name, "format": m["format"],
+                     "block": m["block"], "out_features": out, "in_features": inn, "shape": f"{out}x{inn}",
+                     "sparsity": round(1 - float(m["density"]), 4), "density": round(float(m["density"]), 4),
+                     "weight_bytes": m["weight_bytes"], "median_s": med, "p10_s": q[0], "p90_s": q[-1],
+                     "repeats": len(s), "baseline": baseline, "baseline_s": base, "ratio": base / med,
+                     "ideal_ratio": 1 / float(m["density"]), "_err": m["err"]})
+
+
+def _csr_kernel(kernel: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """fn with SPARSEKERN_CUDA_CSR=kernel (read by the bsr ops at every call; csrc/cuda/README.md), restored after."""
+
+    def call() -> torch.Tensor:
+        old = os.environ.get("SPARSEKERN_CUDA_CSR")
+        os.environ["SPARSEKERN_CUDA_CSR"] = kernel
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["SPARSEKERN_CUDA_CSR"]
+            else:
+                os.environ["SPARSEKERN_CUDA_CSR"] = old
+
+    return call
+
+
+def _csr_meta(w: BlockSparseWeight, err: float) -> Dict[str, object]:
+    return {"format": "csr", "block": "1x1", "density": w.density, "weight_bytes": w.nbytes, "err": err}
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -122,24 +171,65 @@ def run(out_dir: str, repeats: int, max_seconds: Optional[float] = None) -> List
             meta[name] = {"format": "bsr", "block": f"{BLOCK}x{BLOCK}", "density": wb.density,
                           "weight_bytes": wb.nbytes, "err": _rel_err(contenders[name](), F.linear(x, wb.to_dense()))}
 
+        # Unstructured: 1x1 blocks, which the bsr ops send to csr.cu.
+        csr: Dict[float, BlockSparseWeight] = {}
+        for d in sorted(set(CSR_DENSITIES) | {CSR_WIDE_DENSITY, CSR_SIMT_DENSITY, CSR_GRAD_DENSITY}):
+            csr[d] = BlockSparseWeight.from_dense(W, block=1, sparsity=1.0 - d)
+
+        def csr_fwd(wc: BlockSparseWeight, xx: torch.Tensor) -> Callable[[], torch.Tensor]:
+            return lambda: ops.bsr_linear(xx, wc.values, wc.row_offsets, wc.col_indices, wc.col_offsets,
+                                          wc.row_indices, wc.block_perm, out, None, "none")
+
+        for d, kernel in [(d, "auto") for d in CSR_DENSITIES] + [(CSR_WIDE_DENSITY, "wide"),
+                                                                   (CSR_SIMT_DENSITY, "off")]:
+            name = f"csr_{'simt' if kernel == 'off' else kernel}_d{d}"
+            contenders[name] = _csr_kernel(kernel, csr_fwd(csr[d], x))
+            meta[name] = _csr_meta(csr[d], _rel_err(contenders[name](), F.linear(x, csr[d].to_dense())))
+
         samples = _time(contenders, repeats)
-        base = statistics.median(samples["F.linear"])
-        for name, s in samples.items():
-            m = meta[name]
-            q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
-            med = statistics.median(s)
-            rows.append({**common, "case": case, "op": "linear", "backend": name, "format": m["format"],
-                         "block": m["block"], "out_features": out, "in_features": inn, "shape": f"{out}x{inn}",
-                         "sparsity": round(1 - float(m["density"]), 4), "density": round(float(m["density"]), 4),
-                         "weight_bytes": m["weight_bytes"], "median_s": med, "p10_s": q[0], "p90_s": q[-1],
-                         "repeats": len(s), "baseline": "F.linear", "baseline_s": base, "ratio": base / med,
-                         "ideal_ratio": 1 / float(m["density"]), "_err": m["err"]})
+        _add_rows(rows, common, case, "linear", TOKENS, out, inn, samples, meta, "F.linear")
+
+        # The unstructured backward at CSR_GRAD_DENSITY, each op against its dense cuBLAS counterpart.
+        wg = csr[CSR_GRAD_DENSITY]
+        Wg = wg.to_dense()
+        dy = torch.randn(TOKENS, out, device=dev, dtype=dt, generator=gen)
+        gi = lambda: ops.bsr_linear_grad_input(dy, wg.values, wg.col_offsets, wg.row_indices,  # noqa: E731
+                                               wg.block_perm, inn)
+        contenders = {"dy@W": lambda: dy @ Wg, f"csr_auto_d{CSR_GRAD_DENSITY}": gi}
+        meta = {"dy@W": {"format": "dense", "block": "", "density": 1.0, "weight_bytes": W.numel() * 2, "err": 0.0},
+                f"csr_auto_d{CSR_GRAD_DENSITY}": _csr_meta(wg, _rel_err(gi(), dy @ Wg))}
+        _add_rows(rows, common, f"grad_input_{out}x{inn}", "grad_input", TOKENS, out, inn,
+                  _time(contenders, repeats), meta, "dy@W")
+        sd = lambda: ops.bsr_sddmm(dy, x, wg.values, wg.row_offsets, wg.col_indices)  # noqa: E731
+        sd_ref = reference.gather(dy.t() @ x, wg)
+        contenders = {"dy^T@x": lambda: dy.t() @ x}
+        meta = {"dy^T@x": {"format": "dense", "block": "", "density": 1.0, "weight_bytes": W.numel() * 2,
+                           "err": 0.0}}
+        for kernel in ("auto", "narrow"):  # auto: the warp-per-chunk ("wide") kernel at T = 4096
+            name = f"csr_{kernel}_d{CSR_GRAD_DENSITY}"
+            contenders[name] = _csr_kernel(kernel, sd)
+            meta[name] = _csr_meta(wg, _rel_err(contenders[name](), sd_ref))
+        _add_rows(rows, common, f"sddmm_{out}x{inn}", "sddmm", TOKENS, out, inn, _time(contenders, repeats), meta,
+                  "dy^T@x")
+
+        # Decode: one token.
+        x1 = x[:1].clone()
+        contenders = {"F.linear": lambda: F.linear(x1, W)}
+        meta = {"F.linear": {"format": "dense", "block": "", "density": 1.0, "weight_bytes": W.numel() * 2,
+                             "err": 0.0}}
+        for d, kernel in [(CSR_GRAD_DENSITY, "auto"), (CSR_SIMT_DENSITY, "auto"), (CSR_GRAD_DENSITY, "off")]:
+            name = f"csr_{'simt' if kernel == 'off' else kernel}_d{d}"
+            contenders[name] = _csr_kernel(kernel, csr_fwd(csr[d], x1))
+            meta[name] = _csr_meta(csr[d], _rel_err(contenders[name](), F.linear(x1, csr[d].to_dense())))
+        _add_rows(rows, common, f"decode_{out}x{inn}", "linear", 1, out, inn,
+                  _time(contenders, repeats, calls=DECODE_CALLS), meta, "F.linear")
+
         wr.writerows(rows[first:])
         f.flush()
         print(f"{case}: {len(rows) - first} rows written", flush=True)
         # Free this shape's tensors before the next one's (the closures in `contenders` hold them too).
         contenders.clear()
-        W = x = w24 = W24 = pv = pm = None
+        W = x = w24 = W24 = pv = pm = csr = wg = Wg = dy = x1 = sd_ref = None
         torch.cuda.empty_cache()
     f.close()
     _print(rows)
@@ -148,12 +238,17 @@ def run(out_dir: str, repeats: int, max_seconds: Optional[float] = None) -> List
 
 
 def _target(row: Dict[str, object], by_case: Dict[str, Dict[str, Dict[str, object]]]) -> str:
-    if row["backend"] == "nm24_linear":
+    backend = str(row["backend"])
+    if backend == "nm24_linear":
         ss = by_case[row["case"]].get("to_sparse_semi_structured")
         vs_ss = "" if ss is None else f"; {float(ss['median_s']) / float(row['median_s']):.2f}x semi_structured (>= 1)"
         return f">= 1.6x cuBLAS{vs_ss}"
-    if str(row["backend"]).startswith("bsr_linear"):
+    if backend.startswith("bsr_linear"):
         return f">= {0.8 / float(row['density']):.2f}x cuBLAS"
+    if backend.startswith("csr_") and not backend.startswith("csr_simt"):
+        # No target: on CUDA cores unstructured sparsity beats cuBLAS only at very high sparsity (csr.cu's notes).
+        simt = by_case[row["case"]].get("csr_simt_d" + backend.rsplit("_d", 1)[1])
+        return "" if simt is None else f"{float(simt['median_s']) / float(row['median_s']):.1f}x the SIMT fallback"
     return ""
 
 
@@ -161,10 +256,10 @@ def _print(rows: List[Dict[str, object]]) -> None:
     by_case: Dict[str, Dict[str, Dict[str, object]]] = {}
     for r in rows:
         by_case.setdefault(str(r["case"]), {})[str(r["backend"])] = r
-    print(f"\n{'shape':<12} {'contender':<27} {'density':>7} {'median ms':>10} {'vs cuBLAS':>9} {'rel err':>9}  target")
+    print(f"\n{'case':<22} {'contender':<27} {'density':>7} {'median ms':>10} {'vs base':>8} {'rel err':>9}  target")
     for r in rows:
-        print(f"{r['shape']:<12} {r['backend']:<27} {float(r['density']):>7.3f} {float(r['median_s']) * 1e3:>10.3f} "
-              f"{float(r['ratio']):>8.2f}x {float(r['_err']):>9.2e}  {_target(r, by_case)}")
+        print(f"{r['case']:<22} {r['backend']:<27} {float(r['density']):>7.3f} {float(r['median_s']) * 1e3:>10.3f} "
+              f"{float(r['ratio']):>7.2f}x {float(r['_err']):>9.2e}  {_target(r, by_case)}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import sparse  # noqa: F401  (loads the extension and registers fake kernels + autograd)
 from sparse import BlockSparseWeight, _ext, reference
+from tests import _reliab as R
 from tests.helpers import assert_close_to_ref, make_balanced, make_bsr, randn
 
 pytestmark = [
@@ -96,6 +97,139 @@ def test_bsr_strided_rows_empty_rows_and_empty_input():
     empty = empty.to(device=DEV, dtype=torch.float16)
     xe = _rand(9, 64, dtype=torch.float16)
     torch.testing.assert_close(_bsr_fwd(empty, xe, None, "none"), torch.zeros(9, 64, device=DEV, dtype=torch.float16))
+
+
+# Unstructured sparsity: 1x1 blocks, which the bsr ops send to csr.cu. SPARSEKERN_CUDA_CSR forces each of its
+# kernels in turn ("off": bsr.cu's SIMT fallback, the path before csr.cu); T = 1 and 3 take the decode kernel
+# under "auto", 37 and 300 the token-major ones (several token tiles, ragged).
+CSR_KERNELS = ["auto", "gemv", "narrow", "wide", "off"]
+CSR_CASES = [((64, 96), 0.5), ((70, 45), 0.7), ((257, 129), 0.95), ((33, 200), 0.99), ((128, 512), 0.9)]
+
+
+def _csr_gi(g, w):
+    return ops.bsr_linear_grad_input(g, w.values, w.col_offsets, w.row_indices, w.block_perm, w.shape[1])
+
+
+def _csr_sd(g, x, w):
+    return ops.bsr_sddmm(g, x, w.values, w.row_offsets, w.col_indices)
+
+
+@pytest.mark.parametrize("kernel", CSR_KERNELS)
+@pytest.mark.parametrize("shape,sparsity", CSR_CASES)
+@pytest.mark.parametrize("T", [1, 3, 37, 300])
+def test_csr_ops_match_reference(dtype, shape, sparsity, T, kernel, monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_CUDA_CSR", kernel)
+    w = _block(shape, 1, sparsity, dtype)
+    assert w.block == (1, 1)
+    x = _rand(T, shape[1], dtype=dtype)
+    bias = _rand(shape[0], dtype=dtype, seed=3)
+    _check_all(w, x, bias, "none", _bsr_fwd, _csr_gi, _csr_sd)
+    _check_all(w, x, None, "gelu", _bsr_fwd, _csr_gi, _csr_sd)
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "narrow", "wide"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_csr_epilogue_every_activation(activation, dtype, kernel, monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_CUDA_CSR", kernel)
+    w = _block((192, 256), 1, 0.9, dtype)
+    x, bias = _rand(77, 256, dtype=dtype), _rand(192, dtype=dtype, seed=3)
+    y = _bsr_fwd(w, x, bias, activation)
+    dense = reference.activation(F.linear(x, w.to_dense(), bias), activation)
+    assert_close_to_ref(y, reference.linear(x, w, bias, activation), dense, f"csr {kernel} activation={activation}")
+
+
+@pytest.mark.parametrize("kernel", CSR_KERNELS)
+def test_csr_empty_rows_columns_strided_inputs_and_no_tokens(kernel, monkeypatch):
+    """Every other row and every third column without a nonzero (bias-only outputs, zero input gradients), x and
+    grad_out rows strided and misaligned, T = 0, and a weight with no nonzero at all."""
+    monkeypatch.setenv("SPARSEKERN_CUDA_CSR", kernel)
+    out, inn = 90, 75
+    mask = torch.rand(out, inn, generator=torch.Generator().manual_seed(5)) < 0.3
+    mask[::2] = False
+    mask[:, ::3] = False
+    W = randn((out, inn), torch.float16, 0, exact=False)
+    w = BlockSparseWeight.from_dense(W, 1, mask=mask).to(DEV)
+    for T in (1, 6, 130):
+        xw, gw = _rand(T, inn + 5, dtype=torch.float16), _rand(T, out + 3, dtype=torch.float16, seed=2)
+        x, g = xw[:, 3:3 + inn], gw[:, 1:1 + out]  # row strides inn + 5 / out + 3, odd element offsets
+        bias = _rand(out, dtype=torch.float16, seed=3)
+        Wd = w.to_dense()
+        y = _bsr_fwd(w, x, bias, "silu")
+        assert_close_to_ref(y, reference.linear(x, w, bias, "silu"), F.silu(F.linear(x, Wd, bias)), f"T={T}")
+        empty_rows = F.silu(bias[::2].float()).half().expand(T, -1)  # act(bias)
+        torch.testing.assert_close(y[:, ::2], empty_rows, rtol=1e-3, atol=1e-3)
+        dx = _csr_gi(g, w)
+        assert_close_to_ref(dx, reference.linear_grad_input(g, w), g @ Wd, f"grad_input T={T}")
+        assert not dx[:, ::3].any()  # empty columns: exactly zero
+        assert_close_to_ref(_csr_sd(g, x, w), reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), f"T={T}")
+    x0 = _rand(0, inn, dtype=torch.float16)
+    assert _bsr_fwd(w, x0, None, "none").shape == (0, out)
+    assert _csr_gi(_rand(0, out, dtype=torch.float16), w).shape == (0, inn)
+    dw0 = _csr_sd(_rand(0, out, dtype=torch.float16), x0, w)
+    assert dw0.shape == w.values.shape and not dw0.any()  # empty sums
+    none = BlockSparseWeight.from_dense(W, 1, mask=torch.zeros(out, inn, dtype=torch.bool)).to(DEV)
+    assert none.nnz_blocks == 0
+    x = _rand(9, inn, dtype=torch.float16)
+    bias = _rand(out, dtype=torch.float16, seed=3)
+    assert torch.equal(_bsr_fwd(none, x, bias, "none"), bias.expand(9, -1))
+    assert not _csr_gi(_rand(9, out, dtype=torch.float16), none).any()
+
+
+@pytest.mark.parametrize("kernel", CSR_KERNELS)
+@pytest.mark.parametrize("T", [1, 3, 37])
+def test_csr_nan_in_inputs_reaches_only_rows_storing_its_column(kernel, T, monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_CUDA_CSR", kernel)
+    w = _block((48, 64), 1, 0.8, torch.float32)
+    mask = R.structural_mask(w)  # positions stored (explicit zeros included)
+    per_col, per_row = mask.sum(0), mask.sum(1)
+    c0 = int(((per_col > 0) & (per_col < 48)).nonzero()[0])  # a column some rows store and others do not
+    r0 = int(((per_row > 0) & (per_row < 64)).nonzero()[0])
+    t0 = T - 1
+    x, g = _rand(T, 64, dtype=torch.float32), _rand(T, 48, dtype=torch.float32, seed=2)
+    x[t0, c0] = float("nan")
+    want = torch.zeros(T, 48, dtype=torch.bool, device=DEV)
+    want[t0] = mask[:, c0]
+    assert torch.equal(_bsr_fwd(w, x, None, "gelu").isnan(), want), "forward"
+    gn = g.clone()
+    gn[t0, r0] = float("nan")
+    want = torch.zeros(T, 64, dtype=torch.bool, device=DEV)
+    want[t0] = mask[r0]
+    assert torch.equal(_csr_gi(gn, w).isnan(), want), "grad_input"
+    rows, cols = w._block_rows(), w.col_indices.long()
+    assert torch.equal(_csr_sd(g, x, w).flatten().isnan(), cols == c0), "sddmm, NaN in x"
+    assert torch.equal(_csr_sd(gn, x.nan_to_num(0.0), w).flatten().isnan(), rows == r0), "sddmm, NaN in grad_out"
+
+
+@pytest.mark.parametrize("kernel", ["auto", "gemv", "narrow"])
+def test_csr_more_token_tiles_than_grid_rows(kernel, monkeypatch):
+    """Past 65535 token tiles (narrow fp32: 16 tokens a tile) or token groups (gemv: 4), and 65535 x 32 tokens of
+    the token-major copy, the kernels loop over the grid's y axis."""
+    monkeypatch.setenv("SPARSEKERN_CUDA_CSR", kernel)
+    w = _block((24, 16), 1, 0.5, torch.float32)
+    T = 65535 * 16 + 1000
+    x, g = _rand(T, 16, dtype=torch.float32), _rand(T, 24, dtype=torch.float32, seed=2)
+    y = _bsr_fwd(w, x, None, "none")
+    assert_close_to_ref(y, reference.linear(x, w), F.linear(x, w.to_dense()), "forward")
+    assert_close_to_ref(_csr_gi(g, w), reference.linear_grad_input(g, w), g @ w.to_dense(), "grad_input")
+    # A million-term sum per output: the floor scales with sqrt(T) and the sums of |terms| (cuBLAS may split K,
+    # which a lane summing its tokens in order does not).
+    sd, terms = _csr_sd(g, x, w), reference.sddmm(g.abs(), x.abs(), w)
+    assert_close_to_ref(sd, reference.sddmm(g, x, w), reference.gather(g.t() @ x, w), "sddmm", k=T, terms=terms)
+
+
+def test_csr_autograd_and_bad_kernel_name(monkeypatch):
+    w = _block((24, 20), 1, 0.6, torch.float64)
+    for kernel, T in (("auto", 2), ("auto", 9), ("wide", 9), ("off", 2)):
+        monkeypatch.setenv("SPARSEKERN_CUDA_CSR", kernel)
+        x = _rand(T, 20, dtype=torch.float64).requires_grad_()
+        v = w.values.detach().clone().requires_grad_()
+        bias = _rand(24, dtype=torch.float64, seed=3).requires_grad_()
+        f = lambda x, v, b: ops.bsr_linear(x, v, w.row_offsets, w.col_indices, w.col_offsets, w.row_indices,
+                                           w.block_perm, 24, b, "gelu")
+        assert torch.autograd.gradcheck(f, (x, v, bias)), kernel
+    monkeypatch.setenv("SPARSEKERN_CUDA_CSR", "fast")
+    with pytest.raises(RuntimeError, match="SPARSEKERN_CUDA_CSR must be"):
+        _bsr_fwd(w, _rand(3, 20, dtype=torch.float64), None, "none")
 
 
 BALANCED_CASES = [((48, 64), 32, 16), ((33, 70), 32, 4), ((64, 128), 4, 2), ((17, 128), 64, 16), ((9, 21), 8, 3),

@@ -143,8 +143,10 @@ if want tests; then
             -k "test_balanced_ops" &
         step tests_cuda_nm24 $tmax "$PY" -m pytest "${common[@]}" --junitxml="$WORK/tests_cuda_nm24.xml" $cuda \
             -k "test_nm24 or test_two_four" &
+        step tests_cuda_csr $tmax "$PY" -m pytest "${common[@]}" --junitxml="$WORK/tests_cuda_csr.xml" $cuda \
+            -k "test_csr_" &
         step tests_cuda_other $tmax "$PY" -m pytest "${common[@]}" --junitxml="$WORK/tests_cuda_other.xml" $cuda \
-            -k "not test_bsr_ and not test_balanced_ops and not test_nm24 and not test_two_four" &
+            -k "not test_bsr_ and not test_balanced_ops and not test_nm24 and not test_two_four and not test_csr_" &
         step tests_triton $tmax "$PY" -m pytest "${common[@]}" "${xdist[@]}" --junitxml="$WORK/tests_triton.xml" $triton &
         wait
         unset CUDA_LAUNCH_BLOCKING
@@ -154,7 +156,7 @@ fi
 
 # ---- GPU benchmarks ---------------------------------------------------------------------------------------------
 # One at a time (timings). Each writes its CSV straight into $OUT row by row and stops by itself at --max-seconds
-# (its cap less 10 s), so a slow run still leaves its first rows. gpu_cuda first: about a minute. Without a GPU
+# (its cap less 10 s), so a slow run still leaves its first rows. gpu_cuda first: about 1.5 minutes. Without a GPU
 # both are recorded as skipped (tests/test_benchmarks.py checks their plumbing on CPU tensors).
 if ((!HAVE_GPU)); then
     for b in bench_cuda bench_triton; do

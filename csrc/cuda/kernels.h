@@ -7,6 +7,7 @@
 // include it.
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "../activations.h"
@@ -35,6 +36,33 @@ cudaError_t bsr_linear_grad_input(DType dt, const BsrShape& s, const void* dy, i
 // dw (layout of values) = (dy^T x) at the kept blocks.
 cudaError_t bsr_sddmm(DType dt, const BsrShape& s, const void* dy, int64_t lddy, const void* x, int64_t ldx,
                       const int32_t* row_offsets, const int32_t* col_indices, void* dw, cudaStream_t stream);
+
+// ---- unstructured: block-sparse with 1x1 blocks, i.e. CSR (csr.cu) -------------------------------------------
+// The same operands as the bsr_* calls (bo == bi == 1), plus a device workspace of csr_workspace_bytes() bytes
+// (16-byte aligned; null when that is 0) for the token-major copies of x / dy the kernels gather from.
+//
+// Which kernels run: CsrKernel::Auto lets the shape decide (csr.cu); the others force one, for tests and
+// benchmarks, through SPARSEKERN_CUDA_CSR (read at every call by csr_kernel_from_env): unset / "auto", "gemv"
+// (lanes along the nonzeros, row-major inputs), "narrow" (4 lanes per row, lanes along tokens), "wide" (a warp
+// per row), or "off" (the caller routes 1x1 blocks to bsr_* and its SIMT fallback, as before csr.cu existed).
+enum class CsrKernel : int { Auto, Off, Gemv, Narrow, Wide, Invalid };
+enum class CsrOp : int { Linear, GradInput, Sddmm };
+CsrKernel csr_kernel_from_env();  // Invalid for an unknown value
+size_t csr_workspace_bytes(CsrOp op, CsrKernel k, DType dt, const BsrShape& s);
+
+// y [T, out] = act(x W^T + bias). bias may be null.
+cudaError_t csr_linear(CsrKernel k, DType dt, const BsrShape& s, const void* x, int64_t ldx, const void* values,
+                       const int32_t* row_offsets, const int32_t* col_indices, const void* bias, Act act, void* y,
+                       void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// dx [T, in] = dy W, walking W by columns (col_offsets, row_indices, block_perm).
+cudaError_t csr_linear_grad_input(CsrKernel k, DType dt, const BsrShape& s, const void* dy, int64_t lddy,
+                                  const void* values, const int32_t* col_offsets, const int32_t* row_indices,
+                                  const int32_t* block_perm, void* dx, void* workspace, size_t workspace_bytes,
+                                  cudaStream_t stream);
+// dw [nnz] = (dy^T x) at the nonzeros.
+cudaError_t csr_sddmm(CsrKernel k, DType dt, const BsrShape& s, const void* dy, int64_t lddy, const void* x,
+                      int64_t ldx, const int32_t* row_offsets, const int32_t* col_indices, void* dw, void* workspace,
+                      size_t workspace_bytes, cudaStream_t stream);
 
 // ---- balanced, any bank/keep (balanced.cu) -------------------------------------------------------------------
 // values, indices: [out, n_banks, keep] contiguous; indices uint8 (idx16 = false) or int16 (idx16 = true).

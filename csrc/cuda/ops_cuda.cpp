@@ -6,6 +6,7 @@
 //   nm24_pack(values, indices) -> (packed_values, packed_meta): a balanced weight with bank=4, keep=2 (values
 //       [out, in/4, 2] fp16/bf16, indices uint8) packed ONCE into the register layout of mma.sp (nm24_layout.h).
 //   nm24_linear(x, packed_values, packed_meta, bias=None, activation="none") -> act(x W^T + bias) [T, out].
+// Block-sparse weights with 1x1 blocks (unstructured sparsity) take the CSR kernels of csr.cu (csr_route).
 // The block-sparse metadata (offsets, indices) is not re-validated here: reading it on the host would
 // synchronise the stream on every call. The weight formats validate it once, when the weight is built.
 #include <ATen/ATen.h>
@@ -13,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -83,6 +85,27 @@ at::Tensor bsr_values(const at::Tensor& values) {
   return values.transpose(1, 2).contiguous().transpose(1, 2);
 }
 
+// 1x1 blocks (unstructured sparsity) take csr.cu's kernels, unless SPARSEKERN_CUDA_CSR=off (kernels.h); `ws`
+// receives their workspace. Returns CsrKernel::Off for every other block shape.
+CsrKernel csr_route(const BsrShape& s, CsrOp op, const at::Tensor& like, at::Tensor& ws) {
+  if (s.bo != 1 || s.bi != 1) return CsrKernel::Off;
+  const CsrKernel k = csr_kernel_from_env();
+  TORCH_CHECK(k != CsrKernel::Invalid, "SPARSEKERN_CUDA_CSR must be auto, off, gemv, narrow or wide, got '",
+              std::getenv("SPARSEKERN_CUDA_CSR"), "'");
+  if (k == CsrKernel::Off) return k;
+  const size_t bytes = csr_workspace_bytes(op, k, dtype_of(like), s);
+  if (bytes > 0) ws = at::empty({int64_t(bytes)}, like.options().dtype(at::kByte));
+  return k;
+}
+
+void* ws_ptr(const at::Tensor& ws) {
+  return ws.defined() ? ws.data_ptr() : nullptr;
+}
+
+size_t ws_size(const at::Tensor& ws) {
+  return ws.defined() ? size_t(ws.numel()) : 0;
+}
+
 at::Tensor bsr_linear_cuda(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& row_offsets,
                            const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices,
                            const at::Tensor& block_perm, int64_t out_features, const std::optional<at::Tensor>& bias,
@@ -100,8 +123,14 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x_in, const at::Tensor& values_in, 
   at::Tensor keep_bias;
   const void* bp = bias_ptr(bias, values, s.out, keep_bias);
   at::Tensor y = at::empty({s.T, s.out}, x.options());
-  check_launch(bsr_linear(dtype_of(x), s, x.data_ptr(), x.stride(0), values.data_ptr(), row_offsets.data_ptr<int32_t>(),
-                          col_indices.data_ptr<int32_t>(), bp, act, y.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+  at::Tensor ws;
+  const CsrKernel ck = csr_route(s, CsrOp::Linear, x, ws);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int32_t *ro = row_offsets.data_ptr<int32_t>(), *ci = col_indices.data_ptr<int32_t>();
+  check_launch(ck != CsrKernel::Off ? csr_linear(ck, dtype_of(x), s, x.data_ptr(), x.stride(0), values.data_ptr(), ro,
+                                                 ci, bp, act, y.data_ptr(), ws_ptr(ws), ws_size(ws), stream)
+                                    : bsr_linear(dtype_of(x), s, x.data_ptr(), x.stride(0), values.data_ptr(), ro, ci,
+                                                 bp, act, y.data_ptr(), stream),
                "bsr_linear");
   return y;
 }
@@ -119,9 +148,16 @@ at::Tensor bsr_linear_grad_input_cuda(const at::Tensor& dy_in, const at::Tensor&
   check_meta(block_perm, values, s.nnz, "block_perm");
   const c10::cuda::CUDAGuard guard(dy.device());
   at::Tensor dx = at::empty({s.T, s.in}, dy.options());
-  check_launch(bsr_linear_grad_input(dtype_of(dy), s, dy.data_ptr(), dy.stride(0), values.data_ptr(),
-                                     col_offsets.data_ptr<int32_t>(), row_indices.data_ptr<int32_t>(),
-                                     block_perm.data_ptr<int32_t>(), dx.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+  at::Tensor ws;
+  const CsrKernel ck = csr_route(s, CsrOp::GradInput, dy, ws);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int32_t *co = col_offsets.data_ptr<int32_t>(), *ri = row_indices.data_ptr<int32_t>(),
+                *bp = block_perm.data_ptr<int32_t>();
+  check_launch(ck != CsrKernel::Off
+                   ? csr_linear_grad_input(ck, dtype_of(dy), s, dy.data_ptr(), dy.stride(0), values.data_ptr(), co, ri,
+                                           bp, dx.data_ptr(), ws_ptr(ws), ws_size(ws), stream)
+                   : bsr_linear_grad_input(dtype_of(dy), s, dy.data_ptr(), dy.stride(0), values.data_ptr(), co, ri, bp,
+                                           dx.data_ptr(), stream),
                "bsr_linear_grad_input");
   return dx;
 }
@@ -141,10 +177,15 @@ at::Tensor bsr_sddmm_cuda(const at::Tensor& dy_in, const at::Tensor& x_in, const
   const c10::cuda::CUDAGuard guard(x.device());
   // The gradient has the shape and strides of values (the parameter's own layout, which the kernels write).
   at::Tensor dw = at::empty_like(values);
-  check_launch(
-      bsr_sddmm(dtype_of(x), s, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), row_offsets.data_ptr<int32_t>(),
-                col_indices.data_ptr<int32_t>(), dw.data_ptr(), c10::cuda::getCurrentCUDAStream()),
-      "bsr_sddmm");
+  at::Tensor ws;
+  const CsrKernel ck = csr_route(s, CsrOp::Sddmm, x, ws);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int32_t *ro = row_offsets.data_ptr<int32_t>(), *ci = col_indices.data_ptr<int32_t>();
+  check_launch(ck != CsrKernel::Off ? csr_sddmm(ck, dtype_of(x), s, dy.data_ptr(), dy.stride(0), x.data_ptr(),
+                                                x.stride(0), ro, ci, dw.data_ptr(), ws_ptr(ws), ws_size(ws), stream)
+                                    : bsr_sddmm(dtype_of(x), s, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
+                                                ro, ci, dw.data_ptr(), stream),
+               "bsr_sddmm");
   return dw;
 }
 
