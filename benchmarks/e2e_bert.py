@@ -3,6 +3,8 @@ sequence 128, dense vs sparsified, forward (inference) and one training step (fo
 
     python -m benchmarks.e2e_bert --preset quick     # batch 8, 90% block-32 and balanced
     python -m benchmarks.e2e_bert --preset full      # batch 1 and 8, 50/75/90%
+    python -m benchmarks.e2e_bert --preset block     # the block-32 targets (fp32, int8, bf16) with the peers
+    python -m benchmarks.e2e_bert --preset patterns  # 90% balanced and unstructured against DeepSparse
 
 Dense contenders: eager fp32 and bf16; every Linear through oneDNN with a pre-packed weight
 (``sparse.evaluate.prepack_linears``, inference only; the fastest dense fp32 path where eager ``F.linear`` takes
@@ -72,6 +74,10 @@ PRESETS: Dict[str, Preset] = {
     # and INT8).
     "block": Preset(batches=[1, 8], train_batches=[], sparsities=[0.9], patterns=["block"], compile=True,
                     bf16_sparse=True, train_patterns=[], rounds=5),
+    # The balanced and unstructured targets of the patterns issue: BERT-base at 90%, inference, eager (each model with
+    # its fastest attention), DeepSparse on the same weights; no compile, bf16 or int8 contenders.
+    "patterns": Preset(batches=[1, 8], train_batches=[], sparsities=[0.9], patterns=["balanced", "unstructured"],
+                       compile=False, bf16_sparse=False, train_patterns=[], rounds=5, int8=False),
     # Seconds-long run for the smoke test: a toy 1-layer encoder, no torch.compile (numbers mean nothing).
     "tiny": Preset(batches=[1], train_batches=[1], sparsities=[0.75], patterns=["block", "balanced", "unstructured"],
                    compile=False,

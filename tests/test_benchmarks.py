@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sparse
-from benchmarks import cpu_ops, e2e_bert, harness, report
+from benchmarks import attention, cpu_ops, e2e_bert, harness, report
 from benchmarks.harness import COLUMNS, Contender, Timing
 from sparse.runtime import native_dtype, onednn_unsupported
 
@@ -126,6 +126,21 @@ def _check_case_ratios_e2e(rows):
         for r in case_rows:
             assert r["baseline"] == "eager_fp32"
             assert r["ratio"] == pytest.approx(eager[0]["median_s"] / r["median_s"], rel=1e-9)
+
+
+def test_attention_tiny_rows_and_summary(tmp_path):
+    """benchmarks.attention: our kernel and every SDPA form that takes the case, checked against float64 and timed
+    in one measurement; the summary's ratio is the fastest SDPA form's time over ours."""
+    attention.main(["--preset", "tiny", "--out", str(tmp_path)])
+    rows = harness.read_csv(str(tmp_path / "attention.csv"))
+    assert {r["backend"] for r in rows} == {"sparsekern", "sdpa", "sdpa_math", "sdpa_flash"}
+    assert len({r["case"] for r in rows}) == 1 and all(r["op"] == "attention" and r["median_s"] > 0 for r in rows)
+    ours = next(r for r in rows if r["backend"] == "sparsekern")
+    best = min((r for r in rows if r["backend"] != "sparsekern"), key=lambda r: r["median_s"])
+    assert ours["baseline"] == f"best_dense({best['backend']})"
+    assert ours["ratio"] == pytest.approx(best["median_s"] / ours["median_s"])
+    text = (tmp_path / "summary.md").read_text()
+    assert f"| {ours['ratio']:.2f} |" in text and "| minilm | 1 | 16 | float32 | 1 |" in text
 
 
 def test_measure_interleaves_in_steady_state():

@@ -105,10 +105,6 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   a.q_chunk = q_chunk;
 #if defined(__x86_64__)
   auto* fn = isa == Isa::Avx512 ? &attention_avx512 : &attention_avx2;
-#else
-  void (*fn)(const AttnArgs&, int64_t, int64_t, float*) = nullptr;
-  return aten_attention(q_in, k_in, v_in, mask, scale, causal);
-#endif
   const int64_t tasks = attention_tasks(a);
   const int64_t scratch_floats = attention_scratch_floats(a);
   run_chunks(split_rows(nullptr, tasks, 1, 0, threads), [&](int64_t t0, int64_t t1) {
@@ -116,6 +112,9 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
     fn(a, t0, t1, scratch.get());
   });
   return out;
+#else
+  return aten_attention(q_in, k_in, v_in, mask, scale, causal);
+#endif
 }
 
 }  // namespace
