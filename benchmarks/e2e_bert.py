@@ -70,10 +70,10 @@ PRESETS: Dict[str, Preset] = {
                    patterns=["block", "balanced", "unstructured"],
                    compile=True, bf16_sparse=True, train_patterns=["block", "balanced"], rounds=5, aoti=True),
     # The block-32 targets of the whole-model and INT8 issues only: BERT-base at 90%, inference, the fused stacks
-    # eager and compiled, int8, bf16 (where native), and the peers (DeepSparse on the same weights, ONNX Runtime fp32
+    # eager, compiled and as AOTInductor packages, int8, bf16 (where native), and the peers (DeepSparse on the same weights, ONNX Runtime fp32
     # and INT8).
     "block": Preset(batches=[1, 8], train_batches=[], sparsities=[0.9], patterns=["block"], compile=True,
-                    bf16_sparse=True, train_patterns=[], rounds=5),
+                    bf16_sparse=True, train_patterns=[], rounds=5, aoti=True),
     # The balanced and unstructured targets of the patterns issue: BERT-base at 90%, inference, eager (each model with
     # its fastest attention), DeepSparse on the same weights; no compile, bf16 or int8 contenders.
     "patterns": Preset(batches=[1, 8], train_batches=[], sparsities=[0.9], patterns=["balanced", "unstructured"],
@@ -362,13 +362,24 @@ def run(p: Preset, out_dir: str, progress: bool = True) -> Tuple[List[dict], Lis
                     except Exception as exc:  # an inductor failure must not lose the rest of the run
                         skipped.append(f"{op} batch {batch} torch.compile {name}: {_first_line(exc)}")
             if not training and p.aoti:
-                key = ("block", top, "float32", True)
-                if key in sparse_models:
-                    name = f"aoti_block:{top}:float32:fused"
+                # The fused block models as AOTInductor packages (no Python, no guards on a call): GELU fused, and
+                # GELU + QKV + add-LayerNorm fused in fp32 and int8 (their backends name the fusions, as the
+                # sparse.compile rows do, so that the int8 table finds the fp32 twin run the same way).
+                for fuse, suffix, extra in ((True, "fused", {"backend": "AOTInductor package"}),
+                                            ("ln", "fused+qkv+ln", {
+                                                "backend": "AOTInductor package(fused gelu+qkv+add-layernorm)"}),
+                                            ("int8", "fused+qkv+ln:int8", {
+                                                "backend": "AOTInductor package(fused gelu+qkv+add-layernorm, int8)",
+                                                "format": "bsr-int8"})):
+                    key = ("block", top, "float32", fuse)
+                    if key not in sparse_models:
+                        continue
+                    name = f"aoti_block:{top}:float32:{suffix}"
                     try:
                         cs.append(Contender(name, aoti_forward(sparse_models[key], ids, tmp),
-                                            {**_pattern_info("block", top), "backend": "AOTInductor package",
-                                             "dtype": "float32", "notes": "torch.export + aoti_compile_and_package"}))
+                                            {**_pattern_info("block", top), "dtype": "float32", **extra,
+                                             "notes": f"torch.export + aoti_compile_and_package; attention "
+                                                      f"{attention.get(id(sparse_models[key]), '?')}"}))
                     except Exception as exc:  # reported, not fatal
                         skipped.append(f"{op} batch {batch} AOTInductor {name}: {_first_line(exc)}")
             running = [] if training else _start_peers(pythons, peer_files, batch, base.config.vocab_size, p,
