@@ -70,8 +70,8 @@ PRESETS: Dict[str, Preset] = {
                    patterns=["block", "balanced", "unstructured"],
                    compile=True, bf16_sparse=True, train_patterns=["block", "balanced"], rounds=5, aoti=True),
     # The block-32 targets of the whole-model and INT8 issues only: BERT-base at 90%, inference, the fused stacks
-    # eager, compiled and as AOTInductor packages, int8, bf16 (where native), and the peers (DeepSparse on the same weights, ONNX Runtime fp32
-    # and INT8).
+    # eager, compiled and as AOTInductor packages, int8, bf16 (where native), and the peers (DeepSparse on the same
+    # weights, ONNX Runtime fp32 and INT8).
     "block": Preset(batches=[1, 8], train_batches=[], sparsities=[0.9], patterns=["block"], compile=True,
                     bf16_sparse=True, train_patterns=[], rounds=5, aoti=True),
     # The balanced and unstructured targets of the patterns issue: BERT-base at 90%, inference, eager (each model with

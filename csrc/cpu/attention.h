@@ -71,7 +71,8 @@ inline float* align64(float* p) {
 }
 
 // The kernel over a vector policy P: P::V (W fp32 lanes), MR / NVS (the S tile: MR rows x NVS vectors of keys),
-// mro<NVO>() (rows of the O tile of NVO vectors), and the operations used below; P::pack_kt packs a K^T panel.
+// mro<NVO>() (rows of the O tile of NVO vectors), the vector operations used below (load_n / store_n for fp32 and
+// bf16 rows among them), and pack_kt, which packs a K^T panel.
 template <class P>
 struct Attention {
   using V = typename P::V;
@@ -80,6 +81,16 @@ struct Attention {
   static constexpr int NVS = P::NVS;
   static constexpr int NK = NVS * W;
   static_assert(MR <= kAttnMaxMR && NK <= kAttnMaxNK, "scratch sized for smaller tiles");
+
+  // dst[0:n] = src[0:n] * scale in fp32 (a query row, pre-scaled); widen_row: a bf16 row to fp32.
+  template <class S>
+  static inline void scale_row(const S* src, int64_t n, float scale, float* dst) {
+    const V f = P::bcast(scale);
+    for (int64_t d = 0; d < n; d += W) P::store_n(dst + d, P::mul(P::load_n(src + d, n - d), f), n - d);
+  }
+  static inline void widen_row(const uint16_t* src, int64_t n, float* dst) {
+    for (int64_t d = 0; d < n; d += W) P::store_n(dst + d, P::load_n(src + d, n - d), n - d);
+  }
 
   // S[r][p*NK ..] for the MR rows of qb (pre-scaled queries, fp32 [MR][D]) and K^T panel kt ([D][NK]).
   static inline void s_tile(const float* qb, int64_t D, const float* kt, float* s, int64_t lds) {
@@ -261,7 +272,7 @@ struct Attention {
           P::template pack_kt<NVS>(kb + p * NK * a.ks[2], a.ks[2], n, D, kt + p * D * NK);
         }
         if constexpr (sizeof(T) == 2) {
-          for (int64_t j = 0; j < Lk; ++j) P::widen_row(vb + j * a.vs[2], Dv, vf + j * Dv);
+          for (int64_t j = 0; j < Lk; ++j) widen_row(vb + j * a.vs[2], Dv, vf + j * Dv);
         }
       }
       const float* vrows = a.bf16 ? vf : reinterpret_cast<const float*>(vb);
@@ -271,7 +282,7 @@ struct Attention {
         const int mr = i1 - i < MR ? int(i1 - i) : MR;
         for (int r = 0; r < MR; ++r) {
           if (r < mr) {
-            P::scale_row(qh + (i + r) * a.qs[2], D, a.scale, qb + r * D);
+            scale_row(qh + (i + r) * a.qs[2], D, a.scale, qb + r * D);
           } else {
             for (int64_t d = 0; d < D; ++d) qb[r * D + d] = 0.f;
           }

@@ -44,14 +44,6 @@ struct P256 {
   static void pack_kt(const S* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
     pack_transposed<NV>(src, ld, rows, cols, dst);
   }
-  template <class S>
-  static void scale_row(const S* src, int64_t n, float scale, float* dst) {
-    const V f = bcast(scale);
-    for (int64_t d = 0; d < n; d += W) store_n(dst + d, mul(load_n(src + d, n - d), f), n - d);
-  }
-  static void widen_row(const uint16_t* src, int64_t n, float* dst) {
-    for (int64_t d = 0; d < n; d += W) store_n(dst + d, load_n(src + d, n - d), n - d);
-  }
 };
 
 }  // namespace

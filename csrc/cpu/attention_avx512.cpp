@@ -3,8 +3,9 @@
 // running CPU has AVX-512.
 #if defined(__x86_64__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
-// GCC 12 flags the masked intrinsics' undefined pass-through operand (a false positive).
+// GCC 12 flags the intrinsics' deliberately undefined pass-through operand (_mm512_undefined_*): false positives.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "attention.h"
 #include "tile_avx512.h"
@@ -43,14 +44,6 @@ struct P512 {
   template <int NV, class S>
   static void pack_kt(const S* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
     pack_transposed<NV>(src, ld, rows, cols, dst);
-  }
-  template <class S>
-  static void scale_row(const S* src, int64_t n, float scale, float* dst) {
-    const V f = bcast(scale);
-    for (int64_t d = 0; d < n; d += W) store_n(dst + d, mul(load_n(src + d, n - d), f), n - d);
-  }
-  static void widen_row(const uint16_t* src, int64_t n, float* dst) {
-    for (int64_t d = 0; d < n; d += W) store_n(dst + d, load_n(src + d, n - d), n - d);
   }
 };
 

@@ -83,14 +83,7 @@ __global__ void balanced_sddmm_kernel(BalShape s, const T* __restrict__ dy, int6
 // Calls f(T{}, I{}) with the element and index types.
 template <typename F>
 cudaError_t dispatch(DType dt, bool idx16, F&& f) {
-  auto with_index = [&](auto tag) -> cudaError_t { return idx16 ? f(tag, int16_t{}) : f(tag, uint8_t{}); };
-  switch (dt) {
-    case DType::F32: return with_index(float{});
-    case DType::F64: return with_index(double{});
-    case DType::F16: return with_index(__half{});
-    case DType::BF16: return with_index(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dt, [&](auto tag) -> cudaError_t { return idx16 ? f(tag, int16_t{}) : f(tag, uint8_t{}); });
 }
 
 }  // namespace

@@ -315,16 +315,6 @@ int simt_blocks(int64_t work) {
   return int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, 256), 1 << 16)));
 }
 
-template <typename F>
-cudaError_t dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: return f(float{});
-    case DType::F64: return f(double{});
-    case DType::F16: return f(__half{});
-    case DType::BF16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 template <typename F>
 cudaError_t dispatch16(DType dt, F&& f) {
@@ -367,7 +357,7 @@ cudaError_t bsr_linear(DType dt, const BsrShape& s, const void* x, int64_t ldx, 
       return cudaSuccess;
     });
   }
-  return dispatch(dt, [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     bsr_fwd_simt<T><<<simt_blocks(s.T * s.out), 256, 0, stream>>>(
         s, static_cast<const T*>(x), ldx, static_cast<const T*>(values), row_offsets, col_indices,
@@ -401,7 +391,7 @@ cudaError_t bsr_linear_grad_input(DType dt, const BsrShape& s, const void* dy, i
       return cudaSuccess;
     });
   }
-  return dispatch(dt, [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     bsr_grad_input_simt<T><<<simt_blocks(s.T * s.in), 256, 0, stream>>>(s, static_cast<const T*>(dy), lddy,
                                                                         static_cast<const T*>(values), col_offsets,
@@ -436,7 +426,7 @@ cudaError_t bsr_sddmm(DType dt, const BsrShape& s, const void* dy, int64_t lddy,
       return cudaSuccess;
     });
   }
-  return dispatch(dt, [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     bsr_sddmm_simt<T><<<simt_blocks(s.nnz * s.bo * s.bi), 256, 0, stream>>>(s, n_brow, static_cast<const T*>(dy), lddy,
                                                                             static_cast<const T*>(x), ldx, row_offsets,

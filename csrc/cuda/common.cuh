@@ -176,4 +176,16 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// Calls f(T{}) with the element type of dt (every kernel family's launcher dispatches through it).
+template <typename F>
+cudaError_t dispatch_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: return f(float{});
+    case DType::F64: return f(double{});
+    case DType::F16: return f(__half{});
+    case DType::BF16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace sparsekern::cuda

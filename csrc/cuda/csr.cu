@@ -428,16 +428,6 @@ Kind resolve(CsrKernel k, CsrOp op, DType dt, const BsrShape& s) {
   return Kind::Narrow;
 }
 
-template <typename F>
-cudaError_t dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: return f(float{});
-    case DType::F64: return f(double{});
-    case DType::F16: return f(__half{});
-    case DType::BF16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 unsigned grid_y(int64_t n) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>(n, kMaxGridY)));
@@ -458,7 +448,7 @@ cudaError_t launch_token_major(int64_t n_tok, int64_t feat, const T* a, int64_t 
 cudaError_t rows_op(Kind kind, DType dt, int64_t n_tok, int64_t m, int64_t f, const void* a, int64_t lda,
                     const void* values, const int32_t* offsets, const int32_t* indices, const int32_t* perm,
                     const void* bias, Act act, void* c, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  return dispatch(dt, [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     const auto* ap = static_cast<const T*>(a);
     const auto* vp = static_cast<const T*>(values);
@@ -561,7 +551,7 @@ cudaError_t csr_sddmm(CsrKernel k, DType dt, const BsrShape& s, const void* dy, 
   if (s.bo != 1 || s.bi != 1 || k == CsrKernel::Off || k == CsrKernel::Invalid) return cudaErrorInvalidValue;
   if (s.nnz == 0) return cudaSuccess;
   const Kind kind = resolve(k, CsrOp::Sddmm, dt, s);
-  return dispatch(dt, [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     const auto* gp = static_cast<const T*>(dy);
     const auto* xp = static_cast<const T*>(x);
