@@ -315,7 +315,6 @@ int simt_blocks(int64_t work) {
   return int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, 256), 1 << 16)));
 }
 
-
 template <typename F>
 cudaError_t dispatch16(DType dt, F&& f) {
   if (dt == DType::F16) return f(__half{});

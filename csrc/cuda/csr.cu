@@ -428,7 +428,6 @@ Kind resolve(CsrKernel k, CsrOp op, DType dt, const BsrShape& s) {
   return Kind::Narrow;
 }
 
-
 unsigned grid_y(int64_t n) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>(n, kMaxGridY)));
 }
