@@ -5,13 +5,13 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <memory>
 #include <optional>
 
 #include "../checks.h"
 #include "attention.h"
 #include "isa.h"
 #include "parallel.h"
+#include "thread_buf.h"
 
 namespace sparsekern::cpu {
 namespace {
@@ -108,8 +108,9 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const int64_t tasks = attention_tasks(a);
   const int64_t scratch_floats = attention_scratch_floats(a);
   run_chunks(split_rows(nullptr, tasks, 1, 0, threads), [&](int64_t t0, int64_t t1) {
-    std::unique_ptr<float[]> scratch(new float[scratch_floats]);
-    fn(a, t0, t1, scratch.get());
+    float* scratch = thread_buf(0, scratch_floats);  // kept per thread: a call allocates nothing once warm
+    TORCH_CHECK(scratch, "attention: could not allocate ", scratch_floats * 4, " bytes of scratch");
+    fn(a, t0, t1, scratch);
   });
   return out;
 #else

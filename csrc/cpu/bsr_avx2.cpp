@@ -16,27 +16,11 @@
 
 #include "act_avx2.h"
 #include "bsr_kernels.h"
+#include "dispatch_upto.h"
 #include "epilogue.h"
 
 namespace sparsekern::cpu {
 namespace {
-
-template <int N>
-struct Int {
-  static constexpr int value = N;
-};
-
-// Calls f(Int<n>{}) for a run-time n in [1, N].
-template <int N, typename F>
-inline void dispatch_upto(int64_t n, const F& f) {
-  if constexpr (N >= 1) {
-    if (n == N) {
-      f(Int<N>{});
-    } else {
-      dispatch_upto<N - 1>(n, f);
-    }
-  }
-}
 
 inline int64_t min64(int64_t a, int64_t b) {
   return a < b ? a : b;

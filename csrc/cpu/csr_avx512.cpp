@@ -30,6 +30,7 @@
 #include "act_avx512.h"
 #include "bsr_kernels.h"
 #include "epilogue.h"
+#include "thread_buf.h"
 #include "tile_avx512.h"
 
 namespace sparsekern::cpu {
@@ -40,24 +41,6 @@ constexpr int64_t kMaxTile = kMaxTileVecs * L;  // tokens per tile
 constexpr int64_t kPanelFloats = 65536;         // columns per panel x tile tokens: 256 KiB of X^T (in L2)
 constexpr int64_t kRowGroup = 64;               // rows whose partial sums are kept between panels
 constexpr int64_t kGatherMaxTokens = 4;
-
-// This thread's buffer `slot` of at least n floats (64-byte aligned), kept across calls; null if the allocation
-// fails.
-float* thread_buf(int slot, int64_t n) {
-  struct Buf {
-    float* p = nullptr;
-    int64_t n = 0;
-    ~Buf() { std::free(p); }
-  };
-  static thread_local Buf bufs[4];
-  Buf& b = bufs[slot];
-  if (b.n < n) {
-    std::free(b.p);
-    b.p = static_cast<float*>(std::aligned_alloc(64, size_t((n * 4 + 63) / 64 * 64)));
-    b.n = b.p ? n : 0;
-  }
-  return b.p;
-}
 
 // The values of a CSR matrix as float, entry j read directly or, for the transposed walk, as w[perm[j]].
 template <typename E, bool kPerm>

@@ -19,36 +19,15 @@
 
 #include "act_avx2.h"
 #include "bsr_kernels.h"
+#include "dispatch_upto.h"
 #include "epilogue.h"
+#include "thread_buf.h"
 #include "tile_avx2.h"
 
 namespace sparsekern::cpu {
 namespace {
 
 constexpr int64_t kRowGroup = 64;  // output rows whose partial sums are kept in the L1 buffer
-
-// This thread's buffer `slot` of at least n floats (64-byte aligned), kept across calls; null if the allocation
-// fails.
-float* thread_buf(int slot, int64_t n) {
-  struct Buf {
-    float* p = nullptr;
-    int64_t n = 0;
-    ~Buf() { std::free(p); }
-  };
-  static thread_local Buf bufs[5];
-  Buf& b = bufs[slot];
-  if (b.n < n) {
-    std::free(b.p);
-    b.p = static_cast<float*>(std::aligned_alloc(64, size_t((n * 4 + 63) / 64 * 64)));
-    b.n = b.p ? n : 0;
-  }
-  return b.p;
-}
-
-template <int N>
-struct Int {
-  static constexpr int value = N;
-};
 
 // Calls f(Int<n>{}) for n = ceil(tb / 8) clamped to [1, N].
 template <int N, typename F>
