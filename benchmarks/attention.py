@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from sparse import ops
 
-from .harness import Contender, make_rows, measure, threads, write_csv
+from .harness import Contender, make_rows, measure, result_error, threads, write_csv
 
 # name -> (heads, head_dim, causal)
 MODELS: Dict[str, Tuple[int, int, bool]] = {"bert-base": (12, 64, False), "minilm": (12, 32, False),
@@ -86,8 +86,7 @@ def case_rows(model: str, batch: int, seq: int, dtype: str, n_threads: int, roun
         cs.append(Contender(name, fn, {**info, "backend": name, "dense_ref": True}, expected=ref))
     tol = 1e-4 if dt == torch.float32 else 3e-2
     for c in cs:
-        out = c.fn()
-        err = float((out.double() - ref).abs().max() / ref.abs().max())
+        err = result_error(c, c.fn())
         if not err <= tol:
             raise AssertionError(f"{model} b{batch} L{seq} {dtype}: {c.name} relative error {err:.2e} > {tol}")
     with threads(n_threads):
